@@ -1,0 +1,199 @@
+"""The engine: one loop that turns requests into tokens. Read `LLMEngine.step` top to bottom to see all of it.
+
+    add_request ──► scheduler.waiting
+    step():  schedule ──► model_runner.execute ──► append sampled tokens ──► check stops ──► free finished
+             (who, how many tokens) (forward + sample)  (+ detokenize)                       (blocks back to the pool)
+
+Everything below the engine is one idea each: `scheduler.py` (continuous batching, chunked prefill, preemption),
+`block_manager.py` (the paged KV pool), `model_runner.py` (buckets + TinyJit), `sampler.py`, `model/` (the network).
+`AsyncLLMEngine` runs the same loop in a background thread and hands each request's progress to an asyncio queue.
+"""
+from __future__ import annotations
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from tinygrad import Device
+from tinyvllm.block_manager import BlockManager
+from tinyvllm.config import SHAPES, EngineArgs
+from tinyvllm.model.config import ModelConfig
+from tinyvllm.model.loader import load_model
+from tinyvllm.model_runner import ModelRunner
+from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.scheduler import Scheduler
+from tinyvllm.sequence import Sequence
+
+
+@dataclass
+class CompletionOutput:
+  index: int
+  text: str
+  token_ids: list[int]
+  finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+  request_id: str
+  prompt: str | None
+  prompt_token_ids: list[int]
+  outputs: list[CompletionOutput]
+  finished: bool = False
+  metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Request:
+  request_id: str
+  prompt: str | None
+  seqs: list[Sequence]
+  arrival_time: float = field(default_factory=time.monotonic)
+  first_token_time: float | None = None
+
+
+class LLMEngine:
+  def __init__(self, args: EngineArgs):
+    self.args = args
+    if args.device: Device.DEFAULT = args.device
+    t0 = time.perf_counter()
+    dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
+      if args.load_format == "dummy" else None
+    self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg)
+    self.model_config = cfg = self.model.config
+    self.load_time = time.perf_counter() - t0
+    self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    num_blocks = args.num_kv_blocks or self._blocks_for_budget(cfg)
+    if (num_blocks - 1) * args.block_size < self.max_model_len:
+      raise ValueError(f"the KV pool ({num_blocks - 1} blocks × {args.block_size} tokens) cannot hold one sequence "
+                       f"of max_model_len={self.max_model_len}: raise num_kv_blocks/kv_cache_memory_gb or lower "
+                       f"max_model_len")
+    self.block_manager = BlockManager(num_blocks, args.block_size)
+    self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
+                               args.enable_chunked_prefill)
+    self.runner = ModelRunner(self.model, num_blocks, args.block_size, args.compute_dtype(), args.seed)
+    self.requests: dict[str, _Request] = {}
+    self._ids = itertools.count()
+
+  def _blocks_for_budget(self, cfg: ModelConfig) -> int:
+    bytes_per_block = 2 * cfg.num_layers * self.args.block_size * cfg.num_kv_heads * cfg.head_dim * \
+      self.args.compute_dtype().itemsize
+    budget_blocks = int(self.args.kv_cache_memory_gb * 2**30 // bytes_per_block)
+    # never more than every sequence at full length could use
+    return 1 + min(budget_blocks, self.args.max_num_seqs * -(-self.max_model_len // self.args.block_size))
+
+  # ---- requests in -------------------------------------------------------------------------------------------
+  def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                  request_id: str | None = None) -> str:
+    params = params or SamplingParams()
+    request_id = request_id if request_id is not None else str(next(self._ids))
+    if request_id in self.requests: raise ValueError(f"request id {request_id!r} is already in use")
+    token_ids = self._tokenize(prompt)
+    if len(token_ids) >= self.max_model_len:
+      raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves no room "
+                       "to generate")
+    seqs = [Sequence(request_id, token_ids, params) for _ in range(params.n)]
+    self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
+    for seq in seqs: self.scheduler.add(seq)
+    return request_id
+
+  def _tokenize(self, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+      if self.tokenizer is None: raise ValueError("this model has no tokenizer: pass prompt token ids")
+      token_ids = self.tokenizer.encode(prompt)
+    else: token_ids = list(prompt)
+    if not token_ids: raise ValueError("the prompt is empty")
+    vocab = self.model_config.vocab_size
+    if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
+      raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+    return token_ids
+
+  def abort_request(self, request_id: str) -> None:
+    request = self.requests.pop(request_id, None)
+    if request is None: return
+    for seq in request.seqs:
+      if not seq.is_finished: self.scheduler.finish(seq, "abort")
+
+  def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
+
+  # ---- the loop ---------------------------------------------------------------------------------------------
+  def step(self) -> list[RequestOutput]:
+    scheduled = self.scheduler.schedule()                                   # who runs, how many tokens each
+    sampled = self.runner.execute(scheduled, self.block_manager)            # forward pass + sampling
+    now = time.monotonic()
+    touched: dict[str, _Request] = {}
+    for item in scheduled:
+      seq = item.seq
+      seq.num_computed_tokens += item.num_new_tokens
+      request = self.requests[seq.request_id]
+      touched[request.request_id] = request
+      if seq not in sampled: continue                                       # a prefill chunk, not the last one
+      seq.output_token_ids.append(sampled[seq])
+      request.first_token_time = request.first_token_time or now
+      reason = self._stop_reason(seq)
+      if reason: self.scheduler.finish(seq, reason)                         # its blocks go back to the pool
+    outputs = [self._output(r) for r in touched.values()]
+    for out in outputs:
+      if out.finished: del self.requests[out.request_id]
+    return outputs
+
+  def _stop_reason(self, seq: Sequence) -> str | None:
+    p, token, n_out = seq.params, seq.output_token_ids[-1], len(seq.output_token_ids)
+    stop_ids = set(p.stop_token_ids)
+    if not p.ignore_eos and self.tokenizer is not None: stop_ids |= self.tokenizer.stop_ids
+    if token in stop_ids and n_out > p.min_tokens: return "stop"
+    if p.max_tokens is not None and n_out >= p.max_tokens: return "length"
+    if seq.num_tokens >= self.max_model_len: return "length"
+    return None
+
+  def _output(self, request: _Request) -> RequestOutput:
+    outs = []
+    for i, seq in enumerate(request.seqs):
+      ids = seq.output_token_ids
+      if seq.finish_reason == "stop" and ids and ids[-1] not in seq.params.stop_token_ids: ids = ids[:-1]
+      text = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens) if self.tokenizer else ""
+      outs.append(CompletionOutput(i, text, list(seq.output_token_ids), seq.finish_reason))
+    finished = all(s.is_finished for s in request.seqs)
+    metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
+    return RequestOutput(request.request_id, request.prompt, request.seqs[0].prompt_token_ids, outs, finished, metrics)
+
+
+class AsyncLLMEngine:
+  """The engine loop on a background thread; `generate` is an async iterator of a request's RequestOutputs."""
+  def __init__(self, engine: LLMEngine):
+    self.engine = engine
+    self._lock = threading.Lock()
+    self._wakeup = threading.Event()
+    self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+    self._thread = threading.Thread(target=self._loop, daemon=True)
+    self._thread.start()
+
+  def _loop(self) -> None:
+    while True:
+      self._wakeup.wait()
+      with self._lock:
+        if not self.engine.has_unfinished_requests():
+          self._wakeup.clear()
+          continue
+        outputs = self.engine.step()
+      for out in outputs:
+        loop, queue = self._queues.get(out.request_id, (None, None))
+        if queue is not None: loop.call_soon_threadsafe(queue.put_nowait, out)
+
+  async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str):
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    with self._lock:
+      self.engine.add_request(prompt, params, request_id)
+      self._queues[request_id] = (loop, queue)
+    self._wakeup.set()
+    try:
+      while True:
+        out: RequestOutput = await queue.get()
+        yield out
+        if out.finished: return
+    finally:
+      self._queues.pop(request_id, None)
+      self.abort(request_id)      # a no-op when it finished; frees everything when the client went away
+
+  def abort(self, request_id: str) -> None:
+    with self._lock: self.engine.abort_request(request_id)

@@ -1,0 +1,37 @@
+"""The offline API, named as in vLLM: `LLM(model).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+from tinyvllm.config import EngineArgs
+from tinyvllm.engine import LLMEngine, RequestOutput
+from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.sampling_params import SamplingParams
+
+Prompt = str | dict     # a string, or {"prompt_token_ids": [...]}
+
+
+class LLM:
+  def __init__(self, model: str | None = None, **engine_args):
+    self.engine = LLMEngine(EngineArgs.from_kwargs(model=model, **engine_args))
+
+  def get_tokenizer(self) -> Tokenizer: return self.engine.tokenizer
+
+  def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+               use_tqdm: bool = False) -> list[RequestOutput]:
+    """Run every prompt to completion, batched together; outputs come back in the order of `prompts`."""
+    prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+    params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+    if len(params) != len(prompts): raise ValueError("need one SamplingParams per prompt, or a single one for all")
+    ids = [self.engine.add_request(p if isinstance(p, str) else p["prompt_token_ids"], sp)
+           for p, sp in zip(prompts, params)]
+    finished: dict[str, RequestOutput] = {}
+    while self.engine.has_unfinished_requests():
+      for out in self.engine.step():
+        if out.finished: finished[out.request_id] = out
+    return [finished[i] for i in ids]
+
+  def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+           add_generation_prompt: bool = True) -> list[RequestOutput]:
+    conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+    tok = self.get_tokenizer()
+    prompts = [{"prompt_token_ids": tok.encode(tok.apply_chat_template(c, add_generation_prompt), add_special_tokens=False)}
+               for c in conversations]
+    return self.generate(prompts, sampling_params)

@@ -1,0 +1,48 @@
+"""What a checkpoint says about its network: one dataclass, read from a Hugging Face `config.json` dict.
+
+Every shape in `llama.py` comes from here, never from a constant. A GGUF file carries the same facts as metadata
+(`llama.embedding_length`, ...); `gguf.gguf_to_hf_config` turns those into the `config.json` form first, so there is
+exactly one reader of hyper-parameters.
+"""
+from __future__ import annotations
+from dataclasses import dataclass
+
+# architectures whose decoder is "Llama blocks" and that this package runs; value: has q/k/v bias
+ARCHITECTURES = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+  architecture: str
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float
+  rope_theta: float
+  max_position_embeddings: int
+  tie_word_embeddings: bool
+  attention_bias: bool
+  rope_scaling: dict | None = None    # Llama-3 style {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+  bos_token_id: int | None = None
+  eos_token_id: int | list[int] | None = None
+
+  @classmethod
+  def from_hf(cls, cfg: dict) -> ModelConfig:
+    arch = (cfg.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+      raise ValueError(f"unsupported architecture {arch!r}; tinyvllm runs {', '.join(ARCHITECTURES)}")
+    heads = cfg["num_attention_heads"]
+    return cls(architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+               intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
+               num_kv_heads=cfg.get("num_key_value_heads") or heads,
+               head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+               rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
+               max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+               tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+               attention_bias=cfg.get("attention_bias", ARCHITECTURES[arch]),
+               rope_scaling=cfg.get("rope_scaling"), bos_token_id=cfg.get("bos_token_id"),
+               eos_token_id=cfg.get("eos_token_id"))

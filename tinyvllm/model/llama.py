@@ -1,0 +1,123 @@
+"""A Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in tinygrad, reading its K/V from a paged pool.
+
+    tokens ─ embed ─┬─────────────────────────────┬──────────────────────────────┬─ ... ─ norm ─ lm_head ─ logits
+                    └ RMSNorm ─ attention ─ (+) ──┴─ RMSNorm ─ SwiGLU MLP ─ (+) ─┘   × num_layers
+
+- RMSNorm rescales each vector to unit root-mean-square, then by a learned gain (no mean subtraction, no bias).
+- RoPE encodes a token's position by rotating pairs of query/key features by position-dependent angles, so the dot
+  product q·k depends only on the distance between the two tokens. Pairs are (i, i + head_dim/2) as in Hugging Face.
+  Llama-3 checkpoints stretch the low frequencies (`rope_scaling`) to reach longer contexts.
+- Grouped-query attention (GQA): several query heads share one K/V head, shrinking the KV cache by that factor.
+- SwiGLU: down(silu(gate(x)) * up(x)).
+
+Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`), so a safetensors checkpoint loads
+as is and a GGUF one after `gguf.gguf_to_hf_state_dict`.
+"""
+from __future__ import annotations
+import math
+import numpy as np
+from tinygrad import Tensor, dtypes
+from tinygrad.nn import Linear, RMSNorm, Embedding
+from tinyvllm.model.config import ModelConfig
+from tinyvllm.model.paged_attention import write_and_gather, attention
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies of the rotary pairs, with Llama-3's long-context scaling when the checkpoint asks for it."""
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+  scaling = cfg.rope_scaling or {}
+  if scaling.get("rope_type", scaling.get("type")) == "llama3":
+    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = np.clip((old_len / wavelen - low) / (high - low), 0.0, 1.0)
+    # long wavelengths are divided by `factor`, short ones kept, the band between blended smoothly
+    inv_freq = np.where(wavelen > old_len / low, inv_freq / factor, (1 - smooth) * inv_freq / factor + smooth * inv_freq)
+  return inv_freq
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+  """x: [T, heads, head_dim]; cos/sin: [T, head_dim/2]."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half], x[..., half:]
+  cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+
+class Attention:
+  def __init__(self, cfg: ModelConfig):
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+    self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+    self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+    self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: "ForwardBatch") -> Tensor:
+    S, Q, _ = x.shape
+    x = x.reshape(S * Q, -1)
+    q = apply_rope(self.q_proj(x).reshape(S * Q, self.num_heads, self.head_dim), cos, sin)
+    k = apply_rope(self.k_proj(x).reshape(S * Q, self.num_kv_heads, self.head_dim), cos, sin)
+    v = self.v_proj(x).reshape(S * Q, self.num_kv_heads, self.head_dim)
+    k_ctx, v_ctx = (write_and_gather(cache, new, batch.slot_mapping, batch.block_tables, batch.block_size)
+                    for cache, new in zip(kv, (k, v)))
+    out = attention(q.reshape(S, Q, self.num_heads, self.head_dim), k_ctx, v_ctx, batch.positions)
+    return self.o_proj(out)
+
+
+class MLP:
+  def __init__(self, cfg: ModelConfig):
+    self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+    self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+    self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+  def __call__(self, x: Tensor) -> Tensor: return self.down_proj(self.gate_proj(x).silu() * self.up_proj(x))
+
+
+class DecoderLayer:
+  def __init__(self, cfg: ModelConfig):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.self_attn = Attention(cfg)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.mlp = MLP(cfg)
+
+  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: "ForwardBatch") -> Tensor:
+    h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, batch).reshape(x.shape)
+    return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class ForwardBatch:
+  """The device-side description of one forward pass: S sequences, each feeding Q query tokens (padded)."""
+  def __init__(self, tokens: Tensor, positions: Tensor, slot_mapping: Tensor, block_tables: Tensor,
+               logits_index: Tensor, block_size: int):
+    self.tokens, self.positions, self.slot_mapping = tokens, positions, slot_mapping        # [S, Q], [S, Q], [S*Q]
+    self.block_tables, self.logits_index, self.block_size = block_tables, logits_index, block_size  # [S, NB], [S]
+
+
+class LlamaModel:
+  def __init__(self, cfg: ModelConfig):
+    self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+    self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_layers)]
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM:
+  def __init__(self, cfg: ModelConfig):
+    self.config = cfg
+    self.model = LlamaModel(cfg)
+    if not cfg.tie_word_embeddings: self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    angles = np.outer(np.arange(cfg.max_position_embeddings), rope_frequencies(cfg))
+    self.rope_cos, self.rope_sin = Tensor(np.cos(angles).astype(np.float32)), Tensor(np.sin(angles).astype(np.float32))
+
+  def output_weight(self) -> Tensor:
+    return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+  def __call__(self, batch: ForwardBatch, kv_cache: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Returns the logits of one token per sequence, the one at `batch.logits_index`: [S, vocab]."""
+    S, Q = batch.tokens.shape
+    x = self.model.embed_tokens(batch.tokens)                                  # [S, Q, hidden]
+    flat_positions = batch.positions.reshape(S * Q)
+    dtype = x.dtype
+    cos, sin = self.rope_cos[flat_positions].cast(dtype), self.rope_sin[flat_positions].cast(dtype)
+    for layer, kv in zip(self.model.layers, kv_cache): x = layer(x, cos, sin, kv, batch)
+    last = x.gather(1, batch.logits_index.reshape(S, 1, 1).expand(S, 1, x.shape[-1])).reshape(S, -1)
+    return (self.model.norm(last) @ self.output_weight().T).cast(dtypes.float32)

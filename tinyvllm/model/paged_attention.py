@@ -1,0 +1,57 @@
+"""Paged attention: the KV cache is a pool of fixed-size blocks, and each sequence reads its own through a block table.
+
+A contiguous cache per sequence must reserve `max_model_len` slots up front. A paged cache reserves nothing: the pool
+is one tensor per layer, split into blocks of `block_size` token slots, and a sequence owns a list of block numbers,
+its *block table*, that grows by one block each time its last block fills up.
+
+    pool (one layer's K; V is the same)          block tables
+    block 0 [reserved: padding writes land here]   seq A: [3, 1]      -> A's tokens 0..15 in block 3, 16..20 in block 1
+    block 1 [A16 A17 A18 A19 A20 .  .  . ]         seq B: [2]         -> B's tokens 0..6 in block 2
+    block 2 [B0  B1 ... B6  .  .  .  .  . ]
+    block 3 [A0  A1  A2 ...             A15]
+
+Token `p` of a sequence lives in slot `table[p // block_size] * block_size + p % block_size`. The engine computes
+that *slot mapping* on the host for the tokens it feeds in a step; the model writes their new K/V there and then
+reads the whole context back through the table. Both moves are a few lines of tinygrad UOps (`custom_kernel`), so they
+compile for every backend (CPU, CUDA, Metal) and run inside a TinyJit graph.
+"""
+from __future__ import annotations
+from tinygrad import Tensor, dtypes
+from tinygrad.uop.ops import UOp, KernelInfo
+
+
+def _write_kernel(cache: UOp, new: UOp, slots: UOp) -> UOp:
+  """cache[slots[t], :] = new[t, :] -- a scatter that touches only the written rows, not the whole pool."""
+  t, j = UOp.range(new.shape[0], 0), UOp.range(new.shape[1], 1)
+  return cache[slots[t].cast(dtypes.weakint), j].store(new[t, j]).end(t, j).sink(arg=KernelInfo(name="kv_write"))
+
+
+def _gather_kernel(out: UOp, blocks: UOp, tables: UOp) -> UOp:
+  """out[s, n, :] = blocks[tables[s, n], :] -- copy each sequence's blocks, in table order, into one dense run."""
+  s, n, j = UOp.range(out.shape[0], 0), UOp.range(out.shape[1], 1), UOp.range(out.shape[2], 2)
+  return out[s, n, j].store(blocks[tables[s, n].cast(dtypes.weakint), j]).end(s, n, j).sink(arg=KernelInfo(name="kv_gather"))
+
+
+def write_and_gather(cache: Tensor, new: Tensor, slot_mapping: Tensor, block_tables: Tensor, block_size: int) -> Tensor:
+  """Store `new` ([T, kv_heads, head_dim]) at `slot_mapping` ([T]) in `cache` ([num_slots, kv_heads, head_dim]), then
+  return every sequence's context as [S, num_table_blocks * block_size, kv_heads, head_dim]."""
+  num_slots, kv_heads, head_dim = cache.shape
+  row = kv_heads * head_dim
+  written = cache.reshape(num_slots, row).custom_kernel(new.reshape(-1, row), slot_mapping, fxn=_write_kernel)[0]
+  S, NB = block_tables.shape
+  dense = Tensor.empty(S, NB, block_size * row, dtype=cache.dtype, device=cache.device)
+  dense = dense.custom_kernel(written.reshape(num_slots // block_size, block_size * row), block_tables, fxn=_gather_kernel)[0]
+  return dense.reshape(S, NB * block_size, kv_heads, head_dim)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor) -> Tensor:
+  """Grouped-query attention of queries [S, Q, H, D] over contexts [S, C, KVH, D]; key c is visible to a query at
+  position p when c <= p (causal, and it hides the unwritten tail of the last block and the padding blocks)."""
+  S, Q, H, D = q.shape
+  KVH = k.shape[2]
+  q = q.reshape(S, Q, KVH, H // KVH, D).permute(0, 2, 3, 1, 4)            # [S, KVH, G, Q, D]
+  k, v = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)  # [S, KVH, 1, C, D]
+  scores = (q @ k.transpose(-1, -2)) * (D ** -0.5)                          # [S, KVH, G, Q, C]
+  visible = Tensor.arange(k.shape[3]).reshape(1, 1, 1, 1, -1) <= q_positions.reshape(S, 1, 1, Q, 1)
+  probs = visible.where(scores, -float("inf")).softmax(-1)
+  return (probs @ v).permute(0, 3, 1, 2, 4).reshape(S, Q, H * D)

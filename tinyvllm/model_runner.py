@@ -1,0 +1,120 @@
+"""Turns a scheduled step into fixed-shape device buffers and runs the model + sampler as one TinyJit graph.
+
+TinyJit records the kernels of a function on its second call and afterwards replays them without Python, but only
+for the exact shapes it saw. A step's shape changes all the time (how many sequences, how many tokens each, how
+long their contexts are), so every shape is rounded up to a *bucket*:
+
+    S  sequences            → next power of two                 (padding rows: greedy, write to the null block)
+    Q  query tokens per row → 1 for decodes; prefill chunks → next power of two ≥ 16
+    NB block-table columns  → next power of two ≥ 4              (padding columns point at the null block)
+
+and each (S, Q, NB, sampling mode) gets its own captured graph, compiled once. A step runs at most two graphs: one
+for the decoding rows (Q = 1, the common case) and one for the rows that are prefilling a chunk. Each graph owns one
+int32 and one float32 input buffer, allocated when it is first used and refilled in place (`copy_from`) every step.
+"""
+from __future__ import annotations
+import time
+from dataclasses import dataclass
+import numpy as np
+from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad.device import Buffer
+from tinyvllm.block_manager import BlockManager, NULL_BLOCK
+from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
+from tinyvllm.sampler import SAMPLING_FIELDS, sample, sampling_arrays, sampling_mode
+from tinyvllm.scheduler import ScheduledSequence
+from tinyvllm.sequence import Sequence
+
+
+def _bucket(n: int, minimum: int = 1) -> int: return max(minimum, 1 << (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Shape:
+  S: int
+  Q: int
+  NB: int
+  mode: str
+
+  @property
+  def int_sizes(self) -> tuple[int, ...]:    # tokens, positions, slot_mapping, block_tables, logits_index
+    return (self.S * self.Q, self.S * self.Q, self.S * self.Q, self.S * self.NB, self.S)
+
+
+class _Graph:
+  """One captured forward+sample for one Shape, with its two persistent input buffers."""
+  def __init__(self, runner: ModelRunner, shape: Shape):
+    self.shape, self.runner = shape, runner
+    self.ints = Tensor.zeros(sum(shape.int_sizes), dtype=dtypes.int32).contiguous().realize()
+    self.floats = Tensor.zeros(len(SAMPLING_FIELDS) * shape.S, dtype=dtypes.float32).contiguous().realize()
+    self.jit = TinyJit(self._forward)
+
+  def _forward(self, ints: Tensor, floats: Tensor) -> Tensor:
+    sh = self.shape
+    tokens, positions, slots, tables, logits_index = ints.split(list(sh.int_sizes))
+    batch = ForwardBatch(tokens.reshape(sh.S, sh.Q), positions.reshape(sh.S, sh.Q), slots,
+                         tables.reshape(sh.S, sh.NB), logits_index, self.runner.block_size)
+    logits = self.runner.model(batch, self.runner.kv_cache)
+    params = dict(zip(SAMPLING_FIELDS, floats.split(sh.S)))
+    return sample(logits, params, sh.mode).realize()
+
+  def __call__(self, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
+    for dst, src in ((self.ints, ints), (self.floats, floats)):
+      dst.uop.buffer.copy_from(Buffer("PYTHON", src.size, dst.dtype, opaque=memoryview(src).cast("B")))
+    return self.jit(self.ints, self.floats).numpy()
+
+
+class ModelRunner:
+  def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype, seed: int = 0):
+    cfg = model.config
+    self.model, self.block_size, self.seed = model, block_size, seed
+    self.kv_cache = [tuple(Tensor.zeros(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype=kv_dtype)
+                           .contiguous().realize() for _ in range(2)) for _ in range(cfg.num_layers)]
+    self.graphs: dict[Shape, _Graph] = {}
+
+  def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> dict[Sequence, int]:
+    """Compute the scheduled tokens' K/V and return the next token of every sequence whose tokens are now all computed."""
+    decodes = [s for s in scheduled if s.num_new_tokens == 1]
+    prefills = [s for s in scheduled if s.num_new_tokens > 1]
+    sampled: dict[Sequence, int] = {}
+    for group, Q in ((decodes, 1), (prefills, _bucket(max((s.num_new_tokens for s in prefills), default=1), 16))):
+      if group: sampled.update(self._run_group(group, Q, block_manager))
+    return sampled
+
+  def _run_group(self, group: list[ScheduledSequence], Q: int, bm: BlockManager) -> dict[Sequence, int]:
+    NB = _bucket(max(-(-(s.seq.num_computed_tokens + s.num_new_tokens) // self.block_size) for s in group), 4)
+    rows: list[Sequence | None] = [s.seq for s in group]
+    rows += [None] * (_bucket(len(group)) - len(group))
+    shape = Shape(len(rows), Q, NB, sampling_mode(rows))
+    ints = self._int_inputs(group, shape, bm)
+    floats = np.concatenate(list(sampling_arrays(rows, self.seed).values()))
+    if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape)
+    tokens = self.graphs[shape](ints, floats)
+    return {s.seq: int(tokens[i]) for i, s in enumerate(group)
+            if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens}
+
+  def _int_inputs(self, group: list[ScheduledSequence], shape: Shape, bm: BlockManager) -> np.ndarray:
+    S, Q, NB = shape.S, shape.Q, shape.NB
+    tokens, positions = np.zeros((S, Q), np.int32), np.zeros((S, Q), np.int32)
+    slots = np.full((S, Q), NULL_BLOCK * self.block_size, np.int32)
+    tables, logits_index = np.full((S, NB), NULL_BLOCK, np.int32), np.zeros(S, np.int32)
+    for i, (seq, n) in enumerate((s.seq, s.num_new_tokens) for s in group):
+      start = seq.num_computed_tokens
+      tokens[i, :n] = seq.token_ids[start:start + n]
+      positions[i, :n] = np.arange(start, start + n)
+      slots[i, :n] = [bm.slot(seq, p) for p in range(start, start + n)]
+      tables[i, :len(seq.block_table)] = seq.block_table
+      logits_index[i] = n - 1
+    return np.concatenate([tokens.ravel(), positions.ravel(), slots.ravel(), tables.ravel(), logits_index])
+
+  def warmup(self, block_manager: BlockManager, max_num_seqs: int, max_model_len: int) -> float:
+    """Capture the decode graphs for every batch bucket at the shortest context; returns seconds spent."""
+    t0 = time.perf_counter()
+    S = 1
+    while True:
+      for _ in range(2):   # TinyJit captures on the second call
+        shape = Shape(S, 1, 4, "greedy")
+        if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape)
+        self.graphs[shape](np.zeros(sum(shape.int_sizes), np.int32), np.zeros(len(SAMPLING_FIELDS) * S, np.float32))
+      if S >= max_num_seqs: break
+      S *= 2
+    return time.perf_counter() - t0

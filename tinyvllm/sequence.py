@@ -1,0 +1,46 @@
+"""A request as the engine sees it: token ids, how many of them already have K/V in the cache, and the blocks holding it.
+
+One idea makes prefill, decode, chunked prefill and recompute-after-preemption the same thing: a sequence has
+`len(token_ids)` tokens of which the first `num_computed_tokens` have K/V in the cache. Each step the scheduler picks
+how many of the rest to compute (all of a short prompt, a chunk of a long one, or the single newest token while
+decoding). When the computed count reaches the token count, the step's logits give the next token.
+"""
+from __future__ import annotations
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from tinyvllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+  WAITING = "waiting"
+  RUNNING = "running"
+  FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+  request_id: str
+  prompt_token_ids: list[int]
+  params: SamplingParams
+  arrival_time: float = field(default_factory=time.monotonic)
+  seq_id: int = field(default_factory=lambda: next(_ids))
+  output_token_ids: list[int] = field(default_factory=list)
+  num_computed_tokens: int = 0
+  block_table: list[int] = field(default_factory=list)
+  status: SequenceStatus = SequenceStatus.WAITING
+  finish_reason: str | None = None      # "stop" | "length" | "abort"
+  num_preemptions: int = 0
+
+  @property
+  def token_ids(self) -> list[int]: return self.prompt_token_ids + self.output_token_ids
+  @property
+  def num_tokens(self) -> int: return len(self.prompt_token_ids) + len(self.output_token_ids)
+  @property
+  def num_uncomputed_tokens(self) -> int: return self.num_tokens - self.num_computed_tokens
+  @property
+  def is_finished(self) -> bool: return self.status is SequenceStatus.FINISHED
