@@ -87,7 +87,7 @@ def load_weights(model: LlamaForCausalLM, weights: dict[str, np.ndarray], dtype)
     if name.startswith("rope_"): continue
     w = weights[name]
     if w.shape != param.shape: raise ValueError(f"{name}: checkpoint shape {w.shape} != model shape {param.shape}")
-    param.replace(Tensor(w.astype(np.float32)).cast(dtype).contiguous()).realize()
+    param.replace(Tensor(np.array(w, dtype=np.float32)).cast(dtype).contiguous()).realize()
 
 
 def dummy_weights(model: LlamaForCausalLM, dtype, seed: int = 0) -> None:
