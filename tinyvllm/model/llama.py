@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numpy as np
 from tinygrad import Tensor, dtypes
+from tinygrad.function import function
 from tinygrad.nn import Linear, RMSNorm, Embedding
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.paged_attention import write_and_gather, attention
@@ -81,8 +82,14 @@ class DecoderLayer:
     self.mlp = MLP(cfg)
 
   def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: "ForwardBatch") -> Tensor:
-    h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, batch).reshape(x.shape)
-    return h + self.mlp(self.post_attention_layernorm(h))
+    # a tinygrad `function`: every layer has the same body (weights and caches become its parameters), so the
+    # scheduler and code generator do their work once, not num_layers times
+    @function(precompile=True, allow_implicit=True)
+    def run(x: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor, block_tables: Tensor, positions: Tensor) -> Tensor:
+      b = ForwardBatch(None, positions, slot_mapping, block_tables, None, batch.block_size)
+      h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, b).reshape(x.shape)
+      return (h + self.mlp(self.post_attention_layernorm(h))).contiguous()
+    return run(x, cos, sin, batch.slot_mapping, batch.block_tables, batch.positions)
 
 
 class ForwardBatch:
