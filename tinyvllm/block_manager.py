@@ -7,27 +7,33 @@ A sequence asks for blocks *incrementally*: before a step computes tokens up to 
 ceil(n / block_size) blocks, so a new block is taken only when the last one is full. Nothing is reserved for the
 `max_tokens` a request might generate; when the pool runs dry the scheduler preempts someone instead.
 
-Blocks are reference counted because a block can be shared: the prefix cache lends the blocks of a common prompt
-to every request that starts with it. A block returns to the free list when its count drops to zero.
+Blocks are reference counted because a block can be shared: the prefix cache (`radix_cache.py`) lends the blocks
+of a common prompt to every request that starts with it, and holds a reference of its own to every block it
+remembers. A block returns to the free list when its count drops to zero; blocks that only the prefix cache still
+references are handed out too, when the free list runs dry, by evicting them from the cache.
 """
 from __future__ import annotations
 from collections import deque
+from tinyvllm.radix_cache import RadixCache
 from tinyvllm.sequence import Sequence
 
 NULL_BLOCK = 0
 
 
 class BlockManager:
-  def __init__(self, num_blocks: int, block_size: int):
+  def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
     if num_blocks < 2: raise ValueError(f"the KV pool needs at least 2 blocks (one is reserved), got {num_blocks}")
     self.num_blocks, self.block_size = num_blocks, block_size
     self.free_blocks: deque[int] = deque(range(1, num_blocks))
     self.ref_counts = [0] * num_blocks
+    self.prefix_cache = RadixCache(block_size, self.ref_counts) if enable_prefix_caching else None
 
   @property
   def num_usable_blocks(self) -> int: return self.num_blocks - 1
   @property
-  def num_free_blocks(self) -> int: return len(self.free_blocks)
+  def num_free_blocks(self) -> int:
+    """Blocks a sequence could get now: the free list plus what the prefix cache would give up."""
+    return len(self.free_blocks) + (len(self.prefix_cache.evictable()) if self.prefix_cache else 0)
   @property
   def usage(self) -> float: return 1 - self.num_free_blocks / self.num_usable_blocks
 
@@ -40,8 +46,20 @@ class BlockManager:
 
   def allocate(self, seq: Sequence, num_tokens: int) -> None:
     needed = self.blocks_needed(seq, num_tokens)
-    if needed > self.num_free_blocks: raise RuntimeError(f"KV pool exhausted: need {needed}, {self.num_free_blocks} free")
+    if needed > len(self.free_blocks) and self.prefix_cache:
+      for block in self.prefix_cache.evict(needed - len(self.free_blocks)): self.release(block)
+    if needed > len(self.free_blocks): raise RuntimeError(f"KV pool exhausted: need {needed}, {len(self.free_blocks)} free")
     for _ in range(needed): seq.block_table.append(self._take())
+
+  def reuse_cached_prefix(self, seq: Sequence) -> None:
+    """Start a fresh sequence on the blocks of its longest cached prefix: those tokens count as computed."""
+    if not self.prefix_cache or seq.block_table: return
+    blocks = self.prefix_cache.match(seq.token_ids)
+    self.share(seq, blocks)
+    seq.num_computed_tokens = len(blocks) * self.block_size
+
+  def cache_computed_blocks(self, seq: Sequence) -> None:
+    if self.prefix_cache: self.prefix_cache.insert(seq.token_ids, seq.block_table, seq.num_computed_tokens)
 
   def share(self, seq: Sequence, blocks: list[int]) -> None:
     """Give `seq` blocks that someone else already filled (a cached prefix); they are not copied, only counted."""
@@ -49,6 +67,7 @@ class BlockManager:
     seq.block_table.extend(blocks)
 
   def free(self, seq: Sequence) -> None:
+    self.cache_computed_blocks(seq)      # a finished, aborted or preempted sequence still lends its prefix
     for b in reversed(seq.block_table): self.release(b)
     seq.block_table = []
 

@@ -68,7 +68,7 @@ class LLMEngine:
       raise ValueError(f"the KV pool ({num_blocks - 1} blocks × {args.block_size} tokens) cannot hold one sequence "
                        f"of max_model_len={self.max_model_len}: raise num_kv_blocks/kv_cache_memory_gb or lower "
                        f"max_model_len")
-    self.block_manager = BlockManager(num_blocks, args.block_size)
+    self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
     self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                args.enable_chunked_prefill)
     self.runner = ModelRunner(self.model, num_blocks, args.block_size, args.compute_dtype(), args.seed)
@@ -125,6 +125,7 @@ class LLMEngine:
     for item in scheduled:
       seq = item.seq
       seq.num_computed_tokens += item.num_new_tokens
+      self.block_manager.cache_computed_blocks(seq)                       # full blocks join the prefix cache
       request = self.requests[seq.request_id]
       touched[request.request_id] = request
       if seq not in sampled: continue                                       # a prefill chunk, not the last one

@@ -8,8 +8,8 @@ long their contexts are), so every shape is rounded up to a *bucket*:
     Q  query tokens per row → 1 for decodes; prefill chunks → next power of two ≥ 16
     NB block-table columns  → next power of two ≥ 4              (padding columns point at the null block)
 
-and each (S, Q, NB, sampling mode) gets its own captured graph, compiled once. A step runs at most two graphs: one
-for the decoding rows (Q = 1, the common case) and one for the rows that are prefilling a chunk. Each graph owns one
+and each (S, Q, NB, sampling mode) gets its own captured graph, compiled once. A step runs one graph for all the
+decoding rows (Q = 1, the common case) and one per sequence that is prefilling a chunk (S = 1). Each graph owns one
 int32 and one float32 input buffer, allocated when it is first used and refilled in place (`copy_from`) every step.
 """
 from __future__ import annotations
@@ -72,15 +72,17 @@ class ModelRunner:
     self.graphs: dict[Shape, _Graph] = {}
 
   def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> dict[Sequence, int]:
-    """Compute the scheduled tokens' K/V and return the next token of every sequence whose tokens are now all computed."""
+    """Compute the scheduled tokens' K/V and return the next token of every sequence whose tokens are now all computed.
+    Decoding rows run together as one batch; each prefill chunk runs as its own row, so a short prompt is never
+    padded to the length of a long one."""
     decodes = [s for s in scheduled if s.num_new_tokens == 1]
-    prefills = [s for s in scheduled if s.num_new_tokens > 1]
+    groups = ([decodes] if decodes else []) + [[s] for s in scheduled if s.num_new_tokens > 1]
     sampled: dict[Sequence, int] = {}
-    for group, Q in ((decodes, 1), (prefills, _bucket(max((s.num_new_tokens for s in prefills), default=1), 16))):
-      if group: sampled.update(self._run_group(group, Q, block_manager))
+    for group in groups: sampled.update(self._run_group(group, block_manager))
     return sampled
 
-  def _run_group(self, group: list[ScheduledSequence], Q: int, bm: BlockManager) -> dict[Sequence, int]:
+  def _run_group(self, group: list[ScheduledSequence], bm: BlockManager) -> dict[Sequence, int]:
+    Q = _bucket(max(s.num_new_tokens for s in group), 16) if group[0].num_new_tokens > 1 else 1
     NB = _bucket(max(-(-(s.seq.num_computed_tokens + s.num_new_tokens) // self.block_size) for s in group), 4)
     rows: list[Sequence | None] = [s.seq for s in group]
     rows += [None] * (_bucket(len(group)) - len(group))

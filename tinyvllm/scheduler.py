@@ -60,15 +60,22 @@ class Scheduler:
     while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
            and self.num_preemptions == preemptions_before):
       seq = self.waiting[0]
+      if self._sibling_prefilling(seq): break     # wait to share its prompt blocks instead of computing them again
       n = self._chunk(seq, budget)
       if n == 0 or not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n): break
       self.waiting.popleft()
+      self.block_manager.reuse_cached_prefix(seq)
+      n = self._chunk(seq, budget)
       self.block_manager.allocate(seq, seq.num_computed_tokens + n)
       seq.status = SequenceStatus.RUNNING
       self.running.append(seq)
       scheduled.append(ScheduledSequence(seq, n))
       budget -= n
     return scheduled
+
+  def _sibling_prefilling(self, seq: Sequence) -> bool:
+    """True while another completion of the same request (n > 1) is still computing the shared prompt."""
+    return any(s.request_id == seq.request_id and s.num_computed_tokens < len(s.prompt_token_ids) for s in self.running)
 
   def _chunk(self, seq: Sequence, budget: int) -> int:
     """Tokens of `seq` to compute this step: all that are left if they fit, else a chunk (or none, unchunked)."""
