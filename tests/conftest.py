@@ -13,9 +13,10 @@ def reference() -> dict:
 
 @pytest.fixture(scope="session")
 def smollm2():
-  """The embedded default model, as users get it with no --model (max_model_len fits the 2,000-token prompt)."""
+  """The embedded default model (max_model_len fits the 2,000-token prompt). Prefix caching is off so that its
+  outputs are the plain reference that cached, batched and preempted runs are compared with."""
   from tinyvllm import LLM
-  return LLM(max_model_len=2304, max_num_batched_tokens=256)
+  return LLM(max_model_len=2304, max_num_batched_tokens=256, enable_prefix_caching=False)
 
 
 def near_tie_prefix(margins: list[float], threshold: float = 0.02) -> int:
