@@ -25,9 +25,9 @@ Row = tuple[str, str]      # (label, dotted path into a column's metrics, e.g. "
 
 class Progress:
   """`label [#####.....] 5/10 3.2s` on one line of stderr, redrawn with \\r; silent when stderr is not a terminal."""
-  def __init__(self, total: int, label: str, width: int = 30):
+  def __init__(self, total: int, label: str, width: int = 30, enabled: bool = True):
     self.total, self.label, self.width, self.done = total, label, width, 0
-    self.start, self.enabled = time.perf_counter(), sys.stderr.isatty()
+    self.start, self.enabled = time.perf_counter(), enabled and sys.stderr.isatty()
 
   def update(self, n: int = 1) -> None:
     self.done += n
@@ -88,10 +88,18 @@ def _git_commit() -> str | None:
   except (OSError, subprocess.SubprocessError): return None
 
 
+def _gpus() -> list[str]:
+  """NVIDIA GPU names from nvidia-smi, if there is one."""
+  try: return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip().splitlines()
+  except (OSError, subprocess.SubprocessError): return []
+
+
 def machine_info(device: str) -> dict:
-  return {"cpu": _cpu_model(), "cores": os.cpu_count(), "device": device, "platform": platform.platform(),
-          "python": platform.python_version(), "tinygrad": importlib.metadata.version("tinygrad"),
-          "tinyvllm_commit": _git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  return {"cpu": _cpu_model(), "cores": os.cpu_count(), "gpus": _gpus(), "device": device,
+          "platform": platform.platform(), "python": platform.python_version(),
+          "tinygrad": importlib.metadata.version("tinygrad"), "tinyvllm_commit": _git_commit(),
+          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def write_json(path: str | Path, result: dict) -> None:

@@ -13,6 +13,7 @@ and nothing else (the lengths come from `seed` alone): variant 0 is measured, th
                   a prefix cache computes every token once per conversation
 """
 from __future__ import annotations
+from collections.abc import Callable
 from dataclasses import dataclass, field
 import numpy as np
 
@@ -27,6 +28,9 @@ class Request:
     """The conversation's next request once this one answered with `output_token_ids`; None when it is over."""
     if not self.next_turns: return None
     return Request(self.prompt_token_ids + output_token_ids + self.next_turns[0], self.output_len, self.next_turns[1:])
+
+
+Workload = Callable[[int], list[Request]]    # variant → requests: variant 0 is measured, the others warm up
 
 
 def _tokens(rng: np.random.Generator, n: int, vocab_size: int) -> list[int]:

@@ -1,0 +1,107 @@
+"""Benchmarks with vLLM's definitions: `python bench.py {latency,throughput,serve,prefix} [options]`.
+
+  latency     batch 1: time to first token, time per output token, decode tokens/s
+  throughput  N requests submitted at once: requests/s, output tokens/s, total tokens/s
+  serve       a running server (--base-url) or one started here (default): TTFT/TPOT/ITL/E2EL percentiles
+  prefix      shared system prompt and multi-turn chat, prefix cache on vs off
+
+Every engine argument is an option (--load-format dummy --shape llama-1b: random weights, no files). `--compare`
+adds peers measured right after tinyvllm on the same machine and prints tinyvllm/peer ratios; `--json FILE` writes
+every number with the configuration and machine facts. Metric definitions: tinyvllm/benchmark/metrics.py.
+
+  python bench.py latency --input-len 128 --output-len 32 --compare llama.cpp tinygrad.llm --llama-cpp-bin BIN
+  python bench.py throughput --load-format dummy --shape llama-1b --num-prompts 256 --json out.json
+  python bench.py serve --request-rate 4 --num-prompts 64
+"""
+from __future__ import annotations
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from tinyvllm.benchmark import commands
+from tinyvllm.benchmark.report import table, write_json
+from tinyvllm.config import EngineArgs
+
+
+def _scalar_type(hint) -> type:
+  """`int | None` → int; `str` → str."""
+  return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+  """One option per EngineArgs field, named as the field (`max_num_seqs` → --max-num-seqs), defaults from it."""
+  group, hints = parser.add_argument_group("engine"), typing.get_type_hints(EngineArgs)
+  for f in dataclasses.fields(EngineArgs):
+    flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
+    if kind is bool: group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+    else: group.add_argument(flag, type=kind, default=f.default)
+
+
+def common_parser() -> argparse.ArgumentParser:
+  common = argparse.ArgumentParser(add_help=False)
+  add_engine_args(common)
+  out = common.add_argument_group("output and peers")
+  out.add_argument("--json", metavar="FILE", help="write every metric, the configuration and machine facts here")
+  out.add_argument("--warmup", type=int, default=2, help="warmup runs of the workload (other tokens, same lengths); "
+                   "TinyJit captures a shape on its second call, so 2 leave nothing to compile")
+  out.add_argument("--compare", nargs="*", default=[], choices=commands.PEERS, help="peers to measure as well")
+  out.add_argument("--llama-cpp-bin", help="directory with llama-bench, llama-batched-bench, llama-server "
+                                           "(default: $LLAMA_CPP_BIN)")
+  out.add_argument("--tinygrad-llm-python", help="python of a venv with tinygrad 0.13.0 (default: "
+                                                 "$TINYGRAD_LLM_PYTHON)")
+  out.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for llama.cpp")
+  out.add_argument("--peer-timeout", type=float, default=1800, help="seconds before a peer is given up on")
+  return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="benchmark", required=True)
+  common = [common_parser()]
+
+  p = sub.add_parser("latency", parents=common, help="batch-1 TTFT, TPOT, decode tokens/s")
+  p.add_argument("--input-len", type=int, default=32)
+  p.add_argument("--output-len", type=int, default=128)
+  p.add_argument("--num-iters", type=int, default=10)
+  p.set_defaults(func=commands.latency)
+
+  for name, func, help_text in (("throughput", commands.throughput, "offline: N requests at once"),
+                                ("serve", commands.serve, "an OpenAI-compatible server, streamed")):
+    p = sub.add_parser(name, parents=common, help=help_text)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths drawn from len × [1-r, 1+r]")
+    p.set_defaults(func=func)
+  p.add_argument("--base-url", help="a running server (default: start `python serve.py` here)")
+  p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+  p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1: Poisson")
+  p.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
+  p.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for a started server")
+
+  p = sub.add_parser("prefix", parents=common, help="shared prefix + multi-turn chat, prefix cache on vs off")
+  p.add_argument("--num-prompts", type=int, default=32, help="questions sharing one system prompt")
+  p.add_argument("--prefix-len", type=int, default=512, help="system prompt tokens")
+  p.add_argument("--question-len", type=int, default=32)
+  p.add_argument("--output-len", type=int, default=32)
+  p.add_argument("--num-conversations", type=int, default=8)
+  p.add_argument("--turns", type=int, default=4)
+  p.set_defaults(func=commands.prefix)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = build_parser().parse_args(argv)
+  engine_args = EngineArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)})
+  engine_args.max_model_len = engine_args.max_model_len or commands.workload_len(args)
+  result = args.func(args, engine_args)
+  print(table(f"bench {args.benchmark}", result["headline"], result["columns"]))
+  for name, column in result["columns"].items():
+    if "skipped" in column or "error" in column: print(f"{name}: {column.get('skipped') or column.get('error')}")
+  if args.json: write_json(args.json, result)
+  return result
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,226 @@
+"""Tests for bench.py and tinyvllm.benchmark: the metric definitions on made-up timestamps, the workloads, the
+streaming client against a fake server with known chunks, the peers' output parsers, and a smoke run of every
+subcommand on a tiny random model."""
+from __future__ import annotations
+import asyncio
+import contextlib
+import json
+import sys
+import threading
+from pathlib import Path
+import pytest
+from aiohttp import web
+from tinyvllm.benchmark import peers, serving
+from tinyvllm.benchmark.metrics import RequestTiming, distribution, latency_metrics, serving_metrics
+from tinyvllm.benchmark.report import lookup, ratios, table
+from tinyvllm.benchmark.workloads import chat_requests, random_requests, shared_prefix_requests
+from tinyvllm.config import SHAPES, EngineArgs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- metrics: vLLM's definitions on timestamps we choose ----------------------------------------------------------
+def timings() -> list[RequestTiming]:
+  return [
+    RequestTiming(start=0.0, chunk_times=[0.5, 0.6, 0.8, 1.1], prompt_tokens=10, output_tokens=4),
+    RequestTiming(start=1.0, chunk_times=[1.2, 1.6], prompt_tokens=20, output_tokens=5),   # 2 chunks, 5 tokens
+    RequestTiming(start=2.0, chunk_times=[2.3], prompt_tokens=5, output_tokens=1),         # no TPOT
+    RequestTiming(start=2.5, prompt_tokens=7, success=False, error="HTTP 500"),
+  ]
+
+
+def test_per_request_definitions():
+  a, b, c, _ = timings()
+  assert a.ttft == pytest.approx(0.5) and a.e2el == pytest.approx(1.1)
+  assert a.itls == pytest.approx([0.1, 0.2, 0.3])
+  assert a.tpot == pytest.approx((1.1 - 0.5) / 3)           # (E2EL − TTFT) / (output tokens − 1)
+  assert b.tpot == pytest.approx(0.4 / 4) and b.itls == pytest.approx([0.4])   # TPOT counts tokens, ITL chunks
+  assert c.tpot is None and c.itls == []
+
+
+def test_serving_metrics():
+  m = serving_metrics(timings(), duration=4.0)
+  assert (m["completed"], m["failed"]) == (3, 1)
+  assert (m["total_input_tokens"], m["total_output_tokens"]) == (35, 10)     # failed requests count nowhere
+  assert m["request_throughput"] == pytest.approx(3 / 4)
+  assert m["output_throughput"] == pytest.approx(10 / 4)
+  assert m["total_token_throughput"] == pytest.approx(45 / 4)
+  assert m["ttft_ms"]["mean"] == pytest.approx(1000 / 3)                       # (500 + 200 + 300) / 3
+  assert m["ttft_ms"]["median"] == m["ttft_ms"]["p50"] == pytest.approx(300)
+  assert m["ttft_ms"]["p99"] == pytest.approx(300 + 0.98 * 200)               # linear between closest ranks
+  assert m["tpot_ms"]["mean"] == pytest.approx(150)                            # (200 + 100) / 2, c has none
+  assert m["itl_ms"]["mean"] == pytest.approx(250)                             # pooled gaps 100, 200, 300, 400
+  assert m["itl_ms"]["p90"] == pytest.approx(370)
+  assert m["e2el_ms"]["mean"] == pytest.approx((1100 + 600 + 300) / 3)
+
+
+def test_empty_distribution_reads_zero():
+  assert distribution([]) == {"mean": 0.0, "median": 0.0, "std": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+
+
+def test_latency_metrics():
+  runs = [RequestTiming(0.0, [0.2, 0.3, 0.4], 8, 3), RequestTiming(1.0, [1.4, 1.5, 1.6], 8, 3)]
+  m = latency_metrics(runs)
+  assert m["ttft_ms"]["mean"] == pytest.approx(300) and m["tpot_ms"]["mean"] == pytest.approx(100)
+  assert m["decode_tok_s"] == pytest.approx(10) and m["prefill_tok_s"] == pytest.approx(8 / 0.3)
+
+
+# ---- workloads ---------------------------------------------------------------------------------------------------
+def test_random_requests_are_seeded_and_variants_share_lengths():
+  a = random_requests(16, 100, 20, 1000, seed=3, range_ratio=0.5)
+  assert a == random_requests(16, 100, 20, 1000, seed=3, range_ratio=0.5)
+  assert all(50 <= len(r.prompt_token_ids) <= 150 and 10 <= r.output_len <= 30 for r in a)
+  assert all(0 <= t < 1000 for r in a for t in r.prompt_token_ids)
+  b = random_requests(16, 100, 20, 1000, seed=3, range_ratio=0.5, variant=1)
+  assert [len(r.prompt_token_ids) for r in a] == [len(r.prompt_token_ids) for r in b]
+  assert [r.output_len for r in a] == [r.output_len for r in b]
+  assert a[0].prompt_token_ids != b[0].prompt_token_ids
+
+
+def test_shared_prefix_and_chat():
+  shared = shared_prefix_requests(4, 32, 8, 5, 1000)
+  assert len({tuple(r.prompt_token_ids[:32]) for r in shared}) == 1
+  assert len({tuple(r.prompt_token_ids[32:]) for r in shared}) == 4
+  first = chat_requests(2, 3, 16, 4, 2, 1000)[0]
+  second = first.follow_up([7, 7])
+  assert second.prompt_token_ids[:20] == first.prompt_token_ids and second.prompt_token_ids[20:22] == [7, 7]
+  assert len(second.prompt_token_ids) == 26 and second.follow_up([1, 1]).follow_up([2, 2]) is None
+
+
+def test_arrival_offsets():
+  assert serving.arrival_offsets(5, float("inf")) == [0.0] * 5
+  offsets = serving.arrival_offsets(10, 4.0, seed=1)
+  assert offsets == sorted(offsets) and offsets[-1] == pytest.approx(10 / 4.0)
+  assert offsets == serving.arrival_offsets(10, 4.0, seed=1) != serving.arrival_offsets(10, 4.0, seed=2)
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+def test_table_and_ratios():
+  columns = {"tinyvllm": {"decode_tok_s": 40.0, "ttft_ms": {"mean": 50.0}},
+             "llama.cpp": {"decode_tok_s": 80.0}, "tinygrad.llm": {"skipped": "no venv"}}
+  rows = [("decode tok/s", "decode_tok_s"), ("TTFT mean (ms)", "ttft_ms.mean")]
+  assert lookup(columns["tinyvllm"], "ttft_ms.mean") == 50.0 and lookup(columns["llama.cpp"], "ttft_ms.mean") is None
+  assert ratios(columns, rows) == {"tinyvllm/llama.cpp": {"decode_tok_s": 0.5}, "tinyvllm/tinygrad.llm": {}}
+  text = table("latency", rows, columns)
+  assert "tinyvllm/llama.cpp" in text and "0.5" in text.splitlines()[2]
+
+
+# ---- peers: parsing their output -----------------------------------------------------------------------------------
+def test_llama_cpp_parsers():
+  bench_json = [{"n_prompt": p, "n_gen": g, "n_depth": d, "avg_ts": ts} for p, g, d, ts in
+                ((128, 0, 0, 640.0), (128, 0, 128, 600.0), (0, 32, 0, 90.0), (0, 32, 128, 80.0))]
+  assert peers.llama_bench_rates(bench_json, 128) == (640.0, 80.0)     # prompt from empty, decode after it
+  stdout = "main: n_kv_max = 4096\n" + json.dumps({"pp": 128, "tg": 32, "pl": 8, "n_kv": 1280, "t": 4.0}) + "\n"
+  assert peers.batched_bench_result(stdout)["t"] == 4.0
+
+
+def test_unavailable_peer_is_skipped(monkeypatch):
+  monkeypatch.delenv("LLAMA_CPP_BIN", raising=False)
+  result = peers.measured(peers.llama_cpp_tool, None, "llama-bench")
+  assert "skipped" in result and "--llama-cpp-bin" in result["skipped"]
+
+
+def test_serve_command_passes_non_default_engine_args():
+  command = serving.serve_command(EngineArgs(load_format="dummy", enable_prefix_caching=False), 8123)
+  assert command[1:] == ["serve.py", "--host", "127.0.0.1", "--port", "8123", "--load-format", "dummy",
+                         "--no-enable-prefix-caching"]
+
+
+# ---- the streaming client against a fake server with known chunks --------------------------------------------------
+FAIL_TOKEN, CHUNK_DELAY, TOKENS_PER_CHUNK = 13, 0.02, 2
+
+
+async def fake_completions(request: web.Request) -> web.StreamResponse:
+  """/v1/completions streaming `max_tokens` tokens, 2 per chunk, one chunk every 20 ms; prompts starting with
+  token 13 get a 500."""
+  body = await request.json()
+  if body["prompt"][0] == FAIL_TOKEN: return web.Response(status=500, text="boom")
+  response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+  await response.prepare(request)
+  send = lambda data: response.write(f"data: {json.dumps(data)}\n\n".encode())
+  for _ in range(body["max_tokens"] // TOKENS_PER_CHUNK):
+    await asyncio.sleep(CHUNK_DELAY)
+    await send({"choices": [{"index": 0, "text": "ab", "finish_reason": None}]})
+  await send({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}})
+  await response.write(b"data: [DONE]\n\n")
+  return response
+
+
+async def fake_models(_request: web.Request) -> web.Response: return web.json_response({"data": [{"id": "fake"}]})
+
+
+@contextlib.contextmanager
+def fake_server():
+  app = web.Application()
+  app.router.add_post("/v1/completions", fake_completions)
+  app.router.add_get("/v1/models", fake_models)
+  loop, runner, port = asyncio.new_event_loop(), web.AppRunner(app), serving.free_port()
+  loop.run_until_complete(runner.setup())
+  loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+  thread = threading.Thread(target=loop.run_forever, daemon=True)
+  thread.start()
+  try: yield f"http://127.0.0.1:{port}"
+  finally:
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.run_until_complete(runner.cleanup())
+
+
+def test_streaming_client_against_fake_server():
+  requests = random_requests(6, 8, 8, 1000, seed=0)
+  requests[2].prompt_token_ids[0] = FAIL_TOKEN
+  with fake_server() as url:
+    timings, duration = asyncio.run(serving.run_serving(url, requests, request_rate=50.0, max_concurrency=3))
+  m = serving_metrics(timings, duration)
+  assert (m["completed"], m["failed"]) == (5, 1) and "500" in timings[2].error
+  assert m["total_output_tokens"] == 5 * 8                      # from the usage chunk, not the 4 chunks
+  assert all(len(t.chunk_times) == 4 for t in timings if t.success)
+  assert m["ttft_ms"]["mean"] >= 1000 * CHUNK_DELAY
+  assert 1000 * CHUNK_DELAY * 0.9 <= m["itl_ms"]["median"] < 1000 * CHUNK_DELAY * 5
+  assert m["tpot_ms"]["mean"] == pytest.approx(m["itl_ms"]["mean"] * 3 / 7, rel=0.05)   # 3 gaps over 7 tokens
+
+
+# ---- smoke: every subcommand on a tiny random model ----------------------------------------------------------------
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=256,
+            rms_norm_eps=1e-5)
+ENGINE = ["--load-format", "dummy", "--shape", "tiny", "--max-num-seqs", "4", "--num-kv-blocks", "64",
+          "--warmup", "0"]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+  monkeypatch.setitem(SHAPES, "tiny", TINY)
+  import bench as module
+  return module
+
+
+@pytest.mark.parametrize("argv", [
+  ["latency", "--input-len", "8", "--output-len", "4", "--num-iters", "2", "--compare", "llama.cpp"],
+  ["throughput", "--input-len", "8", "--output-len", "4", "--num-prompts", "4"],
+  ["prefix", "--num-prompts", "2", "--prefix-len", "16", "--question-len", "4", "--output-len", "2",
+   "--num-conversations", "2", "--turns", "2"],
+])
+def test_smoke(bench, argv, tmp_path, capsys):
+  result = bench.main([*argv, *ENGINE, "--json", str(tmp_path / "out.json")])
+  saved = json.loads((tmp_path / "out.json").read_text())
+  assert saved["benchmark"] == argv[0] and saved["machine"]["cores"] >= 1
+  first = next(iter(result["columns"].values()))
+  assert all(lookup(first, path) is not None for _, path in result["headline"])
+  assert f"bench {argv[0]}" in capsys.readouterr().out
+  if "--compare" in argv: assert "skipped" in result["columns"]["llama.cpp"]
+
+
+@pytest.mark.skipif(not (REPO / "serve.py").exists(), reason="serve.py is not there yet")
+def test_smoke_serve(bench, monkeypatch):
+  """`serve` starts `python serve.py --load-format dummy` and streams from it. serve.py has no --shape, so the server
+  process (and this one, for the prompts' vocabulary) swaps its default shape for the tiny one before starting."""
+  monkeypatch.setitem(SHAPES, "smollm2-135m", TINY)
+  shim = f"import runpy, sys; from tinyvllm.config import SHAPES; SHAPES['smollm2-135m'] = {TINY!r}; " \
+         "sys.argv = sys.argv[1:]; runpy.run_path('serve.py', run_name='__main__')"
+  real_command = serving.serve_command
+  monkeypatch.setattr(serving, "serve_command", lambda *a: [sys.executable, "-c", shim, *real_command(*a)[1:]])
+  result = bench.main(["serve", "--load-format", "dummy", "--max-num-seqs", "4", "--max-model-len", "64",
+                       "--warmup", "0", "--num-prompts", "4", "--input-len", "8", "--output-len", "4"])
+  tinyvllm = result["columns"]["tinyvllm"]
+  assert (tinyvllm["completed"], tinyvllm["failed"], tinyvllm["total_output_tokens"]) == (4, 0, 16)

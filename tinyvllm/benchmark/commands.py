@@ -1,0 +1,164 @@
+"""The four `bench.py` subcommands: measure tinyvllm, then each `--compare` peer, and return one result.
+
+A result is what `--json` writes:
+  {"benchmark", "options", "engine_args", "machine",
+   "columns": {"tinyvllm": metrics, peer: metrics, ...}, "ratios": {"tinyvllm/peer": {metric: ratio}},
+   "headline": [(label, metric path), ...]}          the rows of the printed table
+Peers run after tinyvllm has released its memory, on the very requests tinyvllm ran (same seed, same token ids).
+"""
+from __future__ import annotations
+import argparse
+import dataclasses
+import gc
+import json
+from collections.abc import Callable
+from pathlib import Path
+from tinygrad import Device
+from tinyvllm.benchmark import offline, peers, serving
+from tinyvllm.benchmark.report import Row, machine_info, ratios
+from tinyvllm.benchmark.workloads import Workload, chat_requests, random_requests, shared_prefix_requests
+from tinyvllm.config import SHAPES, EngineArgs
+from tinyvllm.engine import LLMEngine
+from tinyvllm.model.gguf import read_gguf_metadata
+from tinyvllm.model.loader import resolve
+
+PEERS = ("llama.cpp", "tinygrad.llm", "transformers")
+TINYGRAD_LLM_TOKENS = 16     # tinygrad.llm decodes ~1.5 tok/s on a 2-core CPU: a short run is enough for its rate
+
+LATENCY_ROWS: list[Row] = [("TTFT mean (ms)", "ttft_ms.mean"), ("TTFT p99 (ms)", "ttft_ms.p99"),
+                           ("TPOT mean (ms)", "tpot_ms.mean"), ("TPOT p99 (ms)", "tpot_ms.p99"),
+                           ("E2E latency mean (ms)", "e2el_ms.mean"), ("prefill tok/s", "prefill_tok_s"),
+                           ("decode tok/s", "decode_tok_s")]
+THROUGHPUT_ROWS: list[Row] = [("requests/s", "request_throughput"), ("output tok/s", "output_throughput"),
+                              ("total tok/s", "total_token_throughput")]
+SERVE_ROWS: list[Row] = [("completed", "completed"), ("failed", "failed"), *THROUGHPUT_ROWS,
+                         *((f"{name} {stat} (ms)", f"{key}_ms.{stat}") for name, key in
+                           (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2EL", "e2el"))
+                           for stat in ("mean", "p50", "p90", "p99"))]
+PREFIX_ROWS: list[Row] = [(f"{workload} {label}", f"{workload}.{path}") for workload in ("shared_prefix", "chat")
+                          for label, path in (*THROUGHPUT_ROWS[:2], ("TTFT mean (ms)", "ttft_ms.mean"))]
+
+
+def _result(name: str, args: argparse.Namespace, engine_args: EngineArgs, columns: dict, rows: list[Row]) -> dict:
+  engine_fields = {f.name for f in dataclasses.fields(EngineArgs)}
+  options = {k: str(v) if v == float("inf") else v for k, v in vars(args).items()
+             if k not in engine_fields and k != "func"}      # JSON has no Infinity
+  return {"benchmark": name, "options": options, "engine_args": dataclasses.asdict(engine_args),
+          "machine": machine_info(engine_args.device or Device.DEFAULT), "columns": columns,
+          "ratios": ratios(columns, rows), "headline": rows}
+
+
+def _measure_tinyvllm(engine_args: EngineArgs, measure: Callable[[LLMEngine], dict]) -> dict:
+  """`measure(engine)` on a fresh engine, which is dropped afterwards: the peers need its memory."""
+  engine = LLMEngine(engine_args)
+  metrics = measure(engine)
+  del engine
+  gc.collect()
+  return metrics
+
+
+def _gguf(engine_args: EngineArgs) -> Path:
+  if engine_args.load_format == "dummy": raise peers.PeerUnavailable("needs a GGUF file, not --load-format dummy")
+  path = resolve(engine_args.model)
+  if path.suffix != ".gguf": raise peers.PeerUnavailable(f"needs a GGUF file; {path} is not one")
+  return path
+
+
+def _hf_model(engine_args: EngineArgs) -> dict:
+  if engine_args.load_format == "dummy":
+    return {"config": {"architectures": ["LlamaForCausalLM"], **SHAPES[engine_args.shape]}}
+  return {"model": str(resolve(engine_args.model))}
+
+
+def vocab_size(engine_args: EngineArgs) -> int:
+  """The model's vocabulary size without loading it (the `serve` client needs it for random prompts)."""
+  if engine_args.load_format == "dummy": return SHAPES[engine_args.shape]["vocab_size"]
+  path = resolve(engine_args.model)
+  if path.is_file(): return len(read_gguf_metadata(path)["tokenizer.ggml.tokens"])
+  return json.loads((path / "config.json").read_text())["vocab_size"]
+
+
+def workload_len(args: argparse.Namespace) -> int:
+  """The longest sequence (prompt + output tokens) the subcommand's workload makes: the default max_model_len, so
+  a model with a 128k context does not need a KV pool for 128k tokens to run a benchmark of 200."""
+  if args.benchmark == "prefix": return args.prefix_len + args.turns * (args.question_len + args.output_len)
+  stretch = 1 + getattr(args, "random_range_ratio", 0.0)
+  return int(args.input_len * stretch) + int(args.output_len * stretch) + 1
+
+
+def _peer_columns(args: argparse.Namespace, measurements: dict[str, Callable[[], dict]]) -> dict[str, dict]:
+  """Run the requested peers that this benchmark knows how to measure, in `--compare` order."""
+  columns = {}
+  for name in args.compare:
+    columns[name] = peers.measured(measurements[name]) if name in measurements else \
+      {"skipped": f"{name} has no {args.benchmark} benchmark here"}
+  return columns
+
+
+def latency(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
+  vocab = vocab_size(engine_args)
+  requests = lambda n, out, variant: random_requests(n, args.input_len, out, vocab, args.seed, variant=variant)
+  measured, warmup = requests(args.num_iters, args.output_len, 0), requests(args.warmup, args.output_len, 1)
+  ours = _measure_tinyvllm(engine_args, lambda engine: offline.latency(engine, measured, warmup))
+  theirs = _peer_columns(args, {
+    "llama.cpp": lambda: peers.llama_cpp_latency(args.llama_cpp_bin, _gguf(engine_args), args.input_len,
+                                                 args.output_len, args.threads, timeout=args.peer_timeout),
+    "tinygrad.llm": lambda: peers.tinygrad_llm_latency(args.tinygrad_llm_python, _gguf(engine_args),
+                                                       requests(1, TINYGRAD_LLM_TOKENS, 0), requests(1, 3, 1),
+                                                       args.peer_timeout),
+    "transformers": lambda: peers.hf_latency(_hf_model(engine_args), measured, warmup, args.peer_timeout),
+  })
+  return _result("latency", args, engine_args, {"tinyvllm": ours, **theirs}, LATENCY_ROWS)
+
+
+def _random_workload(args: argparse.Namespace, vocab: int) -> Workload:
+  return lambda variant: random_requests(args.num_prompts, args.input_len, args.output_len, vocab, args.seed,
+                                         args.random_range_ratio, variant)
+
+
+def throughput(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
+  make = _random_workload(args, vocab_size(engine_args))
+  ours = _measure_tinyvllm(engine_args, lambda engine: offline.throughput(engine, make, args.warmup))
+  theirs = _peer_columns(args, {
+    "llama.cpp": lambda: peers.llama_cpp_throughput(args.llama_cpp_bin, _gguf(engine_args), args.num_prompts,
+                                                    args.input_len, args.output_len, args.threads,
+                                                    args.peer_timeout),
+    "transformers": lambda: peers.hf_throughput(_hf_model(engine_args), make(0), args.peer_timeout),
+  })
+  return _result("throughput", args, engine_args, {"tinyvllm": ours, **theirs}, THROUGHPUT_ROWS)
+
+
+def _serve_against(base_url: str, args: argparse.Namespace, vocab: int) -> dict:
+  return serving.benchmark(base_url, _random_workload(args, vocab), args.warmup, request_rate=args.request_rate,
+                           max_concurrency=args.max_concurrency, burstiness=args.burstiness, seed=args.seed)
+
+
+def serve(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
+  vocab = vocab_size(engine_args)
+  if args.base_url: ours = _serve_against(args.base_url.rstrip("/"), args, vocab)
+  else:
+    port = serving.free_port()
+    with serving.launch_server(serving.serve_command(engine_args, port), port, args.ready_timeout) as url:
+      ours = _serve_against(url, args, vocab)
+  theirs = _peer_columns(args, {"llama.cpp": lambda: _serve_llama_server(args, engine_args, vocab)})
+  return _result("serve", args, engine_args, {"tinyvllm": ours, **theirs}, SERVE_ROWS)
+
+
+def _serve_llama_server(args: argparse.Namespace, engine_args: EngineArgs, vocab: int) -> dict:
+  """The same client against llama.cpp's OpenAI-compatible server, one slot per concurrent request."""
+  slots = args.max_concurrency or args.num_prompts
+  port, server = serving.free_port(), peers.llama_cpp_tool(args.llama_cpp_bin, "llama-server")
+  command = [str(server), "-m", str(_gguf(engine_args)), "--host", "127.0.0.1", "--port", str(port),
+             "-t", str(args.threads), "-np", str(slots), "-c", str(slots * (args.input_len * 2 + args.output_len * 2))]
+  with serving.launch_server(command, port, args.ready_timeout, ready_path="/health") as url:
+    return _serve_against(url, args, vocab) | {"command": " ".join(command)}
+
+
+def prefix(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
+  vocab = vocab_size(engine_args)
+  shared = lambda variant: shared_prefix_requests(args.num_prompts, args.prefix_len, args.question_len,
+                                                  args.output_len, vocab, args.seed, variant)
+  chat = lambda variant: chat_requests(args.num_conversations, args.turns, args.prefix_len, args.question_len,
+                                       args.output_len, vocab, args.seed, variant)
+  columns = offline.prefix(engine_args, {"shared_prefix": shared, "chat": chat}, args.warmup)
+  return _result("prefix", args, engine_args, columns, PREFIX_ROWS)

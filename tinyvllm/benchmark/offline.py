@@ -1,0 +1,91 @@
+"""`latency`, `throughput` and `prefix`: the engine in this process, stepped by hand so every token gets a timestamp.
+
+One driver serves all three: submit requests, call `engine.step()` until nothing is left, and note the time of every
+step that gave a request a new token (that step is the request's "chunk" in the sense of `metrics.py`). A finished
+request of a multi-turn conversation submits the conversation's next turn.
+
+  latency     one request at a time (batch 1), each with a fresh prompt
+  throughput  every request submitted at once (vLLM's offline throughput: N requests → one `generate`)
+  prefix      the shared-prefix and multi-turn chat workloads, each with the prefix cache on and then off
+
+Before measuring, each benchmark runs the workload `warmup` times on prompts of the same lengths but different
+tokens: that compiles and captures every TinyJit graph the measured run will use (the JIT captures a shape on its
+second call, so 2 warmups leave nothing to compile), without leaving the measured prompts in a prefix cache.
+"""
+from __future__ import annotations
+import dataclasses
+import gc
+import time
+from tinyvllm.benchmark.metrics import RequestTiming, latency_metrics, serving_metrics
+from tinyvllm.benchmark.report import Progress
+from tinyvllm.benchmark.workloads import Request, Workload
+from tinyvllm.config import EngineArgs
+from tinyvllm.engine import LLMEngine
+from tinyvllm.sampling_params import SamplingParams
+
+
+def run_requests(engine: LLMEngine, requests: list[Request], label: str = "") -> tuple[list[RequestTiming], float]:
+  """Submit `requests` at once and step the engine until they (and their follow-up turns) are done; returns each
+  request's timing and the wall time of the whole run. A `label` shows a progress bar."""
+  progress = Progress(sum(1 + len(r.next_turns) for r in requests), label, enabled=bool(label))
+  live: dict[str, tuple[Request, RequestTiming]] = {}
+
+  def submit(req: Request) -> None:
+    params = SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True)
+    timing = RequestTiming(time.perf_counter(), prompt_tokens=len(req.prompt_token_ids))
+    live[engine.add_request(req.prompt_token_ids, params)] = (req, timing)
+
+  start, timings = time.perf_counter(), []
+  for req in requests: submit(req)
+  while engine.has_unfinished_requests():
+    outputs, now = engine.step(), time.perf_counter()
+    for out in outputs:
+      req, timing = live[out.request_id]
+      token_ids = out.outputs[0].token_ids
+      if len(token_ids) > timing.output_tokens: timing.chunk_times.append(now)
+      timing.output_tokens = len(token_ids)
+      if not out.finished: continue
+      del live[out.request_id]
+      timings.append(timing)
+      progress.update()
+      if (next_turn := req.follow_up(token_ids)) is not None: submit(next_turn)
+  progress.close()
+  return timings, time.perf_counter() - start
+
+
+def _warm_and_measure(engine: LLMEngine, make: Workload, warmup: int, label: str) -> tuple[list[RequestTiming], float]:
+  """`make(variant)` builds the workload; variants 1..`warmup` warm up, variant 0 is measured."""
+  for i in range(warmup): run_requests(engine, make(i + 1), f"{label} warmup {i + 1}/{warmup}")
+  return run_requests(engine, make(0), label)
+
+
+def _one_at_a_time(engine: LLMEngine, requests: list[Request], label: str) -> list[RequestTiming]:
+  progress = Progress(len(requests), label)
+  timings = []
+  for req in requests:
+    timings += run_requests(engine, [req])[0]
+    progress.update()
+  progress.close()
+  return timings
+
+
+def latency(engine: LLMEngine, requests: list[Request], warmup_requests: list[Request]) -> dict:
+  _one_at_a_time(engine, warmup_requests, "latency warmup")
+  return latency_metrics(_one_at_a_time(engine, requests, "latency"))
+
+
+def throughput(engine: LLMEngine, make: Workload, warmup: int) -> dict:
+  return serving_metrics(*_warm_and_measure(engine, make, warmup, "throughput"))
+
+
+def prefix(engine_args: EngineArgs, workloads: dict[str, Workload], warmup: int) -> dict[str, dict]:
+  """Every workload on an engine with the prefix cache on, then on one with it off."""
+  columns = {}
+  for cache in (True, False):
+    name = f"cache {'on' if cache else 'off'}"
+    engine = LLMEngine(dataclasses.replace(engine_args, enable_prefix_caching=cache))
+    columns[name] = {workload: serving_metrics(*_warm_and_measure(engine, make, warmup, f"{name} {workload}"))
+                     for workload, make in workloads.items()}
+    del engine
+    gc.collect()    # the next engine's weights and KV pool need the memory
+  return columns
