@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from tinygrad import Device
 from tinyvllm.block_manager import BlockManager
 from tinyvllm.config import SHAPES, EngineArgs
+from tinyvllm.detokenizer import update_text
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
-from tinyvllm.model_runner import ModelRunner
+from tinyvllm.model_runner import ModelRunner, Sampled
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.scheduler import Scheduler
 from tinyvllm.sequence import Sequence
@@ -28,9 +29,10 @@ from tinyvllm.sequence import Sequence
 @dataclass
 class CompletionOutput:
   index: int
-  text: str
+  text: str                                   # everything generated so far (streaming sends the growth)
   token_ids: list[int]
-  finish_reason: str | None = None
+  finish_reason: str | None = None            # "stop" | "length" | "abort"
+  logprobs: list[dict[int, float]] | None = None   # per token: the chosen id and the top-N alternatives
 
 
 @dataclass
@@ -71,7 +73,8 @@ class LLMEngine:
     self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
     self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                args.enable_chunked_prefill)
-    self.runner = ModelRunner(self.model, num_blocks, args.block_size, args.compute_dtype(), args.seed)
+    stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
+    self.runner = ModelRunner(self.model, num_blocks, args.block_size, args.compute_dtype(), stop_ids, args.seed)
     self.requests: dict[str, _Request] = {}
     self._ids = itertools.count()
 
@@ -129,14 +132,22 @@ class LLMEngine:
       request = self.requests[seq.request_id]
       touched[request.request_id] = request
       if seq not in sampled: continue                                       # a prefill chunk, not the last one
-      seq.output_token_ids.append(sampled[seq])
+      self._append(seq, sampled[seq])
       request.first_token_time = request.first_token_time or now
       reason = self._stop_reason(seq)
+      if self.tokenizer and update_text(seq, self.tokenizer, finished=reason is not None): reason = "stop"
       if reason: self.scheduler.finish(seq, reason)                         # its blocks go back to the pool
     outputs = [self._output(r) for r in touched.values()]
     for out in outputs:
       if out.finished: del self.requests[out.request_id]
     return outputs
+
+  @staticmethod
+  def _append(seq: Sequence, sampled: Sampled) -> None:
+    seq.output_token_ids.append(sampled.token)
+    if seq.params.logprobs is not None:
+      top = dict(sampled.top_logprobs[:seq.params.logprobs])
+      seq.output_logprobs.append({sampled.token: sampled.logprob, **top})
 
   def _stop_reason(self, seq: Sequence) -> str | None:
     p, token, n_out = seq.params, seq.output_token_ids[-1], len(seq.output_token_ids)
@@ -148,12 +159,9 @@ class LLMEngine:
     return None
 
   def _output(self, request: _Request) -> RequestOutput:
-    outs = []
-    for i, seq in enumerate(request.seqs):
-      ids = seq.output_token_ids
-      if seq.finish_reason == "stop" and ids and ids[-1] not in seq.params.stop_token_ids: ids = ids[:-1]
-      text = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens) if self.tokenizer else ""
-      outs.append(CompletionOutput(i, text, list(seq.output_token_ids), seq.finish_reason))
+    outs = [CompletionOutput(i, seq.output_text, list(seq.output_token_ids), seq.finish_reason,
+                             list(seq.output_logprobs) if seq.params.logprobs is not None else None)
+            for i, seq in enumerate(request.seqs)]
     finished = all(s.is_finished for s in request.seqs)
     metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
     return RequestOutput(request.request_id, request.prompt, request.seqs[0].prompt_token_ids, outs, finished, metrics)

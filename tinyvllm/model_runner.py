@@ -8,7 +8,7 @@ long their contexts are), so every shape is rounded up to a *bucket*:
     Q  query tokens per row → 1 for decodes; prefill chunks → next power of two ≥ 16
     NB block-table columns  → next power of two ≥ 4              (padding columns point at the null block)
 
-and each (S, Q, NB, sampling mode) gets its own captured graph, compiled once. A step runs one graph for all the
+and each (S, Q, NB, sampling plan) gets its own captured graph, compiled once. A step runs one graph for all the
 decoding rows (Q = 1, the common case) and one per sequence that is prefilling a chunk (S = 1). Each graph owns one
 int32 and one float32 input buffer, allocated when it is first used and refilled in place (`copy_from`) every step.
 """
@@ -20,7 +20,7 @@ from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer
 from tinyvllm.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
-from tinyvllm.sampler import SAMPLING_FIELDS, sample, sampling_arrays, sampling_mode
+from tinyvllm.sampler import SamplingPlan, plan_and_pack, sample, unpack
 from tinyvllm.scheduler import ScheduledSequence
 from tinyvllm.sequence import Sequence
 
@@ -33,29 +33,35 @@ class Shape:
   S: int
   Q: int
   NB: int
-  mode: str
+  plan: SamplingPlan
 
   @property
-  def int_sizes(self) -> tuple[int, ...]:    # tokens, positions, slot_mapping, block_tables, logits_index
-    return (self.S * self.Q, self.S * self.Q, self.S * self.Q, self.S * self.NB, self.S)
+  def int_sizes(self) -> tuple[int, ...]:    # tokens, positions, slot_mapping, block_tables, logits_index, sampler's
+    return (self.S * self.Q, self.S * self.Q, self.S * self.Q, self.S * self.NB, self.S, self.S * self.plan.num_adjusted)
+
+
+@dataclass
+class Sampled:
+  token: int
+  logprob: float | None = None
+  top_logprobs: list[tuple[int, float]] | None = None
 
 
 class _Graph:
   """One captured forward+sample for one Shape, with its two persistent input buffers."""
-  def __init__(self, runner: ModelRunner, shape: Shape):
+  def __init__(self, runner: ModelRunner, shape: Shape, num_floats: int):
     self.shape, self.runner = shape, runner
     self.ints = Tensor.zeros(sum(shape.int_sizes), dtype=dtypes.int32).contiguous().realize()
-    self.floats = Tensor.zeros(len(SAMPLING_FIELDS) * shape.S, dtype=dtypes.float32).contiguous().realize()
+    self.floats = Tensor.zeros(num_floats, dtype=dtypes.float32).contiguous().realize()
     self.jit = TinyJit(self._forward)
 
   def _forward(self, ints: Tensor, floats: Tensor) -> Tensor:
     sh = self.shape
-    tokens, positions, slots, tables, logits_index = ints.split(list(sh.int_sizes))
+    tokens, positions, slots, tables, logits_index, sampler_ints = ints.split(list(sh.int_sizes))
     batch = ForwardBatch(tokens.reshape(sh.S, sh.Q), positions.reshape(sh.S, sh.Q), slots,
                          tables.reshape(sh.S, sh.NB), logits_index, self.runner.block_size)
     logits = self.runner.model(batch, self.runner.kv_cache)
-    params = dict(zip(SAMPLING_FIELDS, floats.split(sh.S)))
-    return sample(logits, params, sh.mode).realize()
+    return sample(logits, unpack(sampler_ints, floats, sh.S, sh.plan), sh.plan).realize()
 
   def __call__(self, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
     for dst, src in ((self.ints, ints), (self.floats, floats)):
@@ -64,35 +70,42 @@ class _Graph:
 
 
 class ModelRunner:
-  def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype, seed: int = 0):
+  def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype, stop_ids: set[int],
+               seed: int = 0):
     cfg = model.config
-    self.model, self.block_size, self.seed = model, block_size, seed
+    self.model, self.block_size, self.seed, self.stop_ids = model, block_size, seed, stop_ids
     self.kv_cache = [tuple(Tensor.zeros(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype=kv_dtype)
                            .contiguous().realize() for _ in range(2)) for _ in range(cfg.num_layers)]
     self.graphs: dict[Shape, _Graph] = {}
 
-  def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> dict[Sequence, int]:
+  def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> dict[Sequence, Sampled]:
     """Compute the scheduled tokens' K/V and return the next token of every sequence whose tokens are now all computed.
     Decoding rows run together as one batch; each prefill chunk runs as its own row, so a short prompt is never
     padded to the length of a long one."""
     decodes = [s for s in scheduled if s.num_new_tokens == 1]
     groups = ([decodes] if decodes else []) + [[s] for s in scheduled if s.num_new_tokens > 1]
-    sampled: dict[Sequence, int] = {}
+    sampled: dict[Sequence, Sampled] = {}
     for group in groups: sampled.update(self._run_group(group, block_manager))
     return sampled
 
-  def _run_group(self, group: list[ScheduledSequence], bm: BlockManager) -> dict[Sequence, int]:
+  def _run_group(self, group: list[ScheduledSequence], bm: BlockManager) -> dict[Sequence, Sampled]:
     Q = _bucket(max(s.num_new_tokens for s in group), 16) if group[0].num_new_tokens > 1 else 1
     NB = _bucket(max(-(-(s.seq.num_computed_tokens + s.num_new_tokens) // self.block_size) for s in group), 4)
     rows: list[Sequence | None] = [s.seq for s in group]
     rows += [None] * (_bucket(len(group)) - len(group))
-    shape = Shape(len(rows), Q, NB, sampling_mode(rows))
-    ints = self._int_inputs(group, shape, bm)
-    floats = np.concatenate(list(sampling_arrays(rows, self.seed).values()))
-    if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape)
-    tokens = self.graphs[shape](ints, floats)
-    return {s.seq: int(tokens[i]) for i, s in enumerate(group)
+    plan, sampler_ints, floats = plan_and_pack(rows, self.seed, self.stop_ids)
+    shape = Shape(len(rows), Q, NB, plan)
+    ints = np.concatenate([self._int_inputs(group, shape, bm), sampler_ints])
+    if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape, floats.size)
+    out = self.graphs[shape](ints, floats)
+    return {s.seq: self._sampled(out[i], plan) for i, s in enumerate(group)
             if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens}
+
+  @staticmethod
+  def _sampled(row: np.ndarray, plan: SamplingPlan) -> Sampled:
+    if not plan.want_logprobs: return Sampled(int(row[0]))
+    K = plan.num_logprobs
+    return Sampled(int(row[0]), float(row[1]), [(int(i), float(lp)) for i, lp in zip(row[2:2 + K], row[2 + K:])])
 
   def _int_inputs(self, group: list[ScheduledSequence], shape: Shape, bm: BlockManager) -> np.ndarray:
     S, Q, NB = shape.S, shape.Q, shape.NB
@@ -108,15 +121,13 @@ class ModelRunner:
       logits_index[i] = n - 1
     return np.concatenate([tokens.ravel(), positions.ravel(), slots.ravel(), tables.ravel(), logits_index])
 
-  def warmup(self, block_manager: BlockManager, max_num_seqs: int, max_model_len: int) -> float:
-    """Capture the decode graphs for every batch bucket at the shortest context; returns seconds spent."""
+  def warmup(self, max_num_seqs: int) -> float:
+    """Capture the greedy decode graph of every batch bucket at the shortest context; returns seconds spent."""
     t0 = time.perf_counter()
-    S = 1
-    while True:
-      for _ in range(2):   # TinyJit captures on the second call
-        shape = Shape(S, 1, 4, "greedy")
-        if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape)
-        self.graphs[shape](np.zeros(sum(shape.int_sizes), np.int32), np.zeros(len(SAMPLING_FIELDS) * S, np.float32))
-      if S >= max_num_seqs: break
-      S *= 2
+    for S in (1 << i for i in range(max_num_seqs.bit_length() + 1)):
+      if S > _bucket(max_num_seqs): break
+      plan, sampler_ints, floats = plan_and_pack([None] * S, self.seed, self.stop_ids)
+      shape = Shape(S, 1, 4, plan)
+      if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape, floats.size)
+      for _ in range(2): self.graphs[shape](np.zeros(sum(shape.int_sizes), np.int32), floats)   # TinyJit captures on call 2
     return time.perf_counter() - t0

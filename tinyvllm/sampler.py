@@ -10,34 +10,114 @@ its prompt was chunked or preempted.
 
 top-k, top-p and min-p each keep the tokens whose probability is at least some threshold. The thresholds are found
 by bisection over probability values (24 halvings, vectorized over rows) instead of sorting the vocabulary.
+
+Penalties and `logit_bias` touch only the tokens a row has seen or named, so the host sends, per row, a short padded
+list of (token id, times generated, in prompt?, bias) and the device gathers those logits, adjusts them and scatters
+them back: no [rows × vocab] table is built on the host. The order is vLLM's: bias (and the EOS ban of
+`min_tokens`), then repetition/frequency/presence penalties, then temperature and the filters. Logprobs are
+log_softmax of the adjusted logits divided by the temperature (undivided for greedy rows).
+
+The graph that runs depends on a `SamplingPlan` (greedy only? filters? how many adjusted tokens? how many top
+logprobs?), so a batch of plain greedy requests pays for none of this.
 """
 from __future__ import annotations
+from collections import Counter
+from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, dtypes
+from tinygrad.uop.ops import UOp, KernelInfo
 from tinyvllm.sequence import Sequence
 
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "step")
+ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "step", "presence", "frequency", "repetition")
+ADJUST_FIELDS = ("count", "in_prompt", "bias")
 _BISECT_STEPS = 24
 
 
-def sampling_arrays(rows: list[Sequence | None], seed_base: int) -> dict[str, np.ndarray]:
-  """Host side: one value per row for each of SAMPLING_FIELDS; padding rows (None) are greedy."""
-  out = {name: np.zeros(len(rows), np.float32) for name in SAMPLING_FIELDS}
+def _bucket(n: int, minimum: int) -> int: return 0 if n == 0 else max(minimum, 1 << (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+  mode: str             # "greedy" | "random" (temperature only) | "filtered" (top-k/top-p/min-p)
+  num_adjusted: int     # U: token slots per row for penalties/bias; 0 = none
+  num_logprobs: int     # K: top logprobs returned per row; 0 = none
+  want_logprobs: bool   # return the chosen token's logprob (and K alternatives)
+
+  @property
+  def output_width(self) -> int: return 2 + 2 * self.num_logprobs   # token, its logprob, K ids, K logprobs
+
+
+def _adjustments(seq: Sequence, stop_ids: set[int]) -> dict[int, tuple[float, float, float]]:
+  """token id -> (times generated, appears in prompt, additive bias) for the tokens this row's params touch."""
+  p = seq.params
+  bias = {int(k): float(v) for k, v in (p.logit_bias or {}).items()}
+  if len(seq.output_token_ids) < p.min_tokens:
+    for t in stop_ids | set(p.stop_token_ids): bias[t] = -float("inf")
+  counts = Counter(seq.output_token_ids) if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1) else {}
+  prompt = set(seq.prompt_token_ids) if p.repetition_penalty != 1 else set()
+  return {t: (float(counts.get(t, 0)), float(t in prompt), bias.get(t, 0.0)) for t in set(counts) | prompt | set(bias)}
+
+
+def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int]) -> tuple[SamplingPlan, np.ndarray, np.ndarray]:
+  """Host side: the plan for this batch, plus its int32 inputs (adjusted token ids) and float32 inputs."""
+  live = [seq for seq in rows if seq is not None]
+  sampled = [s.params for s in live if not s.params.greedy]
+  mode = "greedy" if not sampled else \
+    "filtered" if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in sampled) else "random"
+  adjust = [_adjustments(seq, stop_ids) if seq is not None else {} for seq in rows]
+  U = _bucket(max(map(len, adjust)), 16)
+  K = max((s.params.logprobs or 0 for s in live), default=0)
+  plan = SamplingPlan(mode, U, K, any(s.params.logprobs is not None for s in live))
+  S = len(rows)
+  per_row = {name: np.zeros(S, np.float32) for name in ROW_FIELDS}
+  ids, extra = np.zeros((S, U), np.int32), np.zeros((len(ADJUST_FIELDS), S, U), np.float32)
   for i, seq in enumerate(rows):
     if seq is None: continue
     p = seq.params
-    out["temperature"][i], out["top_p"][i], out["min_p"][i] = p.temperature, p.top_p, p.min_p
-    out["top_k"][i] = p.top_k if p.top_k > 0 else 0
-    # unseeded requests still get a per-request stream, so preemption replays the same draws
-    out["seed"][i] = (p.seed if p.seed is not None else seed_base + seq.seq_id) % (1 << 24)
-    out["step"][i] = len(seq.output_token_ids)
+    for name, value in zip(ROW_FIELDS, (p.temperature, max(p.top_k, 0), p.top_p, p.min_p,
+                                        # unseeded requests get a per-request stream too: preemption replays it
+                                        (p.seed if p.seed is not None else seed_base + seq.seq_id) % (1 << 24),
+                                        len(seq.output_token_ids), p.presence_penalty, p.frequency_penalty,
+                                        p.repetition_penalty)):
+      per_row[name][i] = value
+    if adjust[i]:
+      tokens = sorted(adjust[i])
+      # padding repeats the first entry: duplicate writes of the same value are harmless
+      tokens += [tokens[0]] * (U - len(tokens))
+      ids[i] = tokens
+      extra[:, i] = np.array([adjust[i][t] for t in tokens], np.float32).T
+  floats = np.concatenate([*per_row.values(), extra.ravel()])
+  return plan, ids.ravel(), floats
+
+
+def unpack(ints: Tensor, floats: Tensor, S: int, plan: SamplingPlan) -> dict[str, Tensor]:
+  """Device side: split the packed inputs back into named [S] and [S, U] tensors."""
+  U = plan.num_adjusted
+  rows, adjust = floats[:S * len(ROW_FIELDS)], floats[S * len(ROW_FIELDS):]
+  out = {name: t.reshape(S, 1) for name, t in zip(ROW_FIELDS, rows.split(S))}
+  if U: out.update({name: t.reshape(S, U) for name, t in zip(ADJUST_FIELDS, adjust.split(S * U))}, ids=ints.reshape(S, U))
   return out
+
+
+def _scatter_kernel(out: UOp, ids: UOp, values: UOp) -> UOp:
+  """out[s, ids[s, u]] = values[s, u]"""
+  s, u = UOp.range(ids.shape[0], 0), UOp.range(ids.shape[1], 1)
+  return out[s, ids[s, u].cast(dtypes.weakint)].store(values[s, u]).end(s, u).sink(arg=KernelInfo(name="logits_scatter"))
+
+
+def _adjust(logits: Tensor, p: dict[str, Tensor]) -> Tensor:
+  """Bias, then repetition / frequency / presence penalties, on the U listed tokens of each row."""
+  g = logits.gather(1, p["ids"]) + p["bias"]
+  seen = (p["count"] > 0) | (p["in_prompt"] > 0)
+  g = seen.where((g > 0).where(g / p["repetition"], g * p["repetition"]), g)
+  g = g - p["frequency"] * p["count"] - p["presence"] * (p["count"] > 0).float()
+  return logits.contiguous().custom_kernel(p["ids"], g.contiguous(), fxn=_scatter_kernel)[0]
 
 
 def _uniform(seed: Tensor, step: Tensor, vocab_size: int) -> Tensor:
   """u[row, v] in (0, 1), a pure function of (seed[row], step[row], v): murmur3's finalizer over a mixed counter."""
   v = Tensor.arange(vocab_size, dtype=dtypes.uint32).reshape(1, -1)
-  x = v * 0x9E3779B1 + seed.cast(dtypes.uint32).reshape(-1, 1) * 0x85EBCA77 + step.cast(dtypes.uint32).reshape(-1, 1) * 0xC2B2AE3D
+  x = v * 0x9E3779B1 + seed.cast(dtypes.uint32) * 0x85EBCA77 + step.cast(dtypes.uint32) * 0xC2B2AE3D
   x = x ^ (x >> 16)
   x = x * 0x85EBCA6B
   x = x ^ (x >> 13)
@@ -48,7 +128,7 @@ def _uniform(seed: Tensor, step: Tensor, vocab_size: int) -> Tensor:
 
 def _bisect_threshold(probs: Tensor, keep_enough) -> Tensor:
   """The largest threshold t (per row) such that keep_enough(probs >= t) still holds; [S, 1]."""
-  lo = Tensor.zeros(probs.shape[0], 1, device=probs.device)
+  lo = Tensor.zeros(probs.shape[0], 1)
   hi = probs.max(-1, keepdim=True)
   for _ in range(_BISECT_STEPS):
     mid = (lo + hi) / 2
@@ -57,34 +137,36 @@ def _bisect_threshold(probs: Tensor, keep_enough) -> Tensor:
   return lo
 
 
-def sampling_mode(rows: list[Sequence | None]) -> str:
-  """The cheapest graph that serves every row: "greedy", "random" (no filters), or "filtered"."""
-  live = [seq.params for seq in rows if seq is not None and not seq.params.greedy]
-  if not live: return "greedy"
-  return "filtered" if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in live) else "random"
-
-
-def sample(logits: Tensor, params: dict[str, Tensor], mode: str) -> Tensor:
-  """logits: [S, V] float32; params: SAMPLING_FIELDS as [S] tensors. Returns [S] int32 token ids."""
-  if mode == "greedy": return logits.argmax(-1).cast(dtypes.int32)
-  S, V = logits.shape
-  temperature = params["temperature"].reshape(S, 1)
-  greedy = temperature <= 0
-  probs = (logits / greedy.where(1.0, temperature)).softmax(-1)
-  if mode == "filtered": probs = _filter(probs, params)
-  gumbel = -(-_uniform(params["seed"], params["step"], V).log()).log()
-  sampled = (probs > 0).where(probs.log() + gumbel, -float("inf")).argmax(-1)
-  return greedy.reshape(S).where(logits.argmax(-1), sampled).cast(dtypes.int32)
-
-
-def _filter(probs: Tensor, params: dict[str, Tensor]) -> Tensor:
+def _filter(probs: Tensor, p: dict[str, Tensor]) -> Tensor:
   """Zero the tokens outside top-k, then outside the top-p nucleus of what is left, then below min_p × max."""
-  S = probs.shape[0]
-  top_k = params["top_k"].reshape(S, 1)
-  k_thresh = _bisect_threshold(probs, lambda kept: kept.sum(-1, keepdim=True) >= top_k)
-  probs = ((top_k > 0) & (probs < k_thresh)).where(0.0, probs)
+  k_thresh = _bisect_threshold(probs, lambda kept: kept.sum(-1, keepdim=True) >= p["top_k"])
+  probs = ((p["top_k"] > 0) & (probs < k_thresh)).where(0.0, probs)
   probs = probs / probs.sum(-1, keepdim=True)
-  top_p = params["top_p"].reshape(S, 1) * (1 - 1e-6)     # float sums of a full nucleus may land a hair under top_p
+  top_p = p["top_p"] * (1 - 1e-6)       # float sums of a full nucleus may land a hair under top_p
   p_thresh = _bisect_threshold(probs, lambda kept: kept.where(probs, 0.0).sum(-1, keepdim=True) >= top_p)
-  keep = (probs >= p_thresh) & (probs >= params["min_p"].reshape(S, 1) * probs.max(-1, keepdim=True))
+  keep = (probs >= p_thresh) & (probs >= p["min_p"] * probs.max(-1, keepdim=True))
   return keep.where(probs, 0.0)
+
+
+def sample(logits: Tensor, p: dict[str, Tensor], plan: SamplingPlan) -> Tensor:
+  """logits [S, V] float32 -> [S, plan.output_width] float32: token id, its logprob, top ids, top logprobs."""
+  S, V = logits.shape
+  if plan.num_adjusted: logits = _adjust(logits, p)
+  greedy = p["temperature"] <= 0
+  scaled = logits / greedy.where(1.0, p["temperature"])
+  token = logits.argmax(-1)
+  if plan.mode != "greedy":
+    probs = scaled.softmax(-1)
+    if plan.mode == "filtered": probs = _filter(probs, p)
+    gumbel = -(-_uniform(p["seed"], p["step"], V).log()).log()
+    sampled = (probs > 0).where(probs.log() + gumbel, -float("inf")).argmax(-1)
+    token = greedy.reshape(S).where(token, sampled)
+  out = [token.float().reshape(S, 1)]
+  if plan.want_logprobs:
+    logprobs = scaled.log_softmax(-1)
+    out.append(logprobs.gather(1, token.reshape(S, 1)))
+    if plan.num_logprobs:
+      top_lp, top_ids = logprobs.topk(plan.num_logprobs, dim=-1)
+      out += [top_ids.float(), top_lp]
+  else: out.append(Tensor.zeros(S, plan.output_width - 1))
+  return Tensor.cat(*out, dim=1)

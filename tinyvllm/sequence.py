@@ -30,6 +30,8 @@ class Sequence:
   arrival_time: float = field(default_factory=time.monotonic)
   seq_id: int = field(default_factory=lambda: next(_ids))
   output_token_ids: list[int] = field(default_factory=list)
+  output_text: str = ""                 # detokenized output that is safe to show (see detokenizer.py)
+  output_logprobs: list[dict[int, float]] = field(default_factory=list)   # per output token, when asked for
   num_computed_tokens: int = 0
   block_table: list[int] = field(default_factory=list)
   status: SequenceStatus = SequenceStatus.WAITING

@@ -1,0 +1,93 @@
+"""The sampler, on fixed logits (a small random "model"): each knob does what vLLM's does, for a whole batch at once."""
+import numpy as np
+import pytest
+from tinygrad import Tensor
+from tinyvllm.sampler import plan_and_pack, sample, unpack
+from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.sequence import Sequence
+
+V = 12
+LOGITS = np.random.default_rng(0).normal(0, 1.5, V).astype(np.float32)
+ORDER = np.argsort(-LOGITS)
+
+
+def draw(params: SamplingParams, n: int = 512, outputs: list[int] = (), logits: np.ndarray = LOGITS):
+  """n rows of the same request, each at a different output position: n independent draws in one batch."""
+  rows = []
+  for step in range(n):
+    s = Sequence("r", [1, 2, 3], params, seq_id=0)
+    s.output_token_ids = list(outputs) + [0] * step      # only the position matters for the noise ...
+    rows.append(s)
+  if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1:
+    for s in rows: s.output_token_ids = list(outputs)    # ... unless penalties read the history
+  plan, ints, floats = plan_and_pack(rows, seed_base=0, stop_ids={11})
+  out = sample(Tensor(np.tile(logits, (n, 1))), unpack(Tensor(ints), Tensor(floats), n, plan), plan).numpy()
+  return out[:, 0].astype(int), out
+
+
+def softmax(x): e = np.exp(x - x.max()); return e / e.sum()
+
+
+def test_frequencies_match_softmax_with_temperature():
+  tokens, _ = draw(SamplingParams(temperature=0.7, seed=1), n=4000)
+  freq = np.bincount(tokens, minlength=V) / len(tokens)
+  assert np.abs(freq - softmax(LOGITS / 0.7)).max() < 0.03
+
+
+def test_top_k_never_samples_outside_the_k_best():
+  tokens, _ = draw(SamplingParams(temperature=1.5, top_k=3, seed=2))
+  assert set(tokens) <= set(ORDER[:3]) and len(set(tokens)) == 3
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+  p = softmax(LOGITS)[ORDER]
+  nucleus = ORDER[:int(np.searchsorted(np.cumsum(p), 0.8)) + 1]
+  tokens, _ = draw(SamplingParams(temperature=1.0, top_p=0.8, seed=3))
+  assert set(tokens) <= set(nucleus) and len(set(tokens)) == len(nucleus)
+
+
+def test_min_p_drops_tokens_below_the_fraction_of_the_best():
+  p = softmax(LOGITS)
+  allowed = set(np.nonzero(p >= 0.2 * p.max())[0])
+  tokens, _ = draw(SamplingParams(temperature=1.0, min_p=0.2, seed=4))
+  assert set(tokens) <= allowed and len(set(tokens)) == len(allowed)
+
+
+def test_temperature_zero_and_tiny_temperature_are_greedy():
+  assert set(draw(SamplingParams(temperature=0), n=8)[0]) == {ORDER[0]}
+  assert set(draw(SamplingParams(temperature=1e-4, seed=5), n=64)[0]) == {ORDER[0]}
+
+
+def test_seeded_rows_draw_the_same_tokens_wherever_they_sit_in_the_batch():
+  a, _ = draw(SamplingParams(temperature=1.0, seed=7), n=16)
+  b, _ = draw(SamplingParams(temperature=1.0, seed=7), n=32)
+  c, _ = draw(SamplingParams(temperature=1.0, seed=8), n=16)
+  assert (a == b[:16]).all() and (a != c).any()
+
+
+def test_penalties_bias_and_logprobs_equal_a_numpy_reference():
+  params = SamplingParams(temperature=0.5, seed=9, presence_penalty=0.5, frequency_penalty=0.3,
+                          repetition_penalty=1.3, logit_bias={int(ORDER[-1]): 4.0}, logprobs=3)
+  history = [int(ORDER[0])] * 2 + [int(ORDER[1])]
+  tokens, out = draw(params, n=4, outputs=history)
+  want = LOGITS.copy()
+  want[ORDER[-1]] += 4.0
+  for t in {1, 2, 3} | set(history):                 # the prompt [1, 2, 3] and the output are "seen"
+    want[t] = want[t] / 1.3 if want[t] > 0 else want[t] * 1.3
+  for t in set(history): want[t] -= 0.3 * history.count(t) + 0.5
+  logprobs = np.log(softmax(want / 0.5))
+  assert np.allclose(out[:, 1], logprobs[tokens], atol=1e-3)
+  top = np.argsort(-logprobs)[:3]
+  assert (out[:, 2:5].astype(int) == top).all() and np.allclose(out[:, 5:8], logprobs[top], atol=1e-3)
+
+
+def test_min_tokens_bans_stop_tokens_until_enough_were_generated():
+  logits = LOGITS.copy(); logits[11] = 50.0             # token 11 is the stop id
+  assert set(draw(SamplingParams(temperature=0, min_tokens=3), n=2, logits=logits)[0]) != {11}
+  assert set(draw(SamplingParams(temperature=0, min_tokens=3), n=2, outputs=[5, 5, 5], logits=logits)[0]) == {11}
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(n=0),
+                                 dict(min_p=2), dict(max_tokens=0), dict(repetition_penalty=0), dict(logprobs=-1)])
+def test_out_of_range_values_name_the_field(bad):
+  with pytest.raises(ValueError, match=next(iter(bad))): SamplingParams(**bad)
