@@ -10,6 +10,8 @@ from tinygrad.dtype import DType
 
 # Named shapes for load_format="dummy": random weights of a real model's size, no weight files needed.
 SHAPES: dict[str, dict] = {
+  "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True),
   "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                        num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
                        max_position_embeddings=8192, rms_norm_eps=1e-5),
