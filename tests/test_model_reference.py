@@ -34,3 +34,37 @@ def test_chat_applies_the_template(smollm2, reference):
 def test_prompt_longer_than_context_is_rejected(smollm2):
   with pytest.raises(ValueError, match="max_model_len"):
     smollm2.generate({"prompt_token_ids": [1] * 5000}, SamplingParams(max_tokens=1))
+
+
+def test_hugging_face_directory_of_the_same_weights_gives_the_same_tokens(tmp_path_factory, reference):
+  """The safetensors loading path, on the real weights: convert the GGUF, load the directory, decode greedily."""
+  from tinyvllm import LLM
+  from tinyvllm.model.convert import convert
+  from tinyvllm.model.loader import default_model_path
+  out = tmp_path_factory.mktemp("smollm2-hf")
+  convert(default_model_path(), out, max_shard_size=200 * 2**20)   # two shards + index
+  case = next(c for c in reference["greedy"] if c["name"] == "code")
+  llm = LLM(str(out), max_model_len=256, enable_prefix_caching=False)
+  got = llm.generate(case["prompt_text"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+  assert got.prompt_token_ids == case["prompt_ids"]
+  assert got.outputs[0].token_ids == case["output_ids"][:8]
+
+
+@pytest.mark.parametrize("model, message", [("/no/such/model.gguf", "not found"), ("no-such-dir", "not found")])
+def test_missing_model_is_a_clear_error(model, message):
+  from tinyvllm import LLM
+  with pytest.raises(FileNotFoundError, match=message): LLM(model)
+
+
+def test_hub_repo_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+  from tinyvllm.model.loader import download_hf_repo
+  monkeypatch.setenv("TINYVLLM_CACHE", str(tmp_path))
+  monkeypatch.setattr("urllib.request.urlretrieve", lambda *a: (_ for _ in ()).throw(OSError("no route to host")))
+  with pytest.raises(ConnectionError, match="offline"): download_hf_repo("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_unknown_architecture_is_a_clear_error(tmp_path):
+  import json
+  from tinyvllm import LLM
+  (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+  with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"): LLM(str(tmp_path))
