@@ -119,6 +119,15 @@ class LLMEngine:
 
   def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
 
+  def warmup(self, all_batch_sizes: bool = False) -> float:
+    """Compile the graphs a first request needs (a short prefill and batch-1 decode), or every decode batch
+    bucket up to max_num_seqs; returns the seconds it took. Call before serving traffic."""
+    t0 = time.perf_counter()
+    self.add_request([0] * 8, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), request_id="__warmup__")
+    while self.has_unfinished_requests(): self.step()
+    if all_batch_sizes: self.runner.warmup(self.args.max_num_seqs)
+    return time.perf_counter() - t0
+
   # ---- the loop ---------------------------------------------------------------------------------------------
   def step(self) -> list[RequestOutput]:
     scheduled = self.scheduler.schedule()                                   # who runs, how many tokens each
