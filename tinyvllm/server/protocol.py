@@ -1,0 +1,203 @@
+"""Requests in: an OpenAI-style JSON body becomes token ids and a `SamplingParams`, or a clear error.
+
+The server speaks OpenAI's HTTP API, so the official SDKs work against it unchanged. Every failure is answered with
+the JSON shape OpenAI uses,
+
+    HTTP 400  {"error": {"message": "'temperature' must be a number, got str",
+                         "type": "invalid_request_error", "param": "temperature", "code": null}}
+
+and the HTTP status picks the exception an SDK raises: 400 BadRequestError, 401 AuthenticationError,
+404 NotFoundError, 429 RateLimitError, 5xx InternalServerError. `message` is for people, `param` names the offending
+field, `code` is a stable machine-readable string when there is one.
+
+Checks happen in the order a person would fix them: the body is JSON, each field has the right type, the values are
+in range (`SamplingParams` owns those rules and names the field), and the prompt plus `max_tokens` fits the context.
+"""
+from __future__ import annotations
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+  """An error the client should see, as OpenAI shapes it."""
+  def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None, headers: dict[str, str] | None = None):
+    super().__init__(message)
+    self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+    self.headers = headers or {}
+
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError: return APIError(400, message, param=param)
+
+
+def parse_json(raw: bytes) -> dict:
+  try: body = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e: raise bad_request(f"the request body is not valid JSON: {e}")
+  if not isinstance(body, dict): raise bad_request("the request body must be a JSON object")
+  return body
+
+
+# ---- typed field access ---------------------------------------------------------------------------------------------
+def _is(value: Any, kind: type) -> bool:
+  if isinstance(value, bool): return kind is bool                  # JSON true is not the number 1
+  if kind is float: return isinstance(value, (int, float))
+  return isinstance(value, kind)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "an array",
+               dict: "an object"}
+
+
+def field(body: dict, name: str, kind: type, default: Any = None) -> Any:
+  """body[name] if it has type `kind`; `default` when absent or null; otherwise a 400 naming the field."""
+  value = body.get(name)
+  if value is None: return default
+  if not _is(value, kind): raise bad_request(f"'{name}' must be {_TYPE_NAMES[kind]}, got {type(value).__name__}", name)
+  return value
+
+
+def list_field(body: dict, name: str, item: type) -> list:
+  values = field(body, name, list, [])
+  if not all(_is(v, item) for v in values): raise bad_request(f"'{name}' must be an array of {_TYPE_NAMES[item]}s", name)
+  return values
+
+
+# ---- sampling -------------------------------------------------------------------------------------------------------
+# Request fields that map one-to-one onto SamplingParams fields of the same name (OpenAI's, then vLLM's extras).
+SAMPLING_FIELDS: dict[str, type] = {
+  "n": int, "temperature": float, "top_p": float, "seed": int, "presence_penalty": float,
+  "frequency_penalty": float, "top_k": int, "min_p": float, "repetition_penalty": float, "min_tokens": int,
+  "ignore_eos": bool, "include_stop_str_in_output": bool, "skip_special_tokens": bool, "prompt_logprobs": int,
+}
+
+
+def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+  kwargs = {name: field(body, name, kind) for name, kind in SAMPLING_FIELDS.items()}
+  kwargs = {name: value for name, value in kwargs.items() if value is not None}
+  stop = body.get("stop")
+  kwargs["stop"] = [stop] if isinstance(stop, str) else list_field(body, "stop", str)
+  kwargs["stop_token_ids"] = list_field(body, "stop_token_ids", int)
+  kwargs["logit_bias"] = _logit_bias(field(body, "logit_bias", dict))
+  try: return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+  except ValueError as e:
+    named = re.search(r"parameter (\w+)", str(e))       # SamplingParams names the field it rejects
+    raise bad_request(str(e), named.group(1) if named else None)
+
+
+def _logit_bias(bias: dict | None) -> dict[int, float] | None:
+  """OpenAI sends {"token id as a string": bias in [-100, 100]}."""
+  if bias is None: return None
+  try: parsed = {int(k): float(v) for k, v in bias.items()}
+  except (TypeError, ValueError): raise bad_request("'logit_bias' must map token ids to numbers", "logit_bias")
+  if not all(-100 <= v <= 100 for v in parsed.values()):
+    raise bad_request("'logit_bias' values must be in [-100, 100]", "logit_bias")
+  return parsed
+
+
+# ---- prompts --------------------------------------------------------------------------------------------------------
+def _need_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
+  if tokenizer is None: raise bad_request("this model has no tokenizer: send prompts as token ids", "prompt")
+  return tokenizer
+
+
+def _is_token_ids(value: Any) -> bool: return isinstance(value, list) and bool(value) and all(_is(t, int) for t in value)
+
+
+def completion_prompts(prompt: Any, tokenizer: Tokenizer | None, add_special_tokens: bool = True) -> list[list[int]]:
+  """OpenAI's four prompt forms (a string, strings, token ids, lists of token ids) as lists of token ids."""
+  prompts = [prompt] if isinstance(prompt, str) or _is_token_ids(prompt) else prompt
+  if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or _is_token_ids(p) for p in prompts):
+    raise bad_request("'prompt' must be a string, an array of strings, or (arrays of) token ids", "prompt")
+  return [_need_tokenizer(tokenizer).encode(p, add_special_tokens=add_special_tokens) if isinstance(p, str) else list(p)
+          for p in prompts]
+
+
+def _message_text(message: Any) -> dict[str, str]:
+  """One chat message as {"role", "content"}; content may be a string or an array of {"type": "text"} parts."""
+  if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+    raise bad_request("each message must be an object with a string 'role'", "messages")
+  content = message.get("content") or ""
+  if isinstance(content, list):
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+      raise bad_request("only text content parts are supported", "messages")
+    content = "".join(p["text"] for p in content)
+  if not isinstance(content, str): raise bad_request("message 'content' must be a string or text parts", "messages")
+  return {"role": message["role"], "content": content}
+
+
+def chat_prompt(body: dict, tokenizer: Tokenizer | None) -> list[int]:
+  """The conversation rendered with the model's chat template, as token ids."""
+  messages = field(body, "messages", list)
+  if not messages: raise bad_request("'messages' must be a non-empty array", "messages")
+  tok = _need_tokenizer(tokenizer)
+  try: text = tok.apply_chat_template([_message_text(m) for m in messages],
+                                      add_generation_prompt=field(body, "add_generation_prompt", bool, True))
+  except ValueError as e: raise bad_request(str(e), "messages")
+  return tok.encode(text, add_special_tokens=False)
+
+
+def check_context(prompts: list[list[int]], max_tokens: int | None, max_model_len: int, param: str) -> None:
+  for ids in prompts:
+    if len(ids) >= max_model_len:
+      raise bad_request(f"the prompt has {len(ids)} tokens, but this model's maximum context length is "
+                        f"{max_model_len} tokens (prompt and completion together)", param)
+    if max_tokens is not None and len(ids) + max_tokens > max_model_len:
+      raise bad_request(f"this model's maximum context length is {max_model_len} tokens, but {len(ids) + max_tokens} "
+                        f"were requested ({len(ids)} in the prompt, {max_tokens} for the completion): lower "
+                        "max_tokens or shorten the prompt", "max_tokens")
+
+
+# ---- whole requests -------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationRequest:
+  """What /v1/completions and /v1/chat/completions have in common once parsed."""
+  prompts: list[list[int]]            # token ids, one entry per prompt; each gets `params.n` choices
+  params: SamplingParams
+  stream: bool
+  include_usage: bool                 # stream_options.include_usage: a last chunk with token counts
+
+
+def _common(body: dict, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
+            max_model_len: int, prompt_param: str) -> GenerationRequest:
+  stream = field(body, "stream", bool, False)
+  stream_options = field(body, "stream_options", dict, {})
+  if stream_options and not stream: raise bad_request("'stream_options' needs 'stream': true", "stream_options")
+  include_usage = field(stream_options, "include_usage", bool, False)
+  params = sampling_params(body, max_tokens, logprobs)
+  check_context(prompts, max_tokens, max_model_len, prompt_param)
+  return GenerationRequest(prompts, params, stream, include_usage)
+
+
+def _unsupported(body: dict, *names: str) -> None:
+  for name in names:
+    if body.get(name): raise bad_request(f"'{name}' is not supported by this server", name)
+
+
+def parse_completion(body: dict, tokenizer: Tokenizer | None, max_model_len: int) -> GenerationRequest:
+  """POST /v1/completions. max_tokens defaults to 16, as in OpenAI's API; `logprobs` is the top-N count."""
+  _unsupported(body, "echo", "suffix")
+  if field(body, "best_of", int) not in (None, field(body, "n", int, 1)):
+    raise bad_request("'best_of' must equal 'n' (no server-side best-of selection)", "best_of")
+  if "prompt" not in body: raise bad_request("'prompt' is required", "prompt")
+  prompts = completion_prompts(body["prompt"], tokenizer, field(body, "add_special_tokens", bool, True))
+  return _common(body, prompts, field(body, "max_tokens", int, 16), field(body, "logprobs", int), max_model_len,
+                 "prompt")
+
+
+def parse_chat(body: dict, tokenizer: Tokenizer | None, max_model_len: int) -> GenerationRequest:
+  """POST /v1/chat/completions. No max_tokens means up to the context length; `logprobs` is a boolean and
+  `top_logprobs` the top-N count."""
+  _unsupported(body, "tools", "functions")
+  max_tokens = field(body, "max_completion_tokens", int)
+  if max_tokens is None: max_tokens = field(body, "max_tokens", int)
+  top = field(body, "top_logprobs", int, 0)
+  if top and not field(body, "logprobs", bool): raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+  logprobs = top if field(body, "logprobs", bool) else None
+  return _common(body, [chat_prompt(body, tokenizer)], max_tokens, logprobs, max_model_len, "messages")

@@ -1,0 +1,183 @@
+"""Responses out: engine progress becomes OpenAI-shaped JSON, either whole or as a stream of chunks.
+
+A streamed response uses server-sent events (SSE): an ordinary HTTP response with `Content-Type: text/event-stream`
+whose body the server keeps writing to, one event per chunk, each a `data:` line and a blank line. OpenAI ends the
+stream with a literal `[DONE]`:
+
+    data: {"id": "cmpl-9f", "object": "text_completion", "choices": [{"index": 0, "text": " Paris", ...}]}
+
+    data: {"id": "cmpl-9f", "object": "text_completion", "choices": [{"index": 0, "text": ".", "finish_reason": "stop"}]}
+
+    data: [DONE]
+
+The engine reports each choice's whole text so far; a chunk carries only what is new since the previous one (the
+*delta*). That text only ever grows at its end: the engine holds back half a UTF-8 character and the possible start
+of a stop string until they are resolved (see tinyvllm/detokenizer.py), so a delta never has to be taken back.
+
+Both endpoints share all of this; `CompletionFormat` and `ChatFormat` differ only in how a choice is wrapped
+(`"text"` versus `"message"`/`"delta"`) and how log-probabilities are laid out.
+"""
+from __future__ import annotations
+import time
+from dataclasses import dataclass, field
+from tinyvllm.engine import CompletionOutput, RequestOutput
+from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.server.protocol import GenerationRequest
+
+# ---- log-probabilities ----------------------------------------------------------------------------------------------
+@dataclass
+class TokenLogprob:
+  token: str
+  token_bytes: bytes
+  logprob: float
+
+
+@dataclass
+class PositionLogprobs:
+  """One generated position: the token that was picked and the most likely alternatives."""
+  chosen: TokenLogprob
+  top: list[TokenLogprob]
+
+
+def _token_logprob(tokenizer: Tokenizer | None, token_id: int, logprob: float) -> TokenLogprob:
+  raw = tokenizer.id_to_bytes(token_id) if tokenizer else str(token_id).encode()
+  return TokenLogprob(raw.decode("utf-8", errors="replace"), raw, logprob)
+
+
+def position_logprobs(tokenizer: Tokenizer | None, token_ids: list[int],
+                      logprobs: list[dict[int, float]]) -> list[PositionLogprobs]:
+  """From the engine's per-position {token id: logprob} dicts (the sampled token plus the top-N)."""
+  return [PositionLogprobs(_token_logprob(tokenizer, tid, top[tid]),
+                           [_token_logprob(tokenizer, t, lp) for t, lp in top.items()])
+          for tid, top in zip(token_ids, logprobs)]
+
+
+# ---- one choice's progress ------------------------------------------------------------------------------------------
+@dataclass
+class Delta:
+  text: str
+  logprobs: list[PositionLogprobs] | None     # for the tokens new in this delta (None when not requested)
+  logprob_offset: int                          # characters of token text before them (OpenAI's text_offset)
+  finish_reason: str | None
+  first: bool
+
+
+@dataclass
+class Choice:
+  index: int
+  text: str = ""                               # sent so far
+  num_tokens: int = 0
+  finish_reason: str | None = None
+  started: bool = False                        # a chunk of this choice was sent
+  logprobs: list[PositionLogprobs] | None = None
+  logprob_chars: int = 0
+
+  def advance(self, out: CompletionOutput, tokenizer: Tokenizer | None) -> Delta | None:
+    """What is new in `out` since the last call, or None when there is nothing to send."""
+    if self.finish_reason is not None: return None       # with n > 1, finished choices keep being reported
+    new_text = out.text[len(self.text):]
+    new_logprobs = None if out.logprobs is None else \
+      position_logprobs(tokenizer, out.token_ids[self.num_tokens:], out.logprobs[self.num_tokens:])
+    self.num_tokens = len(out.token_ids)
+    if not (new_text or new_logprobs or out.finish_reason): return None
+    delta = Delta(new_text, new_logprobs, self.logprob_chars, out.finish_reason, first=not self.started)
+    self.text, self.finish_reason, self.started = self.text + new_text, out.finish_reason, True
+    if new_logprobs is not None:
+      self.logprobs = (self.logprobs or []) + new_logprobs
+      self.logprob_chars += sum(len(p.chosen.token) for p in new_logprobs)
+    return delta
+
+
+# ---- the two response formats ---------------------------------------------------------------------------------------
+class CompletionFormat:
+  """/v1/completions: choices carry "text"; logprobs are parallel arrays with character offsets."""
+  id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+  def logprobs(self, positions: list[PositionLogprobs] | None, offset: int) -> dict | None:
+    if positions is None: return None
+    offsets, at = [], offset
+    for p in positions:
+      offsets.append(at)
+      at += len(p.chosen.token)
+    return {"tokens": [p.chosen.token for p in positions], "token_logprobs": [p.chosen.logprob for p in positions],
+            "top_logprobs": [{t.token: t.logprob for t in p.top} for p in positions], "text_offset": offsets}
+
+  def choice(self, c: Choice) -> dict:
+    return {"index": c.index, "text": c.text, "logprobs": self.logprobs(c.logprobs, 0), "finish_reason": c.finish_reason}
+
+  def chunk_choice(self, index: int, d: Delta) -> dict:
+    return {"index": index, "text": d.text, "logprobs": self.logprobs(d.logprobs, d.logprob_offset),
+            "finish_reason": d.finish_reason}
+
+
+class ChatFormat:
+  """/v1/chat/completions: choices carry a "message" (whole) or a "delta" (streamed); logprobs are a list of
+  {token, logprob, bytes, top_logprobs} under "content"."""
+  id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+  @staticmethod
+  def _entry(t: TokenLogprob) -> dict: return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes)}
+
+  def logprobs(self, positions: list[PositionLogprobs] | None, offset: int = 0) -> dict | None:
+    if positions is None: return None
+    return {"content": [{**self._entry(p.chosen), "top_logprobs": [self._entry(t) for t in p.top]} for p in positions]}
+
+  def choice(self, c: Choice) -> dict:
+    return {"index": c.index, "message": {"role": "assistant", "content": c.text},
+            "logprobs": self.logprobs(c.logprobs), "finish_reason": c.finish_reason}
+
+  def chunk_choice(self, index: int, d: Delta) -> dict:
+    delta = {"role": "assistant", "content": d.text} if d.first else {"content": d.text}
+    return {"index": index, "delta": delta, "logprobs": self.logprobs(d.logprobs), "finish_reason": d.finish_reason}
+
+
+ResponseFormat = CompletionFormat | ChatFormat
+
+
+# ---- a whole request ------------------------------------------------------------------------------------------------
+@dataclass
+class Generation:
+  """One HTTP request's progress over its engine requests (one per prompt) and their `n` choices each.
+  Choice `prompt_index * n + i` is output `i` of prompt `prompt_index`, as in OpenAI's API."""
+  fmt: ResponseFormat
+  request: GenerationRequest
+  request_id: str
+  model: str
+  tokenizer: Tokenizer | None
+  created: int = field(default_factory=lambda: int(time.time()))
+  choices: list[Choice] = field(init=False)
+  cached_tokens: dict[int, int] = field(default_factory=dict)
+
+  def __post_init__(self) -> None:
+    self.choices = [Choice(i) for i in range(len(self.request.prompts) * self.request.params.n)]
+
+  @property
+  def prompt_tokens(self) -> int: return sum(len(p) for p in self.request.prompts)
+  @property
+  def completion_tokens(self) -> int: return sum(c.num_tokens for c in self.choices)
+  @property
+  def finished(self) -> bool: return all(c.finish_reason is not None for c in self.choices)
+
+  def update(self, prompt_index: int, out: RequestOutput) -> list[dict]:
+    """Take in one engine output; returns the stream chunks it produced (one per choice that advanced)."""
+    self.cached_tokens[prompt_index] = getattr(out, "num_cached_tokens", None) or 0   # vLLM's RequestOutput field
+    chunks = []
+    for o in out.outputs:
+      choice = self.choices[prompt_index * self.request.params.n + o.index]
+      delta = choice.advance(o, self.tokenizer)
+      if delta is not None: chunks.append(self._envelope(self.fmt.chunk_object, [self.fmt.chunk_choice(choice.index, delta)]))
+    return chunks
+
+  def usage(self) -> dict:
+    return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+  def usage_chunk(self) -> dict: return {**self._envelope(self.fmt.chunk_object, []), "usage": self.usage()}
+
+  def response(self) -> dict:
+    return {**self._envelope(self.fmt.object, [self.fmt.choice(c) for c in self.choices]), "usage": self.usage()}
+
+  def _envelope(self, object: str, choices: list[dict]) -> dict:
+    body = {"id": self.request_id, "object": object, "created": self.created, "model": self.model, "choices": choices}
+    if self.request.stream and self.request.include_usage: body["usage"] = None
+    return body
