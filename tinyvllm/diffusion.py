@@ -33,10 +33,11 @@ Fast-dLLM's speed-ups:
 from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor, TinyJit
 from tinyvllm.model.llada import KV, MaskedDiffusionLM
 
 REMASKING = ("low_confidence", "random")
+_JITS: dict[tuple[int, ...], TinyJit] = {}
 
 
 @dataclass(frozen=True)
@@ -183,36 +184,58 @@ def _rows(seq: Denoiser, use_cache: bool, shift: int) -> list[_Row]:
   return rows
 
 
-def _stack_past(rows: list[_Row], num_layers: int, length: int) -> list[KV] | None:
-  """Per layer, the rows' caches padded to `length` positions and stacked: [R, length, kv_heads, head_dim]."""
+def _stack_past(rows: list[_Row], R: int, num_layers: int, length: int) -> list[KV] | None:
+  """Per layer, the rows' caches padded to `length` positions and stacked (zeros for rows without one, up to R rows):
+  [R, length, kv_heads, head_dim]."""
   if length == 0: return None
   like = next(r.past for r in rows if r.past is not None)[0][0]
   def padded(t: Tensor | None) -> Tensor:
     if t is None: return Tensor.zeros(length, *like.shape[1:], dtype=like.dtype)
     return t.pad(((0, length - t.shape[0]), None, None))
-  return [tuple(Tensor.stack(*[padded(None if r.past is None else r.past[layer][i]) for r in rows])
-                for i in range(2)) for layer in range(num_layers)]
+  caches = [r.past for r in rows] + [None] * (R - len(rows))
+  return [tuple(Tensor.stack(*[padded(None if c is None else c[layer][i]) for c in caches]) for i in range(2))
+          for layer in range(num_layers)]
+
+
+def _bucket(n: int, size: int = 16) -> int: return -(-n // size) * size
+
+
+def _compiled(model: MaskedDiffusionLM, key: tuple[int, ...]) -> TinyJit:
+  """One TinyJit per padded batch shape (rows, query length, past length, window): the layers are scheduled and
+  compiled once per shape, then replayed."""
+  if (id(model), *key) not in _JITS:
+    def run(tokens: Tensor, positions: Tensor, valid: Tensor, index: Tensor, *past_flat: Tensor) -> list[Tensor]:
+      past = [(past_flat[i], past_flat[i + 1]) for i in range(0, len(past_flat), 2)] or None
+      h, kv = model.hidden(tokens, positions, valid, past)
+      R, L = index.shape
+      logits = model.logits(h.gather(1, index.reshape(R, L, 1).expand(R, L, h.shape[-1])))
+      return [t.realize() for t in (logits, *[t for pair in kv for t in pair])]
+    _JITS[(id(model), *key)] = TinyJit(run)
+  return _JITS[(id(model), *key)]
 
 
 def forward_rows(model: MaskedDiffusionLM, rows: list[_Row], block_length: int) -> tuple[np.ndarray, list[KV]]:
-  """The padded batch through the model: logits of each row's block window [R, block_length, V] and the K/V of
-  every row's query tokens per layer [R, T, kv_heads, head_dim]."""
-  R, T = len(rows), max(len(r.tokens) for r in rows)
-  P = max(r.query_from if r.past is not None else 0 for r in rows)
+  """The batch through the model, padded to bucketed shapes (rows to a power of two, lengths to multiples of 16):
+  logits of each row's block window [R, block_length, V] and the K/V of every row's query tokens per layer
+  [R, T, kv_heads, head_dim]."""
+  n, mc = len(rows), model.config.model
+  R, T = 1 << (n - 1).bit_length(), _bucket(max(len(r.tokens) for r in rows))
+  P = _bucket(max(r.query_from if r.past is not None else 0 for r in rows))
   tokens, positions = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
-  valid = np.zeros((R, P + T), bool)
+  valid, index = np.zeros((R, P + T), bool), np.zeros((R, block_length), np.int32)
+  valid[n:, P] = True                                                     # padding rows attend to one slot, not none
   for i, r in enumerate(rows):
     past_len = r.query_from if r.past is not None else 0
     tokens[i, :len(r.tokens)] = r.tokens
-    positions[i] = np.minimum(r.query_from + np.arange(T), model.config.model.max_position_embeddings - 1)
+    positions[i] = np.minimum(r.query_from + np.arange(T), mc.max_position_embeddings - 1)
     valid[i, :past_len], valid[i, P:P + len(r.tokens)] = True, True
-  past = _stack_past(rows, model.config.model.num_layers, P)
-  h, kv = model.hidden(Tensor(tokens), Tensor(positions), Tensor(valid), past)
-  index = np.minimum(np.array([r.window for r in rows])[:, None] + np.arange(block_length), T - 1)
-  h = h.gather(1, Tensor(index.astype(np.int32)).reshape(R, block_length, 1).expand(R, block_length, h.shape[-1]))
-  logits = model.logits(h)
-  if any(r.refresh for r in rows): Tensor.realize(logits, *[t for pair in kv for t in pair])
-  return logits.numpy(), kv
+    index[i] = np.minimum(r.window + np.arange(block_length), T - 1)
+  past = _stack_past(rows, R, mc.num_layers, P)
+  past_flat = [t for pair in past for t in pair] if past else []
+  if past_flat: Tensor.realize(*past_flat)
+  logits, *kv_flat = _compiled(model, (R, T, P, block_length))(
+    Tensor(tokens), Tensor(positions), Tensor(valid), Tensor(index), *past_flat)
+  return logits.numpy()[:n], [(kv_flat[i], kv_flat[i + 1]) for i in range(0, len(kv_flat), 2)]
 
 
 def denoise_step(model: MaskedDiffusionLM, seqs: list[Denoiser], use_cache: bool = False) -> list[bool]:
@@ -221,8 +244,13 @@ def denoise_step(model: MaskedDiffusionLM, seqs: list[Denoiser], use_cache: bool
   rows = [row for seq in seqs for row in _rows(seq, use_cache, shift)]
   block_length = max(seq.params.block_length for seq in seqs)
   logits, kv = forward_rows(model, rows, block_length)
+  fresh = []
   for i, r in enumerate(rows):
-    if r.refresh: r.seq.caches[r.which] = [(k[i, :r.seq.span[0] - shift], v[i, :r.seq.span[0] - shift]) for k, v in kv]
+    if r.refresh:     # copied out: the compiled pass reuses its output buffers
+      r.seq.caches[r.which] = [(k[i, :r.seq.span[0] - shift].contiguous(), v[i, :r.seq.span[0] - shift].contiguous())
+                               for k, v in kv]
+      fresh += [t for pair in r.seq.caches[r.which] for t in pair]
+  if fresh: Tensor.realize(*fresh)
   by_seq: dict[int, list[np.ndarray]] = {}
   for i, r in enumerate(rows): by_seq.setdefault(id(r.seq), []).append(logits[i, :r.seq.params.block_length])
   done = []

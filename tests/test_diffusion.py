@@ -1,0 +1,224 @@
+"""Diffusion LMs: LLaDA's checkpoint layout, the sampler against straightforward reference loops, the batched engine,
+Fast-dLLM's threshold decoding and prefix cache, and the shipped trained model."""
+import json
+import shutil
+import numpy as np
+import pytest
+from tinygrad import Tensor, dtypes
+from tinyvllm.config import EngineArgs
+from tinyvllm.diffusion import Denoiser, DiffusionParams, denoise_step, generate
+from tinyvllm.diffusion_engine import DEFAULT_DIFFUSION_MODEL, DiffusionEngine, wants_diffusion
+from tinyvllm.model.llada import DiffusionConfig, MaskedDiffusionLM, is_diffusion_checkpoint, load_diffusion_model
+from tinyvllm.sampling_params import SamplingParams
+
+VOCAB, MASK = 4096, 3                      # the shipped tokenizer's size and its <|mdm_mask|> id
+TINY = dict(architectures=["LLaDAModelLM"], model_type="llada", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+            mlp_hidden_size=48, vocab_size=VOCAB, embedding_size=VOCAB, max_sequence_length=64, rope_theta=10000.0,
+            rms_norm_eps=1e-5, weight_tying=False, include_bias=False, mask_token_id=MASK, eos_token_id=2)
+
+
+def llada_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random weights named exactly as in GSAI-ML/LLaDA-8B-Instruct's model.safetensors."""
+  rng = np.random.default_rng(seed)
+  d, f, hd = cfg["d_model"], cfg["mlp_hidden_size"], cfg["d_model"] // cfg["n_heads"]
+  kv = cfg["n_kv_heads"] * hd
+  w = {"model.transformer.wte.weight": rng.normal(0, 1, (VOCAB, d)),
+       "model.transformer.ln_f.weight": 1 + 0.1 * rng.normal(size=d),
+       "model.transformer.ff_out.weight": rng.normal(0, 0.5, (VOCAB, d))}
+  for i in range(cfg["n_layers"]):
+    shapes = {"attn_norm.weight": (d,), "ff_norm.weight": (d,), "q_proj.weight": (d, d), "k_proj.weight": (kv, d),
+              "v_proj.weight": (kv, d), "attn_out.weight": (d, d), "ff_proj.weight": (f, d), "up_proj.weight": (f, d),
+              "ff_out.weight": (d, f)}
+    for name, shape in shapes.items():
+      w[f"model.transformer.blocks.{i}.{name}"] = 1 + 0.1 * rng.normal(size=shape) if "norm" in name else \
+        rng.normal(0, 1 / np.sqrt(shape[-1]), shape)
+  return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  """A tiny random LLaDA checkpoint in the Hugging Face layout, with the shipped model's tokenizer."""
+  from safetensors.numpy import save_file
+  path = tmp_path_factory.mktemp("tiny-llada")
+  (path / "config.json").write_text(json.dumps(TINY))
+  save_file(llada_tensors(TINY), str(path / "model.safetensors"))
+  for name in ("tokenizer.model", "tokenizer_config.json"): shutil.copy(DEFAULT_DIFFUSION_MODEL / name, path / name)
+  return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir) -> MaskedDiffusionLM: return load_diffusion_model(tiny_dir)[0]
+
+
+def numpy_llada(w: dict[str, np.ndarray], cfg: dict, tokens: list[int]) -> np.ndarray:
+  """LLaDA's forward pass written from its tensor names alone (no tinyvllm code): logits [T, V]."""
+  T, h, kvh = len(tokens), cfg["n_heads"], cfg["n_kv_heads"]
+  hd = cfg["d_model"] // h
+  rms = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg["rms_norm_eps"]) * g
+  ang = np.outer(np.arange(T), 1 / cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd))[:, None]
+  rope = lambda q: np.concatenate([q[..., :hd // 2] * np.cos(ang) - q[..., hd // 2:] * np.sin(ang),
+                                   q[..., hd // 2:] * np.cos(ang) + q[..., :hd // 2] * np.sin(ang)], -1)
+  x = w["model.transformer.wte.weight"][tokens].astype(np.float64)
+  for i in range(cfg["n_layers"]):
+    b = lambda n: w[f"model.transformer.blocks.{i}.{n}"]
+    a = rms(x, b("attn_norm.weight"))
+    q = rope((a @ b("q_proj.weight").T).reshape(T, h, hd))
+    k = np.repeat(rope((a @ b("k_proj.weight").T).reshape(T, kvh, hd)), h // kvh, axis=1)
+    v = np.repeat((a @ b("v_proj.weight").T).reshape(T, kvh, hd), h // kvh, axis=1)
+    s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)                 # no causal mask
+    p = np.exp(s - s.max(-1, keepdims=True))
+    x = x + np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v).reshape(T, -1) @ b("attn_out.weight").T
+    f = rms(x, b("ff_norm.weight"))
+    gate = f @ b("ff_proj.weight").T
+    x = x + (gate / (1 + np.exp(-gate)) * (f @ b("up_proj.weight").T)) @ b("ff_out.weight").T
+  return rms(x, w["model.transformer.ln_f.weight"]) @ w["model.transformer.ff_out.weight"].T
+
+
+def test_llada_layout_loads_and_matches_numpy(tiny_dir, tiny):
+  assert is_diffusion_checkpoint(tiny_dir) and wants_diffusion(str(tiny_dir)) and wants_diffusion("diffusion")
+  tokens = [5, 17, MASK, 99, MASK, 1000, 7]
+  ours = tiny(Tensor([tokens])).numpy()[0]
+  ref = numpy_llada(llada_tensors(TINY), TINY, tokens)
+  assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def reference_generate(model: MaskedDiffusionLM, prompt: list[int], p: DiffusionParams, use_cache: bool = False):
+  """LLaDA's generate.py (and Fast-dLLM's threshold and prefix cache) as one plain loop over one sequence; returns
+  the tokens after every step. Random numbers are drawn as the sampler does: [block_length, V] Gumbel uniforms when
+  temperature > 0, then [block_length] uniforms for random remasking."""
+  rng, P, shift, L = np.random.default_rng(p.seed), len(prompt), model.config.shift, p.block_length
+  x = np.array(prompt + [MASK] * p.gen_length)
+  history = []
+  for b in range(p.num_blocks):
+    s, e = P + b * L, P + (b + 1) * L
+    n = int((x[s:e] == MASK).sum())
+    counts = [n // p.steps_per_block + (i < n % p.steps_per_block) for i in range(p.steps_per_block)]
+    i, cache = 0, None
+    while (x[s:e] == MASK).any():
+      if not use_cache: logits = model(Tensor([x.tolist()])).numpy()[0, s:e]
+      elif cache is None:
+        T = len(x)
+        h, kv = model.hidden(Tensor([x.tolist()]), Tensor.arange(T).reshape(1, T), Tensor.ones(1, T, dtype=dtypes.bool))
+        logits, cache = model.logits(h[:, s - shift:e - shift]).numpy()[0], [(k[:, :s - shift], v[:, :s - shift]) for k, v in kv]
+      else:
+        q = x[s - shift:]
+        h, _ = model.hidden(Tensor([q.tolist()]), Tensor.arange(s - shift, len(x)).reshape(1, -1),
+                            Tensor.ones(1, len(x), dtype=dtypes.bool), cache)
+        logits = model.logits(h[:, :L]).numpy()[0]
+      logits = logits.astype(np.float64)
+      noisy = logits if p.temperature == 0 else np.exp(logits) / (-np.log(rng.random(logits.shape))) ** p.temperature
+      x0 = noisy.argmax(-1)
+      prob = np.exp(logits - logits.max(-1, keepdims=True))
+      prob = prob / prob.sum(-1, keepdims=True)
+      conf = prob[np.arange(L), x0] if p.remasking == "low_confidence" else rng.random(L)
+      conf = np.where(x[s:e] == MASK, conf, -np.inf)
+      k = max(1, int((conf >= p.threshold).sum())) if p.threshold is not None else counts[i]
+      pick = np.argsort(-conf, kind="stable")[:k]
+      x[s + pick] = x0[pick]
+      history.append(x.copy())
+      i += 1
+  return history
+
+
+def run_batched(model: MaskedDiffusionLM, prompts: list[list[int]], params: list[DiffusionParams], use_cache: bool):
+  seqs = [Denoiser(pr, pa, MASK) for pr, pa in zip(prompts, params)]
+  history: list[list[np.ndarray]] = [[] for _ in seqs]
+  while not all(s.finished for s in seqs):
+    live = [s for s in seqs if not s.finished]
+    denoise_step(model, live, use_cache)
+    for s in live: history[seqs.index(s)].append(s.x.copy())
+  return history
+
+
+PROMPTS = [[1, 50, 60, 70], [1, 80, 90, 100, 110, 120, 130]]
+
+
+@pytest.mark.parametrize("kw", [
+  dict(steps=8),                                                        # LLaDA: 2 tokens per step, greedy
+  dict(steps=16, temperature=0.7, remasking="random", seed=3),          # Gumbel noise, random remasking
+  dict(steps=8, cfg_scale=1.5, seed=1),                                 # classifier-free guidance
+  dict(threshold=0.05),                                                 # Fast-dLLM parallel decoding
+])
+def test_sampler_matches_reference_loop_step_for_step(tiny, kw):
+  """Two prompts of different lengths, batched and padded, against the one-sequence reference loop."""
+  params = [DiffusionParams(gen_length=16, block_length=8, **{**kw, "seed": kw.get("seed", 0) + j}) for j in range(2)]
+  ours = run_batched(tiny, PROMPTS, params, use_cache=False)
+  for j in range(2):
+    ref = reference_generate(tiny, PROMPTS[j], params[j]) if not kw.get("cfg_scale") else None
+    if ref is None: continue
+    assert len(ours[j]) == len(ref)
+    for a, b in zip(ours[j], ref): np.testing.assert_array_equal(a, b)
+
+
+def test_cfg_matches_guided_reference(tiny):
+  """cfg: the unconditional row (prompt masked) is batched beside the conditional one; compare the first step."""
+  p = DiffusionParams(gen_length=8, block_length=8, steps=4, cfg_scale=2.0)
+  seq = Denoiser(PROMPTS[0], p, MASK)
+  denoise_step(tiny, [seq], False)
+  x = np.array(PROMPTS[0] + [MASK] * 8)
+  un = x.copy()
+  un[:len(PROMPTS[0])] = MASK
+  cond, uncond = (tiny(Tensor([t.tolist()])).numpy()[0, 4:] for t in (x, un))
+  guided = uncond + 3.0 * (cond - uncond)
+  conf = np.exp(guided - guided.max(-1, keepdims=True))
+  conf = (conf / conf.sum(-1, keepdims=True)).max(-1)
+  pick = np.argsort(-conf, kind="stable")[:2]
+  x[4 + pick] = guided.argmax(-1)[pick]
+  np.testing.assert_array_equal(seq.x, x)
+
+
+def test_prefix_cache_matches_reference_loop(tiny):
+  params = [DiffusionParams(gen_length=16, block_length=8, steps=8, seed=j) for j in range(2)]
+  ours = run_batched(tiny, PROMPTS, params, use_cache=True)
+  for j in range(2):
+    ref = reference_generate(tiny, PROMPTS[j], params[j], use_cache=True)
+    assert len(ours[j]) == len(ref)
+    for a, b in zip(ours[j], ref): np.testing.assert_array_equal(a, b)
+
+
+def test_engine_batches_requests_and_streams_blocks(tiny_dir, tiny):
+  engine = DiffusionEngine(EngineArgs(model=str(tiny_dir), enable_prefix_caching=False))
+  params = []
+  for seed in (0, 1):
+    sp = SamplingParams(max_tokens=16, temperature=0.5, seed=seed, ignore_eos=True)
+    sp.block_length, sp.diffusion_steps = 8, 8          # SamplingParams' diffusion knobs
+    params.append(sp)
+  ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+  streamed: dict[str, list] = {i: [] for i in ids}
+  steps = 0
+  while engine.has_unfinished_requests():
+    for out in engine.step(): streamed[out.request_id].append(out)
+    steps += 1
+  assert steps == 8                                     # both requests advanced together: 2 blocks × 4 steps
+  for rid, prompt, sp in zip(ids, PROMPTS, params):
+    outs = streamed[rid]
+    assert [len(o.outputs[0].token_ids) for o in outs] == [8, 16] and outs[-1].finished
+    alone = generate(tiny, prompt, DiffusionParams.from_sampling_params(sp))
+    assert outs[-1].outputs[0].token_ids == alone.x[len(prompt):].tolist()
+    assert outs[-1].outputs[0].finish_reason == "length"
+
+
+@pytest.fixture(scope="module")
+def trained():
+  return DiffusionEngine(EngineArgs(model="diffusion"))
+
+
+def test_threshold_halves_model_calls_on_trained_model(trained):
+  """One token per step costs gen_length calls; threshold decoding must need at most half of them."""
+  model, tok = trained.model, trained.tokenizer
+  prompt = tok.encode("ROMEO.\nBut soft, what light through yonder window breaks?\n\nJULIET.\n")
+  p = DiffusionParams(gen_length=32, block_length=16, threshold=0.9)
+  seq = generate(model, prompt, p)
+  assert seq.calls * 2 <= p.gen_length, seq.calls
+
+
+def test_trained_model_writes_text(trained):
+  sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+  sp.threshold = 0.9
+  trained.add_request("KING.\nMy lord, the", sp)
+  while trained.has_unfinished_requests(): outs = trained.step()
+  text = outs[-1].outputs[0].text
+  words = text.lower().split()
+  assert len(words) >= 5 and sum(w.strip(".,;:!?'") in {"the", "and", "i", "to", "of", "my", "you", "a", "that", "not",
+                                                         "is", "me", "with", "your", "be", "lord", "it", "in"}
+                                 for w in words) >= 2, text
