@@ -1,0 +1,552 @@
+"""The OpenAI-compatible server, from the outside: the official `openai` SDK, raw HTTP for the edges, and a real
+headless browser for the chat page.
+
+Most tests share one engine: a tiny random-weight Llama (2 layers, hidden size 64) with SmolLM2's real tokenizer
+attached, so text goes in and out and kernels compile in seconds. Its replies are gibberish, which is fine: what is
+checked is the protocol. Several servers with different guards (API key, rate limit, capacity, timeout) share that
+engine, each in-process on a free 127.0.0.1 port with its event loop on a background thread. One test runs the real
+SmolLM2 and checks that greedy text through the server equals `LLM.generate`.
+"""
+from __future__ import annotations
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+import aiohttp
+import openai
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from tinyvllm.config import SHAPES, EngineArgs
+from tinyvllm.engine import AsyncLLMEngine, CompletionOutput, LLMEngine, RequestOutput
+from tinyvllm.model.gguf import read_gguf_metadata
+from tinyvllm.model.loader import default_model_path
+from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.server import OpenAIServer, ServerConfig, serve, start
+from tinyvllm.server.kernel_cache import share_kernel_cache_between_threads
+from tinyvllm.server.limits import RateLimiter
+from tinyvllm.server.metrics import Histogram
+from tinyvllm.server.protocol import APIError, GenerationRequest, parse_chat, parse_completion, parse_json
+from tinyvllm.server.responses import ChatFormat, Choice, CompletionFormat, Generation
+
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=49152, rope_theta=10000.0, tie_word_embeddings=True,
+                  max_position_embeddings=256, rms_norm_eps=1e-5)
+# Big blocks keep every context within the smallest block-table bucket: fewer shapes, fewer kernels to compile.
+MAX_MODEL_LEN, MAX_NUM_SEQS, BLOCK_SIZE = 256, 2, 64
+GREEDY = {"temperature": 0}
+
+
+# ---- fixtures and helpers -------------------------------------------------------------------------------------------
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class LiveServer:
+  """An OpenAIServer listening on a free loopback port, its event loop on a background thread."""
+  def __init__(self, config: ServerConfig, engine: AsyncLLMEngine | None):
+    self.server, self.engine, self.port = OpenAIServer(config), engine, free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.loop = asyncio.new_event_loop()
+
+  def run(self, coro, timeout: float = 120):
+    return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+  def __enter__(self) -> LiveServer:
+    threading.Thread(target=self.loop.run_forever, daemon=True).start()
+    self.runner = self.run(start(self.server, "127.0.0.1", self.port))
+    if self.engine is not None: self.load()
+    return self
+
+  def load(self) -> None: self.run(self.server.load(lambda: self.engine))
+
+  def __exit__(self, *exc) -> None:
+    self.run(self.runner.cleanup())
+    self.loop.call_soon_threadsafe(self.loop.stop)
+
+  def client(self, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
+
+
+def request(method: str, url: str, body: dict | bytes | None = None) -> tuple[int, dict | str]:
+  """One HTTP request; returns (status, parsed JSON or text), whatever the status."""
+  data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+  req = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method=method)
+  try: resp = urllib.request.urlopen(req, timeout=60)
+  except urllib.error.HTTPError as e: resp = e
+  with resp:
+    text = resp.read().decode()
+    return resp.status, json.loads(text) if resp.headers.get("Content-Type", "").startswith("application/json") else text
+
+
+def metrics(url: str) -> dict[str, float]:
+  """The /metrics page as {name: value}, labels dropped (one model, so one sample per name)."""
+  _, text = request("GET", f"{url}/metrics")
+  return {name: float(value) for name, value in re.findall(r"^([^#\s{]+)\{[^}]*\} (\S+)$", text, re.M)}
+
+
+def wait_until_idle(url: str, timeout: float = 10.0) -> dict[str, float]:
+  deadline = time.monotonic() + timeout
+  while True:
+    m = metrics(url)
+    if m["vllm:num_requests_running"] == m["vllm:num_requests_waiting"] == m["vllm:kv_cache_usage_perc"] == 0: return m
+    assert time.monotonic() < deadline, f"engine still busy: {m}"
+    time.sleep(0.05)
+
+
+async def read_stream(session: aiohttp.ClientSession, url: str, body: dict, hang_up_after: int | None = None) -> list:
+  """POST a streaming request and return its events (dicts, then "[DONE]"); with `hang_up_after`, close the
+  connection after that many events."""
+  events = []
+  async with session.post(url, json={**body, "stream": True}) as resp:
+    assert resp.status == 200, await resp.text()
+    async for line in resp.content:
+      if not line.startswith(b"data: "): continue
+      data = line[6:].strip().decode()
+      events.append(data if data == "[DONE]" else json.loads(data))
+      if hang_up_after is not None and len(events) >= hang_up_after:
+        resp.close()                               # drops the connection, as a client that went away
+        break
+  return events
+
+
+@pytest.fixture(scope="module")
+def engine() -> AsyncLLMEngine:
+  share_kernel_cache_between_threads()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(SHAPES, "tiny-test", TINY_SHAPE)
+    llm_engine = LLMEngine(EngineArgs(load_format="dummy", shape="tiny-test", max_model_len=MAX_MODEL_LEN,
+                                      max_num_seqs=MAX_NUM_SEQS, block_size=BLOCK_SIZE,
+                                      num_kv_blocks=MAX_NUM_SEQS * MAX_MODEL_LEN // BLOCK_SIZE + 1))
+  llm_engine.tokenizer = Tokenizer.from_gguf_metadata(read_gguf_metadata(default_model_path()))
+  return AsyncLLMEngine(llm_engine)
+
+
+@pytest.fixture(scope="module")
+def live(engine: AsyncLLMEngine):
+  with LiveServer(ServerConfig(["tiny", "tiny-alias"]), engine) as server: yield server
+
+
+@pytest.fixture
+def client(live: LiveServer) -> openai.OpenAI: return live.client()
+
+
+# ---- request parsing (no server) ------------------------------------------------------------------------------------
+def test_completion_body_maps_onto_sampling_params(engine):
+  tok = engine.engine.tokenizer
+  body = {"prompt": "Hi", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "n": 2,
+          "seed": 3, "stop": "END", "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.1,
+          "logit_bias": {"42": -100}, "logprobs": 2, "min_tokens": 1, "ignore_eos": True, "stop_token_ids": [7]}
+  req = parse_completion(body, tok, MAX_MODEL_LEN)
+  p = req.params
+  assert req.prompts == [tok.encode("Hi")] and not req.stream
+  assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.n, p.seed) == (7, 0.5, 0.9, 5, 0.1, 2, 3)
+  assert (p.stop, p.stop_token_ids, p.logit_bias, p.logprobs, p.min_tokens, p.ignore_eos) == \
+    (["END"], [7], {42: -100.0}, 2, 1, True)
+  assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.1)
+
+
+def test_prompt_forms(engine):
+  tok = engine.engine.tokenizer
+  forms = {"a": [tok.encode("a")], "ab": [tok.encode("ab")]}
+  assert parse_completion({"prompt": "a"}, tok, MAX_MODEL_LEN).prompts == forms["a"]
+  assert parse_completion({"prompt": ["a", "ab"]}, tok, MAX_MODEL_LEN).prompts == forms["a"] + forms["ab"]
+  assert parse_completion({"prompt": [1, 2]}, tok, MAX_MODEL_LEN).prompts == [[1, 2]]
+  assert parse_completion({"prompt": [[1], [2, 3]]}, tok, MAX_MODEL_LEN).prompts == [[1], [2, 3]]
+  chat = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, tok, MAX_MODEL_LEN)
+  assert chat.prompts == [tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}]), add_special_tokens=False)]
+  assert chat.params.max_tokens is None                     # chat: up to the context length unless asked
+
+
+@pytest.mark.parametrize("body, param", [
+  ({"prompt": "x", "temperature": "hot"}, "temperature"),           # wrong type
+  ({"prompt": "x", "max_tokens": True}, "max_tokens"),              # a boolean is not an integer
+  ({"prompt": "x", "temperature": -1}, "temperature"),              # out of range (SamplingParams' rule)
+  ({"prompt": "x", "top_p": 0}, "top_p"),
+  ({"prompt": "x", "n": 0}, "n"),
+  ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+  ({"prompt": "x", "stop": [1]}, "stop"),
+  ({"prompt": "x", "logit_bias": {"1": 500}}, "logit_bias"),
+  ({}, "prompt"),                                                    # missing
+  ({"prompt": []}, "prompt"),
+  ({"prompt": [[1.5]]}, "prompt"),
+  ({"prompt": "x", "max_tokens": MAX_MODEL_LEN}, "max_tokens"),     # beyond the context
+  ({"prompt": [1] * MAX_MODEL_LEN}, "prompt"),                      # prompt too long
+  ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+  ({"prompt": "x", "echo": True}, "echo"),
+])
+def test_bad_completion_bodies_name_the_field(engine, body, param):
+  with pytest.raises(APIError) as e: parse_completion(body, engine.engine.tokenizer, MAX_MODEL_LEN)
+  assert (e.value.status, e.value.param) == (400, param), e.value.message
+
+
+def test_bad_json_and_chat_bodies(engine):
+  for raw in (b"{", b"[1]", b"\xff"):
+    with pytest.raises(APIError): parse_json(raw)
+  for body in ({"messages": []}, {"messages": [{"content": "no role"}]}, {"messages": "hi"},
+               {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}):
+    with pytest.raises(APIError): parse_chat(body, engine.engine.tokenizer, MAX_MODEL_LEN)
+
+
+# ---- response shaping (no server) -----------------------------------------------------------------------------------
+def test_deltas_are_the_growth_of_the_text():
+  choice = Choice(0)
+  steps = [("Hel", [1], None), ("Hel", [1, 2], None), ("Hello", [1, 2, 3], None), ("Hello!", [1, 2, 3, 4], "stop")]
+  deltas = [choice.advance(CompletionOutput(0, text, ids, reason), None) for text, ids, reason in steps]
+  assert [d and d.text for d in deltas] == ["Hel", None, "lo", "!"]       # a token that added no text sends nothing
+  assert deltas[0].first and not deltas[2].first and deltas[3].finish_reason == "stop"
+  assert choice.num_tokens == 4
+  assert choice.advance(CompletionOutput(0, "Hello!", [1, 2, 3, 4], "stop"), None) is None   # finished: reported once
+
+
+def test_logprobs_in_both_formats(engine):
+  tok = engine.engine.tokenizer
+  ids = tok.encode("Hello world")
+  out = CompletionOutput(0, tok.decode(ids), ids, "length", logprobs=[{ids[0]: -0.5, 7: -1.5}, {ids[1]: -0.25}])
+  choice = Choice(0)
+  delta = choice.advance(out, tok)
+  tokens = [tok.decode([i]) for i in ids]
+  completion = CompletionFormat().logprobs(delta.logprobs, 0)
+  assert completion == {"tokens": tokens, "token_logprobs": [-0.5, -0.25], "text_offset": [0, len(tokens[0])],
+                        "top_logprobs": [{tokens[0]: -0.5, tok.decode([7]): -1.5}, {tokens[1]: -0.25}]}
+  chat = ChatFormat().logprobs(choice.logprobs)["content"]
+  entry = {"token": tokens[1], "logprob": -0.25, "bytes": list(tokens[1].encode())}
+  assert chat[1] == {**entry, "top_logprobs": [entry]}
+
+
+@pytest.mark.parametrize("fmt, whole, chunk", [(CompletionFormat(), Completion, None),
+                                               (ChatFormat(), ChatCompletion, ChatCompletionChunk)])
+def test_bodies_are_what_the_sdk_types_accept(engine, fmt, whole, chunk):
+  """Whole responses and stream chunks, log-probabilities included, validate as the openai SDK's own types. (The SDK
+  types completion chunks as `Completion`, whose finish_reason may not be null as it is mid-stream; it does not
+  validate streamed events, so only chat chunks can be checked this way.)"""
+  tok = engine.engine.tokenizer
+  ids = tok.encode("Hello world")
+  logprobs = [{i: -0.5, 7: -1.0} for i in ids]
+  outputs = [CompletionOutput(0, tok.decode(ids[:1]), ids[:1], None, logprobs[:1]),
+             CompletionOutput(0, tok.decode(ids), ids, "length", logprobs)]
+  request = GenerationRequest([[1, 2]], SamplingParams(logprobs=2), stream=True, include_usage=True)
+  gen = Generation(fmt, request, "id-1", "tiny", tok)
+  chunks = [c for out in outputs for c in gen.update(0, RequestOutput("id-1-0", None, [1, 2], [out]))]
+  assert len(chunks) == 2
+  for body in chunks + [gen.usage_chunk()] if chunk else []: chunk.model_validate(body)
+  assert whole.model_validate(gen.response()).usage.completion_tokens == len(ids)
+
+
+def test_histogram_is_cumulative():
+  h = Histogram("x_seconds", "help", (0.1, 1.0))
+  for v in (0.05, 0.5, 0.7, 5.0): h.observe(v)
+  lines = h.render('model_name="m"')
+  assert 'x_seconds_bucket{model_name="m",le="0.1"} 1.0' in lines
+  assert 'x_seconds_bucket{model_name="m",le="1.0"} 3.0' in lines
+  assert 'x_seconds_bucket{model_name="m",le="+Inf"} 4.0' in lines and 'x_seconds_count{model_name="m"} 4.0' in lines
+
+
+def test_rate_limiter_token_bucket():
+  now = [0.0]
+  limiter = RateLimiter(2, clock=lambda: now[0])
+  assert [limiter.acquire("a") for _ in range(3)] == [0, 0, 0.5]
+  assert limiter.acquire("b") == 0                          # per client
+  now[0] = 0.5
+  assert limiter.acquire("a") == 0 and limiter.acquire("a") > 0
+
+
+# ---- the official SDK against the server ----------------------------------------------------------------------------
+def test_models_list(client, live):
+  assert [m.id for m in client.models.list()] == ["tiny", "tiny-alias"]
+
+
+def test_completion_whole_and_streamed_agree(client):
+  whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, **GREEDY)
+  assert whole.object == "text_completion" and whole.choices[0].finish_reason == "length"
+  assert whole.usage.completion_tokens == 12 and whole.usage.total_tokens == whole.usage.prompt_tokens + 12
+  chunks = list(client.completions.create(model="tiny-alias", prompt="Once upon a time", max_tokens=12, stream=True,
+                                          stream_options={"include_usage": True}, **GREEDY))
+  assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+  assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage and chunks[0].model == "tiny-alias"
+  no_usage = list(client.completions.create(model="tiny", prompt="Once", max_tokens=2, stream=True, **GREEDY))
+  assert all(c.usage is None for c in no_usage)
+
+
+def test_chat_whole_and_streamed_agree(client):
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
+  whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **GREEDY)
+  assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens == 8
+  chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8, stream=True,
+                                               stream_options={"include_usage": True}, **GREEDY))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+  assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_several_prompts_and_n(client):
+  """Choice prompt_index * n + i is output i of that prompt, whole or streamed."""
+  out = client.completions.create(model="tiny", prompt=["a", "b c"], n=2, max_tokens=3, **GREEDY)
+  assert [c.index for c in out.choices] == [0, 1, 2, 3] and out.usage.completion_tokens == 12
+  streamed = list(client.completions.create(model="tiny", prompt=["a", "b c"], n=2, max_tokens=3, stream=True, **GREEDY))
+  texts = {i: "".join(c.choices[0].text for c in streamed if c.choices[0].index == i) for i in range(4)}
+  assert texts == {c.index: c.text for c in out.choices}
+  ids = client.completions.create(model="tiny", prompt=[[1, 2, 3], [4]], max_tokens=2, **GREEDY)
+  assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 4
+
+
+def test_sdk_raises_the_right_errors(client):
+  with pytest.raises(openai.BadRequestError) as e: client.completions.create(model="tiny", prompt="x", temperature=-1)
+  assert e.value.body["param"] == "temperature"
+  with pytest.raises(openai.BadRequestError):
+    client.completions.create(model="tiny", prompt="x", max_tokens=MAX_MODEL_LEN)
+  with pytest.raises(openai.BadRequestError):
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * MAX_MODEL_LEN}])
+  with pytest.raises(openai.BadRequestError):
+    client.completions.create(model="tiny", prompt=[10**9])      # not a token id: the engine refuses it
+  with pytest.raises(openai.NotFoundError) as e: client.completions.create(model="gpt-4", prompt="x")
+  assert e.value.body["code"] == "model_not_found"
+
+
+def test_http_errors_have_openai_shape(live):
+  for body, path, status in ((b"{not json", "/v1/completions", 400), ({"prompt": "x"}, "/v1/nope", 404)):
+    code, err = request("POST", live.url + path, body)
+    assert code == status and set(err["error"]) == {"message", "type", "param", "code"}
+
+
+def test_tokenize_roundtrip(live):
+  _, out = request("POST", f"{live.url}/tokenize", {"prompt": "Hello world"})
+  assert out["count"] == len(out["tokens"]) and out["max_model_len"] == MAX_MODEL_LEN
+  _, text = request("POST", f"{live.url}/detokenize", {"tokens": out["tokens"]})
+  assert text == {"prompt": "Hello world"}
+  _, chat = request("POST", f"{live.url}/tokenize", {"messages": [{"role": "user", "content": "Hi"}]})
+  assert chat["count"] > out["count"]
+  assert request("POST", f"{live.url}/detokenize", {"tokens": [-1]})[0] == 400
+
+
+# ---- guards ---------------------------------------------------------------------------------------------------------
+def test_api_key_and_rate_limit(engine):
+  with LiveServer(ServerConfig(["tiny"], api_key="sekrit", rate_limit=2), engine) as s:
+    with pytest.raises(openai.AuthenticationError): s.client(api_key="wrong").models.list()
+    assert request("GET", f"{s.url}/v1/models")[0] == 401
+    assert request("GET", f"{s.url}/health/ready")[0] == 200     # health and metrics stay open
+    good = s.client(api_key="sekrit")
+    good.models.list()                                           # the 401s above spent no tokens: 2 left
+    good.models.list()
+    with pytest.raises(openai.RateLimitError) as e: good.models.list()
+    assert int(e.value.response.headers["Retry-After"]) >= 1
+
+
+def test_capacity_and_draining(engine):
+  """max_in_flight=2: a third concurrent request gets 503; draining refuses new ones while in-flight ones finish."""
+  with LiveServer(ServerConfig(["tiny"], max_in_flight=2), engine) as s:
+    async def scenario():
+      async with aiohttp.ClientSession() as session:
+        url, body = f"{s.url}/v1/completions", {"prompt": "x", "max_tokens": 64, **GREEDY}
+        running = [asyncio.create_task(read_stream(session, url, body)) for _ in range(2)]
+        while s.server.in_flight < 2: await asyncio.sleep(0.01)
+        async with session.post(url, json=body) as resp:
+          assert resp.status == 503 and (await resp.json())["error"]["code"] == "queue_full"
+        drained = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(s.server.drain(30), s.loop))
+        while not s.server.draining: await asyncio.sleep(0.01)
+        async with session.post(url, json=body) as resp:
+          assert resp.status == 503 and (await resp.json())["error"]["code"] == "draining"
+        assert (await session.get(f"{s.url}/health/ready")).status == 503
+        for events in await asyncio.gather(*running): assert events[-1] == "[DONE]"
+        assert await drained
+    asyncio.run(scenario())
+
+
+def test_request_timeout_aborts(engine):
+  with LiveServer(ServerConfig(["tiny"], request_timeout=0.3), engine) as s:
+    body = {"prompt": "x", "max_tokens": MAX_MODEL_LEN - 8, "extra_body": {"ignore_eos": True}, **GREEDY}
+    with pytest.raises(openai.APIStatusError) as e: s.client().completions.create(model="tiny", **body)
+    assert e.value.status_code == 504 and "--request-timeout" in e.value.message
+    with pytest.raises(openai.APIError, match="request-timeout"):
+      for _ in s.client().completions.create(model="tiny", stream=True, **body): pass
+    wait_until_idle(s.url)
+
+
+def test_disconnect_frees_the_request_at_once(live):
+  async def hang_up():
+    async with aiohttp.ClientSession() as session:
+      body = {"prompt": "x", "max_tokens": MAX_MODEL_LEN - 8, "ignore_eos": True, **GREEDY}
+      events = await read_stream(session, f"{live.url}/v1/completions", body, hang_up_after=2)
+      assert len(events) == 2
+  asyncio.run(hang_up())
+  t0 = time.monotonic()
+  wait_until_idle(live.url)
+  assert time.monotonic() - t0 < 2.0
+
+
+def test_readiness_follows_loading(engine):
+  with LiveServer(ServerConfig(["tiny"]), None) as s:
+    assert request("GET", f"{s.url}/health/live")[0] == 200
+    assert request("GET", f"{s.url}/health/ready")[0] == 503
+    assert request("GET", f"{s.url}/v1/models")[1]["error"]["code"] == "model_loading"
+    assert metrics(s.url)["vllm:num_requests_running"] == 0
+    s.engine = engine
+    s.load()
+    assert request("GET", f"{s.url}/health/ready")[0] == request("GET", f"{s.url}/health")[0] == 200
+
+
+# ---- load -----------------------------------------------------------------------------------------------------------
+def test_load_32_streams_a_quarter_hang_up(live):
+  """32 concurrent streaming requests (16× max_num_seqs, so most wait in the queue); every fourth client goes away
+  after two chunks. Every other one completes with usage; afterwards the engine is empty and the server healthy."""
+  before = metrics(live.url)
+
+  async def load() -> tuple[list[list], float]:
+    async with aiohttp.ClientSession() as session:
+      body = {"max_tokens": 16, "stream_options": {"include_usage": True}, "ignore_eos": True, **GREEDY}
+      tasks = [asyncio.create_task(read_stream(session, f"{live.url}/v1/completions", {**body, "prompt": f"Story {i}:"},
+                                               hang_up_after=2 if i % 4 == 0 else None)) for i in range(32)]
+      await asyncio.sleep(0.2)
+      t0 = time.monotonic()
+      async with session.get(f"{live.url}/health/live") as resp: assert resp.status == 200
+      health_latency = time.monotonic() - t0                  # answered while the engine thread computes
+      return await asyncio.gather(*tasks), health_latency
+
+  results, health_latency = asyncio.run(load())
+  for i, events in enumerate(results):
+    if i % 4 == 0: continue
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 16, i
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) != ""
+  assert health_latency < 2.0
+  after = wait_until_idle(live.url)
+  assert after["vllm:e2e_request_latency_seconds_count"] - before["vllm:e2e_request_latency_seconds_count"] == 24
+  assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] >= 24 * 16
+  assert request("GET", f"{live.url}/health")[0] == 200
+
+
+def test_metrics_page_has_vllm_names(live):
+  text = request("GET", f"{live.url}/metrics")[1]
+  for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+               "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:prefix_cache_queries_total",
+               "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total"):
+    assert f"# TYPE {name} " in text
+  for name in ("vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds",
+               "vllm:e2e_request_latency_seconds"):
+    assert f"# TYPE {name} histogram" in text and f'{name}_bucket{{model_name="tiny",le="+Inf"}}' in text
+
+
+# ---- shutdown -------------------------------------------------------------------------------------------------------
+def test_sigterm_drains_then_returns(engine):
+  """`serve` as `python serve.py` runs it, on this (main) thread: SIGTERM while a request streams. New requests get
+  503, the streaming one finishes, and serve() returns (so the process would exit 0)."""
+  port = free_port()
+  url, seen, terminated = f"http://127.0.0.1:{port}", {}, threading.Event()
+
+  def terminate() -> None:
+    if not terminated.is_set(): os.kill(os.getpid(), signal.SIGTERM)
+    terminated.set()
+
+  async def go() -> None:
+    async with aiohttp.ClientSession() as session:
+      while True:
+        with contextlib.suppress(aiohttp.ClientConnectionError):
+          async with session.get(f"{url}/health/ready") as r:
+            if r.status == 200: break
+        await asyncio.sleep(0.05)
+      body = {"prompt": "x", "max_tokens": 48, "ignore_eos": True, **GREEDY}
+      async with session.post(f"{url}/v1/completions", json={**body, "stream": True}) as resp:
+        await resp.content.readline()                         # streaming has begun
+        terminate()
+        await asyncio.sleep(0.2)
+        async with session.post(f"{url}/v1/completions", json=body) as refused: seen["refused"] = refused.status
+        seen["tail"] = (await resp.read()).decode().strip().splitlines()[-1]
+
+  def client() -> None:
+    try: asyncio.run(go())
+    finally: terminate()                                      # never leave serve() waiting for a signal
+
+  thread = threading.Thread(target=client)
+  thread.start()
+  asyncio.run(serve(OpenAIServer(ServerConfig(["tiny"])), "127.0.0.1", port, lambda: engine, drain_timeout=30))
+  thread.join()
+  assert seen == {"refused": 503, "tail": "data: [DONE]"}
+
+
+# ---- the chat page in a real browser --------------------------------------------------------------------------------
+@dataclass
+class Browser:
+  """Headless Chromium driven over the DevTools protocol: navigate, type, press Enter, read the page."""
+  ws: aiohttp.ClientWebSocketResponse
+  next_id: int = 0
+
+  async def call(self, method: str, **params) -> dict:
+    self.next_id += 1
+    await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
+    async for msg in self.ws:
+      reply = json.loads(msg.data)
+      if reply.get("id") == self.next_id: return reply.get("result", {})
+    raise ConnectionError("the browser closed the DevTools connection")
+
+  async def js(self, expression: str):
+    return (await self.call("Runtime.evaluate", expression=expression, returnByValue=True))["result"].get("value")
+
+  async def wait_for(self, expression: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not await self.js(expression):
+      assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+      await asyncio.sleep(0.1)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")
+def test_chat_page_streams_a_reply_in_chromium(live, client, tmp_path):
+  expected = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello!"}],
+                                            max_tokens=8, **GREEDY).choices[0].message.content
+  flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+           "--remote-debugging-port=0", "about:blank"]
+  proc = subprocess.Popen([CHROMIUM, *flags], stderr=subprocess.PIPE, text=True)
+  try:
+    devtools = next(m[1] for line in proc.stderr if (m := re.search(r"DevTools listening on ws://([^/]+)/", line)))
+
+    async def chat() -> str:
+      async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://{devtools}/json/list") as r: target = next(t for t in await r.json() if t["type"] == "page")
+        async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+          page = Browser(ws)
+          await page.call("Page.navigate", url=f"{live.url}/?temperature=0&max_tokens=8")
+          await page.wait_for("document.getElementById('model')?.textContent === 'tiny'")
+          await page.js("document.getElementById('prompt').focus()")
+          await page.call("Input.insertText", text="Hello!")
+          await page.call("Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter", windowsVirtualKeyCode=13)
+          await page.wait_for("document.getElementById('status').dataset.state === 'done'")
+          shot = await page.call("Page.captureScreenshot")
+          (tmp_path / "chat.png").write_bytes(base64.b64decode(shot["data"]))
+          return await page.js("[...document.querySelectorAll('.msg')].map(m => m.className + ': ' + m.textContent)")
+
+    messages = asyncio.run(chat())
+  finally:
+    proc.terminate()
+    proc.wait(10)
+  assert messages == ["msg user: Hello!", f"msg assistant: {expected}"]
+
+
+# ---- the real model -------------------------------------------------------------------------------------------------
+def test_smollm2_greedy_text_through_server_equals_llm_generate(smollm2):
+  """The embedded SmolLM2 (the suite's shared instance): the server's greedy completion, whole and streamed, is
+  LLM.generate's text. Kernels compiled by generate are reused by the server: same engine, same shapes."""
+  prompt = "The capital of France is"
+  expected = smollm2.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+  share_kernel_cache_between_threads()
+  with LiveServer(ServerConfig(["smollm2"]), AsyncLLMEngine(smollm2.engine)) as s:
+    whole = s.client().completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0)
+    streamed = s.client().completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    assert whole.choices[0].text == "".join(c.choices[0].text for c in streamed) == expected
+  assert "Paris" in expected
