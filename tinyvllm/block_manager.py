@@ -58,6 +58,12 @@ class BlockManager:
     self.share(seq, blocks)
     seq.num_computed_tokens = len(blocks) * self.block_size
 
+  def record_prefix_lookup(self, seq: Sequence) -> None:
+    """Count an admitted sequence's tokens as prefix-cache queries, and its reused ones as hits."""
+    if self.prefix_cache:
+      self.prefix_cache.num_queried_tokens += seq.num_tokens
+      self.prefix_cache.num_hit_tokens += seq.num_computed_tokens
+
   def cache_computed_blocks(self, seq: Sequence) -> None:
     if self.prefix_cache: self.prefix_cache.insert(seq.token_ids, seq.block_table, seq.num_computed_tokens)
 

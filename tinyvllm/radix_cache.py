@@ -54,8 +54,6 @@ class RadixCache:
       if node is None: break
       node.last_used = now
       blocks.append(node.block)
-    self.num_queried_tokens += len(token_ids)
-    self.num_hit_tokens += len(blocks) * self.block_size
     return blocks
 
   def insert(self, token_ids: list[int], block_table: list[int], num_computed_tokens: int) -> None:

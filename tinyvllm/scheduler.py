@@ -61,11 +61,14 @@ class Scheduler:
            and self.num_preemptions == preemptions_before):
       seq = self.waiting[0]
       if self._sibling_prefilling(seq): break     # wait to share its prompt blocks instead of computing them again
-      n = self._chunk(seq, budget)
-      if n == 0 or not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n): break
-      self.waiting.popleft()
       self.block_manager.reuse_cached_prefix(seq)
       n = self._chunk(seq, budget)
+      if n == 0 or not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+        self.block_manager.free(seq)              # give the borrowed prefix back; try again next step
+        seq.num_computed_tokens = 0
+        break
+      self.waiting.popleft()
+      self.block_manager.record_prefix_lookup(seq)
       self.block_manager.allocate(seq, seq.num_computed_tokens + n)
       seq.status = SequenceStatus.RUNNING
       self.running.append(seq)
