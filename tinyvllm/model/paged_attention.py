@@ -53,5 +53,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor) -> Tensor:
   k, v = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)  # [S, KVH, 1, C, D]
   scores = (q @ k.transpose(-1, -2)) * (D ** -0.5)                          # [S, KVH, G, Q, C]
   visible = Tensor.arange(k.shape[3]).reshape(1, 1, 1, 1, -1) <= q_positions.reshape(S, 1, 1, Q, 1)
-  probs = visible.where(scores, -float("inf")).softmax(-1)
+  # materialize probs: fused into the next matmul, softmax's exp would be recomputed for each of the D outputs
+  probs = visible.where(scores, -float("inf")).softmax(-1).contiguous()
   return (probs @ v).permute(0, 3, 1, 2, 4).reshape(S, Q, H * D)
