@@ -16,7 +16,6 @@ from tinyvllm.config import EngineArgs
 from tinyvllm.engine import AsyncLLMEngine, LLMEngine
 from tinyvllm.model.loader import DEFAULT_MODEL_FILE
 from tinyvllm.server import OpenAIServer, ServerConfig, serve
-from tinyvllm.server.kernel_cache import share_kernel_cache_between_threads
 from tinyvllm.server.logs import setup_logging
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -54,7 +53,6 @@ def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   setup_logging(args.log_format)
   engine_args = EngineArgs(**{f.name: getattr(args, f.name) for f in fields(EngineArgs)})
-  share_kernel_cache_between_threads()
   server = OpenAIServer(server_config(args))
   asyncio.run(serve(server, args.host, args.port, lambda: AsyncLLMEngine(LLMEngine(engine_args)), args.drain_timeout))
 

@@ -35,7 +35,6 @@ from tinyvllm.model.loader import default_model_path
 from tinyvllm.model.tokenizer import Tokenizer
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.server import OpenAIServer, ServerConfig, serve, start
-from tinyvllm.server.kernel_cache import share_kernel_cache_between_threads
 from tinyvllm.server.limits import RateLimiter
 from tinyvllm.server.metrics import Histogram
 from tinyvllm.server.protocol import APIError, GenerationRequest, parse_chat, parse_completion, parse_json
@@ -126,7 +125,6 @@ async def read_stream(session: aiohttp.ClientSession, url: str, body: dict, hang
 
 @pytest.fixture(scope="module")
 def engine() -> AsyncLLMEngine:
-  share_kernel_cache_between_threads()
   with pytest.MonkeyPatch.context() as mp:
     mp.setitem(SHAPES, "tiny-test", TINY_SHAPE)
     llm_engine = LLMEngine(EngineArgs(load_format="dummy", shape="tiny-test", max_model_len=MAX_MODEL_LEN,
@@ -544,7 +542,6 @@ def test_smollm2_greedy_text_through_server_equals_llm_generate(smollm2):
   LLM.generate's text. Kernels compiled by generate are reused by the server: same engine, same shapes."""
   prompt = "The capital of France is"
   expected = smollm2.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
-  share_kernel_cache_between_threads()
   with LiveServer(ServerConfig(["smollm2"]), AsyncLLMEngine(smollm2.engine)) as s:
     whole = s.client().completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0)
     streamed = s.client().completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0, stream=True)

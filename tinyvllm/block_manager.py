@@ -60,6 +60,7 @@ class BlockManager:
 
   def record_prefix_lookup(self, seq: Sequence) -> None:
     """Count an admitted sequence's tokens as prefix-cache queries, and its reused ones as hits."""
+    seq.num_cached_tokens = seq.num_computed_tokens
     if self.prefix_cache:
       self.prefix_cache.num_queried_tokens += seq.num_tokens
       self.prefix_cache.num_hit_tokens += seq.num_computed_tokens

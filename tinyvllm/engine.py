@@ -11,6 +11,7 @@ Everything below the engine is one idea each: `scheduler.py` (continuous batchin
 from __future__ import annotations
 import asyncio
 import itertools
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from tinygrad import Device
 from tinyvllm.block_manager import BlockManager
 from tinyvllm.config import SHAPES, EngineArgs
 from tinyvllm.detokenizer import update_text
+from tinyvllm.kernel_cache import share_kernel_cache_between_threads
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
 from tinyvllm.model_runner import ModelRunner, Sampled
@@ -43,6 +45,7 @@ class RequestOutput:
   outputs: list[CompletionOutput]
   finished: bool = False
   metrics: dict = field(default_factory=dict)
+  num_cached_tokens: int = 0                   # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -88,17 +91,25 @@ class LLMEngine:
   # ---- requests in -------------------------------------------------------------------------------------------
   def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                   request_id: str | None = None) -> str:
+    return self.admit(self.make_request(prompt, params, request_id))
+
+  def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                   request_id: str | None = None) -> _Request:
+    """Tokenize and validate (raises ValueError with a message for the user); does not touch the engine's state."""
     params = params or SamplingParams()
-    request_id = request_id if request_id is not None else str(next(self._ids))
+    request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
     if request_id in self.requests: raise ValueError(f"request id {request_id!r} is already in use")
     token_ids = self._tokenize(prompt)
     if len(token_ids) >= self.max_model_len:
       raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves no room "
                        "to generate")
     seqs = [Sequence(request_id, token_ids, params) for _ in range(params.n)]
-    self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
-    for seq in seqs: self.scheduler.add(seq)
-    return request_id
+    return _Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
+
+  def admit(self, request: _Request) -> str:
+    self.requests[request.request_id] = request
+    for seq in request.seqs: self.scheduler.add(seq)
+    return request.request_id
 
   def _tokenize(self, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
@@ -173,45 +184,58 @@ class LLMEngine:
             for i, seq in enumerate(request.seqs)]
     finished = all(s.is_finished for s in request.seqs)
     metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
-    return RequestOutput(request.request_id, request.prompt, request.seqs[0].prompt_token_ids, outs, finished, metrics)
+    return RequestOutput(request.request_id, request.prompt, request.seqs[0].prompt_token_ids, outs, finished, metrics,
+                         max(s.num_cached_tokens for s in request.seqs))
 
 
 class AsyncLLMEngine:
-  """The engine loop on a background thread; `generate` is an async iterator of a request's RequestOutputs."""
+  """The engine loop on a background thread; `generate` is an async iterator of a request's RequestOutputs.
+
+  Only the engine thread touches the engine's state: new requests and aborts are posted to its inbox and applied
+  between two steps, so the event loop never waits for a step to finish."""
   def __init__(self, engine: LLMEngine):
+    share_kernel_cache_between_threads()
     self.engine = engine
-    self._lock = threading.Lock()
-    self._wakeup = threading.Event()
-    self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-    self._thread = threading.Thread(target=self._loop, daemon=True)
+    self.error: BaseException | None = None          # set if the engine loop died; every request then fails
+    self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+    self._outboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+    self._thread = threading.Thread(target=self._loop, daemon=True, name="tinyvllm-engine")
     self._thread.start()
 
   def _loop(self) -> None:
-    while True:
-      self._wakeup.wait()
-      with self._lock:
-        if not self.engine.has_unfinished_requests():
-          self._wakeup.clear()
-          continue
-        outputs = self.engine.step()
-      for out in outputs:
-        loop, queue = self._queues.get(out.request_id, (None, None))
-        if queue is not None: loop.call_soon_threadsafe(queue.put_nowait, out)
-
-  async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str):
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    with self._lock:
-      self.engine.add_request(prompt, params, request_id)
-      self._queues[request_id] = (loop, queue)
-    self._wakeup.set()
     try:
       while True:
-        out: RequestOutput = await queue.get()
+        self._apply_inbox(wait=not self.engine.has_unfinished_requests())
+        for out in self.engine.step(): self._deliver(out.request_id, out)
+    except BaseException as e:  # noqa: BLE001 -- hand the failure to every waiting client instead of hanging them
+      self.error = e
+      for request_id in list(self._outboxes): self._deliver(request_id, e)
+
+  def _apply_inbox(self, wait: bool) -> None:
+    while wait or not self._inbox.empty():
+      kind, item = self._inbox.get()
+      if kind == "add": self.engine.admit(item)
+      else: self.engine.abort_request(item)
+      wait = False
+
+  def _deliver(self, request_id: str, item) -> None:
+    loop, outbox = self._outboxes.get(request_id, (None, None))
+    if outbox is not None: loop.call_soon_threadsafe(outbox.put_nowait, item)
+
+  async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str):
+    if self.error is not None: raise RuntimeError(f"the engine stopped: {self.error!r}")
+    request = self.engine.make_request(prompt, params, request_id)      # ValueError here: the caller's 400
+    outbox: asyncio.Queue = asyncio.Queue()
+    self._outboxes[request_id] = (asyncio.get_running_loop(), outbox)
+    self._inbox.put(("add", request))
+    try:
+      while True:
+        out = await outbox.get()
+        if isinstance(out, BaseException): raise RuntimeError(f"the engine stopped: {out!r}") from out
         yield out
         if out.finished: return
     finally:
-      self._queues.pop(request_id, None)
+      del self._outboxes[request_id]
       self.abort(request_id)      # a no-op when it finished; frees everything when the client went away
 
-  def abort(self, request_id: str) -> None:
-    with self._lock: self.engine.abort_request(request_id)
+  def abort(self, request_id: str) -> None: self._inbox.put(("abort", request_id))

@@ -33,6 +33,7 @@ class Sequence:
   output_text: str = ""                 # detokenized output that is safe to show (see detokenizer.py)
   output_logprobs: list[dict[int, float]] = field(default_factory=list)   # per output token, when asked for
   num_computed_tokens: int = 0
+  num_cached_tokens: int = 0            # of those, reused from the prefix cache at admission
   block_table: list[int] = field(default_factory=list)
   status: SequenceStatus = SequenceStatus.WAITING
   finish_reason: str | None = None      # "stop" | "length" | "abort"

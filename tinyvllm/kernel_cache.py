@@ -1,4 +1,4 @@
-"""Let every thread use tinygrad's compiled-kernel cache (a stopgap until AsyncLLMEngine handles it itself).
+"""Let every thread use tinygrad's compiled-kernel cache (AsyncLLMEngine steps the model on its own thread).
 
 tinygrad caches compiled kernels in SQLite through one process-wide connection, and Python's SQLite connections
 refuse, by default, to be used by any thread but the one that opened them. The server loads the model on one
