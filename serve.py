@@ -13,7 +13,8 @@ import asyncio
 import os
 from dataclasses import fields
 from tinyvllm.config import EngineArgs
-from tinyvllm.engine import AsyncLLMEngine, LLMEngine
+from tinyvllm.engine import AsyncLLMEngine
+from tinyvllm.llm import create_engine
 from tinyvllm.model.loader import DEFAULT_MODEL_FILE
 from tinyvllm.server import OpenAIServer, ServerConfig, serve
 from tinyvllm.server.logs import setup_logging
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
   setup_logging(args.log_format)
   engine_args = EngineArgs(**{f.name: getattr(args, f.name) for f in fields(EngineArgs)})
   server = OpenAIServer(server_config(args))
-  asyncio.run(serve(server, args.host, args.port, lambda: AsyncLLMEngine(LLMEngine(engine_args)), args.drain_timeout))
+  asyncio.run(serve(server, args.host, args.port, lambda: AsyncLLMEngine(create_engine(engine_args)), args.drain_timeout))
 
 
 if __name__ == "__main__":

@@ -75,10 +75,9 @@ class DiffusionParams:
   def from_sampling_params(cls, sp) -> DiffusionParams:
     """SamplingParams -> DiffusionParams: gen_length is max_tokens; the knobs are SamplingParams' diffusion fields."""
     gen_length = sp.max_tokens or cls.gen_length
-    block_length = getattr(sp, "block_length", None) or min(cls.block_length, gen_length)
-    return cls(gen_length=gen_length, steps=getattr(sp, "diffusion_steps", None), block_length=block_length,
-               temperature=sp.temperature, remasking=getattr(sp, "remasking", None) or "low_confidence",
-               threshold=getattr(sp, "threshold", None), cfg_scale=getattr(sp, "cfg_scale", None) or 0.0, seed=sp.seed)
+    block_length = sp.block_length or min(cls.block_length, gen_length)
+    return cls(gen_length=gen_length, steps=sp.diffusion_steps, block_length=block_length, temperature=sp.temperature,
+               remasking=sp.remasking, threshold=sp.threshold, cfg_scale=sp.cfg_scale, seed=sp.seed)
 
 
 # ---- one step of one block: propose, score, commit ---------------------------------------------------------------

@@ -60,6 +60,15 @@ class DiffusionEngine:
   # ---- requests in ------------------------------------------------------------------------------------------------
   def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                   request_id: str | None = None) -> str:
+    return self.admit(self.make_request(prompt, params, request_id))
+
+  def admit(self, request: _Request) -> str:
+    self.requests[request.request_id] = request
+    return request.request_id
+
+  def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                   request_id: str | None = None) -> _Request:
+    """Tokenize and validate (ValueError for the user); the engine's state is untouched until `admit`."""
     params = params or SamplingParams()
     request_id = request_id if request_id is not None else str(next(self._ids))
     if request_id in self.requests: raise ValueError(f"request id {request_id!r} is already in use")
@@ -75,8 +84,7 @@ class DiffusionEngine:
     seed = params.seed if params.seed is not None else self.args.seed * 1_000_003 + next(self._seeds)
     seqs = [Denoiser(token_ids, DiffusionParams(**{**dp.__dict__, "seed": seed + i}), self.model.config.mask_token_id,
                      stop_ids) for i in range(params.n)]
-    self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, seqs, params)
-    return request_id
+    return _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, seqs, params)
 
   def abort_request(self, request_id: str) -> None: self.requests.pop(request_id, None)
 

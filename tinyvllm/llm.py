@@ -1,6 +1,7 @@
 """The offline API, named as in vLLM: `LLM(model).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 from tinyvllm.config import EngineArgs
+from tinyvllm.diffusion_engine import DiffusionEngine, wants_diffusion
 from tinyvllm.engine import LLMEngine, RequestOutput
 from tinyvllm.model.tokenizer import Tokenizer
 from tinyvllm.sampling_params import SamplingParams
@@ -8,9 +9,16 @@ from tinyvllm.sampling_params import SamplingParams
 Prompt = str | dict     # a string, or {"prompt_token_ids": [...]}
 
 
+def create_engine(args: EngineArgs) -> LLMEngine | DiffusionEngine:
+  """A diffusion checkpoint (or model="diffusion") gets the DiffusionEngine, everything else the LLMEngine."""
+  return (DiffusionEngine if wants_diffusion(args.model) else LLMEngine)(args)
+
+
 class LLM:
   def __init__(self, model: str | None = None, **engine_args):
-    self.engine = LLMEngine(EngineArgs.from_kwargs(model=model, **engine_args))
+    """`model`: None (the embedded SmolLM2), a GGUF file, a Hugging Face directory or repo id; "diffusion" (or a
+    LLaDA/Dream checkpoint) gives a masked-diffusion model driven by DiffusionEngine through the same API."""
+    self.engine = create_engine(EngineArgs.from_kwargs(model=model, **engine_args))
 
   def get_tokenizer(self) -> Tokenizer: return self.engine.tokenizer
 

@@ -28,6 +28,12 @@ class SamplingParams:
   skip_special_tokens: bool = True
   logprobs: int | None = None                 # also return the top-N logprobs at each generated position
   prompt_logprobs: int | None = None          # ... and at each prompt position
+  # diffusion LLMs only (see diffusion.py); max_tokens is the generated length
+  diffusion_steps: int | None = None          # denoising steps in all; None: one per generated token
+  block_length: int | None = None             # tokens generated per semi-autoregressive block; None: min(32, max_tokens)
+  remasking: str = "low_confidence"           # which masked positions to commit each step: "low_confidence" | "random"
+  threshold: float | None = None              # Fast-dLLM: commit every position at least this confident
+  cfg_scale: float = 0.0                      # classifier-free guidance strength
 
   def __post_init__(self) -> None:
     if isinstance(self.stop, str): self.stop = [self.stop]
@@ -44,8 +50,13 @@ class SamplingParams:
       "max_tokens": self.max_tokens is None or self.max_tokens >= 1,
       "min_tokens": self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
       "logprobs": self.logprobs is None or self.logprobs >= 0,
-      "prompt_logprobs": self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+      "prompt_logprobs": self.prompt_logprobs is None,     # not implemented yet: refuse rather than ignore
       "stop": all(isinstance(s, str) and s for s in self.stop),
+      "diffusion_steps": self.diffusion_steps is None or self.diffusion_steps >= 1,
+      "block_length": self.block_length is None or self.block_length >= 1,
+      "remasking": self.remasking in ("low_confidence", "random"),
+      "threshold": self.threshold is None or 0 < self.threshold <= 1,
+      "cfg_scale": self.cfg_scale >= 0,
     }
     for name, ok in checks.items():
       if not ok: raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}")

@@ -75,6 +75,8 @@ SAMPLING_FIELDS: dict[str, type] = {
   "n": int, "temperature": float, "top_p": float, "seed": int, "presence_penalty": float,
   "frequency_penalty": float, "top_k": int, "min_p": float, "repetition_penalty": float, "min_tokens": int,
   "ignore_eos": bool, "include_stop_str_in_output": bool, "skip_special_tokens": bool, "prompt_logprobs": int,
+  # diffusion LLMs
+  "diffusion_steps": int, "block_length": int, "remasking": str, "threshold": float, "cfg_scale": float,
 }
 
 
