@@ -8,7 +8,8 @@ The table shows a few headline metrics per column and the ratio first/other for 
     decode tok/s             41.3        120.5          0.34
 
 For tokens/s a ratio above 1 means tinyvllm is faster; for milliseconds, that it is slower. The JSON file holds
-every metric, the run's configuration and the machine's facts (CPU, cores, device, tinygrad version, git commit).
+every metric, the run's configuration and the machine's facts (CPU, cores, GPUs, device, tinygrad version, git commit,
+load average).
 """
 from __future__ import annotations
 import importlib.metadata
@@ -24,21 +25,26 @@ Row = tuple[str, str]      # (label, dotted path into a column's metrics, e.g. "
 
 
 class Progress:
-  """`label [#####.....] 5/10 3.2s` on one line of stderr, redrawn with \\r; silent when stderr is not a terminal."""
+  """`label [#####.....] 5/10 3.2s` on one line of stderr, redrawn with \\r; when stderr is not a terminal (a log
+  file), just the last state, once, at `close`."""
   def __init__(self, total: int, label: str, width: int = 30, enabled: bool = True):
     self.total, self.label, self.width, self.done = total, label, width, 0
-    self.start, self.enabled = time.perf_counter(), enabled and sys.stderr.isatty()
+    self.start, self.enabled, self.tty = time.perf_counter(), enabled, sys.stderr.isatty()
+
+  def _line(self) -> str:
+    filled = self.width * self.done // max(self.total, 1)
+    return f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} " \
+           f"{time.perf_counter() - self.start:.1f}s"
 
   def update(self, n: int = 1) -> None:
     self.done += n
-    if not self.enabled: return
-    filled = self.width * self.done // max(self.total, 1)
-    sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
-                     f"{time.perf_counter() - self.start:.1f}s")
-    sys.stderr.flush()
+    if self.enabled and self.tty:
+      sys.stderr.write(f"\r{self._line()}")
+      sys.stderr.flush()
 
   def close(self) -> None:
-    if self.enabled: sys.stderr.write("\n")
+    if self.enabled: sys.stderr.write("\n" if self.tty else f"{self._line()}\n")
+    sys.stderr.flush()
 
 
 def lookup(metrics: dict, path: str) -> float | None:
@@ -83,7 +89,8 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
-  try: return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+  """The checkout's commit, "-dirty" when files differ from it."""
+  try: return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
   except (OSError, subprocess.SubprocessError): return None
 
@@ -99,6 +106,7 @@ def machine_info(device: str) -> dict:
   return {"cpu": _cpu_model(), "cores": os.cpu_count(), "gpus": _gpus(), "device": device,
           "platform": platform.platform(), "python": platform.python_version(),
           "tinygrad": importlib.metadata.version("tinygrad"), "tinyvllm_commit": _git_commit(),
+          "load_average": os.getloadavg(),    # others' work on the machine: on a busy one, numbers are noisier
           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
