@@ -54,12 +54,15 @@ def lookup(metrics: dict, path: str) -> float | None:
   return metrics if isinstance(metrics, (int, float)) else None
 
 
+COUNTS = {"completed", "failed"}     # headline rows that are tallies, not speeds: no ratio
+
+
 def ratios(columns: dict[str, dict], rows: list[Row]) -> dict[str, dict[str, float]]:
-  """first column / each other column, for every headline metric both have."""
+  """first column / each other column, for every headline speed or latency both have."""
   (first, ref), others = next(iter(columns.items())), list(columns.items())[1:]
   out: dict[str, dict[str, float]] = {}
   for name, metrics in others:
-    pairs = {path: (lookup(ref, path), lookup(metrics, path)) for _, path in rows}
+    pairs = {path: (lookup(ref, path), lookup(metrics, path)) for _, path in rows if path not in COUNTS}
     out[f"{first}/{name}"] = {path: a / b for path, (a, b) in pairs.items() if a is not None and b}
   return out
 

@@ -3,7 +3,8 @@
 Each request is a streamed POST /v1/completions (`"stream": true`, prompt as token ids, `ignore_eos`, greedy). The
 client notes when it sent the request and when every server-sent-events chunk that carries `choices` arrived; the
 `usage` chunk at the end (`stream_options.include_usage`) gives the number of output tokens (without it, the number
-of chunks). A request that errs, or ends without a single chunk, is *failed*. Those timestamps are all `metrics.py`
+of chunks with text: one token each on llama-server). A request that errs, or ends without a single chunk, is
+*failed*. Those timestamps are all `metrics.py`
 needs.
 
 Requests go out either all at once (`request_rate=inf`) or as a Poisson process of `request_rate` requests/s
@@ -61,14 +62,17 @@ async def send_request(session: aiohttp.ClientSession, url: str, model: str | No
     async with session.post(url, json=payload) as response:
       if response.status != 200:
         return _failed(timing, f"HTTP {response.status}: {(await response.text())[:200]}")
+      text_chunks = 0
       async for line in response.content:
         if (data := _sse_data(line)) is None: continue
-        if data.get("choices"): timing.chunk_times.append(time.perf_counter())
+        if choices := data.get("choices"):
+          timing.chunk_times.append(time.perf_counter())
+          text_chunks += bool(choices[0].get("text"))
         elif data.get("usage"): timing.output_tokens = data["usage"].get("completion_tokens", 0)
   except (aiohttp.ClientError, TimeoutError, ValueError) as e:
     return _failed(timing, f"{type(e).__name__}: {e}")
   if not timing.chunk_times: return _failed(timing, "the stream ended without a single chunk")
-  timing.output_tokens = timing.output_tokens or len(timing.chunk_times)
+  timing.output_tokens = timing.output_tokens or text_chunks
   return timing
 
 
@@ -91,7 +95,10 @@ async def run_serving(base_url: str, requests: list[Request], request_rate: floa
   progress = Progress(len(requests), label)
   limit = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
   timeout = aiohttp.ClientTimeout(total=6 * 3600)
-  async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+  # a connection per request: a server that drops idle keep-alive connections (llama-server) would otherwise fail
+  # the request that tries to reuse one with ServerDisconnectedError
+  connector = aiohttp.TCPConnector(limit=0, force_close=True)
+  async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
     model, url = await _model_name(session, base_url), f"{base_url}/v1/completions"
 
     async def one(req: Request, offset: float) -> RequestTiming:
@@ -117,7 +124,9 @@ def benchmark(base_url: str, make: Workload, warmup: int, **kwargs) -> dict:
   if done and all(len(t.chunk_times) == 1 < t.output_tokens for t in done):
     print("warning: the server sent each response in one chunk, so TTFT is the whole response and there is no ITL "
           "(a server without a tokenizer that streams only non-empty text does this)", file=sys.stderr)
-  return serving_metrics(timings, duration)
+  errors = sorted({t.error for t in timings if not t.success})
+  for error in errors[:10]: print(f"failed request: {error}", file=sys.stderr)
+  return serving_metrics(timings, duration) | {"errors": errors[:10]}
 
 
 def free_port() -> int:
