@@ -127,12 +127,12 @@ def test_serve_command_passes_non_default_engine_args():
 
 
 # ---- the streaming client against a fake server with known chunks --------------------------------------------------
-FAIL_TOKEN, CHUNK_DELAY, TOKENS_PER_CHUNK = 13, 0.02, 2
+FAIL_TOKEN, NO_USAGE_TOKEN, CHUNK_DELAY, TOKENS_PER_CHUNK = 13, 14, 0.02, 2
 
 
 async def fake_completions(request: web.Request) -> web.StreamResponse:
-  """/v1/completions streaming `max_tokens` tokens, 2 per chunk, one chunk every 20 ms; prompts starting with
-  token 13 get a 500."""
+  """/v1/completions streaming `max_tokens` tokens, 2 per chunk, one chunk every 20 ms, then a chunk that only
+  says why it stopped, and the usage; prompts starting with token 13 get a 500, with token 14 no usage chunk."""
   body = await request.json()
   if body["prompt"][0] == FAIL_TOKEN: return web.Response(status=500, text="boom")
   response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -141,7 +141,9 @@ async def fake_completions(request: web.Request) -> web.StreamResponse:
   for _ in range(body["max_tokens"] // TOKENS_PER_CHUNK):
     await asyncio.sleep(CHUNK_DELAY)
     await send({"choices": [{"index": 0, "text": "ab", "finish_reason": None}]})
-  await send({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}})
+  await send({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+  if body["prompt"][0] != NO_USAGE_TOKEN:
+    await send({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}})
   await response.write(b"data: [DONE]\n\n")
   return response
 
@@ -168,16 +170,17 @@ def fake_server():
 
 def test_streaming_client_against_fake_server():
   requests = random_requests(6, 8, 8, 1000, seed=0)
-  requests[2].prompt_token_ids[0] = FAIL_TOKEN
+  requests[2].prompt_token_ids[0], requests[3].prompt_token_ids[0] = FAIL_TOKEN, NO_USAGE_TOKEN
   with fake_server() as url:
     timings, duration = asyncio.run(serving.run_serving(url, requests, request_rate=50.0, max_concurrency=3))
   m = serving_metrics(timings, duration)
   assert (m["completed"], m["failed"]) == (5, 1) and "500" in timings[2].error
-  assert m["total_output_tokens"] == 5 * 8                      # from the usage chunk, not the 4 chunks
-  assert all(len(t.chunk_times) == 4 for t in timings if t.success)
+  assert all(len(t.chunk_times) == 5 for t in timings if t.success)     # 4 with text + the finish_reason one
+  assert [t.output_tokens for t in timings] == [8, 8, 0, 4, 8, 8]       # usage; without it, chunks with text
   assert m["ttft_ms"]["mean"] >= 1000 * CHUNK_DELAY
   assert 1000 * CHUNK_DELAY * 0.9 <= m["itl_ms"]["median"] < 1000 * CHUNK_DELAY * 5
-  assert m["tpot_ms"]["mean"] == pytest.approx(m["itl_ms"]["mean"] * 3 / 7, rel=0.05)   # 3 gaps over 7 tokens
+  for t in (t for t in timings if t.output_tokens == 8):              # 4 gaps between chunks, 7 tokens after the 1st
+    assert t.tpot == pytest.approx(sum(t.itls) / 7) and sum(t.itls) / len(t.itls) == pytest.approx(t.tpot * 7 / 4)
 
 
 # ---- smoke: every subcommand on a tiny random model ----------------------------------------------------------------
