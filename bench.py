@@ -5,9 +5,10 @@
   serve       a running server (--base-url) or one started here (default): TTFT/TPOT/ITL/E2EL percentiles
   prefix      shared system prompt and multi-turn chat, prefix cache on vs off
 
-Every engine argument is an option (--load-format dummy --shape llama-1b: random weights, no files). `--compare`
-adds peers measured right after tinyvllm on the same machine and prints tinyvllm/peer ratios; `--json FILE` writes
-every number with the configuration and machine facts. Metric definitions: tinyvllm/benchmark/metrics.py.
+Every engine argument is an option (--load-format dummy --shape llama-1b: random weights, no files); --max-model-len
+defaults to the longest sequence the workload makes. `--compare` adds peers measured right after tinyvllm on the same
+machine and prints tinyvllm/peer ratios; `--json FILE` writes every number with the configuration and machine facts.
+Metric definitions: tinyvllm/benchmark/metrics.py.
 
   python bench.py latency --input-len 128 --output-len 32 --compare llama.cpp tinygrad.llm --llama-cpp-bin BIN
   python bench.py throughput --load-format dummy --shape llama-1b --num-prompts 256 --json out.json

@@ -52,6 +52,7 @@ def test_serving_metrics():
   assert m["itl_ms"]["mean"] == pytest.approx(250)                             # pooled gaps 100, 200, 300, 400
   assert m["itl_ms"]["p90"] == pytest.approx(370)
   assert m["e2el_ms"]["mean"] == pytest.approx((1100 + 600 + 300) / 3)
+  assert m["prefix_cache_hit_rate"] == 0.0
 
 
 def test_empty_distribution_reads_zero():
@@ -143,7 +144,8 @@ async def fake_completions(request: web.Request) -> web.StreamResponse:
     await send({"choices": [{"index": 0, "text": "ab", "finish_reason": None}]})
   await send({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
   if body["prompt"][0] != NO_USAGE_TOKEN:
-    await send({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}})
+    usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}
+    await send({"choices": [], "usage": usage})
   await response.write(b"data: [DONE]\n\n")
   return response
 

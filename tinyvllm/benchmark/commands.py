@@ -36,7 +36,8 @@ SERVE_ROWS: list[Row] = [("completed", "completed"), ("failed", "failed"), *THRO
                            (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2EL", "e2el"))
                            for stat in ("mean", "p50", "p90", "p99"))]
 PREFIX_ROWS: list[Row] = [(f"{workload} {label}", f"{workload}.{path}") for workload in ("shared_prefix", "chat")
-                          for label, path in (*THROUGHPUT_ROWS[:2], ("TTFT mean (ms)", "ttft_ms.mean"))]
+                          for label, path in (*THROUGHPUT_ROWS[:2], ("TTFT mean (ms)", "ttft_ms.mean"),
+                                              ("prefix cache hit rate", "prefix_cache_hit_rate"))]
 
 
 def _result(name: str, args: argparse.Namespace, engine_args: EngineArgs, columns: dict, rows: list[Row]) -> dict:

@@ -18,6 +18,8 @@ output (in-process, a chunk is one engine step that appended a token):
   request throughput              = completed requests / duration
   output token throughput         = Σ output tokens / duration
   total token throughput          = Σ (prompt + output tokens) / duration
+  prefix cache hit rate           = Σ prompt tokens found in the prefix cache / Σ prompt tokens   (not in vLLM's
+                                                              benchmark; from RequestOutput.num_cached_tokens)
 
 `duration` is the wall time of the whole run: first request sent → last response finished. Failed requests count in
 `failed` and nowhere else. Every distribution is summarised by mean, median, standard deviation and percentiles from
@@ -43,6 +45,7 @@ class RequestTiming:
   chunk_times: list[float] = field(default_factory=list)
   prompt_tokens: int = 0
   output_tokens: int = 0
+  cached_tokens: int = 0           # prompt tokens the prefix cache already held (when the engine says)
   success: bool = True
   error: str = ""
 
@@ -88,6 +91,7 @@ def serving_metrics(timings: list[RequestTiming], duration: float,
     "tpot_ms": distribution([t.tpot for t in done if t.tpot is not None], percentiles),
     "itl_ms": distribution([gap for t in done for gap in t.itls], percentiles),
     "e2el_ms": distribution([t.e2el for t in done], percentiles),
+    "prefix_cache_hit_rate": sum(t.cached_tokens for t in done) / max(totals["total_input_tokens"], 1),
   }
 
 

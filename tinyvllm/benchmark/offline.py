@@ -43,7 +43,7 @@ def run_requests(engine: LLMEngine, requests: list[Request], label: str = "") ->
       req, timing = live[out.request_id]
       token_ids = out.outputs[0].token_ids
       if len(token_ids) > timing.output_tokens: timing.chunk_times.append(now)
-      timing.output_tokens = len(token_ids)
+      timing.output_tokens, timing.cached_tokens = len(token_ids), out.num_cached_tokens
       if not out.finished: continue
       del live[out.request_id]
       timings.append(timing)

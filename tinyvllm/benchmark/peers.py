@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from tinyvllm.benchmark.metrics import RequestTiming, latency_metrics, throughput_metrics
 from tinyvllm.benchmark.workloads import Request
@@ -44,7 +45,7 @@ def _worker(python: str, script: str, spec: dict, timeout: float) -> dict:
   return json.loads(stdout.strip().splitlines()[-1])
 
 
-def measured(peer: callable, *args, **kwargs) -> dict:
+def measured(peer: Callable[..., dict], *args, **kwargs) -> dict:
   """Run one peer measurement; its metrics, or {"skipped"/"error": why} so one peer never sinks the others."""
   try: return peer(*args, **kwargs)
   except PeerUnavailable as e: return {"skipped": str(e)}
