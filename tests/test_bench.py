@@ -195,7 +195,9 @@ ENGINE = ["--load-format", "dummy", "--shape", "tiny", "--max-num-seqs", "4", "-
 
 @pytest.fixture
 def bench(monkeypatch):
+  """bench.py (a script at the repo root, so not importable from everywhere) with the tiny shape registered."""
   monkeypatch.setitem(SHAPES, "tiny", TINY)
+  monkeypatch.syspath_prepend(str(REPO))
   import bench as module
   return module
 
