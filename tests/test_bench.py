@@ -220,14 +220,13 @@ def test_smoke(bench, argv, tmp_path, capsys):
 
 @pytest.mark.skipif(not (REPO / "serve.py").exists(), reason="serve.py is not there yet")
 def test_smoke_serve(bench, monkeypatch):
-  """`serve` starts `python serve.py --load-format dummy` and streams from it. serve.py has no --shape, so the server
-  process (and this one, for the prompts' vocabulary) swaps its default shape for the tiny one before starting."""
-  monkeypatch.setitem(SHAPES, "smollm2-135m", TINY)
-  shim = f"import runpy, sys; from tinyvllm.config import SHAPES; SHAPES['smollm2-135m'] = {TINY!r}; " \
+  """`serve` starts `python serve.py --load-format dummy --shape tiny` and streams from it; the server process
+  registers the tiny shape before serve.py runs."""
+  shim = f"import runpy, sys; from tinyvllm.config import SHAPES; SHAPES['tiny'] = {TINY!r}; " \
          "sys.argv = sys.argv[1:]; runpy.run_path('serve.py', run_name='__main__')"
   real_command = serving.serve_command
   monkeypatch.setattr(serving, "serve_command", lambda *a: [sys.executable, "-c", shim, *real_command(*a)[1:]])
-  result = bench.main(["serve", "--load-format", "dummy", "--max-num-seqs", "4", "--max-model-len", "64",
-                       "--warmup", "0", "--num-prompts", "4", "--input-len", "8", "--output-len", "4"])
+  result = bench.main(["serve", "--load-format", "dummy", "--shape", "tiny", "--max-num-seqs", "4", "--warmup", "0",
+                       "--num-prompts", "4", "--input-len", "8", "--output-len", "4"])
   tinyvllm = result["columns"]["tinyvllm"]
   assert (tinyvllm["completed"], tinyvllm["failed"], tinyvllm["total_output_tokens"]) == (4, 0, 16)
