@@ -61,3 +61,44 @@ def test_requests_that_can_never_fit_are_rejected_clearly(engine):
   with pytest.raises(ValueError, match="empty"): engine.add_request([], SamplingParams())
   with pytest.raises(ValueError, match="token ids"): engine.add_request([10**6], SamplingParams())
   with pytest.raises(ValueError, match="cannot hold one sequence"): LLMEngine(EngineArgs(**TINY, num_kv_blocks=8))
+
+
+def generate(engine: LLMEngine, prompt: list[int], params: SamplingParams):
+  engine.add_request(prompt, params, request_id="one")
+  while engine.has_unfinished_requests():
+    for out in engine.step():
+      if out.finished: return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_prompt_logprobs_equal_the_logprobs_of_the_same_tokens_when_generated(temperature):
+  """Generate 30 tokens with logprobs, then feed prompt + generation back as a prompt: the prompt logprobs of those
+  positions (computed in chunks by the prefill path, every position at once) must equal the decode path's."""
+  engine = LLMEngine(EngineArgs(**{**TINY, "enable_prefix_caching": True}, num_kv_blocks=40))
+  head = list(range(7, 17))
+  gen = generate(engine, head, SamplingParams(temperature=temperature, seed=3, max_tokens=30, ignore_eos=True,
+                                               logprobs=3)).outputs[0]
+  for _ in range(2):               # the second time the whole prompt is in the prefix cache: it must not be skipped
+    out = generate(engine, head + gen.token_ids, SamplingParams(temperature=temperature, max_tokens=1, prompt_logprobs=3))
+    assert len(out.prompt_logprobs) == 40 and out.prompt_logprobs[0] is None
+    for token, expected, got in zip(gen.token_ids, gen.logprobs, out.prompt_logprobs[10:]):
+      assert got.keys() == expected.keys() and token in got
+      assert all(abs(got[t] - expected[t]) < 1e-3 for t in got)
+    assert engine.block_manager.prefix_cache.match(head + gen.token_ids)      # cached, yet every position computed
+
+
+def test_seeded_request_draws_the_same_tokens_alone_in_a_mixed_batch_and_when_preempted():
+  seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=42, max_tokens=24, ignore_eos=True)
+  prompt = list(range(3, 23))
+  alone = generate(LLMEngine(EngineArgs(**TINY, num_kv_blocks=40)), prompt, seeded).outputs[0].token_ids
+  crowded = LLMEngine(EngineArgs(**{**TINY, "max_num_seqs": 16}, num_kv_blocks=30))
+  others = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+            SamplingParams(temperature=1.2, min_p=0.05, max_tokens=16, ignore_eos=True),
+            SamplingParams(temperature=0.8, presence_penalty=1.0, repetition_penalty=1.3, max_tokens=20, ignore_eos=True,
+                           logprobs=2),
+            SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=7, max_tokens=12, ignore_eos=True)]
+  for i in range(15): crowded.add_request(list(range(40 + i, 52 + 2 * i)), others[i % len(others)], request_id=f"o{i}")
+  crowded.add_request(prompt, seeded, request_id="seeded")         # newest: the first to be preempted
+  seq = crowded.requests["seeded"].seqs[0]
+  done = run_checking_blocks(crowded)
+  assert seq.num_preemptions > 0 and done["seeded"] == alone

@@ -186,6 +186,8 @@ def test_prompt_forms(engine):
   ({"prompt": [1] * MAX_MODEL_LEN}, "prompt"),                      # prompt too long
   ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
   ({"prompt": "x", "echo": True}, "echo"),
+  ({"prompt": "x", "stream": True, "prompt_logprobs": 1}, "prompt_logprobs"),
+  ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
 ])
 def test_bad_completion_bodies_name_the_field(engine, body, param):
   with pytest.raises(APIError) as e: parse_completion(body, engine.engine.tokenizer, MAX_MODEL_LEN)
@@ -301,6 +303,22 @@ def test_several_prompts_and_n(client):
   assert texts == {c.index: c.text for c in out.choices}
   ids = client.completions.create(model="tiny", prompt=[[1, 2, 3], [4]], max_tokens=2, **GREEDY)
   assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 4
+
+
+def test_prompt_logprobs_in_both_formats(client):
+  """vLLM's layout: per prompt token (null first), {id: {logprob, decoded_token}} holding the prompt's own token."""
+  prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+  out = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=2, extra_body={"prompt_logprobs": 1},
+                                  **GREEDY).model_dump()
+  for choice in out["choices"]:
+    ids, got = prompts[choice["index"] // 2], choice["prompt_logprobs"]
+    assert len(got) == len(ids) and got[0] is None
+    for token, entry in zip(ids[1:], got[1:]):
+      assert str(token) in entry and 1 <= len(entry) <= 2 and all(v["logprob"] <= 0 for v in entry.values())
+  chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                        extra_body={"prompt_logprobs": 0}, **GREEDY).model_dump()
+  assert chat["prompt_logprobs"][0] is None and all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+  assert "prompt_logprobs" not in client.completions.create(model="tiny", prompt="a", max_tokens=1, **GREEDY).model_dump()["choices"][0]
 
 
 def test_sdk_raises_the_right_errors(client):

@@ -52,8 +52,9 @@ class BlockManager:
     for _ in range(needed): seq.block_table.append(self._take())
 
   def reuse_cached_prefix(self, seq: Sequence) -> None:
-    """Start a fresh sequence on the blocks of its longest cached prefix: those tokens count as computed."""
-    if not self.prefix_cache or seq.block_table: return
+    """Start a fresh sequence on the blocks of its longest cached prefix: those tokens count as computed (unless it
+    still needs prompt logprobs, which come from computing every prompt position)."""
+    if not self.prefix_cache or seq.block_table or seq.wants_prompt_logprobs: return
     blocks = self.prefix_cache.match(seq.token_ids)
     self.share(seq, blocks)
     seq.num_computed_tokens = len(blocks) * self.block_size

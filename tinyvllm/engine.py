@@ -46,6 +46,7 @@ class RequestOutput:
   finished: bool = False
   metrics: dict = field(default_factory=dict)
   num_cached_tokens: int = 0                   # prompt tokens served from the prefix cache
+  prompt_logprobs: list[dict[int, float] | None] | None = None   # per prompt token (None for the first), when asked
 
 
 @dataclass
@@ -142,17 +143,20 @@ class LLMEngine:
   # ---- the loop ---------------------------------------------------------------------------------------------
   def step(self) -> list[RequestOutput]:
     scheduled = self.scheduler.schedule()                                   # who runs, how many tokens each
-    sampled = self.runner.execute(scheduled, self.block_manager)            # forward pass + sampling
+    result = self.runner.execute(scheduled, self.block_manager)             # forward pass + sampling
     now = time.monotonic()
     touched: dict[str, _Request] = {}
     for item in scheduled:
       seq = item.seq
+      if seq in result.prompt_logprobs:
+        start = seq.num_computed_tokens + 1
+        seq.prompt_logprobs[start:start + len(result.prompt_logprobs[seq])] = result.prompt_logprobs[seq]
       seq.num_computed_tokens += item.num_new_tokens
       self.block_manager.cache_computed_blocks(seq)                       # full blocks join the prefix cache
       request = self.requests[seq.request_id]
       touched[request.request_id] = request
-      if seq not in sampled: continue                                       # a prefill chunk, not the last one
-      self._append(seq, sampled[seq])
+      if seq not in result.sampled: continue                                # a prefill chunk, not the last one
+      self._append(seq, result.sampled[seq])
       request.first_token_time = request.first_token_time or now
       reason = self._stop_reason(seq)
       if self.tokenizer and update_text(seq, self.tokenizer, finished=reason is not None): reason = "stop"
@@ -184,8 +188,10 @@ class LLMEngine:
             for i, seq in enumerate(request.seqs)]
     finished = all(s.is_finished for s in request.seqs)
     metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
-    return RequestOutput(request.request_id, request.prompt, request.seqs[0].prompt_token_ids, outs, finished, metrics,
-                         max(s.num_cached_tokens for s in request.seqs))
+    first = request.seqs[0]
+    return RequestOutput(request.request_id, request.prompt, first.prompt_token_ids, outs, finished, metrics,
+                         max(s.num_cached_tokens for s in request.seqs),
+                         list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None)
 
 
 class AsyncLLMEngine:

@@ -11,6 +11,7 @@ long their contexts are), so every shape is rounded up to a *bucket*:
 and each (S, Q, NB, sampling plan) gets its own captured graph, compiled once. A step runs one graph for all the
 decoding rows (Q = 1, the common case) and one per sequence that is prefilling a chunk (S = 1). Each graph owns one
 int32 and one float32 input buffer, allocated when it is first used and refilled in place (`copy_from`) every step.
+A sequence that asked for prompt logprobs runs its prompt in graphs that also return the logprobs of every position.
 """
 from __future__ import annotations
 import time
@@ -20,7 +21,7 @@ from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer
 from tinyvllm.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
-from tinyvllm.sampler import SamplingPlan, plan_and_pack, sample, unpack
+from tinyvllm.sampler import SamplingPlan, plan_and_pack, prompt_logprobs, sample, unpack
 from tinyvllm.scheduler import ScheduledSequence
 from tinyvllm.sequence import Sequence
 
@@ -36,8 +37,11 @@ class Shape:
   plan: SamplingPlan
 
   @property
-  def int_sizes(self) -> tuple[int, ...]:    # tokens, positions, slot_mapping, block_tables, logits_index, sampler's
-    return (self.S * self.Q, self.S * self.Q, self.S * self.Q, self.S * self.NB, self.S, self.S * self.plan.num_adjusted)
+  def int_sizes(self) -> tuple[int, ...]:
+    # tokens, positions, slot_mapping, block_tables, logits_index, sampler's, next prompt tokens (prompt logprobs)
+    SQ = self.S * self.Q
+    return (SQ, SQ, SQ, self.S * self.NB, self.S, self.S * self.plan.num_adjusted,
+            SQ if self.plan.num_prompt_logprobs is not None else 0)
 
 
 @dataclass
@@ -45,6 +49,12 @@ class Sampled:
   token: int
   logprob: float | None = None
   top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class StepResult:
+  sampled: dict[Sequence, Sampled]                       # the next token of every sequence that reached its end
+  prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # for prompt positions start+1.. of the chunk computed
 
 
 class _Graph:
@@ -57,11 +67,16 @@ class _Graph:
 
   def _forward(self, ints: Tensor, floats: Tensor) -> Tensor:
     sh = self.shape
-    tokens, positions, slots, tables, logits_index, sampler_ints = ints.split(list(sh.int_sizes))
+    tokens, positions, slots, tables, logits_index, sampler_ints, next_tokens = ints.split(list(sh.int_sizes))
     batch = ForwardBatch(tokens.reshape(sh.S, sh.Q), positions.reshape(sh.S, sh.Q), slots,
                          tables.reshape(sh.S, sh.NB), logits_index, self.runner.block_size)
-    logits = self.runner.model(batch, self.runner.kv_cache)
-    return sample(logits, unpack(sampler_ints, floats, sh.S, sh.plan), sh.plan).realize()
+    params = unpack(sampler_ints, floats, sh.S, sh.plan)
+    if sh.plan.num_prompt_logprobs is None:
+      return sample(self.runner.model(batch, self.runner.kv_cache), params, sh.plan).flatten().realize()
+    every = self.runner.model(batch, self.runner.kv_cache, every_position=True)        # [S * Q, vocab]
+    last = every.gather(0, (Tensor.arange(sh.S) * sh.Q + logits_index).reshape(sh.S, 1).expand(sh.S, every.shape[1]))
+    prompt = prompt_logprobs(every, next_tokens, params["temperature"], sh.plan.num_prompt_logprobs)
+    return sample(last, params, sh.plan).flatten().cat(prompt.flatten()).realize()
 
   def __call__(self, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
     for dst, src in ((self.ints, ints), (self.floats, floats)):
@@ -78,34 +93,57 @@ class ModelRunner:
                            .contiguous().realize() for _ in range(2)) for _ in range(cfg.num_layers)]
     self.graphs: dict[Shape, _Graph] = {}
 
-  def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> dict[Sequence, Sampled]:
+  def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> StepResult:
     """Compute the scheduled tokens' K/V and return the next token of every sequence whose tokens are now all computed.
     Decoding rows run together as one batch; each prefill chunk runs as its own row, so a short prompt is never
     padded to the length of a long one."""
-    decodes = [s for s in scheduled if s.num_new_tokens == 1]
-    groups = ([decodes] if decodes else []) + [[s] for s in scheduled if s.num_new_tokens > 1]
-    sampled: dict[Sequence, Sampled] = {}
-    for group in groups: sampled.update(self._run_group(group, block_manager))
-    return sampled
+    is_decode = lambda s: s.num_new_tokens == 1 and not s.seq.wants_prompt_logprobs
+    decodes = [s for s in scheduled if is_decode(s)]
+    groups = ([decodes] if decodes else []) + [[s] for s in scheduled if not is_decode(s)]
+    result = StepResult({}, {})
+    for group in groups: self._run_group(group, block_manager, result, decoding=group is decodes)
+    return result
 
-  def _run_group(self, group: list[ScheduledSequence], bm: BlockManager) -> dict[Sequence, Sampled]:
-    Q = _bucket(max(s.num_new_tokens for s in group), 16) if group[0].num_new_tokens > 1 else 1
+  def _run_group(self, group: list[ScheduledSequence], bm: BlockManager, result: StepResult, decoding: bool) -> None:
+    Q = 1 if decoding else _bucket(max(s.num_new_tokens for s in group), 16)
     NB = _bucket(max(-(-(s.seq.num_computed_tokens + s.num_new_tokens) // self.block_size) for s in group), 4)
     rows: list[Sequence | None] = [s.seq for s in group]
     rows += [None] * (_bucket(len(group)) - len(group))
     plan, sampler_ints, floats = plan_and_pack(rows, self.seed, self.stop_ids)
     shape = Shape(len(rows), Q, NB, plan)
-    ints = np.concatenate([self._int_inputs(group, shape, bm), sampler_ints])
+    ints = np.concatenate([self._int_inputs(group, shape, bm), sampler_ints, self._next_prompt_tokens(group, shape)])
     if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape, floats.size)
     out = self.graphs[shape](ints, floats)
-    return {s.seq: self._sampled(out[i], plan) for i, s in enumerate(group)
-            if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens}
+    sampled, prompt = out[:shape.S * plan.output_width].reshape(shape.S, -1), out[shape.S * plan.output_width:]
+    for i, s in enumerate(group):
+      if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens: result.sampled[s.seq] = self._sampled(sampled[i], plan)
+      if s.seq.wants_prompt_logprobs: result.prompt_logprobs[s.seq] = self._prompt_logprobs(s, prompt, shape)
 
   @staticmethod
   def _sampled(row: np.ndarray, plan: SamplingPlan) -> Sampled:
     if not plan.want_logprobs: return Sampled(int(row[0]))
     K = plan.num_logprobs
     return Sampled(int(row[0]), float(row[1]), [(int(i), float(lp)) for i, lp in zip(row[2:2 + K], row[2 + K:])])
+
+  @staticmethod
+  def _prompt_logprobs(s: ScheduledSequence, out: np.ndarray, shape: Shape) -> list[dict[int, float]]:
+    """{next prompt token: logprob, top ids: logprobs} for each computed position that predicts a prompt token."""
+    seq, P = s.seq, shape.plan.num_prompt_logprobs
+    n = min(s.num_new_tokens, len(seq.prompt_token_ids) - 1 - seq.num_computed_tokens)
+    rows = out.reshape(shape.S * shape.Q, -1)[:n]     # S is 1: prompt logprobs run in a row of their own
+    targets = seq.prompt_token_ids[seq.num_computed_tokens + 1:][:n]
+    top = seq.params.prompt_logprobs
+    return [{t: float(r[0]), **{int(i): float(lp) for i, lp in zip(r[1:1 + top], r[1 + P:1 + P + top])}}
+            for t, r in zip(targets, rows)]
+
+  def _next_prompt_tokens(self, group: list[ScheduledSequence], shape: Shape) -> np.ndarray:
+    """For prompt logprobs: the prompt token that follows each computed position (0 past the prompt)."""
+    if shape.plan.num_prompt_logprobs is None: return np.zeros(0, np.int32)
+    targets = np.zeros((shape.S, shape.Q), np.int32)
+    for i, s in enumerate(group):
+      following = s.seq.prompt_token_ids[s.seq.num_computed_tokens + 1:][:s.num_new_tokens]
+      targets[i, :len(following)] = following
+    return targets.ravel()
 
   def _int_inputs(self, group: list[ScheduledSequence], shape: Shape, bm: BlockManager) -> np.ndarray:
     S, Q, NB = shape.S, shape.Q, shape.NB

@@ -15,7 +15,9 @@ Penalties and `logit_bias` touch only the tokens a row has seen or named, so the
 list of (token id, times generated, in prompt?, bias) and the device gathers those logits, adjusts them and scatters
 them back: no [rows × vocab] table is built on the host. The order is vLLM's: bias (and the EOS ban of
 `min_tokens`), then repetition/frequency/presence penalties, then temperature and the filters. Logprobs are
-log_softmax of the adjusted logits divided by the temperature (undivided for greedy rows).
+log_softmax of the adjusted logits divided by the temperature (undivided for greedy rows). Prompt logprobs (each
+prompt token's logprob given the tokens before it) come from the logits of every position of a prefill chunk, scaled
+by the temperature the same way; penalties and bias, which depend on the output so far, do not apply to them.
 
 The graph that runs depends on a `SamplingPlan` (greedy only? filters? how many adjusted tokens? how many top
 logprobs?), so a batch of plain greedy requests pays for none of this.
@@ -42,9 +44,12 @@ class SamplingPlan:
   num_adjusted: int     # U: token slots per row for penalties/bias; 0 = none
   num_logprobs: int     # K: top logprobs returned per row; 0 = none
   want_logprobs: bool   # return the chosen token's logprob (and K alternatives)
+  num_prompt_logprobs: int | None = None   # P: top logprobs at every position of the chunk; None = not asked
 
   @property
   def output_width(self) -> int: return 2 + 2 * self.num_logprobs   # token, its logprob, K ids, K logprobs
+  @property
+  def prompt_output_width(self) -> int: return 1 + 2 * (self.num_prompt_logprobs or 0)  # next token's logprob, top P
 
 
 def _adjustments(seq: Sequence, stop_ids: set[int]) -> dict[int, tuple[float, float, float]]:
@@ -67,7 +72,8 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
   adjust = [_adjustments(seq, stop_ids) if seq is not None else {} for seq in rows]
   U = _bucket(max(map(len, adjust)), 16)
   K = max((s.params.logprobs or 0 for s in live), default=0)
-  plan = SamplingPlan(mode, U, K, any(s.params.logprobs is not None for s in live))
+  P = max((s.params.prompt_logprobs for s in live if s.wants_prompt_logprobs), default=None)
+  plan = SamplingPlan(mode, U, K, any(s.params.logprobs is not None for s in live), P)
   S = len(rows)
   per_row = {name: np.zeros(S, np.float32) for name in ROW_FIELDS}
   ids, extra = np.zeros((S, U), np.int32), np.zeros((len(ADJUST_FIELDS), S, U), np.float32)
@@ -148,12 +154,31 @@ def _filter(probs: Tensor, p: dict[str, Tensor]) -> Tensor:
   return keep.where(probs, 0.0)
 
 
+def _temperature_scaled(logits: Tensor, temperature: Tensor) -> Tensor:
+  return logits / (temperature <= 0).where(1.0, temperature)
+
+
+def _top(logprobs: Tensor, k: int) -> list[Tensor]:
+  """[ids, logprobs] of the k most likely tokens per row, as float columns; nothing for k = 0."""
+  if not k: return []
+  top_lp, top_ids = logprobs.topk(k, dim=-1)
+  return [top_ids.float(), top_lp]
+
+
+def prompt_logprobs(logits: Tensor, next_tokens: Tensor, temperature: Tensor, num_top: int) -> Tensor:
+  """logits [S*Q, V] at every position, next_tokens [S*Q] (the prompt token each position predicts), temperature
+  [S, 1] -> [S*Q, 1 + 2 * num_top]: the next token's logprob, then the top ids and their logprobs."""
+  SQ, S = logits.shape[0], temperature.shape[0]
+  logprobs = _temperature_scaled(logits, temperature.expand(S, SQ // S).reshape(SQ, 1)).log_softmax(-1)
+  return Tensor.cat(logprobs.gather(1, next_tokens.reshape(SQ, 1)), *_top(logprobs, num_top), dim=1)
+
+
 def sample(logits: Tensor, p: dict[str, Tensor], plan: SamplingPlan) -> Tensor:
   """logits [S, V] float32 -> [S, plan.output_width] float32: token id, its logprob, top ids, top logprobs."""
   S, V = logits.shape
   if plan.num_adjusted: logits = _adjust(logits, p)
   greedy = p["temperature"] <= 0
-  scaled = logits / greedy.where(1.0, p["temperature"])
+  scaled = _temperature_scaled(logits, p["temperature"])
   token = logits.argmax(-1)
   if plan.mode != "greedy":
     probs = scaled.softmax(-1)
@@ -164,9 +189,6 @@ def sample(logits: Tensor, p: dict[str, Tensor], plan: SamplingPlan) -> Tensor:
   out = [token.float().reshape(S, 1)]
   if plan.want_logprobs:
     logprobs = scaled.log_softmax(-1)
-    out.append(logprobs.gather(1, token.reshape(S, 1)))
-    if plan.num_logprobs:
-      top_lp, top_ids = logprobs.topk(plan.num_logprobs, dim=-1)
-      out += [top_ids.float(), top_lp]
+    out += [logprobs.gather(1, token.reshape(S, 1)), *_top(logprobs, plan.num_logprobs)]
   else: out.append(Tensor.zeros(S, plan.output_width - 1))
   return Tensor.cat(*out, dim=1)

@@ -32,6 +32,7 @@ class Sequence:
   output_token_ids: list[int] = field(default_factory=list)
   output_text: str = ""                 # detokenized output that is safe to show (see detokenizer.py)
   output_logprobs: list[dict[int, float]] = field(default_factory=list)   # per output token, when asked for
+  prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])  # the first has no context
   num_computed_tokens: int = 0
   num_cached_tokens: int = 0            # of those, reused from the prefix cache at admission
   block_table: list[int] = field(default_factory=list)
@@ -45,5 +46,9 @@ class Sequence:
   def num_tokens(self) -> int: return len(self.prompt_token_ids) + len(self.output_token_ids)
   @property
   def num_uncomputed_tokens(self) -> int: return self.num_tokens - self.num_computed_tokens
+  @property
+  def wants_prompt_logprobs(self) -> bool:
+    """Asked for prompt logprobs and some are still missing (they come from the logits of the prompt positions)."""
+    return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
   @property
   def is_finished(self) -> bool: return self.status is SequenceStatus.FINISHED

@@ -118,13 +118,15 @@ class LlamaForCausalLM:
   def output_weight(self) -> Tensor:
     return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-  def __call__(self, batch: ForwardBatch, kv_cache: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """Returns the logits of one token per sequence, the one at `batch.logits_index`: [S, vocab]."""
+  def __call__(self, batch: ForwardBatch, kv_cache: list[tuple[Tensor, Tensor]], every_position: bool = False) -> Tensor:
+    """Returns the logits of one token per sequence, the one at `batch.logits_index`: [S, vocab]; with
+    `every_position`, the logits of all S × Q tokens (prompt logprobs need them): [S * Q, vocab]."""
     S, Q = batch.tokens.shape
     x = self.model.embed_tokens(batch.tokens)                                  # [S, Q, hidden]
     flat_positions = batch.positions.reshape(S * Q)
     dtype = x.dtype
     cos, sin = self.rope_cos[flat_positions].cast(dtype), self.rope_sin[flat_positions].cast(dtype)
     for layer, kv in zip(self.model.layers, kv_cache): x = layer(x, cos, sin, kv, batch)
-    last = x.gather(1, batch.logits_index.reshape(S, 1, 1).expand(S, 1, x.shape[-1])).reshape(S, -1)
-    return (self.model.norm(last) @ self.output_weight().T).cast(dtypes.float32)
+    if every_position: h = x.reshape(S * Q, -1)
+    else: h = x.gather(1, batch.logits_index.reshape(S, 1, 1).expand(S, 1, x.shape[-1])).reshape(S, -1)
+    return (self.model.norm(h) @ self.output_weight().T).cast(dtypes.float32)

@@ -173,6 +173,8 @@ def _common(body: dict, prompts: list[list[int]], max_tokens: int | None, logpro
   if stream_options and not stream: raise bad_request("'stream_options' needs 'stream': true", "stream_options")
   include_usage = field(stream_options, "include_usage", bool, False)
   params = sampling_params(body, max_tokens, logprobs)
+  if stream and params.prompt_logprobs is not None:       # as in vLLM: they would all arrive in the first chunk
+    raise bad_request("'prompt_logprobs' is not available when 'stream' is true", "prompt_logprobs")
   check_context(prompts, max_tokens, max_model_len, prompt_param)
   return GenerationRequest(prompts, params, stream, include_usage)
 

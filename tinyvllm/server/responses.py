@@ -52,6 +52,14 @@ def position_logprobs(tokenizer: Tokenizer | None, token_ids: list[int],
           for tid, top in zip(token_ids, logprobs)]
 
 
+def prompt_logprobs_json(tokenizer: Tokenizer | None, entries: list[dict[int, float] | None]) -> list[dict | None]:
+  """vLLM's layout: per prompt token (null for the first), {token id: {"logprob", "decoded_token"}} for the prompt's
+  own token and the top-N alternatives."""
+  return [None if top is None else
+          {str(t): {"logprob": lp, "decoded_token": _token_logprob(tokenizer, t, lp).token} for t, lp in top.items()}
+          for top in entries]
+
+
 # ---- one choice's progress ------------------------------------------------------------------------------------------
 @dataclass
 class Delta:
@@ -102,8 +110,9 @@ class CompletionFormat:
     return {"tokens": [p.chosen.token for p in positions], "token_logprobs": [p.chosen.logprob for p in positions],
             "top_logprobs": [{t.token: t.logprob for t in p.top} for p in positions], "text_offset": offsets}
 
-  def choice(self, c: Choice) -> dict:
-    return {"index": c.index, "text": c.text, "logprobs": self.logprobs(c.logprobs, 0), "finish_reason": c.finish_reason}
+  def choice(self, c: Choice, prompt_logprobs: list | None) -> dict:
+    choice = {"index": c.index, "text": c.text, "logprobs": self.logprobs(c.logprobs, 0), "finish_reason": c.finish_reason}
+    return choice if prompt_logprobs is None else {**choice, "prompt_logprobs": prompt_logprobs}
 
   def chunk_choice(self, index: int, d: Delta) -> dict:
     return {"index": index, "text": d.text, "logprobs": self.logprobs(d.logprobs, d.logprob_offset),
@@ -122,7 +131,7 @@ class ChatFormat:
     if positions is None: return None
     return {"content": [{**self._entry(p.chosen), "top_logprobs": [self._entry(t) for t in p.top]} for p in positions]}
 
-  def choice(self, c: Choice) -> dict:
+  def choice(self, c: Choice, prompt_logprobs: list | None) -> dict:   # the prompt's logprobs go on the response
     return {"index": c.index, "message": {"role": "assistant", "content": c.text},
             "logprobs": self.logprobs(c.logprobs), "finish_reason": c.finish_reason}
 
@@ -147,6 +156,7 @@ class Generation:
   created: int = field(default_factory=lambda: int(time.time()))
   choices: list[Choice] = field(init=False)
   cached_tokens: dict[int, int] = field(default_factory=dict)
+  prompt_logprobs: dict[int, list] = field(default_factory=dict)     # per prompt index, in vLLM's JSON layout
 
   def __post_init__(self) -> None:
     self.choices = [Choice(i) for i in range(len(self.request.prompts) * self.request.params.n)]
@@ -161,6 +171,8 @@ class Generation:
   def update(self, prompt_index: int, out: RequestOutput) -> list[dict]:
     """Take in one engine output; returns the stream chunks it produced (one per choice that advanced)."""
     self.cached_tokens[prompt_index] = getattr(out, "num_cached_tokens", None) or 0   # vLLM's RequestOutput field
+    if out.finished and out.prompt_logprobs is not None:
+      self.prompt_logprobs[prompt_index] = prompt_logprobs_json(self.tokenizer, out.prompt_logprobs)
     chunks = []
     for o in out.outputs:
       choice = self.choices[prompt_index * self.request.params.n + o.index]
@@ -175,7 +187,11 @@ class Generation:
   def usage_chunk(self) -> dict: return {**self._envelope(self.fmt.chunk_object, []), "usage": self.usage()}
 
   def response(self) -> dict:
-    return {**self._envelope(self.fmt.object, [self.fmt.choice(c) for c in self.choices]), "usage": self.usage()}
+    n = self.request.params.n
+    body = self._envelope(self.fmt.object, [self.fmt.choice(c, self.prompt_logprobs.get(c.index // n))
+                                            for c in self.choices])
+    if isinstance(self.fmt, ChatFormat) and self.prompt_logprobs: body["prompt_logprobs"] = self.prompt_logprobs[0]
+    return {**body, "usage": self.usage()}
 
   def _envelope(self, object: str, choices: list[dict]) -> dict:
     body = {"id": self.request_id, "object": object, "created": self.created, "model": self.model, "choices": choices}
