@@ -1,9 +1,10 @@
-"""Benchmarks with vLLM's definitions: `python bench.py {latency,throughput,serve,prefix} [options]`.
+"""Benchmarks with vLLM's definitions: `python bench.py {latency,throughput,serve,prefix,sampling} [options]`.
 
   latency     batch 1: time to first token, time per output token, decode tokens/s
   throughput  N requests submitted at once: requests/s, output tokens/s, total tokens/s
   serve       a running server (--base-url) or one started here (default): TTFT/TPOT/ITL/E2EL percentiles
   prefix      shared system prompt and multi-turn chat, prefix cache on vs off
+  sampling    decode step time with greedy requests vs every sampling knob on, at several batch sizes
 
 Every engine argument is an option (--load-format dummy --shape llama-1b: random weights, no files); --max-model-len
 defaults to the longest sequence the workload makes. `--compare` adds peers measured right after tinyvllm on the same
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-conversations", type=int, default=8)
   p.add_argument("--turns", type=int, default=4)
   p.set_defaults(func=commands.prefix)
+
+  p = sub.add_parser("sampling", parents=common, help="the sampler's share of a decode step")
+  p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+  p.add_argument("--input-len", type=int, default=16)
+  p.add_argument("--output-len", type=int, default=8, help="tokens per request; all but the first are timed steps")
+  p.set_defaults(func=commands.sampling)
   return parser
 
 

@@ -207,6 +207,7 @@ def bench(monkeypatch):
   ["throughput", "--input-len", "8", "--output-len", "4", "--num-prompts", "4"],
   ["prefix", "--num-prompts", "2", "--prefix-len", "16", "--question-len", "4", "--output-len", "2",
    "--num-conversations", "2", "--turns", "2"],
+  ["sampling", "--batch-sizes", "1", "2", "--input-len", "8", "--output-len", "3"],
 ])
 def test_smoke(bench, argv, tmp_path, capsys):
   result = bench.main([*argv, *ENGINE, "--json", str(tmp_path / "out.json")])

@@ -1,4 +1,4 @@
-"""The four `bench.py` subcommands: measure tinyvllm, then each `--compare` peer, and return one result.
+"""The `bench.py` subcommands: measure tinyvllm, then each `--compare` peer, and return one result.
 
 A result is what `--json` writes:
   {"benchmark", "options", "engine_args", "machine",
@@ -21,6 +21,7 @@ from tinyvllm.config import SHAPES, EngineArgs
 from tinyvllm.engine import LLMEngine
 from tinyvllm.model.gguf import read_gguf_metadata
 from tinyvllm.model.loader import resolve
+from tinyvllm.sampling_params import SamplingParams
 
 PEERS = ("llama.cpp", "tinygrad.llm", "transformers")
 TINYGRAD_LLM_TOKENS = 16     # tinygrad.llm decodes ~1.5 tok/s on a 2-core CPU: a short run is enough for its rate
@@ -163,3 +164,23 @@ def prefix(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
                                        args.output_len, vocab, args.seed, variant)
   columns = offline.prefix(engine_args, {"shared_prefix": shared, "chat": chat}, args.warmup)
   return _result("prefix", args, engine_args, columns, PREFIX_ROWS)
+
+
+# every knob a request can turn on at once: temperature, the three filters, the three penalties, bias, logprobs
+SAMPLING_CONFIGS = {"greedy": SamplingParams(temperature=0),
+                    "all_knobs": SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, presence_penalty=0.5,
+                                                frequency_penalty=0.5, repetition_penalty=1.1, logit_bias={0: -5.0},
+                                                logprobs=5, seed=0)}
+
+
+def sampling(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
+  vocab = vocab_size(engine_args)
+  def measure(engine: LLMEngine) -> dict:
+    return {f"batch {n}": offline.sampling(engine, lambda variant: random_requests(
+              n, args.input_len, args.output_len, vocab, args.seed, variant=variant), args.warmup, SAMPLING_CONFIGS)
+            for n in args.batch_sizes}
+  rows = [(f"batch {n} {label}", f"batch {n}.{path}") for n in args.batch_sizes
+          for label, path in (("greedy step (ms)", "step_ms.greedy"), ("all knobs step (ms)", "step_ms.all_knobs"),
+                              ("sampling overhead (ms)", "all_knobs_overhead_ms"),
+                              ("overhead share of the step", "all_knobs_overhead_share"))]
+  return _result("sampling", args, engine_args, {"tinyvllm": _measure_tinyvllm(engine_args, measure)}, rows)

@@ -1,4 +1,4 @@
-"""`latency`, `throughput` and `prefix`: the engine in this process, stepped by hand so every token gets a timestamp.
+"""`latency`, `throughput`, `prefix`, `sampling`: the engine in this process, stepped by hand so every token is timed.
 
 One driver serves all three: submit requests, call `engine.step()` until nothing is left, and note the time of every
 step that gave a request a new token (that step is the request's "chunk" in the sense of `metrics.py`). A finished
@@ -7,6 +7,7 @@ request of a multi-turn conversation submits the conversation's next turn.
   latency     one request at a time (batch 1), each with a fresh prompt
   throughput  every request submitted at once (vLLM's offline throughput: N requests → one `generate`)
   prefix      the shared-prefix and multi-turn chat workloads, each with the prefix cache on and then off
+  sampling    the time of a decode step with greedy requests and with every sampling knob on: the sampler's cost
 
 Before measuring, each benchmark runs the workload `warmup` times on prompts of the same lengths but different
 tokens: that compiles and captures every TinyJit graph the measured run will use (the JIT captures a shape on its
@@ -15,6 +16,7 @@ second call, so 2 warmups leave nothing to compile), without leaving the measure
 from __future__ import annotations
 import dataclasses
 import gc
+import statistics
 import time
 from tinyvllm.benchmark.metrics import RequestTiming, latency_metrics, serving_metrics
 from tinyvllm.benchmark.report import Progress
@@ -89,3 +91,29 @@ def prefix(engine_args: EngineArgs, workloads: dict[str, Workload], warmup: int)
     del engine
     gc.collect()    # the next engine's weights and KV pool need the memory
   return columns
+
+
+def decode_step_times(engine: LLMEngine, requests: list[Request], params: SamplingParams) -> list[float]:
+  """Submit `requests` at once with `params`, run their prefills, then time (seconds) every step in which all of
+  them decode."""
+  for req in requests:
+    engine.add_request(req.prompt_token_ids, dataclasses.replace(params, max_tokens=req.output_len, ignore_eos=True))
+  times = []
+  while engine.has_unfinished_requests():
+    all_decoding = not engine.scheduler.waiting and all(s.num_uncomputed_tokens == 1 for s in engine.scheduler.running)
+    start = time.perf_counter()
+    engine.step()
+    if all_decoding: times.append(time.perf_counter() - start)
+  return times
+
+
+def sampling(engine: LLMEngine, make: Workload, warmup: int, configs: dict[str, SamplingParams]) -> dict:
+  """Median decode step time under each sampling configuration (the first is the baseline) on the same workload,
+  and what the others add to it."""
+  step_ms = {}
+  for name, params in configs.items():
+    for i in range(warmup): decode_step_times(engine, make(i + 1), params)
+    step_ms[name] = 1000 * statistics.median(decode_step_times(engine, make(0), params))
+  base, *others = configs
+  return {"step_ms": step_ms, **{f"{name}_overhead_ms": step_ms[name] - step_ms[base] for name in others},
+          **{f"{name}_overhead_share": (step_ms[name] - step_ms[base]) / step_ms[name] for name in others}}
