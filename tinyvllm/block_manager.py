@@ -42,7 +42,8 @@ class BlockManager:
     return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
   def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-    return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
+    needed = self.blocks_needed(seq, num_tokens)
+    return needed <= len(self.free_blocks) or needed <= self.num_free_blocks   # the tree walk only when short
 
   def allocate(self, seq: Sequence, num_tokens: int) -> None:
     needed = self.blocks_needed(seq, num_tokens)
@@ -66,8 +67,13 @@ class BlockManager:
       self.prefix_cache.num_queried_tokens += seq.num_tokens
       self.prefix_cache.num_hit_tokens += seq.num_computed_tokens
 
-  def cache_computed_blocks(self, seq: Sequence) -> None:
-    if self.prefix_cache: self.prefix_cache.insert(seq.token_ids, seq.block_table, seq.num_computed_tokens)
+  def cache_computed_blocks(self, seq: Sequence, num_new_tokens: int | None = None) -> None:
+    """Full, computed blocks join the prefix cache; after a step that computed `num_new_tokens`, only if one of
+    them completed a block (the tree insert walks the whole prefix)."""
+    if not self.prefix_cache: return
+    done = seq.num_computed_tokens
+    if num_new_tokens is None or done // self.block_size > (done - num_new_tokens) // self.block_size:
+      self.prefix_cache.insert(seq.token_ids, seq.block_table, done)
 
   def share(self, seq: Sequence, blocks: list[int]) -> None:
     """Give `seq` blocks that someone else already filled (a cached prefix); they are not copied, only counted."""

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from tinyvllm.config import EngineArgs
 from tinyvllm.diffusion import Denoiser, DiffusionParams, denoise_step
-from tinyvllm.engine import CompletionOutput, RequestOutput
+from tinyvllm.engine import CompletionOutput, RequestOutput, tokenize_prompt
 from tinyvllm.model.llada import is_diffusion_checkpoint, load_diffusion_model
 from tinyvllm.model.loader import resolve
 from tinyvllm.sampling_params import SamplingParams
 
 DEFAULT_DIFFUSION_MODEL = Path(__file__).parent / "models" / "llada-shakespeare"
 DIFFUSION_ALIASES = ("diffusion", "llada")          # model names that ask for the shipped diffusion model
+# sampling fields of left-to-right decoding that masked diffusion does not have (refused rather than ignored)
+AUTOREGRESSIVE_ONLY = ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                       "logit_bias", "min_tokens", "stop", "logprobs", "prompt_logprobs")
 
 
 def wants_diffusion(model: str | None) -> bool:
@@ -72,10 +75,9 @@ class DiffusionEngine:
     params = params or SamplingParams()
     request_id = request_id if request_id is not None else str(next(self._ids))
     if request_id in self.requests: raise ValueError(f"request id {request_id!r} is already in use")
-    token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not token_ids: raise ValueError("the prompt is empty")
-    if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in token_ids):
-      raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size})")
+    token_ids = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
+    unsupported = [name for name in AUTOREGRESSIVE_ONLY if getattr(params, name) != getattr(SamplingParams(), name)]
+    if unsupported: raise ValueError(f"diffusion models do not support {', '.join(unsupported)}")
     dp = DiffusionParams.from_sampling_params(params)
     if len(token_ids) + dp.gen_length > self.max_model_len:
       raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({dp.gen_length}) exceeds "

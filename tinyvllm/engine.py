@@ -22,6 +22,7 @@ from tinyvllm.detokenizer import update_text
 from tinyvllm.kernel_cache import share_kernel_cache_between_threads
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
+from tinyvllm.model.tokenizer import Tokenizer
 from tinyvllm.model_runner import ModelRunner, Sampled
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.scheduler import Scheduler
@@ -56,6 +57,18 @@ class _Request:
   seqs: list[Sequence]
   arrival_time: float = field(default_factory=time.monotonic)
   first_token_time: float | None = None
+
+
+def tokenize_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_size: int) -> list[int]:
+  """A prompt (text or token ids) as validated token ids; ValueError with a message for the user."""
+  if isinstance(prompt, str):
+    if tokenizer is None: raise ValueError("this model has no tokenizer: pass prompt token ids")
+    token_ids = tokenizer.encode(prompt)
+  else: token_ids = list(prompt)
+  if not token_ids: raise ValueError("the prompt is empty")
+  if not all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids):
+    raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+  return token_ids
 
 
 class LLMEngine:
@@ -100,7 +113,7 @@ class LLMEngine:
     params = params or SamplingParams()
     request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
     if request_id in self.requests: raise ValueError(f"request id {request_id!r} is already in use")
-    token_ids = self._tokenize(prompt)
+    token_ids = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
     if len(token_ids) >= self.max_model_len:
       raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves no room "
                        "to generate")
@@ -111,17 +124,6 @@ class LLMEngine:
     self.requests[request.request_id] = request
     for seq in request.seqs: self.scheduler.add(seq)
     return request.request_id
-
-  def _tokenize(self, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, str):
-      if self.tokenizer is None: raise ValueError("this model has no tokenizer: pass prompt token ids")
-      token_ids = self.tokenizer.encode(prompt)
-    else: token_ids = list(prompt)
-    if not token_ids: raise ValueError("the prompt is empty")
-    vocab = self.model_config.vocab_size
-    if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
-      raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-    return token_ids
 
   def abort_request(self, request_id: str) -> None:
     request = self.requests.pop(request_id, None)
@@ -152,7 +154,7 @@ class LLMEngine:
         start = seq.num_computed_tokens + 1
         seq.prompt_logprobs[start:start + len(result.prompt_logprobs[seq])] = result.prompt_logprobs[seq]
       seq.num_computed_tokens += item.num_new_tokens
-      self.block_manager.cache_computed_blocks(seq)                       # full blocks join the prefix cache
+      self.block_manager.cache_computed_blocks(seq, item.num_new_tokens)  # full blocks join the prefix cache
       request = self.requests[seq.request_id]
       touched[request.request_id] = request
       if seq not in result.sampled: continue                                # a prefill chunk, not the last one

@@ -21,12 +21,9 @@ from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer
 from tinyvllm.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
-from tinyvllm.sampler import SamplingPlan, plan_and_pack, prompt_logprobs, sample, unpack
+from tinyvllm.sampler import SamplingPlan, bucket, plan_and_pack, prompt_logprobs, sample, unpack
 from tinyvllm.scheduler import ScheduledSequence
 from tinyvllm.sequence import Sequence
-
-
-def _bucket(n: int, minimum: int = 1) -> int: return max(minimum, 1 << (n - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -105,10 +102,10 @@ class ModelRunner:
     return result
 
   def _run_group(self, group: list[ScheduledSequence], bm: BlockManager, result: StepResult, decoding: bool) -> None:
-    Q = 1 if decoding else _bucket(max(s.num_new_tokens for s in group), 16)
-    NB = _bucket(max(-(-(s.seq.num_computed_tokens + s.num_new_tokens) // self.block_size) for s in group), 4)
+    Q = 1 if decoding else bucket(max(s.num_new_tokens for s in group), 16)
+    NB = bucket(max(-(-(s.seq.num_computed_tokens + s.num_new_tokens) // self.block_size) for s in group), 4)
     rows: list[Sequence | None] = [s.seq for s in group]
-    rows += [None] * (_bucket(len(group)) - len(group))
+    rows += [None] * (bucket(len(group)) - len(group))
     plan, sampler_ints, floats = plan_and_pack(rows, self.seed, self.stop_ids)
     shape = Shape(len(rows), Q, NB, plan)
     ints = np.concatenate([self._int_inputs(group, shape, bm), sampler_ints, self._next_prompt_tokens(group, shape)])
@@ -163,7 +160,7 @@ class ModelRunner:
     """Capture the greedy decode graph of every batch bucket at the shortest context; returns seconds spent."""
     t0 = time.perf_counter()
     for S in (1 << i for i in range(max_num_seqs.bit_length() + 1)):
-      if S > _bucket(max_num_seqs): break
+      if S > bucket(max_num_seqs): break
       plan, sampler_ints, floats = plan_and_pack([None] * S, self.seed, self.stop_ids)
       shape = Shape(S, 1, 4, plan)
       if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape, floats.size)

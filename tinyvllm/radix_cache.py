@@ -20,6 +20,7 @@ Each edge is exactly one block (SGLang's RadixAttention with page size = block s
 prompt is never shared, so no request ever writes into a block that another one reads.
 """
 from __future__ import annotations
+import heapq
 import itertools
 from dataclasses import dataclass, field
 
@@ -81,13 +82,17 @@ class RadixCache:
 
   def evict(self, num_blocks: int) -> list[int]:
     """Drop up to `num_blocks` least recently used evictable leaves; returns their blocks for the free list."""
+    evictable = set(self.evictable())
+    leaves = [(n.last_used, id(n), n) for n in evictable if not n.children]
+    heapq.heapify(leaves)
     freed: list[int] = []
-    while len(freed) < num_blocks:
-      leaves = [n for n in self.evictable() if not n.children]
-      if not leaves: break
-      leaf = min(leaves, key=lambda n: n.last_used)     # one at a time: its parent may be the next-oldest leaf
-      del leaf.parent.children[leaf.tokens]
+    while leaves and len(freed) < num_blocks:
+      _, _, leaf = heapq.heappop(leaves)
+      parent = leaf.parent
+      del parent.children[leaf.tokens]
       freed.append(leaf.block)
+      # one at a time: the parent may now be a leaf, and the next-oldest one
+      if parent in evictable and not parent.children: heapq.heappush(leaves, (parent.last_used, id(parent), parent))
     return freed
 
   def blocks(self) -> list[int]:

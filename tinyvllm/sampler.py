@@ -35,7 +35,9 @@ ADJUST_FIELDS = ("count", "in_prompt", "bias")
 _BISECT_STEPS = 24
 
 
-def _bucket(n: int, minimum: int) -> int: return 0 if n == 0 else max(minimum, 1 << (n - 1).bit_length())
+def bucket(n: int, minimum: int = 1) -> int:
+  """Round a size up to a power of two (at least `minimum`; 0 stays 0) so a few compiled shapes serve them all."""
+  return 0 if n == 0 else max(minimum, 1 << (n - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
   mode = "greedy" if not sampled else \
     "filtered" if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in sampled) else "random"
   adjust = [_adjustments(seq, stop_ids) if seq is not None else {} for seq in rows]
-  U = _bucket(max(map(len, adjust)), 16)
+  U = bucket(max(map(len, adjust)), 16)
   K = max((s.params.logprobs or 0 for s in live), default=0)
   P = max((s.params.prompt_logprobs for s in live if s.wants_prompt_logprobs), default=None)
   plan = SamplingPlan(mode, U, K, any(s.params.logprobs is not None for s in live), P)
