@@ -1,7 +1,9 @@
 """Engine arguments, with vLLM's names, and the few decisions derived from them in one place.
 
 Compute dtype per backend is chosen here from measurement: on CPU tinygrad's fp16 matmuls run ~6× slower than fp32
-(1 GB/s vs 6.7 GB/s for the same matvec), so CPUs compute in float32; GPUs in float16.
+(1 GB/s vs 6.7 GB/s for the same matvec), so CPUs compute in float32; GPUs in float16. On CPU quantized GGUF weights
+stay packed (model/quantized.py: its matmul kernel runs ~10× faster than tinygrad's float32 matvec there); GPUs
+dequantize them at load to use their float16 matmuls until the packed kernel is measured there.
 """
 from __future__ import annotations
 from dataclasses import dataclass, field, fields
@@ -44,6 +46,7 @@ class EngineArgs:
   enable_chunked_prefill: bool = True
   enable_prefix_caching: bool = True
   seed: int = 0
+  packed_weights: bool | None = None       # GGUF Q4_0/Q4_1/Q8_0 matrices stay packed; None: where it measured faster
 
   @classmethod
   def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -52,6 +55,12 @@ class EngineArgs:
     if unknown: raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
     return cls(**kwargs)
 
+  def _on_cpu(self) -> bool: return (self.device or Device.DEFAULT).split(":")[0] in ("CPU", "PYTHON")
+
   def compute_dtype(self) -> DType:
     if self.dtype != "auto": return getattr(dtypes, self.dtype)
-    return dtypes.float32 if (self.device or Device.DEFAULT).split(":")[0] in ("CPU", "PYTHON") else dtypes.float16
+    return dtypes.float32 if self._on_cpu() else dtypes.float16
+
+  def keep_weights_packed(self) -> bool:
+    if self.packed_weights is not None: return self.packed_weights
+    return self._on_cpu()

@@ -78,7 +78,8 @@ class LLMEngine:
     t0 = time.perf_counter()
     dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
       if args.load_format == "dummy" else None
-    self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg)
+    self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg,
+                                            args.keep_weights_packed())
     self.model_config = cfg = self.model.config
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)

@@ -445,26 +445,32 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_hf_tensors(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor]) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, float32 weight in HF layout) for each tensor, dequantized one at a time."""
+def iter_hf_tensors(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor],
+                    keep_packed: tuple[str, ...] = ()) -> Iterator[tuple[str, np.ndarray | GGUFTensor]]:
+    """(HF name, float32 weight in HF layout) for each tensor, dequantized one at a time; matrices of a type in
+    `keep_packed` stay GGUFTensors whose raw bytes are (rows, blocks, block bytes), rows in HF order."""
     arch, (_, _, permuted) = _arch(meta)
     n_heads = meta[f"{arch}.attention.head_count"]
     n_kv_heads = meta.get(f"{arch}.attention.head_count_kv", n_heads)
     for name, t in tensors.items():
-        w = t.dequantize()
-        if permuted and ".attn_q." in name:
+        packed = t.type_name in keep_packed and len(t.shape) == 2
+        t_type = _TYPES[t.ggml_type]
+        w = t.raw.reshape(t.shape[0], -1, t_type.block_bytes) if packed else t.dequantize()
+        if permuted and ".attn_q." in name:  # a row permutation: the same for packed blocks
             w = unpermute_qk(w, n_heads)
         elif permuted and ".attn_k." in name:
             w = unpermute_qk(w, n_kv_heads)
-        yield hf_name(name), w
+        yield hf_name(name), GGUFTensor(name, t.ggml_type, t.type_name, t.shape, w) if packed else w
 
 
-def gguf_to_hf_state_dict(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor]) -> dict[str, np.ndarray]:
-    """Every tensor dequantized to float32 under its HF Llama/Qwen2 name, in HF layout.
+def gguf_to_hf_state_dict(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor],
+                          keep_packed: tuple[str, ...] = ()) -> dict[str, np.ndarray | GGUFTensor]:
+    """Every tensor under its HF Llama/Qwen2 name, in HF layout: dequantized to float32, or still packed for the
+    types in `keep_packed`.
 
     There is no lm_head.weight when the file has no output.weight (tied embeddings).
     """
-    return dict(iter_hf_tensors(meta, tensors))
+    return dict(iter_hf_tensors(meta, tensors, keep_packed))
 
 
 def _f32_to_py(x: float) -> float:

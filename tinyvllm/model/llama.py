@@ -21,6 +21,7 @@ from tinygrad.function import function
 from tinygrad.nn import Linear, RMSNorm, Embedding
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.paged_attention import write_and_gather, attention
+from tinyvllm.model.quantized import PackedWeight, matmul_t
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -115,7 +116,7 @@ class LlamaForCausalLM:
     angles = np.outer(np.arange(cfg.max_position_embeddings), rope_frequencies(cfg))
     self.rope_cos, self.rope_sin = Tensor(np.cos(angles).astype(np.float32)), Tensor(np.sin(angles).astype(np.float32))
 
-  def output_weight(self) -> Tensor:
+  def output_weight(self) -> Tensor | PackedWeight:
     return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
   def __call__(self, batch: ForwardBatch, kv_cache: list[tuple[Tensor, Tensor]], every_position: bool = False) -> Tensor:
@@ -129,4 +130,4 @@ class LlamaForCausalLM:
     for layer, kv in zip(self.model.layers, kv_cache): x = layer(x, cos, sin, kv, batch)
     if every_position: h = x.reshape(S * Q, -1)
     else: h = x.gather(1, batch.logits_index.reshape(S, 1, 1).expand(S, 1, x.shape[-1])).reshape(S, -1)
-    return (self.model.norm(h) @ self.output_weight().T).cast(dtypes.float32)
+    return matmul_t(self.model.norm(h), self.output_weight()).cast(dtypes.float32)

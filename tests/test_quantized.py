@@ -1,0 +1,60 @@
+"""Packed GGUF weights: the in-kernel dequantizing matmul equals dequantize-then-matmul, for every packed type and on
+the real SmolLM2 matrices. (Greedy tokens of the packed model against Hugging Face: test_model_reference.py, whose
+`smollm2` fixture keeps the weights packed on CPU; the dequantized path is its safetensors-directory test.)"""
+import numpy as np
+import pytest
+from tinygrad import Tensor
+from tinyvllm.model import quantized
+from tinyvllm.model.gguf import GGUFTensor, read_gguf
+from tinyvllm.model.loader import default_model_path
+from tinyvllm.model.quantized import PackedWeight, packed_matmul
+
+TYPES = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}   # GGML type id, bytes per block of 32
+
+
+def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> GGUFTensor:
+  """A GGUF tensor of random quants with plausible fp16 scales (and minimums)."""
+  type_id, block_bytes = TYPES[type_name]
+  rng = np.random.default_rng(seed)
+  blocks = rng.integers(0, 256, (rows, cols // 32, block_bytes), dtype=np.uint8)
+  scales = rng.uniform(0.001, 0.05, (rows, cols // 32, 2)).astype(np.float16)
+  scales[..., 1] *= -4                                          # Q4_1's minimum is negative, like real ones
+  n_scales = 2 if type_name == "Q4_1" else 1
+  blocks[..., :2 * n_scales] = scales[..., :n_scales].view(np.uint8).reshape(rows, cols // 32, -1)
+  return GGUFTensor("w", type_id, type_name, (rows, cols), blocks.ravel())      # raw bytes, as read from a file
+
+
+def packed(t: GGUFTensor) -> PackedWeight:
+  return PackedWeight.from_blocks(t.type_name, t.raw.reshape(t.shape[0], -1, TYPES[t.type_name][1]))
+
+
+def check(t: GGUFTensor, rows_of_x: int, rtol: float = 1e-4) -> None:
+  x = np.random.default_rng(1).standard_normal((rows_of_x, t.shape[1])).astype(np.float32)
+  got, want = packed_matmul(Tensor(x), packed(t)), x @ t.dequantize().T
+  assert np.abs(got.numpy() - want).max() <= rtol * np.abs(want).max()
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("rows_of_x", [1, 3])
+def test_packed_matmul_equals_dequantize_then_matmul(type_name, rows_of_x):
+  check(random_blocks(type_name, 48, 96), rows_of_x)
+
+
+def test_many_rows_take_the_dequantize_then_matmul_path(monkeypatch):
+  monkeypatch.setattr(quantized, "MAX_KERNEL_ROWS", 2)
+  check(random_blocks("Q4_1", 40, 64), 5)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_embedding_rows_are_the_dequantized_rows(type_name):
+  t = random_blocks(type_name, 50, 64)
+  ids = np.array([[3, 49], [0, 3]], np.int32)
+  assert np.allclose(packed(t).rows(Tensor(ids)).numpy(), t.dequantize()[ids], atol=1e-6)
+
+
+def test_every_smollm2_matrix_of_two_layers_and_the_embedding():
+  """Per-layer agreement on the real weights, within fp16 tolerance (the kernel sums in a different order)."""
+  _, tensors = read_gguf(default_model_path())
+  names = [n for n in tensors if n.startswith(("blk.0.", "blk.29.")) and len(tensors[n].shape) == 2]
+  assert len(names) == 14
+  for name in names + ["token_embd.weight"]: check(tensors[name], rows_of_x=2, rtol=1e-3)

@@ -1,0 +1,121 @@
+"""Quantized weights that stay quantized: a GGUF Q4_0 / Q4_1 / Q8_0 matrix is kept in its packed blocks on the device
+and dequantized inside the matmul kernel, so decoding reads 4.5–8.5 bits per weight instead of 32.
+
+At batch 1 every weight is read once per token and used for one multiply-add: decode speed is the speed at which
+weight bytes can be read. SmolLM2-135M is 98 MB as Q4_1 and 540 MB in float32, so reading the packed form is the
+largest single lever on a CPU or a laptop. A GGUF block holds 32 consecutive weights of one row:
+
+    Q4_0  d (fp16) | 16 bytes, two 4-bit q per byte      w = d·(q − 8)
+    Q4_1  d (fp16) | m (fp16) | 16 bytes of 4-bit q      w = d·q + m
+    Q8_0  d (fp16) | 32 int8 q                           w = d·q
+
+so one block's contribution to a dot product with x is  d·Σ q_j·x_j + m·Σ x_j.  `PackedWeight` splits the blocks into
+three device tensors (the quants untouched, the scales and minimums as float32: converting fp16 inside the kernel
+was slower on CPU than the 4 extra bytes per block cost), Q4_0 becoming Q4_1 with m = −8d.
+
+The kernel is written with tinygrad's UOp API (`Tensor.custom_kernel`): one output feature per thread, the block loop
+as the reduction, and 16 independent partial sums, the lanes a C compiler turns into vector FMAs. tinygrad's own
+`(x * dequant(w)).sum()` fuses the same work into one kernel but with a single scalar accumulator, ~10× slower on
+CPU. For many rows (a long prefill) it is faster to dequantize once and use tinygrad's matmul.
+"""
+from __future__ import annotations
+import functools
+from dataclasses import dataclass
+import numpy as np
+from tinygrad import Tensor, UOp, dtypes
+from tinygrad.dtype import AddrSpace
+from tinygrad.uop.ops import AxisType, KernelInfo
+
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+BLOCK = 32
+LANES = 16              # partial sums per output: two AVX2 registers; 8 and 32 measured slower on CPU
+MAX_KERNEL_ROWS = 512   # beyond this many rows of x, dequantize and use tinygrad's matmul
+
+
+@dataclass
+class PackedWeight:
+  """An (N, K) weight as N rows of K/32 blocks: quants (uint8 nibble pairs for 4-bit, int8 for 8-bit) and scales."""
+  bits: int               # 4 or 8
+  qs: Tensor              # 4-bit: uint8 (N, K/32, 16), byte j holds q_j | q_{j+16} << 4; 8-bit: int8 (N, K/32, 32)
+  d: Tensor               # float32 (N, K/32)
+  m: Tensor | None        # float32 (N, K/32), 4-bit only
+
+  @property
+  def shape(self) -> tuple[int, int]: return (self.qs.shape[0], self.qs.shape[1] * BLOCK)
+  @property
+  def nbytes(self) -> int: return sum(t.nbytes() for t in (self.qs, self.d, self.m) if t is not None)
+
+  @staticmethod
+  def from_blocks(type_name: str, blocks: np.ndarray) -> PackedWeight:
+    """blocks: uint8 (N, K/32, bytes per block), straight from the GGUF file (rows may have been reordered)."""
+    blocks = np.array(blocks, dtype=np.uint8)          # an in-memory copy, not a view into the file's mmap
+    scale = lambda at: Tensor(np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0].astype(np.float32))
+    if type_name == "Q8_0": return PackedWeight(8, Tensor(np.ascontiguousarray(blocks[..., 2:]).view(np.int8)), scale(0), None)
+    if type_name == "Q4_1": return PackedWeight(4, Tensor(np.ascontiguousarray(blocks[..., 4:])), scale(0), scale(2))
+    if type_name == "Q4_0":
+      d = scale(0)
+      return PackedWeight(4, Tensor(np.ascontiguousarray(blocks[..., 2:])), d, (d * -8).contiguous())
+    raise ValueError(f"{type_name} weights cannot stay packed (packed types: {', '.join(PACKED_TYPES)})")
+
+  def realize(self) -> PackedWeight:
+    Tensor.realize(*(t for t in (self.qs, self.d, self.m) if t is not None))
+    return self
+
+  def rows(self, ids: Tensor) -> Tensor:
+    """The float32 rows `ids` (an embedding lookup): only those rows are dequantized."""
+    qs, d = self.qs[ids], self.d[ids].unsqueeze(-1)
+    q = (qs & 15).cat(qs >> 4, dim=-1) if self.bits == 4 else qs
+    w = q.cast(dtypes.float32) * d + (self.m[ids].unsqueeze(-1) if self.m is not None else 0)
+    return w.reshape(*ids.shape, self.shape[1])
+
+  def dequantize(self) -> Tensor: return self.rows(Tensor.arange(self.shape[0]))
+
+
+def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m: UOp, bits: int) -> UOp:
+  """out[b, n] = Σ_blocks d[n, blk]·Σ_j q[n, blk, j]·x[b, 32·blk + j] (+ m[n, blk]·Σ_j x[b, 32·blk + j])."""
+  B, N = out.shape
+  n, b = UOp.range(N, 0), UOp.range(B, 1)
+  acc = UOp.placeholder((LANES,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(n, b)
+  acc = acc.after(UOp.group(*[acc[i].store(0.0) for i in range(LANES)]))
+  blk = UOp.range(qs.shape[1], 2, AxisType.REDUCE)
+  if bits == 4:      # low nibbles are weights 0..15 of the block, high nibbles 16..31
+    q = [qs[n, blk, j] & 15 for j in range(16)] + [qs[n, blk, j] >> 4 for j in range(16)]
+  else: q = [qs[n, blk, j] for j in range(BLOCK)]
+  w = [qj.cast(dtypes.float) * d[n, blk] + (m[0][n, blk] if m else 0.0) for qj in q]
+  lanes = [acc.after(blk)[i] for i in range(LANES)]
+  for j in range(BLOCK): lanes[j % LANES] = lanes[j % LANES] + w[j] * x[b, blk * BLOCK + j]
+  acc = acc.after(UOp.group(*[acc[i].store(lanes[i]) for i in range(LANES)]).end(blk))
+  total = functools.reduce(lambda s, i: s + acc[i], range(1, LANES), acc[0])
+  return out[b, n].store(total).end(b, n).sink(arg=KernelInfo(name=f"q{bits}_matmul_{N}_{qs.shape[1] * BLOCK}",
+                                                               opts_to_apply=()))
+
+
+def packed_matmul(x: Tensor, w: PackedWeight) -> Tensor:
+  """x (..., K) @ w.T -> (..., N), in x's dtype (accumulated in float32)."""
+  (N, K), lead = w.shape, x.shape[:-1]
+  rows = x.reshape(-1, K).float()
+  if rows.shape[0] > MAX_KERNEL_ROWS: y = rows @ w.dequantize().T
+  else:
+    out = Tensor.empty(rows.shape[0], N, dtype=dtypes.float32, device=x.device)
+    scales = (w.d,) if w.m is None else (w.d, w.m)
+    y = out.custom_kernel(rows.contiguous(), w.qs, *scales, fxn=functools.partial(_matmul_kernel, bits=w.bits))[0]
+  return y.reshape(*lead, N).cast(x.dtype)
+
+
+def matmul_t(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
+  """x @ weight.T for a plain or a packed weight."""
+  return packed_matmul(x, weight) if isinstance(weight, PackedWeight) else x @ weight.T
+
+
+class PackedLinear:
+  """nn.Linear's interface over a packed weight."""
+  def __init__(self, weight: PackedWeight, bias: Tensor | None = None): self.weight, self.bias = weight, bias
+  def __call__(self, x: Tensor) -> Tensor:
+    y = packed_matmul(x, self.weight)
+    return y if self.bias is None else y + self.bias
+
+
+class PackedEmbedding:
+  """nn.Embedding's interface over a packed table; with tied embeddings the same table is the output projection."""
+  def __init__(self, weight: PackedWeight, dtype): self.weight, self.dtype = weight, dtype
+  def __call__(self, ids: Tensor) -> Tensor: return self.weight.rows(ids).cast(self.dtype)
