@@ -9,9 +9,16 @@ long their contexts are), so every shape is rounded up to a *bucket*:
     NB block-table columns  → next power of two ≥ 4              (padding columns point at the null block)
 
 and each (S, Q, NB, sampling plan) gets its own captured graph, compiled once. A step runs one graph for all the
-decoding rows (Q = 1, the common case) and one per sequence that is prefilling a chunk (S = 1). Each graph owns one
-int32 and one float32 input buffer, allocated when it is first used and refilled in place (`copy_from`) every step.
-A sequence that asked for prompt logprobs runs its prompt in graphs that also return the logprobs of every position.
+decoding rows (Q = 1, the common case) and one for the prefill chunks of each Q bucket (chunks of similar length
+share a graph, so the weights are read once for all of them, and a short prompt is never padded to a long one's
+length). Each graph owns one int32 and one float32 input buffer, allocated when it is first used and refilled in
+place every step. A sequence that asked for prompt logprobs runs its prompt alone, in graphs that also return the
+logprobs of every position.
+
+Host <-> device copies go straight through the device's allocator (`_copyin` / `_copyout`, what tinygrad's own copy
+runs in the end): `Buffer.copy_from` and `Tensor.numpy` schedule and lower a one-op graph on every call, which cost
+0.3 and 1.4 ms of Python per step on the H100 machine, longer than the whole step's kernels take at batch 1 of a
+small model. See bench/results/gpu-notes.md.
 """
 from __future__ import annotations
 import time
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer
+from tinygrad.dtype import _to_np_dtype
 from tinyvllm.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
 from tinyvllm.sampler import SamplingPlan, bucket, plan_and_pack, prompt_logprobs, sample, unpack
@@ -54,31 +62,53 @@ class StepResult:
   prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # for prompt positions start+1.. of the chunk computed
 
 
+def _upload(buf: Buffer, src: np.ndarray) -> None:
+  """Host array -> device buffer of the same size and dtype, without scheduling anything."""
+  assert src.nbytes == buf.nbytes and src.dtype == _to_np_dtype(buf.dtype), (src.dtype, src.nbytes, buf)
+  buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(src)).cast("B"))
+
+
+def _download(buf: Buffer) -> np.ndarray:
+  """Device buffer -> new host array; waits for the work that writes it (every backend's _copyout synchronizes)."""
+  out = np.empty(buf.size, _to_np_dtype(buf.dtype))
+  buf.allocator._copyout(memoryview(out).cast("B"), buf._buf)
+  return out
+
+
 class _Graph:
-  """One captured forward+sample for one Shape, with its two persistent input buffers."""
+  """One captured forward+sample for one Shape, with its persistent input buffers."""
   def __init__(self, runner: ModelRunner, shape: Shape, num_floats: int):
     self.shape, self.runner = shape, runner
-    self.ints = Tensor.zeros(sum(shape.int_sizes), dtype=dtypes.int32).contiguous().realize()
+    # one buffer per int input rather than slices of one: a replayed kernel whose argument is a view of a JIT input
+    # resolves it with a graph rewrite on every call (~1 ms on CPU, and every layer reads positions, slots, tables)
+    self.int_inputs = [Tensor.zeros(max(n, 1), dtype=dtypes.int32).contiguous().realize() for n in shape.int_sizes]
     self.floats = Tensor.zeros(num_floats, dtype=dtypes.float32).contiguous().realize()
+    self.inputs = tuple(t.uop.buffer for t in (*self.int_inputs, self.floats))
+    self.output: Buffer | None = None      # the captured graph's output buffer, the same on every replay
+    # (_forward returns a contiguous tensor: a realized result may otherwise be a permuted view of its buffer)
     self.jit = TinyJit(self._forward)
 
-  def _forward(self, ints: Tensor, floats: Tensor) -> Tensor:
+  def _forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, tables: Tensor, logits_index: Tensor,
+               sampler_ints: Tensor, next_tokens: Tensor, floats: Tensor) -> Tensor:
     sh = self.shape
-    tokens, positions, slots, tables, logits_index, sampler_ints, next_tokens = ints.split(list(sh.int_sizes))
     batch = ForwardBatch(tokens.reshape(sh.S, sh.Q), positions.reshape(sh.S, sh.Q), slots,
                          tables.reshape(sh.S, sh.NB), logits_index, self.runner.block_size)
     params = unpack(sampler_ints, floats, sh.S, sh.plan)
     if sh.plan.num_prompt_logprobs is None:
-      return sample(self.runner.model(batch, self.runner.kv_cache), params, sh.plan).flatten().realize()
+      return sample(self.runner.model(batch, self.runner.kv_cache), params, sh.plan).flatten().contiguous().realize()
     every = self.runner.model(batch, self.runner.kv_cache, every_position=True)        # [S * Q, vocab]
     last = every.gather(0, (Tensor.arange(sh.S) * sh.Q + logits_index).reshape(sh.S, 1).expand(sh.S, every.shape[1]))
     prompt = prompt_logprobs(every, next_tokens, params["temperature"], sh.plan.num_prompt_logprobs)
-    return sample(last, params, sh.plan).flatten().cat(prompt.flatten()).realize()
+    return sample(last, params, sh.plan).flatten().cat(prompt.flatten()).contiguous().realize()
 
   def __call__(self, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
-    for dst, src in ((self.ints, ints), (self.floats, floats)):
-      dst.uop.buffer.copy_from(Buffer("PYTHON", src.size, dst.dtype, opaque=memoryview(src).cast("B")))
-    return self.jit(self.ints, self.floats).numpy()
+    parts = np.split(ints, np.cumsum(self.shape.int_sizes)[:-1])
+    for buf, src in zip(self.inputs, (*parts, floats)):
+      if src.size: _upload(buf, src)                   # an empty part (no sampler ints, say) has a 1-element stand-in
+    out = self.jit(*self.int_inputs, self.floats)
+    if self.jit.captured is None: return out.numpy()         # the first call, before TinyJit captures the graph
+    if self.output is None: self.output = out.uop.buffer
+    return _download(self.output)
 
 
 class ModelRunner:
@@ -92,11 +122,15 @@ class ModelRunner:
 
   def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> StepResult:
     """Compute the scheduled tokens' K/V and return the next token of every sequence whose tokens are now all computed.
-    Decoding rows run together as one batch; each prefill chunk runs as its own row, so a short prompt is never
-    padded to the length of a long one."""
+    Decoding rows run together as one batch; prefill chunks run batched with the chunks of the same Q bucket."""
     is_decode = lambda s: s.num_new_tokens == 1 and not s.seq.wants_prompt_logprobs
     decodes = [s for s in scheduled if is_decode(s)]
-    groups = ([decodes] if decodes else []) + [[s] for s in scheduled if not is_decode(s)]
+    groups, prefills = ([decodes] if decodes else []), {}
+    for s in scheduled:
+      if is_decode(s): continue
+      if s.seq.wants_prompt_logprobs: groups.append([s])      # prompt logprobs come back for a row of its own
+      else: prefills.setdefault(bucket(s.num_new_tokens, 16), []).append(s)
+    groups += prefills.values()
     result = StepResult({}, {})
     for group in groups: self._run_group(group, block_manager, result, decoding=group is decodes)
     return result
@@ -148,8 +182,10 @@ class ModelRunner:
     slots = np.full((S, Q), NULL_BLOCK * self.block_size, np.int32)
     tables, logits_index = np.full((S, NB), NULL_BLOCK, np.int32), np.zeros(S, np.int32)
     for i, (seq, n) in enumerate((s.seq, s.num_new_tokens) for s in group):
-      start = seq.num_computed_tokens
-      tokens[i, :n] = seq.token_ids[start:start + n]
+      start, P = seq.num_computed_tokens, len(seq.prompt_token_ids)
+      # slice prompt or output directly: seq.token_ids copies both lists, for every row of every step
+      tokens[i, :n] = seq.output_token_ids[start - P:start - P + n] if start >= P else \
+        seq.prompt_token_ids[start:start + n] if start + n <= P else seq.token_ids[start:start + n]
       positions[i, :n] = np.arange(start, start + n)
       slots[i, :n] = [bm.slot(seq, p) for p in range(start, start + n)]
       tables[i, :len(seq.block_table)] = seq.block_table
