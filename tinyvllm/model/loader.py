@@ -124,10 +124,11 @@ def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto
                config: ModelConfig | None = None, packed: bool = False) -> tuple[LlamaForCausalLM, Tokenizer | None]:
   if load_format == "dummy":
     if config is None: raise ValueError("load_format='dummy' needs a config (a named shape)")
-    net = LlamaForCausalLM(config)
+    net, tokenizer = LlamaForCausalLM(config), None
     dummy_weights(net, dtype, packed=packed)
-    return net, None
-  cfg, weights, tokenizer = read_checkpoint(resolve(model), packed)
-  net = LlamaForCausalLM(cfg)
-  load_weights(net, weights, dtype)
+  else:
+    cfg, weights, tokenizer = read_checkpoint(resolve(model), packed)
+    net = LlamaForCausalLM(cfg)
+    load_weights(net, weights, dtype)
+  net.fuse_projections()
   return net, tokenizer

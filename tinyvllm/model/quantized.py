@@ -57,6 +57,14 @@ class PackedWeight:
       return PackedWeight(4, Tensor(np.ascontiguousarray(blocks[..., 2:])), d, (d * -8).contiguous())
     raise ValueError(f"{type_name} weights cannot stay packed (packed types: {', '.join(PACKED_TYPES)})")
 
+  @staticmethod
+  def cat(*weights: PackedWeight) -> PackedWeight:
+    """Rows of several weights stacked: one matmul for projections that read the same input."""
+    assert len({w.bits for w in weights}) == 1, "only weights of one packed type can be stacked"
+    stack = lambda ts: Tensor.cat(*ts).contiguous()
+    return PackedWeight(weights[0].bits, stack(w.qs for w in weights), stack(w.d for w in weights),
+                        None if weights[0].m is None else stack(w.m for w in weights)).realize()
+
   def realize(self) -> PackedWeight:
     Tensor.realize(*(t for t in (self.qs, self.d, self.m) if t is not None))
     return self
