@@ -1,10 +1,11 @@
-"""Benchmarks with vLLM's definitions: `python bench.py {latency,throughput,serve,prefix,sampling} [options]`.
+"""Benchmarks with vLLM's definitions: `python bench.py {latency,throughput,serve,prefix,sampling,diffusion} [options]`.
 
   latency     batch 1: time to first token, time per output token, decode tokens/s
   throughput  N requests submitted at once: requests/s, output tokens/s, total tokens/s
   serve       a running server (--base-url) or one started here (default): TTFT/TPOT/ITL/E2EL percentiles
   prefix      shared system prompt and multi-turn chat, prefix cache on vs off
   sampling    decode step time with greedy requests vs every sampling knob on, at several batch sizes
+  diffusion   a diffusion LM: LLaDA decoding vs Fast-dLLM threshold decoding, with and without its prefix cache
 
 Every engine argument is an option (--load-format dummy --shape llama-1b: random weights, no files); --max-model-len
 defaults to the longest sequence the workload makes. `--compare` adds peers measured right after tinyvllm on the same
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--input-len", type=int, default=16)
   p.add_argument("--output-len", type=int, default=8, help="tokens per request; all but the first are timed steps")
   p.set_defaults(func=commands.sampling)
+
+  p = sub.add_parser("diffusion", parents=common, help="LLaDA vs Fast-dLLM decoding (--model: the shipped one)")
+  p.add_argument("--num-prompts", type=int, default=8)
+  p.add_argument("--gen-length", type=int, default=64)
+  p.add_argument("--block-length", type=int, default=16)
+  p.add_argument("--threshold", type=float, default=0.9, help="Fast-dLLM's confidence threshold")
+  p.set_defaults(func=commands.diffusion)
   return parser
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import sys
 import threading
 from pathlib import Path
+import numpy as np
 import pytest
 from aiohttp import web
 from tinyvllm.benchmark import peers, serving
@@ -231,3 +233,34 @@ def test_smoke_serve(bench, monkeypatch):
                        "--num-prompts", "4", "--input-len", "8", "--output-len", "4"])
   tinyvllm = result["columns"]["tinyvllm"]
   assert (tinyvllm["completed"], tinyvllm["failed"], tinyvllm["total_output_tokens"]) == (4, 0, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny_llada(tmp_path_factory) -> Path:
+  """A random LLaDA checkpoint with the shipped model's layout and tokenizer, one layer of width 32."""
+  from safetensors.numpy import save_file
+  from tinygrad.nn.state import get_state_dict
+  from tinyvllm.diffusion_engine import DEFAULT_DIFFUSION_MODEL
+  from tinyvllm.model.llada import DiffusionConfig, MaskedDiffusionLM, to_llada_layout
+  path = tmp_path_factory.mktemp("tiny-llada")
+  config = json.loads((DEFAULT_DIFFUSION_MODEL / "config.json").read_text()) | \
+    dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden_size=64)
+  model, rng = MaskedDiffusionLM(DiffusionConfig.from_hf(config)), np.random.default_rng(0)
+  weights = {k: rng.normal(0, 0.5, v.shape).astype(np.float32) for k, v in get_state_dict(model).items()
+             if not k.startswith("rope_")}
+  save_file(to_llada_layout(weights, model.config.model), str(path / "model.safetensors"))
+  (path / "config.json").write_text(json.dumps(config))
+  for name in ("tokenizer.model", "tokenizer_config.json"): shutil.copy(DEFAULT_DIFFUSION_MODEL / name, path / name)
+  return path
+
+
+def test_smoke_diffusion(bench, tiny_llada, tmp_path, capsys):
+  result = bench.main(["diffusion", "--model", str(tiny_llada), "--num-prompts", "2", "--gen-length", "4",
+                       "--block-length", "2", "--warmup", "0", "--json", str(tmp_path / "out.json")])
+  columns = json.loads((tmp_path / "out.json").read_text())["columns"]
+  assert list(columns) == ["llada", "threshold", "threshold+cache"] and "bench diffusion" in capsys.readouterr().out
+  assert all(lookup(c, path) is not None for c in columns.values() for _, path in result["headline"])
+  llada = columns["llada"]
+  assert (llada["tokens"], llada["model_calls_per_token"], llada["batched_forwards"]) == (8, 1.0, 4)
+  assert llada["agreement_with_llada"] == 1.0 and llada["log_likelihood_per_token"] < 0
+  for c in columns.values(): assert c["tokens"] == 8 and 0 < c["model_calls_per_token"] <= 1 and c["tokens_per_s"] > 0

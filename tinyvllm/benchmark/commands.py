@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from tinygrad import Device
 from tinyvllm.benchmark import offline, peers, serving
+from tinyvllm.benchmark.diffusion import bench_diffusion
 from tinyvllm.benchmark.report import Row, machine_info, ratios
 from tinyvllm.benchmark.workloads import Workload, chat_requests, random_requests, shared_prefix_requests
 from tinyvllm.config import SHAPES, EngineArgs
@@ -80,9 +81,10 @@ def vocab_size(engine_args: EngineArgs) -> int:
   return json.loads((path / "config.json").read_text())["vocab_size"]
 
 
-def workload_len(args: argparse.Namespace) -> int:
+def workload_len(args: argparse.Namespace) -> int | None:
   """The longest sequence (prompt + output tokens) the subcommand's workload makes: the default max_model_len, so
   a model with a 128k context does not need a KV pool for 128k tokens to run a benchmark of 200."""
+  if args.benchmark == "diffusion": return None        # text prompts, no KV pool: the model's context bounds them
   if args.benchmark == "prefix": return args.prefix_len + args.turns * (args.question_len + args.output_len)
   stretch = 1 + getattr(args, "random_range_ratio", 0.0)
   return int(args.input_len * stretch) + int(args.output_len * stretch) + 1
@@ -184,3 +186,16 @@ def sampling(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
                               ("sampling overhead (ms)", "all_knobs_overhead_ms"),
                               ("overhead share of the step", "all_knobs_overhead_share"))]
   return _result("sampling", args, engine_args, {"tinyvllm": _measure_tinyvllm(engine_args, measure)}, rows)
+
+
+DIFFUSION_ROWS: list[Row] = [("output tok/s", "tokens_per_s"), ("model calls per token", "model_calls_per_token"),
+                             ("batched forward passes", "batched_forwards"),
+                             ("tokens equal to llada's", "agreement_with_llada"),
+                             ("log-likelihood per token", "log_likelihood_per_token")]
+
+
+def diffusion(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
+  """LLaDA (one token per step), Fast-dLLM threshold decoding, threshold + prefix cache: one column each."""
+  columns = bench_diffusion(engine_args, args.num_prompts, args.gen_length, args.block_length, args.threshold,
+                            args.warmup)
+  return _result("diffusion", args, engine_args, columns, DIFFUSION_ROWS)
