@@ -11,8 +11,8 @@ long their contexts are), so every shape is rounded up to a *bucket*:
 and each (S, Q, NB, sampling plan) gets its own captured graph, compiled once. A step runs one graph for all the
 decoding rows (Q = 1, the common case) and one for the prefill chunks of each Q bucket (chunks of similar length
 share a graph, so the weights are read once for all of them, and a short prompt is never padded to a long one's
-length). Each graph owns one device buffer per input (tokens, positions, slots, ...), allocated when it is first used and refilled in
-place every step. A sequence that asked for prompt logprobs runs its prompt alone, in graphs that also return the
+length). Each graph owns one device buffer per input (tokens, positions, slots, ...), allocated when it is first
+used and refilled in place every step. A sequence that asked for prompt logprobs runs its prompt alone, in graphs that also return the
 logprobs of every position.
 
 Host <-> device copies go straight through the device's allocator (`_copyin` / `_copyout`, what tinygrad's own copy
