@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 from tinygrad import Tensor
-from tinyvllm.sampler import plan_and_pack, sample, unpack
+from tinyvllm.sampler import _filter, plan_and_pack, sample, unpack
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.sequence import Sequence
 
@@ -51,6 +51,25 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_best():
   allowed = set(np.nonzero(p >= 0.2 * p.max())[0])
   tokens, _ = draw(SamplingParams(temperature=1.0, min_p=0.2, seed=4))
   assert set(tokens) <= allowed and len(set(tokens)) == len(allowed)
+
+
+def test_filters_keep_exactly_the_reference_sets_on_a_wide_vocabulary():
+  """Thresholds found by the on-device search equal a sort-based reference, tails of ~1e-9 probabilities included."""
+  rng = np.random.default_rng(7)
+  logits = rng.normal(0, 3, (6, 5000)).astype(np.float32)
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  top_k = np.array([0, 1, 50, 0, 10, 4999], np.float32)
+  top_p = np.array([1, 1, 1, 0.5, 0.3, 0.99], np.float32)
+  min_p = np.array([0, 0, 0, 0, 0, 0.001], np.float32)
+  col = lambda a: Tensor(a.reshape(-1, 1))
+  kept = _filter(Tensor(probs), {"top_k": col(top_k), "top_p": col(top_p), "min_p": col(min_p)}).numpy() > 0
+  for row, k, top, floor, got in zip(probs, top_k, top_p, min_p, kept):
+    order = np.argsort(-row)[:int(k) or len(row)]
+    nucleus = np.cumsum(row[order] / row[order].sum())
+    n = len(order) if top >= 1 else int(np.searchsorted(nucleus, top)) + 1
+    expected = {t for t in order[:n] if row[t] >= floor * row.max()}
+    assert set(np.nonzero(got)[0]) == expected
 
 
 def test_temperature_zero_and_tiny_temperature_are_greedy():

@@ -9,7 +9,9 @@ from a global random stream, so a seeded request draws the same tokens whatever 
 its prompt was chunked or preempted.
 
 top-k, top-p and min-p each keep the tokens whose probability is at least some threshold. The thresholds are found
-by bisection over probability values (24 halvings, vectorized over rows) instead of sorting the vocabulary.
+by a 16-way search over probability values instead of sorting the vocabulary: each pass tests 15 candidate
+thresholds at once (one reduction over the vocabulary for all of them) and keeps the sixteenth of the interval where
+the answer lies, so 6 passes reach the precision of 24 halvings with a quarter of the kernels.
 
 Penalties and `logit_bias` touch only the tokens a row has seen or named, so the host sends, per row, a short padded
 list of (token id, times generated, in prompt?, bias) and the device gathers those logits, adjusts them and scatters
@@ -32,7 +34,7 @@ from tinyvllm.sequence import Sequence
 
 ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "step", "presence", "frequency", "repetition")
 ADJUST_FIELDS = ("count", "in_prompt", "bias")
-_BISECT_STEPS = 24
+_SEARCH_WAYS, _SEARCH_PASSES = 16, 6   # 16**6 = 2**24: the threshold to 24 bits of the row's largest probability
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -134,25 +136,27 @@ def _uniform(seed: Tensor, step: Tensor, vocab_size: int) -> Tensor:
   return ((x >> 8).cast(dtypes.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def _bisect_threshold(probs: Tensor, keep_enough) -> Tensor:
-  """The largest threshold t (per row) such that keep_enough(probs >= t) still holds; [S, 1]."""
-  lo = Tensor.zeros(probs.shape[0], 1)
-  hi = probs.max(-1, keepdim=True)
-  for _ in range(_BISECT_STEPS):
-    mid = (lo + hi) / 2
-    ok = keep_enough(probs >= mid)
-    lo, hi = ok.where(mid, lo), ok.where(hi, mid)
+def _search_threshold(probs: Tensor, keep_enough) -> Tensor:
+  """The largest threshold t (per row) such that keep_enough(probs >= t) still holds; [S, 1]. `keep_enough` maps
+  kept masks [S, C, V] (C candidate thresholds per row) to [S, C] booleans, true for a prefix of the candidates."""
+  lo, width = Tensor.zeros(probs.shape[0], 1), probs.max(-1, keepdim=True)
+  fractions = Tensor.arange(1, _SEARCH_WAYS).reshape(1, -1) / _SEARCH_WAYS
+  for _ in range(_SEARCH_PASSES):
+    candidates = lo + width * fractions                                             # [S, C], increasing
+    passing = keep_enough(probs.unsqueeze(1) >= candidates.unsqueeze(-1)).sum(1, keepdim=True)
+    width = width / _SEARCH_WAYS
+    lo = lo + passing * width
   return lo
 
 
 def _filter(probs: Tensor, p: dict[str, Tensor]) -> Tensor:
   """Zero the tokens outside top-k, then outside the top-p nucleus of what is left, then below min_p × max."""
-  k_thresh = _bisect_threshold(probs, lambda kept: kept.sum(-1, keepdim=True) >= p["top_k"])
+  k_thresh = _search_threshold(probs, lambda kept: kept.sum(-1) >= p["top_k"])
   probs = ((p["top_k"] > 0) & (probs < k_thresh)).where(0.0, probs)
   probs = probs / probs.sum(-1, keepdim=True)
   top_p = p["top_p"] * (1 - 1e-6)       # float sums of a full nucleus may land a hair under top_p
-  p_thresh = _bisect_threshold(probs, lambda kept: kept.where(probs, 0.0).sum(-1, keepdim=True) >= top_p)
-  keep = (probs >= p_thresh) & (probs >= p["min_p"] * probs.max(-1, keepdim=True))
+  p_thresh = _search_threshold(probs, lambda kept: kept.where(probs.unsqueeze(1), 0.0).sum(-1) >= top_p)
+  keep = ((p["top_p"] >= 1) | (probs >= p_thresh)) & (probs >= p["min_p"] * probs.max(-1, keepdim=True))
   return keep.where(probs, 0.0)
 
 
