@@ -25,8 +25,8 @@ The graph that runs depends on a `SamplingPlan` (greedy only? filters? how many 
 logprobs?), so a batch of plain greedy requests pays for none of this.
 """
 from __future__ import annotations
-from collections import Counter
 from dataclasses import dataclass
+from itertools import chain
 import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.uop.ops import UOp, KernelInfo
@@ -56,15 +56,45 @@ class SamplingPlan:
   def prompt_output_width(self) -> int: return 1 + 2 * (self.num_prompt_logprobs or 0)  # next token's logprob, top P
 
 
-def _adjustments(seq: Sequence, stop_ids: set[int]) -> dict[int, tuple[float, float, float]]:
-  """token id -> (times generated, appears in prompt, additive bias) for the tokens this row's params touch."""
-  p = seq.params
-  bias = {int(k): float(v) for k, v in (p.logit_bias or {}).items()}
-  if len(seq.output_token_ids) < p.min_tokens:
-    for t in stop_ids | set(p.stop_token_ids): bias[t] = -float("inf")
-  counts = Counter(seq.output_token_ids) if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1) else {}
-  prompt = set(seq.prompt_token_ids) if p.repetition_penalty != 1 else set()
-  return {t: (float(counts.get(t, 0)), float(t in prompt), bias.get(t, 0.0)) for t in set(counts) | prompt | set(bias)}
+def _keys(pieces: list[tuple[int, list[int]]]) -> np.ndarray:
+  """(row, token ids) pieces -> int64 keys row << 32 | token: one sort orders and dedups a whole batch's tokens."""
+  tokens = np.fromiter(chain.from_iterable(ids for _, ids in pieces), np.int64)
+  return np.repeat(np.array([row for row, _ in pieces], np.int64), [len(ids) for _, ids in pieces]) << 32 | tokens
+
+
+def _pack_adjustments(rows: list[Sequence | None], stop_ids: set[int]) -> tuple[np.ndarray, np.ndarray]:
+  """Per row, the tokens its params touch, sorted and padded to U: ids [S, U] and [times generated, appears in
+  prompt, additive bias] as [3, S, U]. Vectorized over the batch: per-row dicts cost 24 ms of host time per step at
+  batch 64 with 128-token prompts."""
+  generated, prompts, biased, bias_values = [], [], [], []
+  for row, seq in enumerate(rows):
+    if seq is None: continue
+    p = seq.params
+    bias = {int(k): float(v) for k, v in (p.logit_bias or {}).items()}
+    if len(seq.output_token_ids) < p.min_tokens:
+      for t in stop_ids | set(p.stop_token_ids): bias[t] = -float("inf")
+    if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1: generated.append((row, seq.output_token_ids))
+    if p.repetition_penalty != 1: prompts.append((row, seq.prompt_token_ids))
+    biased.append((row, list(bias)))
+    bias_values += bias.values()
+  generated, prompts, biased = _keys(generated), _keys(prompts), _keys(biased)
+  keys = np.sort(np.concatenate([generated, prompts, biased]))
+  keys = keys[np.diff(keys, prepend=-1) != 0]                     # deduplicated; np.unique hashes: 15× slower here
+  values = np.zeros((len(ADJUST_FIELDS), len(keys)), np.float32)
+  values[0] = np.bincount(np.searchsorted(keys, generated), minlength=len(keys))
+  values[1, np.searchsorted(keys, prompts)] = 1.0
+  values[2, np.searchsorted(keys, biased)] = bias_values
+  key_row, token = keys >> 32, (keys & 0xFFFFFFFF).astype(np.int32)
+  per_row = np.bincount(key_row, minlength=len(rows))
+  start = np.cumsum(per_row) - per_row
+  U = bucket(int(per_row.max(initial=0)), 16)
+  ids, extra = np.zeros((len(rows), U), np.int32), np.zeros((len(ADJUST_FIELDS), len(rows), U), np.float32)
+  # padding repeats the row's first entry: duplicate writes of the same value are harmless
+  first = start[has := per_row > 0]
+  ids[has], extra[:, has] = token[first, None], values[:, first, None]
+  column = np.arange(len(keys)) - start[key_row]
+  ids[key_row, column], extra[:, key_row, column] = token, values
+  return ids, extra
 
 
 def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int]) -> tuple[SamplingPlan, np.ndarray, np.ndarray]:
@@ -73,14 +103,13 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
   sampled = [s.params for s in live if not s.params.greedy]
   mode = "greedy" if not sampled else \
     "filtered" if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in sampled) else "random"
-  adjust = [_adjustments(seq, stop_ids) if seq is not None else {} for seq in rows]
-  U = bucket(max(map(len, adjust)), 16)
+  ids, extra = _pack_adjustments(rows, stop_ids)
+  U = ids.shape[1]
   K = max((s.params.logprobs or 0 for s in live), default=0)
   P = max((s.params.prompt_logprobs for s in live if s.wants_prompt_logprobs), default=None)
   plan = SamplingPlan(mode, U, K, any(s.params.logprobs is not None for s in live), P)
   S = len(rows)
   per_row = {name: np.zeros(S, np.float32) for name in ROW_FIELDS}
-  ids, extra = np.zeros((S, U), np.int32), np.zeros((len(ADJUST_FIELDS), S, U), np.float32)
   for i, seq in enumerate(rows):
     if seq is None: continue
     p = seq.params
@@ -90,12 +119,6 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
                                         len(seq.output_token_ids), p.presence_penalty, p.frequency_penalty,
                                         p.repetition_penalty)):
       per_row[name][i] = value
-    if adjust[i]:
-      tokens = sorted(adjust[i])
-      # padding repeats the first entry: duplicate writes of the same value are harmless
-      tokens += [tokens[0]] * (U - len(tokens))
-      ids[i] = tokens
-      extra[:, i] = np.array([adjust[i][t] for t in tokens], np.float32).T
   floats = np.concatenate([*per_row.values(), extra.ravel()])
   return plan, ids.ravel(), floats
 
