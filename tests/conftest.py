@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 import pytest
+import tinyvllm  # noqa: F401  (first: it sets tinygrad's runtime flags before any test module imports tinygrad)
 
 DATA = Path(__file__).parent / "data"
 
