@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 from tinygrad import Tensor
-from tinyvllm.sampler import _filter, plan_and_pack, sample, unpack
+from tinyvllm.sampler import _argmax, _kept, plan_and_pack, sample, unpack
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.sequence import Sequence
 
@@ -63,13 +63,23 @@ def test_filters_keep_exactly_the_reference_sets_on_a_wide_vocabulary():
   top_p = np.array([1, 1, 1, 0.5, 0.3, 0.99], np.float32)
   min_p = np.array([0, 0, 0, 0, 0, 0.001], np.float32)
   col = lambda a: Tensor(a.reshape(-1, 1))
-  kept = _filter(Tensor(probs), {"top_k": col(top_k), "top_p": col(top_p), "min_p": col(min_p)}).numpy() > 0
+  kept = _kept(Tensor(probs), {"top_k": col(top_k), "top_p": col(top_p), "min_p": col(min_p)}).numpy()
   for row, k, top, floor, got in zip(probs, top_k, top_p, min_p, kept):
     order = np.argsort(-row)[:int(k) or len(row)]
     nucleus = np.cumsum(row[order] / row[order].sum())
     n = len(order) if top >= 1 else int(np.searchsorted(nucleus, top)) + 1
     expected = {t for t in order[:n] if row[t] >= floor * row.max()}
     assert set(np.nonzero(got)[0]) == expected
+
+
+def test_one_reduction_argmax_matches_numpy_with_ties_and_infinities():
+  x = np.random.default_rng(8).normal(0, 1, (5, 300)).astype(np.float32)
+  x[1, [7, 200]] = 9.0                       # a tie: the first index wins
+  x[2] = -np.abs(x[2])                       # all negative
+  x[3, :] = -np.inf; x[3, 123] = -50.0       # banned tokens
+  x[4, 299] = np.float32(1e30)
+  ids, values = (t.numpy() for t in _argmax(Tensor(x)))
+  assert (ids[:, 0] == x.argmax(1)).all() and (values[:, 0] == x.max(1)).all()
 
 
 def test_temperature_zero_and_tiny_temperature_are_greedy():

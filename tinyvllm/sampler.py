@@ -172,19 +172,32 @@ def _search_threshold(probs: Tensor, keep_enough) -> Tensor:
   return lo
 
 
-def _filter(probs: Tensor, p: dict[str, Tensor]) -> Tensor:
-  """Zero the tokens outside top-k, then outside the top-p nucleus of what is left, then below min_p × max."""
+def _kept(probs: Tensor, p: dict[str, Tensor]) -> Tensor:
+  """The tokens that survive top-k, then the top-p nucleus of what is left, then min_p × max: a [S, V] mask."""
   k_thresh = _search_threshold(probs, lambda kept: kept.sum(-1) >= p["top_k"])
   probs = ((p["top_k"] > 0) & (probs < k_thresh)).where(0.0, probs)
   probs = probs / probs.sum(-1, keepdim=True)
   top_p = p["top_p"] * (1 - 1e-6)       # float sums of a full nucleus may land a hair under top_p
   p_thresh = _search_threshold(probs, lambda kept: kept.where(probs.unsqueeze(1), 0.0).sum(-1) >= top_p)
-  keep = ((p["top_p"] >= 1) | (probs >= p_thresh)) & (probs >= p["min_p"] * probs.max(-1, keepdim=True))
-  return keep.where(probs, 0.0)
+  return (probs > 0) & ((p["top_p"] >= 1) | (probs >= p_thresh)) & (probs >= p["min_p"] * probs.max(-1, keepdim=True))
 
 
 def _temperature_scaled(logits: Tensor, temperature: Tensor) -> Tensor:
   return logits / (temperature <= 0).where(1.0, temperature)
+
+
+def _argmax(x: Tensor) -> tuple[Tensor, Tensor]:
+  """(index, value) of each row's largest entry ([S, 1] each; the first index on ties) in one reduction over the
+  vocabulary instead of tinygrad's two (max, then the index of the max) plus a gather: the value's float bits, turned
+  into an unsigned integer with the same order, and the reversed index share one uint64 key; the largest key wins."""
+  V = x.shape[-1]
+  bits, sign = x.bitcast(dtypes.uint32), 0x80000000
+  ordered = (bits >= sign).where(bits ^ 0xFFFFFFFF, bits | sign)    # negatives order backwards: flip all their bits
+  reversed_index = (V - 1 - Tensor.arange(V)).cast(dtypes.uint64)
+  best = (ordered.cast(dtypes.uint64) * (1 << 32) + reversed_index).max(-1, keepdim=True)
+  high = (best // (1 << 32)).cast(dtypes.uint32)
+  value = (high >= sign).where(high ^ sign, high ^ 0xFFFFFFFF).bitcast(dtypes.float32)
+  return V - 1 - (best & 0xFFFFFFFF).cast(dtypes.int32), value
 
 
 def _top(logprobs: Tensor, k: int) -> list[Tensor]:
@@ -193,9 +206,9 @@ def _top(logprobs: Tensor, k: int) -> list[Tensor]:
   if not k: return []
   vocab, ids, values = Tensor.arange(logprobs.shape[-1]).reshape(1, -1), [], []
   for _ in range(k):
-    best = logprobs.argmax(-1, keepdim=True)
+    best, value = _argmax(logprobs)
     ids.append(best)
-    values.append(logprobs.gather(1, best))
+    values.append(value)
     logprobs = (vocab == best).where(-float("inf"), logprobs)
   return [Tensor.cat(*ids, dim=1).float(), Tensor.cat(*values, dim=1)]
 
@@ -212,18 +225,15 @@ def sample(logits: Tensor, p: dict[str, Tensor], plan: SamplingPlan) -> Tensor:
   """logits [S, V] float32 -> [S, plan.output_width] float32: token id, its logprob, top ids, top logprobs."""
   S, V = logits.shape
   if plan.num_adjusted: logits = _adjust(logits, p)
-  greedy = p["temperature"] <= 0
-  scaled = _temperature_scaled(logits, p["temperature"])
-  token = logits.argmax(-1)
+  token = _argmax(logits)[0]
+  if plan.mode != "greedy" or plan.want_logprobs:
+    logprobs = _temperature_scaled(logits, p["temperature"]).log_softmax(-1)
   if plan.mode != "greedy":
-    probs = scaled.softmax(-1)
-    if plan.mode == "filtered": probs = _filter(probs, p)
-    gumbel = -(-_uniform(p["seed"], p["step"], V).log()).log()
-    sampled = (probs > 0).where(probs.log() + gumbel, -float("inf")).argmax(-1)
-    token = greedy.reshape(S).where(token, sampled)
-  out = [token.float().reshape(S, 1)]
-  if plan.want_logprobs:
-    logprobs = scaled.log_softmax(-1)
-    out += [logprobs.gather(1, token.reshape(S, 1)), *_top(logprobs, plan.num_logprobs)]
+    # Gumbel-max over the kept tokens; log-probabilities differ from the filtered, renormalized ones by a constant
+    noisy = logprobs - (-_uniform(p["seed"], p["step"], V).log()).log()
+    if plan.mode == "filtered": noisy = _kept(logprobs.exp(), p).where(noisy, -float("inf"))
+    token = (p["temperature"] <= 0).where(token, _argmax(noisy)[0])
+  out = [token.float()]
+  if plan.want_logprobs: out += [logprobs.gather(1, token), *_top(logprobs, plan.num_logprobs)]
   else: out.append(Tensor.zeros(S, plan.output_width - 1))
   return Tensor.cat(*out, dim=1)
