@@ -39,7 +39,7 @@ class EngineArgs:
   device: str | None = None                # tinygrad device ("CPU", "CUDA", "METAL"); None: tinygrad's default
   block_size: int = 16                     # tokens per KV block
   num_kv_blocks: int | None = None         # KV pool size; None: from kv_cache_memory_gb
-  kv_cache_memory_gb: float = 1.0          # KV pool budget when num_kv_blocks is not given
+  kv_cache_memory_gb: float = 1.0          # KV pool budget per device (vLLM's is per GPU) without num_kv_blocks
   max_num_seqs: int = 64                   # sequences per step
   max_num_batched_tokens: int = 256        # tokens per step (decodes + prefill chunks)
   max_model_len: int | None = None         # prompt + output limit; None: the model's context length
@@ -47,6 +47,7 @@ class EngineArgs:
   enable_prefix_caching: bool = True
   seed: int = 0
   packed_weights: bool | None = None       # GGUF Q4_0/Q4_1/Q8_0 matrices stay packed; None: where it measured faster
+  tensor_parallel_size: int = 1            # split heads and MLP across this many devices (model/tensor_parallel.py)
 
   @classmethod
   def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -55,6 +56,15 @@ class EngineArgs:
     if unknown: raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
     return cls(**kwargs)
 
+  def devices(self) -> tuple[str, ...]:
+    """`tensor_parallel_size` devices of the engine's kind, counting up from its own: CPU → ("CPU", "CPU:1", ...),
+    CUDA:2 → ("CUDA:2", "CUDA:3", ...). "CPU:1" is a tinygrad device of its own (own buffers and queue, same RAM),
+    so tensor parallelism runs, and is tested, on a CPU too."""
+    n = self.tensor_parallel_size
+    if n < 1: raise ValueError(f"tensor_parallel_size must be at least 1, got {n}")
+    kind, _, index = Device.canonicalize(self.device).partition(":")
+    return tuple(Device.canonicalize(f"{kind}:{int(index or 0) + i}") for i in range(n))
+
   def _on_cpu(self) -> bool: return (self.device or Device.DEFAULT).split(":")[0] in ("CPU", "PYTHON")
 
   def compute_dtype(self) -> DType:
@@ -62,5 +72,9 @@ class EngineArgs:
     return dtypes.float32 if self._on_cpu() else dtypes.float16
 
   def keep_weights_packed(self) -> bool:
+    if self.tensor_parallel_size > 1:   # the packed matmul has no split form yet: split models load float weights
+      if self.packed_weights: raise ValueError("packed_weights=True does not work with tensor_parallel_size > 1 yet: "
+                                               "leave packed_weights unset (or False) to split float weights")
+      return False
     if self.packed_weights is not None: return self.packed_weights
     return self._on_cpu()

@@ -49,6 +49,7 @@ class DiffusionEngine:
   def __init__(self, args: EngineArgs):
     t0 = time.perf_counter()
     self.args = args
+    if args.tensor_parallel_size > 1: raise ValueError("diffusion models run on one device: tensor_parallel_size=1")
     path = DEFAULT_DIFFUSION_MODEL if args.model in (None, *DIFFUSION_ALIASES) else resolve(args.model)
     self.model, self.tokenizer = load_diffusion_model(path, args.compute_dtype())
     self.model_config = self.model.config.model

@@ -78,8 +78,9 @@ class LLMEngine:
     t0 = time.perf_counter()
     dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
       if args.load_format == "dummy" else None
+    devices = args.devices()
     self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg,
-                                            args.keep_weights_packed())
+                                            args.keep_weights_packed(), devices)
     self.model_config = cfg = self.model.config
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -92,12 +93,15 @@ class LLMEngine:
     self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                args.enable_chunked_prefill)
     stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
-    self.runner = ModelRunner(self.model, num_blocks, args.block_size, args.compute_dtype(), stop_ids, args.seed)
+    self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
+                              args.seed)
     self.requests: dict[str, _Request] = {}
     self._ids = itertools.count()
 
   def _blocks_for_budget(self, cfg: ModelConfig) -> int:
-    bytes_per_block = 2 * cfg.num_layers * self.args.block_size * cfg.num_kv_heads * cfg.head_dim * \
+    # the budget is per device, as in vLLM: split N ways by tensor parallelism, each device holds 1/N of every block
+    kv_heads_per_device = cfg.num_kv_heads // self.args.tensor_parallel_size
+    bytes_per_block = 2 * cfg.num_layers * self.args.block_size * kv_heads_per_device * cfg.head_dim * \
       self.args.compute_dtype().itemsize
     budget_blocks = int(self.args.kv_cache_memory_gb * 2**30 // bytes_per_block)
     # never more than every sequence at full length could use

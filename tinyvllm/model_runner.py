@@ -25,10 +25,11 @@ import time
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
-from tinygrad.device import Buffer
+from tinygrad.device import Buffer, MultiBuffer
 from tinygrad.dtype import _to_np_dtype
 from tinyvllm.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
+from tinyvllm.model.paged_attention import new_pool
 from tinyvllm.sampler import SamplingPlan, bucket, plan_and_pack, prompt_logprobs, sample, unpack
 from tinyvllm.scheduler import ScheduledSequence
 from tinyvllm.sequence import Sequence
@@ -62,10 +63,13 @@ class StepResult:
   prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # for prompt positions start+1.. of the chunk computed
 
 
-def _upload(buf: Buffer, src: np.ndarray) -> None:
-  """Host array -> device buffer of the same size and dtype, without scheduling anything."""
-  assert src.nbytes == buf.nbytes and src.dtype == _to_np_dtype(buf.dtype), (src.dtype, src.nbytes, buf)
-  buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(src)).cast("B"))
+def _upload(buf: Buffer | MultiBuffer, src: np.ndarray) -> None:
+  """Host array -> device buffer of the same size and dtype (each device's copy of a replicated one), without
+  scheduling anything."""
+  data = memoryview(np.ascontiguousarray(src)).cast("B")
+  for b in buf.bufs if isinstance(buf, MultiBuffer) else [buf]:
+    assert src.nbytes == b.nbytes and src.dtype == _to_np_dtype(b.dtype), (src.dtype, src.nbytes, b)
+    b.allocator._copyin(b._buf, data)
 
 
 def _download(buf: Buffer) -> np.ndarray:
@@ -81,8 +85,13 @@ class _Graph:
     self.shape, self.runner = shape, runner
     # one buffer per int input rather than slices of one: a replayed kernel whose argument is a view of a JIT input
     # resolves it with a graph rewrite on every call (~1 ms on CPU, and every layer reads positions, slots, tables)
-    self.int_inputs = [Tensor.zeros(max(n, 1), dtype=dtypes.int32).contiguous().realize() for n in shape.int_sizes]
-    self.floats = Tensor.zeros(num_floats, dtype=dtypes.float32).contiguous().realize()
+    # The model's inputs (the first five of int_sizes) live on each of its devices, filled from the host, rather
+    # than copied there inside the graph (tinygrad's HCQ2 runtime cannot replay a copy that reads a JIT input); the
+    # sampler's stay on the first device, where it runs.
+    devices = runner.devices
+    self.int_inputs = [Tensor.zeros(max(n, 1), dtype=dtypes.int32, device=devices if i < 5 else devices[0])
+                       .contiguous().realize() for i, n in enumerate(shape.int_sizes)]
+    self.floats = Tensor.zeros(num_floats, dtype=dtypes.float32, device=devices[0]).contiguous().realize()
     self.inputs = tuple(t.uop.buffer for t in (*self.int_inputs, self.floats))
     self.output: Buffer | None = None      # the captured graph's output buffer, the same on every replay
     # (_forward returns a contiguous tensor: a realized result may otherwise be a permuted view of its buffer)
@@ -90,16 +99,18 @@ class _Graph:
 
   def _forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, tables: Tensor, logits_index: Tensor,
                sampler_ints: Tensor, next_tokens: Tensor, floats: Tensor) -> Tensor:
-    sh = self.shape
+    sh, model, kv = self.shape, self.runner.model, self.runner.kv_cache
     batch = ForwardBatch(tokens.reshape(sh.S, sh.Q), positions.reshape(sh.S, sh.Q), slots,
                          tables.reshape(sh.S, sh.NB), logits_index, self.runner.block_size)
     params = unpack(sampler_ints, floats, sh.S, sh.plan)
+    to_sampler = lambda logits: logits.to(self.runner.devices[0])   # from every device (tensor parallel) to the first
     if sh.plan.num_prompt_logprobs is None:
-      return sample(self.runner.model(batch, self.runner.kv_cache), params, sh.plan).flatten().contiguous().realize()
-    every = self.runner.model(batch, self.runner.kv_cache, every_position=True)        # [S * Q, vocab]
-    last = every.gather(0, (Tensor.arange(sh.S) * sh.Q + logits_index).reshape(sh.S, 1).expand(sh.S, every.shape[1]))
-    prompt = prompt_logprobs(every, next_tokens, params["temperature"], sh.plan.num_prompt_logprobs)
-    return sample(last, params, sh.plan).flatten().cat(prompt.flatten()).contiguous().realize()
+      return sample(to_sampler(model(batch, kv)), params, sh.plan).flatten().contiguous().realize()
+    every = model(batch, kv, every_position=True)                                     # [S * Q, vocab]
+    V = every.shape[1]
+    last = every.reshape(sh.S, sh.Q, V).gather(1, logits_index.reshape(sh.S, 1, 1).expand(sh.S, 1, V)).reshape(sh.S, V)
+    prompt = prompt_logprobs(to_sampler(every), next_tokens, params["temperature"], sh.plan.num_prompt_logprobs)
+    return sample(to_sampler(last), params, sh.plan).flatten().cat(prompt.flatten()).contiguous().realize()
 
   def __call__(self, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
     parts = np.split(ints, np.cumsum(self.shape.int_sizes)[:-1])
@@ -112,12 +123,14 @@ class _Graph:
 
 
 class ModelRunner:
-  def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype, stop_ids: set[int],
-               seed: int = 0):
+  def __init__(self, model: LlamaForCausalLM, devices: tuple[str, ...], num_blocks: int, block_size: int, kv_dtype,
+               stop_ids: set[int], seed: int = 0):
+    """`devices`: the model's, more than one when tensor parallelism splits it; the KV pool is then split by KV head
+    the same way, and the host's inputs and outputs stay on the first device."""
     cfg = model.config
-    self.model, self.block_size, self.seed, self.stop_ids = model, block_size, seed, stop_ids
-    self.kv_cache = [tuple(Tensor.zeros(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype=kv_dtype)
-                           .contiguous().realize() for _ in range(2)) for _ in range(cfg.num_layers)]
+    self.model, self.block_size, self.seed, self.stop_ids, self.devices = model, block_size, seed, stop_ids, devices
+    self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
+                           for _ in range(2)) for _ in range(cfg.num_layers)]
     self.graphs: dict[Shape, _Graph] = {}
 
   def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> StepResult:

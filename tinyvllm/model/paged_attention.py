@@ -16,31 +16,54 @@ reads the whole context back through the table. Both moves are a few lines of ti
 compile for every backend (CPU, CUDA, Metal) and run inside a TinyJit graph.
 """
 from __future__ import annotations
+from collections.abc import Callable
 from tinygrad import Tensor, dtypes
+from tinygrad.device import canonicalize_device
 from tinygrad.uop.ops import UOp, KernelInfo
 
 
 def _write_kernel(cache: UOp, new: UOp, slots: UOp) -> UOp:
-  """cache[slots[t], :] = new[t, :] -- a scatter that touches only the written rows, not the whole pool."""
-  t, j = UOp.range(new.shape[0], 0), UOp.range(new.shape[1], 1)
-  return cache[slots[t].cast(dtypes.weakint), j].store(new[t, j]).end(t, j).sink(arg=KernelInfo(name="kv_write"))
+  """cache[slots[t], h, j] = new[t, h, j] -- a scatter that touches only the written rows, not the whole pool."""
+  t, h, j = (UOp.range(new.shape[i], i) for i in range(3))
+  return cache[slots[t].cast(dtypes.weakint), h, j].store(new[t, h, j]).end(t, h, j) \
+    .sink(arg=KernelInfo(name="kv_write"))
 
 
 def _gather_kernel(out: UOp, blocks: UOp, tables: UOp) -> UOp:
-  """out[s, n, :] = blocks[tables[s, n], :] -- copy each sequence's blocks, in table order, into one dense run."""
-  s, n, j = UOp.range(out.shape[0], 0), UOp.range(out.shape[1], 1), UOp.range(out.shape[2], 2)
-  return out[s, n, j].store(blocks[tables[s, n].cast(dtypes.weakint), j]).end(s, n, j).sink(arg=KernelInfo(name="kv_gather"))
+  """out[s, n, b, h, j] = blocks[tables[s, n], b, h, j] -- copy each sequence's blocks, in table order, into one
+  dense run."""
+  s, n, b, h, j = (UOp.range(out.shape[i], i) for i in range(5))
+  return out[s, n, b, h, j].store(blocks[tables[s, n].cast(dtypes.weakint), b, h, j]).end(s, n, b, h, j) \
+    .sink(arg=KernelInfo(name="kv_gather"))
+
+
+def split_by_head(make: Callable[..., Tensor], shape: tuple[int, ...], head_axis: int,
+                  device: str | tuple[str, ...], dtype) -> Tensor:
+  """`make(*shape)` (Tensor.zeros, Tensor.empty) on `device`; on several devices (tensor parallelism), split on the
+  KV-head axis with each device allocating only its own heads (`.shard` would first allocate all of it on one)."""
+  device = canonicalize_device(device)                    # a tuple of one device comes back as its plain name
+  if isinstance(device, str): return make(*shape, dtype=dtype, device=device)
+  local = tuple(n // len(device) if i == head_axis else n for i, n in enumerate(shape))
+  return Tensor(make(*local, dtype=dtype, device=device).uop.unshard(head_axis))
+
+
+def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple[str, ...]) -> Tensor:
+  """One layer's K (or V) pool, zeroed: [num_slots, kv_heads, head_dim], split by KV head across `devices`."""
+  return split_by_head(Tensor.zeros, (num_slots, kv_heads, head_dim), 1, devices, dtype).contiguous().realize()
 
 
 def write_and_gather(cache: Tensor, new: Tensor, slot_mapping: Tensor, block_tables: Tensor, block_size: int) -> Tensor:
   """Store `new` ([T, kv_heads, head_dim]) at `slot_mapping` ([T]) in `cache` ([num_slots, kv_heads, head_dim]), then
-  return every sequence's context as [S, num_table_blocks * block_size, kv_heads, head_dim]."""
+  return every sequence's context as [S, num_table_blocks * block_size, kv_heads, head_dim].
+
+  Both kernels keep the KV heads as an axis of their own, so under tensor parallelism each device runs them on its
+  own heads' slice of the pool, of `new` and of the output."""
   num_slots, kv_heads, head_dim = cache.shape
-  row = kv_heads * head_dim
-  written = cache.reshape(num_slots, row).custom_kernel(new.reshape(-1, row), slot_mapping, fxn=_write_kernel)[0]
+  written = cache.custom_kernel(new, slot_mapping, fxn=_write_kernel)[0]
   S, NB = block_tables.shape
-  dense = Tensor.empty(S, NB, block_size * row, dtype=cache.dtype, device=cache.device)
-  dense = dense.custom_kernel(written.reshape(num_slots // block_size, block_size * row), block_tables, fxn=_gather_kernel)[0]
+  dense = split_by_head(Tensor.empty, (S, NB, block_size, kv_heads, head_dim), 3, cache.device, cache.dtype)
+  blocks = written.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
+  dense = dense.custom_kernel(blocks, block_tables, fxn=_gather_kernel)[0]
   return dense.reshape(S, NB * block_size, kv_heads, head_dim)
 
 
