@@ -94,7 +94,7 @@ class LLMEngine:
                                args.enable_chunked_prefill)
     stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
     self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
-                              args.seed)
+                              args.seed, args.beam)
     self.requests: dict[str, _Request] = {}
     self._ids = itertools.count()
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 import numpy as np
-from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad import Context, Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer, MultiBuffer
 from tinygrad.dtype import _to_np_dtype
 from tinyvllm.block_manager import BlockManager, NULL_BLOCK
@@ -116,7 +116,7 @@ class _Graph:
     parts = np.split(ints, np.cumsum(self.shape.int_sizes)[:-1])
     for buf, src in zip(self.inputs, (*parts, floats)):
       if src.size: _upload(buf, src)                   # an empty part (no sampler ints, say) has a 1-element stand-in
-    out = self.jit(*self.int_inputs, self.floats)
+    with Context(**self.runner.compile_options): out = self.jit(*self.int_inputs, self.floats)   # compiles in here
     if self.jit.captured is None: return out.numpy()         # the first call, before TinyJit captures the graph
     if self.output is None: self.output = out.uop.buffer
     return _download(self.output)
@@ -124,11 +124,13 @@ class _Graph:
 
 class ModelRunner:
   def __init__(self, model: LlamaForCausalLM, devices: tuple[str, ...], num_blocks: int, block_size: int, kv_dtype,
-               stop_ids: set[int], seed: int = 0):
+               stop_ids: set[int], seed: int = 0, beam: int = 0):
     """`devices`: the model's, more than one when tensor parallelism splits it; the KV pool is then split by KV head
-    the same way, and the host's inputs and outputs stay on the first device."""
+    the same way, and the host's inputs and outputs stay on the first device. `beam`: tinygrad's kernel search width
+    for the graphs' kernels (0: tinygrad's own setting, its BEAM variable, off by default)."""
     cfg = model.config
     self.model, self.block_size, self.seed, self.stop_ids, self.devices = model, block_size, seed, stop_ids, devices
+    self.compile_options = {"BEAM": beam} if beam else {}
     self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
                            for _ in range(2)) for _ in range(cfg.num_layers)]
     self.graphs: dict[Shape, _Graph] = {}
