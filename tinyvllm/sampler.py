@@ -224,7 +224,8 @@ def prompt_logprobs(logits: Tensor, next_tokens: Tensor, temperature: Tensor, nu
 def sample(logits: Tensor, p: dict[str, Tensor], plan: SamplingPlan) -> Tensor:
   """logits [S, V] float32 -> [S, plan.output_width] float32: token id, its logprob, top ids, top logprobs."""
   S, V = logits.shape
-  if plan.num_adjusted: logits = _adjust(logits, p)
+  # materialized: fused into the reductions below, the lm_head matmul would be recomputed inside them (150 ms a step)
+  logits = _adjust(logits, p) if plan.num_adjusted else logits.contiguous()
   token = _argmax(logits)[0]
   if plan.mode != "greedy" or plan.want_logprobs:
     logprobs = _temperature_scaled(logits, p["temperature"]).log_softmax(-1)
