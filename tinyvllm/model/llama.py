@@ -32,12 +32,12 @@ def stack_projections(*layers: Projection) -> Projection | None:
   """One projection whose output is the outputs of `layers` side by side; None if they cannot be stacked."""
   biases = [layer.bias for layer in layers]
   if any(b is None for b in biases) and not all(b is None for b in biases): return None
-  bias = None if biases[0] is None else Tensor.cat(*biases).contiguous().realize()
+  bias = None if biases[0] is None else Tensor.cat(*biases).contiguous()
   if all(isinstance(layer, PackedLinear) for layer in layers) and len({layer.weight.bits for layer in layers}) == 1:
     return PackedLinear(PackedWeight.cat(*(layer.weight for layer in layers)), bias)
   if not all(isinstance(layer, Linear) for layer in layers): return None
   stacked = Linear(1, 1, bias=False)
-  stacked.weight, stacked.bias = Tensor.cat(*(layer.weight for layer in layers)).contiguous().realize(), bias
+  stacked.weight, stacked.bias = Tensor.cat(*(layer.weight for layer in layers)).contiguous(), bias
   return stacked
 
 

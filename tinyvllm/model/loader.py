@@ -94,14 +94,14 @@ def load_weights(model: LlamaForCausalLM, weights: dict[str, np.ndarray | GGUFTe
     w = weights[name]
     if w.shape != param.shape: raise ValueError(f"{name}: checkpoint shape {w.shape} != model shape {param.shape}")
     if isinstance(w, GGUFTensor): _swap_in_packed(model, name, PackedWeight.from_blocks(w.type_name, w.raw), dtype)
-    else: param.replace(Tensor(np.array(w, dtype=np.float32)).cast(dtype).contiguous()).realize()
+    else: param.replace(Tensor(np.array(w, dtype=np.float32)).cast(dtype).contiguous())
 
 
 def _swap_in_packed(model: LlamaForCausalLM, name: str, weight: PackedWeight, dtype) -> None:
   """Replace the Linear / Embedding that owns parameter `name` by its packed counterpart."""
   *path, attr, _ = name.split(".")                              # "model.layers.0.mlp.up_proj.weight"
   owner = functools.reduce(lambda obj, key: obj[int(key)] if key.isdigit() else getattr(obj, key), path, model)
-  layer, weight = getattr(owner, attr), weight.realize()
+  layer = getattr(owner, attr)
   setattr(owner, attr, PackedEmbedding(weight, dtype) if isinstance(layer, Embedding) else PackedLinear(weight, layer.bias))
 
 
@@ -134,4 +134,6 @@ def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto
   else: load_weights(net, weights, dtype)
   if len(devices) > 1: shard_model(net, devices)
   else: net.fuse_projections()
+  # one realize for every weight: each realize call walks all live tensors, so one per weight was quadratic (~20 s)
+  Tensor.realize(*get_state_dict(net).values())
   return net, tokenizer

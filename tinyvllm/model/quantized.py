@@ -63,11 +63,7 @@ class PackedWeight:
     assert len({w.bits for w in weights}) == 1, "only weights of one packed type can be stacked"
     stack = lambda ts: Tensor.cat(*ts).contiguous()
     return PackedWeight(weights[0].bits, stack(w.qs for w in weights), stack(w.d for w in weights),
-                        None if weights[0].m is None else stack(w.m for w in weights)).realize()
-
-  def realize(self) -> PackedWeight:
-    Tensor.realize(*(t for t in (self.qs, self.d, self.m) if t is not None))
-    return self
+                        None if weights[0].m is None else stack(w.m for w in weights))
 
   def rows(self, ids: Tensor) -> Tensor:
     """The float32 rows `ids` (an embedding lookup): only those rows are dequantized."""
