@@ -440,7 +440,9 @@ def test_load_32_streams_a_quarter_hang_up(live):
     assert "".join(e["choices"][0]["text"] for e in events[:-2]) != ""
   assert health_latency < 2.0
   after = wait_until_idle(live.url)
-  assert after["vllm:e2e_request_latency_seconds_count"] - before["vllm:e2e_request_latency_seconds_count"] == 24
+  # the 24 that stayed finished; a client that hangs up after the engine already produced its last token (the
+  # server notices a hang-up at its next write) leaves a finished request too
+  assert 24 <= after["vllm:e2e_request_latency_seconds_count"] - before["vllm:e2e_request_latency_seconds_count"] <= 32
   assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] >= 24 * 16
   assert request("GET", f"{live.url}/health")[0] == 200
 
