@@ -476,7 +476,8 @@ def test_sigterm_drains_then_returns(engine):
           async with session.get(f"{url}/health/ready") as r:
             if r.status == 200: break
         await asyncio.sleep(0.05)
-      body = {"prompt": "x", "max_tokens": 48, "ignore_eos": True, **GREEDY}
+      # long enough to outlast the 0.2 s below: a stream that ends first lets the drain finish and the server close
+      body = {"prompt": "x", "max_tokens": 200, "ignore_eos": True, **GREEDY}
       async with session.post(f"{url}/v1/completions", json={**body, "stream": True}) as resp:
         await resp.content.readline()                         # streaming has begun
         terminate()
