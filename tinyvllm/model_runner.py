@@ -12,8 +12,8 @@ and each (S, Q, NB, sampling plan) gets its own captured graph, compiled once. A
 decoding rows (Q = 1, the common case) and one for the prefill chunks of each Q bucket (chunks of similar length
 share a graph, so the weights are read once for all of them, and a short prompt is never padded to a long one's
 length). Each graph owns one device buffer per input (tokens, positions, slots, ...), allocated when it is first
-used and refilled in place every step. A sequence that asked for prompt logprobs runs its prompt alone, in graphs that also return the
-logprobs of every position.
+used and refilled in place every step. A sequence that asked for prompt logprobs runs its prompt alone, in graphs
+that also return the logprobs of every position.
 
 Host <-> device copies go straight through the device's allocator (`_copyin` / `_copyout`, what tinygrad's own copy
 runs in the end): `Buffer.copy_from` and `Tensor.numpy` schedule and lower a one-op graph on every call, which cost

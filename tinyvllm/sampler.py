@@ -73,7 +73,8 @@ def _pack_adjustments(rows: list[Sequence | None], stop_ids: set[int]) -> tuple[
     bias = {int(k): float(v) for k, v in (p.logit_bias or {}).items()}
     if len(seq.output_token_ids) < p.min_tokens:
       for t in stop_ids | set(p.stop_token_ids): bias[t] = -float("inf")
-    if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1: generated.append((row, seq.output_token_ids))
+    if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
+      generated.append((row, seq.output_token_ids))
     if p.repetition_penalty != 1: prompts.append((row, seq.prompt_token_ids))
     biased.append((row, list(bias)))
     bias_values += bias.values()
