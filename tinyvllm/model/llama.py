@@ -108,7 +108,9 @@ class MLP:
 
   def __call__(self, x: Tensor) -> Tensor:
     gate, up = (self.gate_proj(x), self.up_proj(x)) if self.gate_up_proj is None else self.gate_up_proj(x).chunk(2, dim=-1)
-    return self.down_proj(gate.silu() * up)
+    # materialized: fused into down_proj's matmul, the activation is re-read through the strided halves of gate_up
+    # for every output tile (16 of a 33 ms batch-256 step on the H100, bench/results/gpu-notes.md)
+    return self.down_proj((gate.silu() * up).contiguous())
 
 
 class DecoderLayer:
