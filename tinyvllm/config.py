@@ -74,9 +74,5 @@ class EngineArgs:
     return dtypes.float32 if self._on_cpu() else dtypes.float16
 
   def keep_weights_packed(self) -> bool:
-    if self.tensor_parallel_size > 1:   # the packed matmul has no split form yet: split models load float weights
-      if self.packed_weights: raise ValueError("packed_weights=True does not work with tensor_parallel_size > 1 yet: "
-                                               "leave packed_weights unset (or False) to split float weights")
-      return False
     if self.packed_weights is not None: return self.packed_weights
     return self._on_cpu()

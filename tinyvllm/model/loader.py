@@ -123,12 +123,12 @@ def dummy_weights(model: LlamaForCausalLM, dtype, seed: int = 0, packed: bool = 
 
 def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto", config: ModelConfig | None = None,
                packed: bool = False, devices: tuple[str, ...] = ()) -> tuple[LlamaForCausalLM, Tokenizer | None]:
-  """The network with its weights; with several `devices`, split across them (tensor_parallel.py, float weights)."""
+  """The network with its weights; with several `devices`, split across them (tensor_parallel.py)."""
   if load_format == "dummy":
     if config is None: raise ValueError("load_format='dummy' needs a config (a named shape)")
     cfg, weights, tokenizer = config, None, None
   else: cfg, weights, tokenizer = read_checkpoint(resolve(model), packed)
-  if len(devices) > 1: check_divisible(cfg, len(devices))          # before loading: fail fast
+  if len(devices) > 1: check_divisible(cfg, len(devices), packed)  # before loading: fail fast
   net = LlamaForCausalLM(cfg)
   if weights is None: dummy_weights(net, dtype, packed=packed)
   else: load_weights(net, weights, dtype)

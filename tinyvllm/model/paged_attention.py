@@ -16,10 +16,9 @@ reads the whole context back through the table. Both moves are a few lines of ti
 compile for every backend (CPU, CUDA, Metal) and run inside a TinyJit graph.
 """
 from __future__ import annotations
-from collections.abc import Callable
 from tinygrad import Tensor, dtypes
-from tinygrad.device import canonicalize_device
 from tinygrad.uop.ops import UOp, KernelInfo
+from tinyvllm.model.tensor_parallel import allocate_split
 
 
 def _write_kernel(cache: UOp, new: UOp, slots: UOp) -> UOp:
@@ -37,19 +36,9 @@ def _gather_kernel(out: UOp, blocks: UOp, tables: UOp) -> UOp:
     .sink(arg=KernelInfo(name="kv_gather"))
 
 
-def split_by_head(make: Callable[..., Tensor], shape: tuple[int, ...], head_axis: int,
-                  device: str | tuple[str, ...], dtype) -> Tensor:
-  """`make(*shape)` (Tensor.zeros, Tensor.empty) on `device`; on several devices (tensor parallelism), split on the
-  KV-head axis with each device allocating only its own heads (`.shard` would first allocate all of it on one)."""
-  device = canonicalize_device(device)                    # a tuple of one device comes back as its plain name
-  if isinstance(device, str): return make(*shape, dtype=dtype, device=device)
-  local = tuple(n // len(device) if i == head_axis else n for i, n in enumerate(shape))
-  return Tensor(make(*local, dtype=dtype, device=device).uop.unshard(head_axis))
-
-
 def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple[str, ...]) -> Tensor:
   """One layer's K (or V) pool, zeroed: [num_slots, kv_heads, head_dim], split by KV head across `devices`."""
-  return split_by_head(Tensor.zeros, (num_slots, kv_heads, head_dim), 1, devices, dtype).contiguous().realize()
+  return allocate_split(Tensor.zeros, (num_slots, kv_heads, head_dim), 1, devices, dtype).contiguous().realize()
 
 
 def write_and_gather(cache: Tensor, new: Tensor, slot_mapping: Tensor, block_tables: Tensor, block_size: int) -> Tensor:
@@ -61,7 +50,7 @@ def write_and_gather(cache: Tensor, new: Tensor, slot_mapping: Tensor, block_tab
   num_slots, kv_heads, head_dim = cache.shape
   written = cache.custom_kernel(new, slot_mapping, fxn=_write_kernel)[0]
   S, NB = block_tables.shape
-  dense = split_by_head(Tensor.empty, (S, NB, block_size, kv_heads, head_dim), 3, cache.device, cache.dtype)
+  dense = allocate_split(Tensor.empty, (S, NB, block_size, kv_heads, head_dim), 3, cache.device, cache.dtype)
   blocks = written.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
   dense = dense.custom_kernel(blocks, block_tables, fxn=_gather_kernel)[0]
   return dense.reshape(S, NB * block_size, kv_heads, head_dim)

@@ -25,6 +25,7 @@ import numpy as np
 from tinygrad import Tensor, UOp, dtypes
 from tinygrad.dtype import AddrSpace
 from tinygrad.uop.ops import AxisType, KernelInfo
+from tinyvllm.model.tensor_parallel import allocate_split
 
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 BLOCK = 32
@@ -67,12 +68,17 @@ class PackedWeight:
 
   def rows(self, ids: Tensor) -> Tensor:
     """The float32 rows `ids` (an embedding lookup): only those rows are dequantized."""
-    qs, d = self.qs[ids], self.d[ids].unsqueeze(-1)
-    q = (qs & 15).cat(qs >> 4, dim=-1) if self.bits == 4 else qs
-    w = q.cast(dtypes.float32) * d + (self.m[ids].unsqueeze(-1) if self.m is not None else 0)
-    return w.reshape(*ids.shape, self.shape[1])
+    return _dequantize(self.qs[ids], self.d[ids], None if self.m is None else self.m[ids]).reshape(*ids.shape, self.shape[1])
 
-  def dequantize(self) -> Tensor: return self.rows(Tensor.arange(self.shape[0]))
+  def dequantize(self) -> Tensor:
+    """The whole float32 (N, K) matrix; elementwise, so a split weight dequantizes on each device in place."""
+    return _dequantize(self.qs, self.d, self.m).reshape(self.shape)
+
+
+def _dequantize(qs: Tensor, d: Tensor, m: Tensor | None) -> Tensor:
+  """(..., K/32, 16 or 32) quants and (..., K/32) scales -> (..., K/32, 32) float32 weights."""
+  q = (qs & 15).cat(qs >> 4, dim=-1) if qs.dtype == dtypes.uint8 else qs
+  return q.cast(dtypes.float32) * d.unsqueeze(-1) + (0 if m is None else m.unsqueeze(-1))
 
 
 def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m: UOp, bits: int) -> UOp:
@@ -98,12 +104,22 @@ def packed_matmul(x: Tensor, w: PackedWeight) -> Tensor:
   """x (..., K) @ w.T -> (..., N), in x's dtype (accumulated in float32)."""
   (N, K), lead = w.shape, x.shape[:-1]
   rows = x.reshape(-1, K).float()
-  if rows.shape[0] > MAX_KERNEL_ROWS: y = rows @ w.dequantize().T
-  else:
-    out = Tensor.empty(rows.shape[0], N, dtype=dtypes.float32, device=x.device)
-    scales = (w.d,) if w.m is None else (w.d, w.m)
-    y = out.custom_kernel(rows.contiguous(), w.qs, *scales, fxn=functools.partial(_matmul_kernel, bits=w.bits))[0]
+  y = rows @ w.dequantize().T if rows.shape[0] > MAX_KERNEL_ROWS else _kernel_matmul(rows.contiguous(), w)
   return y.reshape(*lead, N).cast(x.dtype)
+
+
+def _kernel_matmul(rows: Tensor, w: PackedWeight) -> Tensor:
+  """rows (B, K) @ w.T through `_matmul_kernel`, on every device a weight split by tensor parallelism lives on.
+  Split by output rows (axis 0), each device writes its columns of the output. Split by input blocks (axis 1, rows
+  split the same way), each device's dot products cover its share of K: the n partial outputs are stacked and
+  summed, and tinygrad turns that sum across devices into an all-reduce."""
+  B, N = rows.shape[0], w.shape[0]
+  split = w.qs.uop.axis if isinstance(w.qs.device, tuple) else None
+  partials = len(w.qs.device) if split == 1 else 1
+  out = allocate_split(Tensor.empty, (partials * B, N), {0: 1, 1: 0}.get(split), w.qs.device, dtypes.float32)
+  scales = (w.d,) if w.m is None else (w.d, w.m)
+  y = out.custom_kernel(rows, w.qs, *scales, fxn=functools.partial(_matmul_kernel, bits=w.bits))[0]
+  return y if partials == 1 else y.reshape(partials, B, N).sum(0)
 
 
 def matmul_t(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:

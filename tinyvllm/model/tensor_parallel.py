@@ -27,26 +27,46 @@ The split layers stay unfused (see `fuse_projections` in llama.py): an axis-0 sp
 would give the first device all of q and the last all of v, not each device its own heads of all three.
 """
 from __future__ import annotations
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from tinygrad import Tensor
+from tinygrad.device import canonicalize_device
 from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.model.llama import LlamaForCausalLM
+if TYPE_CHECKING: from tinyvllm.model.llama import LlamaForCausalLM
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")   # weight (and bias) split on axis 0
 ROW_PARALLEL = ("o_proj", "down_proj")     # weight split on axis 1; bias-free in every supported architecture
 
 
-def check_divisible(cfg: ModelConfig, n: int) -> None:
-  """ValueError, naming the config field, when the heads or MLP columns do not split evenly `n` ways."""
+def check_divisible(cfg: ModelConfig, n: int, packed: bool = False) -> None:
+  """ValueError, naming the config field, when the heads or MLP columns do not split evenly `n` ways (for packed
+  weights, the row-parallel layers' input blocks of 32 weights too)."""
   for field, value in (("num_attention_heads", cfg.num_heads), ("num_key_value_heads", cfg.num_kv_heads),
                        ("intermediate_size", cfg.intermediate_size)):
     if value % n: raise ValueError(f"tensor_parallel_size={n} does not divide the model's {field}={value}: "
                                    f"each device must get a whole share of it")
+  if not packed: return
+  for layer, width in (("o_proj", cfg.num_heads * cfg.head_dim), ("down_proj", cfg.intermediate_size)):
+    if width // 32 % n: raise ValueError(f"tensor_parallel_size={n} does not divide the {width // 32} packed blocks of "
+                                         f"a {layer} row: load float weights (packed_weights=False) to split it")
 
 
 def shard_model(model: LlamaForCausalLM, devices: tuple[str, ...]) -> None:
-  """Split the (loaded, unfused, float) weights across `devices` in place, by their Hugging Face names."""
+  """Split the (loaded, unfused) weights across `devices` in place, by their Hugging Face names. A packed weight's
+  tensors (quants [N, K/32, ...], scales [N, K/32]) split on the same axes as the float [N, K] matrix."""
   check_divisible(model.config, len(devices))
   for name, param in get_state_dict(model).items():
-    layer = name.rpartition(".")[0].rpartition(".")[2]    # "model.layers.0.self_attn.q_proj.weight" → "q_proj"
-    axis = 0 if layer in COLUMN_PARALLEL else 1 if layer in ROW_PARALLEL else None
+    parts = name.split(".")       # "model.layers.0.self_attn.q_proj.weight", packed: "...q_proj.weight.qs"
+    axis = 0 if any(p in COLUMN_PARALLEL for p in parts) else 1 if any(p in ROW_PARALLEL for p in parts) else None
     param.shard_(devices, axis).realize()                 # axis None: a full copy on every device
+
+
+def allocate_split(make: Callable[..., Tensor], shape: tuple[int, ...], axis: int | None, device: str | tuple[str, ...],
+                   dtype) -> Tensor:
+  """`make(*shape)` (Tensor.zeros, Tensor.empty) on `device`; on several devices split on `axis` (None: whole on
+  each), every device allocating only its own share (`.shard` would first allocate all of it on one)."""
+  device = canonicalize_device(device)                    # a tuple of one device comes back as its plain name
+  if isinstance(device, str) or axis is None: return make(*shape, dtype=dtype, device=device)
+  local = tuple(n // len(device) if i == axis else n for i, n in enumerate(shape))
+  return Tensor(make(*local, dtype=dtype, device=device).uop.unshard(axis))
