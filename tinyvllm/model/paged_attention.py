@@ -21,10 +21,16 @@ from tinygrad.uop.ops import UOp, KernelInfo
 from tinyvllm.model.tensor_parallel import allocate_split
 
 
+def _bounded(index: UOp, size: int) -> UOp:
+  """An index read from memory, clamped to [0, size): a no-op for the engine's slots and block numbers, but with its
+  range known tinygrad drops the 64-bit wrap-around maths (a modulo per element) it otherwise puts in every load."""
+  return index.cast(dtypes.weakint).maximum(0).minimum(size - 1)
+
+
 def _write_kernel(cache: UOp, new: UOp, slots: UOp) -> UOp:
   """cache[slots[t], h, j] = new[t, h, j] -- a scatter that touches only the written rows, not the whole pool."""
   t, h, j = (UOp.range(new.shape[i], i) for i in range(3))
-  return cache[slots[t].cast(dtypes.weakint), h, j].store(new[t, h, j]).end(t, h, j) \
+  return cache[_bounded(slots[t], cache.shape[0]), h, j].store(new[t, h, j]).end(t, h, j) \
     .sink(arg=KernelInfo(name="kv_write"))
 
 
@@ -32,7 +38,7 @@ def _gather_kernel(out: UOp, blocks: UOp, tables: UOp) -> UOp:
   """out[s, n, b, h, j] = blocks[tables[s, n], b, h, j] -- copy each sequence's blocks, in table order, into one
   dense run."""
   s, n, b, h, j = (UOp.range(out.shape[i], i) for i in range(5))
-  return out[s, n, b, h, j].store(blocks[tables[s, n].cast(dtypes.weakint), b, h, j]).end(s, n, b, h, j) \
+  return out[s, n, b, h, j].store(blocks[_bounded(tables[s, n], blocks.shape[0]), b, h, j]).end(s, n, b, h, j) \
     .sink(arg=KernelInfo(name="kv_gather"))
 
 
