@@ -68,7 +68,8 @@ class PackedWeight:
 
   def rows(self, ids: Tensor) -> Tensor:
     """The float32 rows `ids` (an embedding lookup): only those rows are dequantized."""
-    return _dequantize(self.qs[ids], self.d[ids], None if self.m is None else self.m[ids]).reshape(*ids.shape, self.shape[1])
+    m = None if self.m is None else self.m[ids]
+    return _dequantize(self.qs[ids], self.d[ids], m).reshape(*ids.shape, self.shape[1])
 
   def dequantize(self) -> Tensor:
     """The whole float32 (N, K) matrix; elementwise, so a split weight dequantizes on each device in place."""
