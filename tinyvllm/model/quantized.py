@@ -117,7 +117,8 @@ def _kernel_matmul(rows: Tensor, w: PackedWeight) -> Tensor:
   B, N = rows.shape[0], w.shape[0]
   split = w.qs.uop.axis if isinstance(w.qs.device, tuple) else None
   partials = len(w.qs.device) if split == 1 else 1
-  out = allocate_split(Tensor.empty, (partials * B, N), {0: 1, 1: 0}.get(split), w.qs.device, dtypes.float32)
+  out_axis = {0: 1, 1: 0}.get(split)     # rows split: the output's columns; blocks split: the stacked partials
+  out = allocate_split(Tensor.empty, (partials * B, N), out_axis, w.qs.device, dtypes.float32)
   scales = (w.d,) if w.m is None else (w.d, w.m)
   y = out.custom_kernel(rows, w.qs, *scales, fxn=functools.partial(_matmul_kernel, bits=w.bits))[0]
   return y if partials == 1 else y.reshape(partials, B, N).sum(0)

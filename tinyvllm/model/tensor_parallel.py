@@ -54,8 +54,8 @@ def check_divisible(cfg: ModelConfig, n: int, packed: bool = False) -> None:
 
 def shard_model(model: LlamaForCausalLM, devices: tuple[str, ...]) -> None:
   """Split the (loaded, unfused) weights across `devices` in place, by their Hugging Face names. A packed weight's
-  tensors (quants [N, K/32, ...], scales [N, K/32]) split on the same axes as the float [N, K] matrix."""
-  check_divisible(model.config, len(devices))
+  tensors (quants [N, K/32, ...], scales [N, K/32]) split on the same axes as the float [N, K] matrix.
+  `check_divisible` has vetted the split (load_model runs it before loading)."""
   for name, param in get_state_dict(model).items():
     parts = name.split(".")       # "model.layers.0.self_attn.q_proj.weight", packed: "...q_proj.weight.qs"
     axis = 0 if any(p in COLUMN_PARALLEL for p in parts) else 1 if any(p in ROW_PARALLEL for p in parts) else None
