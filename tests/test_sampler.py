@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 from tinygrad import Tensor
-from tinyvllm.sampler import _argmax, _kept, plan_and_pack, sample, unpack
+from tinyvllm.sampler import FILTERS, _argmax, _kept, plan_and_pack, sample, unpack
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.sequence import Sequence
 
@@ -53,23 +53,35 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_best():
   assert set(tokens) <= allowed and len(set(tokens)) == len(allowed)
 
 
-def test_filters_keep_exactly_the_reference_sets_on_a_wide_vocabulary():
-  """Thresholds found by the on-device search equal a sort-based reference, tails of ~1e-9 probabilities included."""
+@pytest.mark.parametrize("filters", [FILTERS, ("top_p",), ("top_k", "min_p")])
+def test_filters_keep_exactly_the_reference_sets_on_a_wide_vocabulary(filters):
+  """Thresholds found by the on-device search equal a sort-based reference, tails of ~1e-9 probabilities included,
+  also when the batch builds only some of the filters (its rows then leave the others off)."""
   rng = np.random.default_rng(7)
   logits = rng.normal(0, 3, (6, 5000)).astype(np.float32)
   probs = np.exp(logits - logits.max(1, keepdims=True))
   probs /= probs.sum(1, keepdims=True)
-  top_k = np.array([0, 1, 50, 0, 10, 4999], np.float32)
-  top_p = np.array([1, 1, 1, 0.5, 0.3, 0.99], np.float32)
-  min_p = np.array([0, 0, 0, 0, 0, 0.001], np.float32)
+  top_k = np.array([0, 1, 50, 0, 10, 4999], np.float32) * ("top_k" in filters)
+  top_p = np.array([1, 1, 1, 0.5, 0.3, 0.99], np.float32) if "top_p" in filters else np.ones(6, np.float32)
+  min_p = np.array([0, 0, 0, 0, 0, 0.001], np.float32) * ("min_p" in filters)
   col = lambda a: Tensor(a.reshape(-1, 1))
-  kept = _kept(Tensor(probs), {"top_k": col(top_k), "top_p": col(top_p), "min_p": col(min_p)}).numpy()
+  kept = _kept(Tensor(probs), {"top_k": col(top_k), "top_p": col(top_p), "min_p": col(min_p)}, filters).numpy()
   for row, k, top, floor, got in zip(probs, top_k, top_p, min_p, kept):
     order = np.argsort(-row)[:int(k) or len(row)]
     nucleus = np.cumsum(row[order] / row[order].sum())
     n = len(order) if top >= 1 else int(np.searchsorted(nucleus, top)) + 1
     expected = {t for t in order[:n] if row[t] >= floor * row.max()}
     assert set(np.nonzero(got)[0]) == expected
+
+
+def test_the_plan_builds_only_the_filters_some_row_uses():
+  def plan(*params: SamplingParams):
+    return plan_and_pack([Sequence(str(i), [1, 2], p, seq_id=i) for i, p in enumerate(params)], 0, set())[0]
+  assert plan(SamplingParams(temperature=0.7, top_p=0.9)).filters == ("top_p",)
+  mixed = plan(SamplingParams(temperature=1, top_k=5), SamplingParams(temperature=0), SamplingParams(min_p=0.1))
+  assert (mixed.mode, mixed.filters) == ("filtered", ("top_k", "min_p"))
+  assert (plan(SamplingParams(temperature=0.5)).mode, plan(SamplingParams(temperature=0.5)).filters) == ("random", ())
+  assert plan(SamplingParams(temperature=0, top_k=5)).mode == "greedy"     # a greedy row's filters are moot
 
 
 def test_one_reduction_argmax_matches_numpy_with_ties_and_infinities():

@@ -21,8 +21,9 @@ log_softmax of the adjusted logits divided by the temperature (undivided for gre
 prompt token's logprob given the tokens before it) come from the logits of every position of a prefill chunk, scaled
 by the temperature the same way; penalties and bias, which depend on the output so far, do not apply to them.
 
-The graph that runs depends on a `SamplingPlan` (greedy only? filters? how many adjusted tokens? how many top
-logprobs?), so a batch of plain greedy requests pays for none of this.
+The graph that runs depends on a `SamplingPlan` (greedy only? which filters? how many adjusted tokens? how many top
+logprobs?), so a batch of plain greedy requests pays for none of this, and a batch that only asks for top-p skips
+the top-k search.
 """
 from __future__ import annotations
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from tinyvllm.sequence import Sequence
 
 ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "step", "presence", "frequency", "repetition")
 ADJUST_FIELDS = ("count", "in_prompt", "bias")
+FILTERS = ("top_k", "top_p", "min_p")
 _SEARCH_WAYS, _SEARCH_PASSES = 16, 6   # 16**6 = 2**24: the threshold to 24 bits of the row's largest probability
 
 
@@ -45,6 +47,7 @@ def bucket(n: int, minimum: int = 1) -> int:
 @dataclass(frozen=True)
 class SamplingPlan:
   mode: str             # "greedy" | "random" (temperature only) | "filtered" (top-k/top-p/min-p)
+  filters: tuple[str, ...]   # the filters some row of the batch uses, from FILTERS; () unless mode is "filtered"
   num_adjusted: int     # U: token slots per row for penalties/bias; 0 = none
   num_logprobs: int     # K: top logprobs returned per row; 0 = none
   want_logprobs: bool   # return the chosen token's logprob (and K alternatives)
@@ -102,13 +105,14 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
   """Host side: the plan for this batch, plus its int32 inputs (adjusted token ids) and float32 inputs."""
   live = [seq for seq in rows if seq is not None]
   sampled = [s.params for s in live if not s.params.greedy]
-  mode = "greedy" if not sampled else \
-    "filtered" if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in sampled) else "random"
+  used = {"top_k": lambda p: p.top_k > 0, "top_p": lambda p: p.top_p < 1, "min_p": lambda p: p.min_p > 0}
+  filters = tuple(name for name in FILTERS if any(used[name](p) for p in sampled))
+  mode = "greedy" if not sampled else "filtered" if filters else "random"
   ids, extra = _pack_adjustments(rows, stop_ids)
   U = ids.shape[1]
   K = max((s.params.logprobs or 0 for s in live), default=0)
   P = max((s.params.prompt_logprobs for s in live if s.wants_prompt_logprobs), default=None)
-  plan = SamplingPlan(mode, U, K, any(s.params.logprobs is not None for s in live), P)
+  plan = SamplingPlan(mode, filters, U, K, any(s.params.logprobs is not None for s in live), P)
   S = len(rows)
   per_row = {name: np.zeros(S, np.float32) for name in ROW_FIELDS}
   for i, seq in enumerate(rows):
@@ -173,14 +177,20 @@ def _search_threshold(probs: Tensor, keep_enough) -> Tensor:
   return lo
 
 
-def _kept(probs: Tensor, p: dict[str, Tensor]) -> Tensor:
-  """The tokens that survive top-k, then the top-p nucleus of what is left, then min_p × max: a [S, V] mask."""
-  k_thresh = _search_threshold(probs, lambda kept: kept.sum(-1) >= p["top_k"])
-  probs = ((p["top_k"] > 0) & (probs < k_thresh)).where(0.0, probs)
-  probs = probs / probs.sum(-1, keepdim=True)
-  top_p = p["top_p"] * (1 - 1e-6)       # float sums of a full nucleus may land a hair under top_p
-  p_thresh = _search_threshold(probs, lambda kept: kept.where(probs.unsqueeze(1), 0.0).sum(-1) >= top_p)
-  return (probs > 0) & ((p["top_p"] >= 1) | (probs >= p_thresh)) & (probs >= p["min_p"] * probs.max(-1, keepdim=True))
+def _kept(probs: Tensor, p: dict[str, Tensor], filters: tuple[str, ...]) -> Tensor:
+  """The tokens that survive top-k, then the top-p nucleus of what is left, then min_p × max: a [S, V] mask. Only
+  the filters some row uses are built; a row that does not use one gets a threshold that keeps everything."""
+  if "top_k" in filters:
+    k_thresh = _search_threshold(probs, lambda kept: kept.sum(-1) >= p["top_k"])
+    probs = ((p["top_k"] > 0) & (probs < k_thresh)).where(0.0, probs)
+    probs = probs / probs.sum(-1, keepdim=True)
+  kept = probs > 0
+  if "top_p" in filters:
+    top_p = p["top_p"] * (1 - 1e-6)       # float sums of a full nucleus may land a hair under top_p
+    p_thresh = _search_threshold(probs, lambda k: k.where(probs.unsqueeze(1), 0.0).sum(-1) >= top_p)
+    kept = kept & ((p["top_p"] >= 1) | (probs >= p_thresh))
+  if "min_p" in filters: kept = kept & (probs >= p["min_p"] * probs.max(-1, keepdim=True))
+  return kept
 
 
 def _temperature_scaled(logits: Tensor, temperature: Tensor) -> Tensor:
@@ -233,7 +243,7 @@ def sample(logits: Tensor, p: dict[str, Tensor], plan: SamplingPlan) -> Tensor:
   if plan.mode != "greedy":
     # Gumbel-max over the kept tokens; log-probabilities differ from the filtered, renormalized ones by a constant
     noisy = logprobs - (-_uniform(p["seed"], p["step"], V).log()).log()
-    if plan.mode == "filtered": noisy = _kept(logprobs.exp(), p).where(noisy, -float("inf"))
+    if plan.mode == "filtered": noisy = _kept(logprobs.exp(), p, plan.filters).where(noisy, -float("inf"))
     token = (p["temperature"] <= 0).where(token, _argmax(noisy)[0])
   out = [token.float()]
   if plan.want_logprobs: out += [logprobs.gather(1, token), *_top(logprobs, plan.num_logprobs)]

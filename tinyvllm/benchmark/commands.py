@@ -168,8 +168,10 @@ def prefix(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
   return _result("prefix", args, engine_args, columns, PREFIX_ROWS)
 
 
-# every knob a request can turn on at once: temperature, the three filters, the three penalties, bias, logprobs
+# the baseline, what a chat client usually sends, and every knob a request can turn on at once: temperature, the
+# three filters, the three penalties, bias, logprobs
 SAMPLING_CONFIGS = {"greedy": SamplingParams(temperature=0),
+                    "chat": SamplingParams(temperature=0.7, top_p=0.9),
                     "all_knobs": SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, presence_penalty=0.5,
                                                 frequency_penalty=0.5, repetition_penalty=1.1, logit_bias={0: -5.0},
                                                 logprobs=5, seed=0)}
@@ -181,10 +183,10 @@ def sampling(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
     return {f"batch {n}": offline.sampling(engine, lambda variant: random_requests(
               n, args.input_len, args.output_len, vocab, args.seed, variant=variant), args.warmup, SAMPLING_CONFIGS)
             for n in args.batch_sizes}
-  rows = [(f"batch {n} {label}", f"batch {n}.{path}") for n in args.batch_sizes
-          for label, path in (("greedy step (ms)", "step_ms.greedy"), ("all knobs step (ms)", "step_ms.all_knobs"),
-                              ("sampling overhead (ms)", "all_knobs_overhead_ms"),
-                              ("overhead share of the step", "all_knobs_overhead_share"))]
+  per_config = [(f"{c} step (ms)", f"step_ms.{c}") for c in SAMPLING_CONFIGS] + \
+    [row for c in list(SAMPLING_CONFIGS)[1:] for row in ((f"{c} overhead (ms)", f"{c}_overhead_ms"),
+                                                          (f"{c} share of the step", f"{c}_overhead_share"))]
+  rows = [(f"batch {n} {label}", f"batch {n}.{path}") for n in args.batch_sizes for label, path in per_config]
   return _result("sampling", args, engine_args, {"tinyvllm": _measure_tinyvllm(engine_args, measure)}, rows)
 
 
