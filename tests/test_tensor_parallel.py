@@ -7,7 +7,8 @@ from conftest import near_tie_prefix
 # 16 tokens per step: the 21-token prompt is prefilled in two chunks, the first batched with the 3-token prompt
 TINY = dict(load_format="dummy", shape="tiny", block_size=4, max_model_len=64, max_num_batched_tokens=16,
             max_num_seqs=4, enable_prefix_caching=False)
-BLOCK_BYTES = 2 * 2 * 4 * 2 * 16 * 4     # K and V × 2 layers × 4 tokens × 2 KV heads × head_dim 16 × float32
+# K and V × 2 layers × 4 tokens × 2 KV heads × head_dim 16 × the compute dtype's bytes (float32 on CPU, fp16 on GPUs)
+BLOCK_BYTES = 2 * 2 * 4 * 2 * 16 * EngineArgs(**TINY).compute_dtype().itemsize
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["float", "packed-q4_1"])
