@@ -8,7 +8,7 @@ from tinyvllm.benchmark.commands import SAMPLING_CONFIGS
 from kernel_times import kernel_times, report
 S, V = int(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(0)
-for name in ("greedy", "all_knobs"):
+for name in SAMPLING_CONFIGS:
   p = SAMPLING_CONFIGS[name]
   rows = []
   for i in range(S):

@@ -179,11 +179,14 @@ def _search_threshold(probs: Tensor, keep_enough) -> Tensor:
 
 def _kept(probs: Tensor, p: dict[str, Tensor], filters: tuple[str, ...]) -> Tensor:
   """The tokens that survive top-k, then the top-p nucleus of what is left, then min_p × max: a [S, V] mask. Only
-  the filters some row uses are built; a row that does not use one gets a threshold that keeps everything."""
+  the filters some row uses are built; a row that does not use one gets a threshold that keeps everything.
+  The probabilities are materialized before each search: fused into its passes, they would be recomputed (exp,
+  log_softmax) for every one of the 15 candidates of every pass."""
+  probs = probs.contiguous()
   if "top_k" in filters:
     k_thresh = _search_threshold(probs, lambda kept: kept.sum(-1) >= p["top_k"])
     probs = ((p["top_k"] > 0) & (probs < k_thresh)).where(0.0, probs)
-    probs = probs / probs.sum(-1, keepdim=True)
+    probs = (probs / probs.sum(-1, keepdim=True)).contiguous()
   kept = probs > 0
   if "top_p" in filters:
     top_p = p["top_p"] * (1 - 1e-6)       # float sums of a full nucleus may land a hair under top_p
