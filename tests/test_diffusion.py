@@ -215,13 +215,18 @@ def test_threshold_halves_model_calls_on_trained_model(trained):
   assert seq.calls * 2 <= p.gen_length, seq.calls
 
 
-def test_trained_model_writes_text(trained):
+def test_trained_model_writes_text_for_a_batch_of_requests(trained):
+  """Four requests share each forward pass (4 rows × 48 positions: before q and k were materialized after RoPE,
+  clang did not finish compiling that batch's attention kernel in 30 minutes on CPU)."""
   sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
   sp.threshold = 0.9
-  trained.add_request("KING.\nMy lord, the", sp)
-  while trained.has_unfinished_requests(): outs = trained.step()
-  text = outs[-1].outputs[0].text
-  words = text.lower().split()
-  assert len(words) >= 5 and sum(w.strip(".,;:!?'") in {"the", "and", "i", "to", "of", "my", "you", "a", "that", "not",
-                                                         "is", "me", "with", "your", "be", "lord", "it", "in"}
-                                 for w in words) >= 2, text
+  prompts = ["KING.\nMy lord, the", "ROMEO.\nO, she doth teach", "HAMLET.\nWhat say you", "QUEEN.\nGood night"]
+  ids = [trained.add_request(p, sp) for p in prompts]
+  texts = {}
+  while trained.has_unfinished_requests():
+    texts.update({out.request_id: out.outputs[0].text for out in trained.step() if out.finished})
+  common = {"the", "and", "i", "to", "of", "my", "you", "a", "that", "not", "is", "me", "with", "your", "be", "lord",
+            "it", "in", "sir", "will", "so", "what", "but", "no", "he", "his", "this", "for", "shall", "thou", "thy"}
+  for request_id in ids:
+    words = texts[request_id].lower().split()
+    assert len(words) >= 5 and sum(w.strip(".,;:!?'") in common for w in words) >= 2, texts[request_id]

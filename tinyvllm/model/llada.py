@@ -80,8 +80,10 @@ class BidirectionalAttention(Attention):
   """llama.py's projections; every query attends to every valid key (past and present), no causal mask."""
   def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, key_valid: Tensor, past: KV | None) -> tuple[Tensor, KV]:
     B, T, _ = x.shape
-    q = apply_rope(self.q_proj(x).reshape(B * T, self.num_heads, self.head_dim), cos, sin)
-    k = apply_rope(self.k_proj(x).reshape(B * T, self.num_kv_heads, self.head_dim), cos, sin)
+    # materialized: fused into the attention kernel, RoPE made clang a 362 KB function for 4 rows × 64 positions on
+    # CPU, which did not finish compiling in 30 minutes
+    q = apply_rope(self.q_proj(x).reshape(B * T, self.num_heads, self.head_dim), cos, sin).contiguous()
+    k = apply_rope(self.k_proj(x).reshape(B * T, self.num_kv_heads, self.head_dim), cos, sin).contiguous()
     k, v = k.reshape(B, T, self.num_kv_heads, self.head_dim), self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
     keys, values = (k, v) if past is None else (past[0].cat(k, dim=1), past[1].cat(v, dim=1))
     out = q.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2).scaled_dot_product_attention(
