@@ -80,7 +80,8 @@ def test_the_plan_builds_only_the_filters_some_row_uses():
   assert plan(SamplingParams(temperature=0.7, top_p=0.9)).filters == ("top_p",)
   mixed = plan(SamplingParams(temperature=1, top_k=5), SamplingParams(temperature=0), SamplingParams(min_p=0.1))
   assert (mixed.mode, mixed.filters) == ("filtered", ("top_k", "min_p"))
-  assert (plan(SamplingParams(temperature=0.5)).mode, plan(SamplingParams(temperature=0.5)).filters) == ("random", ())
+  temperature_only = plan(SamplingParams(temperature=0.5))
+  assert (temperature_only.mode, temperature_only.filters) == ("random", ())
   assert plan(SamplingParams(temperature=0, top_k=5)).mode == "greedy"     # a greedy row's filters are moot
 
 
