@@ -8,8 +8,7 @@ from tinyvllm.benchmark.commands import SAMPLING_CONFIGS
 from kernel_times import kernel_times, report
 S, V = int(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(0)
-for name in SAMPLING_CONFIGS:
-  p = SAMPLING_CONFIGS[name]
+for name, p in SAMPLING_CONFIGS.items():
   rows = []
   for i in range(S):
     s = Sequence(str(i), rng.integers(0, V, 128).tolist(), p, seq_id=i); s.output_token_ids = rng.integers(0, V, 40).tolist(); rows.append(s)

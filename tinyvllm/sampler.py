@@ -105,8 +105,9 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
   """Host side: the plan for this batch, plus its int32 inputs (adjusted token ids) and float32 inputs."""
   live = [seq for seq in rows if seq is not None]
   sampled = [s.params for s in live if not s.params.greedy]
-  used = {"top_k": lambda p: p.top_k > 0, "top_p": lambda p: p.top_p < 1, "min_p": lambda p: p.min_p > 0}
-  filters = tuple(name for name in FILTERS if any(used[name](p) for p in sampled))
+  in_use = {"top_k": any(p.top_k > 0 for p in sampled), "top_p": any(p.top_p < 1 for p in sampled),
+            "min_p": any(p.min_p > 0 for p in sampled)}
+  filters = tuple(name for name in FILTERS if in_use[name])
   mode = "greedy" if not sampled else "filtered" if filters else "random"
   ids, extra = _pack_adjustments(rows, stop_ids)
   U = ids.shape[1]
