@@ -88,8 +88,7 @@ class Attention:
     q = apply_rope(q.reshape(S * Q, self.num_heads, self.head_dim), cos, sin)
     k = apply_rope(k.reshape(S * Q, self.num_kv_heads, self.head_dim), cos, sin)
     v = v.reshape(S * Q, self.num_kv_heads, self.head_dim)
-    k_ctx, v_ctx = (write_and_gather(cache, new, batch.slot_mapping, batch.block_tables, batch.block_size)
-                    for cache, new in zip(kv, (k, v)))
+    k_ctx, v_ctx = write_and_gather(kv, (k, v), batch.slot_mapping, batch.block_tables, batch.block_size)
     out = attention(q.reshape(S, Q, self.num_heads, self.head_dim), k_ctx, v_ctx, batch.positions)
     return self.o_proj(out)
 

@@ -27,19 +27,23 @@ def _bounded(index: UOp, size: int) -> UOp:
   return index.cast(dtypes.weakint).maximum(0).minimum(size - 1)
 
 
-def _write_kernel(cache: UOp, new: UOp, slots: UOp) -> UOp:
-  """cache[slots[t], h, j] = new[t, h, j] -- a scatter that touches only the written rows, not the whole pool."""
-  t, h, j = (UOp.range(new.shape[i], i) for i in range(3))
-  return cache[_bounded(slots[t], cache.shape[0]), h, j].store(new[t, h, j]).end(t, h, j) \
-    .sink(arg=KernelInfo(name="kv_write"))
+def _write_kernel(k_cache: UOp, v_cache: UOp, k_new: UOp, v_new: UOp, slots: UOp) -> UOp:
+  """k_cache[slots[t], h, j] = k_new[t, h, j], and the same for V -- a scatter that touches only the written rows,
+  not the whole pool; K and V in one kernel (a kernel launch costs more than these few stores on a GPU)."""
+  t, h, j = (UOp.range(k_new.shape[i], i) for i in range(3))
+  slot = _bounded(slots[t], k_cache.shape[0])
+  return UOp.group(k_cache[slot, h, j].store(k_new[t, h, j]), v_cache[slot, h, j].store(v_new[t, h, j])) \
+    .end(t, h, j).sink(arg=KernelInfo(name="kv_write"))
 
 
-def _gather_kernel(out: UOp, blocks: UOp, tables: UOp) -> UOp:
-  """out[s, n, b, h, j] = blocks[tables[s, n], b, h, j] -- copy each sequence's blocks, in table order, into one
-  dense run."""
-  s, n, b, h, j = (UOp.range(out.shape[i], i) for i in range(5))
-  return out[s, n, b, h, j].store(blocks[_bounded(tables[s, n], blocks.shape[0]), b, h, j]).end(s, n, b, h, j) \
-    .sink(arg=KernelInfo(name="kv_gather"))
+def _gather_kernel(k_out: UOp, v_out: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp) -> UOp:
+  """k_out[s, n, b, h, j] = k_blocks[tables[s, n], b, h, j], and the same for V -- copy each sequence's blocks, in
+  table order, into one dense run."""
+  s, n, b, h, j = (UOp.range(k_out.shape[i], i) for i in range(5))
+  block = _bounded(tables[s, n], k_blocks.shape[0])
+  return UOp.group(k_out[s, n, b, h, j].store(k_blocks[block, b, h, j]),
+                   v_out[s, n, b, h, j].store(v_blocks[block, b, h, j])) \
+    .end(s, n, b, h, j).sink(arg=KernelInfo(name="kv_gather"))
 
 
 def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple[str, ...]) -> Tensor:
@@ -47,19 +51,22 @@ def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple
   return allocate_split(Tensor.zeros, (num_slots, kv_heads, head_dim), 1, devices, dtype).contiguous().realize()
 
 
-def write_and_gather(cache: Tensor, new: Tensor, slot_mapping: Tensor, block_tables: Tensor, block_size: int) -> Tensor:
-  """Store `new` ([T, kv_heads, head_dim]) at `slot_mapping` ([T]) in `cache` ([num_slots, kv_heads, head_dim]), then
-  return every sequence's context as [S, num_table_blocks * block_size, kv_heads, head_dim].
+def write_and_gather(cache: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], slot_mapping: Tensor,
+                     block_tables: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+  """Store the new K and V (each [T, kv_heads, head_dim]) at `slot_mapping` ([T]) in their pools (each [num_slots,
+  kv_heads, head_dim]), then return every sequence's K and V context, each [S, num_table_blocks * block_size,
+  kv_heads, head_dim].
 
   Both kernels keep the KV heads as an axis of their own, so under tensor parallelism each device runs them on its
-  own heads' slice of the pool, of `new` and of the output."""
-  num_slots, kv_heads, head_dim = cache.shape
-  written = cache.custom_kernel(new, slot_mapping, fxn=_write_kernel)[0]
+  own heads' slice of the pools, of `new` and of the output."""
+  (k_cache, v_cache), (k_new, v_new) = cache, new
+  num_slots, kv_heads, head_dim = k_cache.shape
+  k_cache, v_cache = k_cache.custom_kernel(v_cache, k_new, v_new, slot_mapping, fxn=_write_kernel)[:2]
   S, NB = block_tables.shape
-  dense = allocate_split(Tensor.empty, (S, NB, block_size, kv_heads, head_dim), 3, cache.device, cache.dtype)
-  blocks = written.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
-  dense = dense.custom_kernel(blocks, block_tables, fxn=_gather_kernel)[0]
-  return dense.reshape(S, NB * block_size, kv_heads, head_dim)
+  dense = lambda: allocate_split(Tensor.empty, (S, NB, block_size, kv_heads, head_dim), 3, k_cache.device, k_cache.dtype)
+  as_blocks = lambda pool: pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
+  k, v = dense().custom_kernel(dense(), as_blocks(k_cache), as_blocks(v_cache), block_tables, fxn=_gather_kernel)[:2]
+  return k.reshape(S, NB * block_size, kv_heads, head_dim), v.reshape(S, NB * block_size, kv_heads, head_dim)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor) -> Tensor:
