@@ -22,7 +22,7 @@ from tinygrad import Tensor, dtypes
 from tinygrad.function import function
 from tinygrad.nn import Linear, RMSNorm, Embedding
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.model.paged_attention import write_and_gather, attention
+from tinyvllm.model.paged_attention import NewKV, write_and_gather, attention
 from tinyvllm.model.quantized import PackedLinear, PackedWeight, matmul_t
 
 Projection = Linear | PackedLinear
@@ -77,20 +77,18 @@ class Attention:
       self.qkv_proj = qkv
       del self.q_proj, self.k_proj, self.v_proj
 
-  def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    if self.qkv_proj is None: return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-    kv_width = self.num_kv_heads * self.head_dim
-    return self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
-
   def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: "ForwardBatch") -> Tensor:
     S, Q, _ = x.shape
-    q, k, v = self.project_qkv(x.reshape(S * Q, -1))
-    q = apply_rope(q.reshape(S * Q, self.num_heads, self.head_dim), cos, sin)
-    k = apply_rope(k.reshape(S * Q, self.num_kv_heads, self.head_dim), cos, sin)
-    v = v.reshape(S * Q, self.num_kv_heads, self.head_dim)
-    k_ctx, v_ctx = write_and_gather(kv, (k, v), batch.slot_mapping, batch.block_tables, batch.block_size)
-    out = attention(q.reshape(S, Q, self.num_heads, self.head_dim), k_ctx, v_ctx, batch.positions)
-    return self.o_proj(out)
+    H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+    if self.qkv_proj is None:
+      q, k, v = (proj(x.reshape(S * Q, -1)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+      new = NewKV(k, v, 0, 0, cos, sin)
+    else:
+      q = qkv = self.qkv_proj(x.reshape(S * Q, -1))                     # [T, (H + 2 KVH) D]; q is its first H D
+      new = NewKV(qkv, qkv, H * D, (H + KVH) * D, cos, sin)
+    k_ctx, v_ctx = write_and_gather(kv, new, batch.slot_mapping, batch.block_tables, batch.block_size)
+    q = apply_rope(q[:, :H * D].reshape(S * Q, H, D), cos, sin)
+    return self.o_proj(attention(q.reshape(S, Q, H, D), k_ctx, v_ctx, batch.positions))
 
 
 class MLP:

@@ -11,11 +11,13 @@ its *block table*, that grows by one block each time its last block fills up.
     block 3 [A0  A1  A2 ...             A15]
 
 Token `p` of a sequence lives in slot `table[p // block_size] * block_size + p % block_size`. The engine computes
-that *slot mapping* on the host for the tokens it feeds in a step; the model writes their new K/V there and then
-reads the whole context back through the table. Both moves are a few lines of tinygrad UOps (`custom_kernel`), so they
+that *slot mapping* on the host for the tokens it feeds in a step; the model writes their new K/V there (rotating K
+by RoPE on the way, so no kernel runs just for that) and then reads the whole context back through the table. Both moves are a few lines of tinygrad UOps (`custom_kernel`), so they
 compile for every backend (CPU, CUDA, Metal) and run inside a TinyJit graph.
 """
 from __future__ import annotations
+import functools
+from dataclasses import dataclass
 from tinygrad import Tensor, dtypes
 from tinygrad.uop.ops import UOp, KernelInfo
 from tinyvllm.model.tensor_parallel import allocate_split
@@ -27,12 +29,32 @@ def _bounded(index: UOp, size: int) -> UOp:
   return index.cast(dtypes.weakint).maximum(0).minimum(size - 1)
 
 
-def _write_kernel(k_cache: UOp, v_cache: UOp, k_new: UOp, v_new: UOp, slots: UOp) -> UOp:
-  """k_cache[slots[t], h, j] = k_new[t, h, j], and the same for V -- a scatter that touches only the written rows,
-  not the whole pool; K and V in one kernel (a kernel launch costs more than these few stores on a GPU)."""
-  t, h, j = (UOp.range(k_new.shape[i], i) for i in range(3))
+@dataclass
+class NewKV:
+  """This step's keys and values as the projection left them: columns of 2-D outputs [T, width], K from column
+  `k_col` of `k` and V from `v_col` of `v` (one fused q|k|v output passed twice, or k and v alone), K not yet
+  rotated. The write kernel applies RoPE to K as it stores it, so neither needs a kernel of its own first."""
+  k: Tensor
+  v: Tensor
+  k_col: int
+  v_col: int
+  cos: Tensor     # [T, head_dim / 2], this step's rotation of each token
+  sin: Tensor
+
+
+def _write_kernel(k_cache: UOp, v_cache: UOp, k: UOp, v: UOp, cos: UOp, sin: UOp, slots: UOp, k_col: int,
+                  v_col: int) -> UOp:
+  """k_cache[slots[t], h] = rope(k[t, head h]), v_cache[slots[t], h] = v[t, head h] -- a scatter that touches only
+  the written rows, not the whole pool. RoPE rotates the pairs (j, j + half) of each head, so each thread writes both."""
+  T, (_, KVH, D) = slots.shape[0], k_cache.shape
+  half = D // 2
+  t, h, j = UOp.range(T, 0), UOp.range(KVH, 1), UOp.range(half, 2)
   slot = _bounded(slots[t], k_cache.shape[0])
-  return UOp.group(k_cache[slot, h, j].store(k_new[t, h, j]), v_cache[slot, h, j].store(v_new[t, h, j])) \
+  k1, k2 = k[t, k_col + h * D + j], k[t, k_col + h * D + j + half]
+  c, s = cos[t, j], sin[t, j]
+  return UOp.group(k_cache[slot, h, j].store(k1 * c - k2 * s), k_cache[slot, h, j + half].store(k2 * c + k1 * s),
+                   v_cache[slot, h, j].store(v[t, v_col + h * D + j]),
+                   v_cache[slot, h, j + half].store(v[t, v_col + h * D + j + half])) \
     .end(t, h, j).sink(arg=KernelInfo(name="kv_write"))
 
 
@@ -51,17 +73,18 @@ def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple
   return allocate_split(Tensor.zeros, (num_slots, kv_heads, head_dim), 1, devices, dtype).contiguous().realize()
 
 
-def write_and_gather(cache: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], slot_mapping: Tensor,
-                     block_tables: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
-  """Store the new K and V (each [T, kv_heads, head_dim]) at `slot_mapping` ([T]) in their pools (each [num_slots,
-  kv_heads, head_dim]), then return every sequence's K and V context, each [S, num_table_blocks * block_size,
-  kv_heads, head_dim].
+def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor, block_tables: Tensor,
+                     block_size: int) -> tuple[Tensor, Tensor]:
+  """Store the new K (rotated) and V of T tokens at `slot_mapping` ([T]) in their pools (each [num_slots, kv_heads,
+  head_dim]), then return every sequence's K and V context, each [S, num_table_blocks * block_size, kv_heads,
+  head_dim].
 
   Both kernels keep the KV heads as an axis of their own, so under tensor parallelism each device runs them on its
   own heads' slice of the pools, of `new` and of the output."""
-  (k_cache, v_cache), (k_new, v_new) = cache, new
+  k_cache, v_cache = cache
   num_slots, kv_heads, head_dim = k_cache.shape
-  k_cache, v_cache = k_cache.custom_kernel(v_cache, k_new, v_new, slot_mapping, fxn=_write_kernel)[:2]
+  write = functools.partial(_write_kernel, k_col=new.k_col, v_col=new.v_col)
+  k_cache, v_cache = k_cache.custom_kernel(v_cache, new.k, new.v, new.cos, new.sin, slot_mapping, fxn=write)[:2]
   S, NB = block_tables.shape
   dense = lambda: allocate_split(Tensor.empty, (S, NB, block_size, kv_heads, head_dim), 3, k_cache.device, k_cache.dtype)
   as_blocks = lambda pool: pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
