@@ -21,7 +21,7 @@ from tinyvllm.model.llada import is_diffusion_checkpoint, load_diffusion_model
 from tinyvllm.model.loader import resolve
 from tinyvllm.sampling_params import SamplingParams
 
-DEFAULT_DIFFUSION_MODEL = Path(__file__).parent / "models" / "llada-shakespeare"
+DEFAULT_DIFFUSION_MODEL = Path(__file__).parent / "models" / "llada-django"
 DIFFUSION_ALIASES = ("diffusion", "llada")          # model names that ask for the shipped diffusion model
 # sampling fields of left-to-right decoding that masked diffusion does not have (refused rather than ignored)
 AUTOREGRESSIVE_ONLY = ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",

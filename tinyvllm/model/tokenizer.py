@@ -307,19 +307,22 @@ class Tokenizer:
         if _is_byte_level(tokenizer_json):
             return _hf_byte_level(tokenizer_json, config, template)
         if (path / "tokenizer.model").exists():
-            return cls.from_sentencepiece(path / "tokenizer.model", chat_template=template)
+            return cls.from_sentencepiece(path / "tokenizer.model", chat_template=template,
+                                          add_bos=config.get("add_bos_token", True))
         raise ValueError(f"{path}: no byte-level BPE tokenizer.json and no tokenizer.model")
 
     @classmethod
-    def from_sentencepiece(cls, model_path: str | Path, chat_template: str | None = None) -> Tokenizer:
-        """Build from a SentencePiece ``.model`` file."""
+    def from_sentencepiece(cls, model_path: str | Path, chat_template: str | None = None,
+                           add_bos: bool = True) -> Tokenizer:
+        """Build from a SentencePiece ``.model`` file. Llama-2 and kin start every prompt with <s>; a checkpoint
+        trained without it says ``add_bos_token: false`` in its tokenizer_config.json."""
         backend = SentencePiece(spm.SentencePieceProcessor(model_file=str(model_path)))
         return cls(
             backend,
             bos_id=_optional_id(backend.sp.bos_id()),
             eos_id=_optional_id(backend.sp.eos_id()),
             special_ids=set(backend.control.values()),
-            add_bos=True,  # SentencePiece checkpoints (Llama-2 and kin) all start with <s>
+            add_bos=add_bos,
             chat_template=chat_template,
         )
 
