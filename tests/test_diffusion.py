@@ -1,10 +1,12 @@
 """Diffusion LMs: LLaDA's checkpoint layout, the sampler against straightforward reference loops, the batched engine,
 Fast-dLLM's threshold decoding and prefix cache, and the shipped trained model."""
 import json
+import re
 import shutil
 import numpy as np
 import pytest
 from tinygrad import Tensor, dtypes
+from tinyvllm.benchmark.diffusion import log_likelihood
 from tinyvllm.config import EngineArgs
 from tinyvllm.diffusion import Denoiser, DiffusionParams, denoise_step, generate
 from tinyvllm.diffusion_engine import DEFAULT_DIFFUSION_MODEL, DiffusionEngine, wants_diffusion
@@ -203,30 +205,58 @@ def trained():
   return DiffusionEngine(EngineArgs(model="diffusion"))
 
 
-@pytest.mark.xfail(reason="the shipped model is undertrained (801 steps, val loss 4.31): with a block masked its "
-                          "confidences stay far under 0.9, so threshold decoding commits one token per step "
-                          "(32 calls); train longer (ROADMAP)", strict=False)
-def test_threshold_halves_model_calls_on_trained_model(trained):
-  """One token per step costs gen_length calls; threshold decoding must need at most half of them."""
+# the first lines of three Django test files from the validation split: the shipped model never trained on them
+HELD_OUT = ["# tests/user_commands/tests.py\nimport os\nfrom argparse import ArgumentDe",
+            "# tests/timezones/urls.py\nfrom django.urls import path\n\nfrom . import admin as tz",
+            "# tests/validators/tests.py\nimport re\nimport types\nfrom datetime import datetime, timedelta\nfrom"]
+
+
+@pytest.fixture(scope="module")
+def held_out_runs(trained) -> tuple[dict[str, int], dict[str, float]]:
+  """The held-out prompts decoded by LLaDA (one token per step) and by threshold decoding at Fast-dLLM's 0.9: the
+  model calls and the mean left-to-right log-likelihood of the output, per mode."""
   model, tok = trained.model, trained.tokenizer
-  prompt = tok.encode("ROMEO.\nBut soft, what light through yonder window breaks?\n\nJULIET.\n")
-  p = DiffusionParams(gen_length=32, block_length=16, threshold=0.9)
-  seq = generate(model, prompt, p)
-  assert seq.calls * 2 <= p.gen_length, seq.calls
+  modes = {"llada": DiffusionParams(gen_length=32, block_length=16),
+           "threshold": DiffusionParams(gen_length=32, block_length=16, threshold=0.9)}
+  calls, loglik = dict.fromkeys(modes, 0), {name: [] for name in modes}
+  for text in HELD_OUT:
+    prompt = tok.encode(text)
+    for name, params in modes.items():
+      seq = generate(model, prompt, params)
+      calls[name] += seq.calls
+      loglik[name].append(log_likelihood(model, prompt, seq.x[len(prompt):].tolist()))
+  return calls, {name: float(np.mean(v)) for name, v in loglik.items()}
 
 
-def test_trained_model_writes_text_for_a_batch_of_requests(trained):
+def test_threshold_decoding_saves_calls_at_equal_quality(held_out_runs):
+  calls, loglik = held_out_runs
+  assert calls["threshold"] < calls["llada"], calls
+  assert loglik["threshold"] >= loglik["llada"] - 0.25, loglik
+
+
+@pytest.mark.xfail(reason="the shipped 13.8M model is rarely sure of two masked tokens at once: at 0.9 it commits "
+                          "~1.2 a step (~16 % fewer calls); thresholds low enough to halve the calls (0.3) commit "
+                          "incoherent tokens together ('strstrstr') and its log-likelihood of the output falls from "
+                          "-0.6 to -2.7 nats/token (ROADMAP)", strict=False)
+def test_threshold_halves_model_calls_on_trained_model(held_out_runs):
+  """Fast-dLLM's claim: threshold decoding needs at most half the model calls of one token per step."""
+  calls, _ = held_out_runs
+  assert calls["threshold"] * 2 <= calls["llada"], calls
+
+
+def test_trained_model_writes_code_for_a_batch_of_requests(trained):
   """Four requests share each forward pass (4 rows × 48 positions: before q and k were materialized after RoPE,
   clang did not finish compiling that batch's attention kernel in 30 minutes on CPU)."""
   sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
   sp.threshold = 0.9
-  prompts = ["KING.\nMy lord, the", "ROMEO.\nO, she doth teach", "HAMLET.\nWhat say you", "QUEEN.\nGood night"]
+  prompts = ["from django.db import models\n\n\nclass Author(models.Model):\n", "    def test_login(self):\n",
+             "from django.http import HttpResponse\n\n\ndef index(request):\n", "class Meta:\n"]
   ids = [trained.add_request(p, sp) for p in prompts]
   texts = {}
   while trained.has_unfinished_requests():
     texts.update({out.request_id: out.outputs[0].text for out in trained.step() if out.finished})
-  common = {"the", "and", "i", "to", "of", "my", "you", "a", "that", "not", "is", "me", "with", "your", "be", "lord",
-            "it", "in", "sir", "will", "so", "what", "but", "no", "he", "his", "this", "for", "shall", "thou", "thy"}
+  python = {"self", "def", "return", "import", "from", "class", "models", "assert", "if", "in", "for", "None", "True",
+            "False", "=", "==", "not", "is", "with", "django", "response", "request", "name", "test"}
   for request_id in ids:
-    words = texts[request_id].lower().split()
-    assert len(words) >= 5 and sum(w.strip(".,;:!?'") in common for w in words) >= 2, texts[request_id]
+    words = re.findall(r"[A-Za-z_]+|==|=", texts[request_id])
+    assert len(words) >= 5 and sum(w in python for w in words) >= 3, texts[request_id]

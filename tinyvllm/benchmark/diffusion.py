@@ -2,11 +2,10 @@
 
 Each mode generates the same prompts (batched through DiffusionEngine, greedy, ignore_eos so every request makes
 gen_length tokens) and reports tokens/s, model calls per generated token (forward passes each sequence took: LLaDA
-with steps = gen_length makes 1.0) and quality: the model's own log-likelihood of what it wrote (block by block: a
-block's tokens scored with the prompt and earlier blocks visible, later ones masked) and the share of tokens equal
-to the LLaDA baseline's. `--warmup` runs of the same prompts come first: TinyJit traces each batch shape on its first
-call and captures it on its second, and the same greedy prompts make the same shapes again, so nothing is compiled
-while the clock runs.
+with steps = gen_length makes 1.0) and quality: the model's own log-likelihood of what it wrote (left to right, see
+`log_likelihood`) and the share of tokens equal to the LLaDA baseline's. `--warmup` runs of the same prompts come
+first: TinyJit traces each batch shape on its first call and captures it on its second, and the same greedy prompts
+make the same shapes again, so nothing is compiled while the clock runs.
 """
 from __future__ import annotations
 import dataclasses
@@ -18,20 +17,23 @@ from tinyvllm.diffusion_engine import DiffusionEngine
 from tinyvllm.model.llada import MaskedDiffusionLM
 from tinyvllm.sampling_params import SamplingParams
 
-PROMPTS = ["ROMEO.\n", "KING.\nMy lords, ", "HAMLET.\nTo be, or not to be", "First Citizen.\n",
-           "JULIET.\nO Romeo, Romeo!", "Enter a Messenger.\n\nMESSENGER.\n", "LADY MACBETH.\n", "DUKE.\nWhat news"]
+PROMPTS = ["from django.db import models\n\n\nclass Book(models.Model):\n", "    def test_str(self):\n",
+           "from django.urls import path\n\nfrom . import views\n\nurlpatterns = [\n",
+           "class Migration(migrations.Migration):\n", "from django.test import TestCase\n\n\nclass",
+           "def get_version(version=None):\n",
+           "    def __init__(self, *args, **kwargs):\n", "        self.assertEqual(response.status_code, "]
 MODES = {"llada": (False, False), "threshold": (True, False), "threshold+cache": (True, True)}  # threshold?, cache?
 
 
-def block_log_likelihood(model: MaskedDiffusionLM, prompt: list[int], gen: list[int], block_length: int) -> float:
-  """Mean log p of the generated tokens, one block at a time given the prompt and the blocks before it."""
-  mask, total = model.config.mask_token_id, 0.0
-  for start in range(0, len(gen), block_length):
-    x = prompt + gen[:start] + [mask] * (len(gen) - start)
-    logp = model(Tensor([x])).log_softmax(-1).numpy()[0]
-    pos = np.arange(len(prompt) + start, len(prompt) + start + block_length)
-    total += logp[pos, gen[start:start + block_length]].sum()
-  return total / len(gen)
+def log_likelihood(model: MaskedDiffusionLM, prompt: list[int], gen: list[int]) -> float:
+  """Mean log p of the generated tokens read left to right: token i scored with the prompt and tokens < i visible
+  and every later one masked (a masked diffusion model is also an any-order autoregressive model; this is its
+  left-to-right order). Tokens committed together but incoherent, say "str" four times where one belongs, score
+  low here even though each was likely on its own. One forward pass, a row per token."""
+  mask, n = model.config.mask_token_id, len(gen)
+  rows = np.array([prompt + gen[:i] + [mask] * (n - i) for i in range(n)])
+  logp = model(Tensor(rows)).log_softmax(-1).numpy()
+  return float(np.mean([logp[i, len(prompt) + i, gen[i]] for i in range(n)]))
 
 
 def run_mode(engine: DiffusionEngine, prompts: list[str], gen_length: int, block_length: int,
@@ -61,8 +63,7 @@ def bench_diffusion(engine_args: EngineArgs, num_prompts: int = 8, gen_length: i
     n = sum(len(t) for t in tokens)
     baseline = baseline or tokens
     agree = np.mean([a == b for x, y in zip(tokens, baseline) for a, b in zip(x, y)])
-    loglik = np.mean([block_log_likelihood(engine.model, o.prompt_token_ids, t, block_length)
-                      for o, t in zip(outs, tokens)])
+    loglik = np.mean([log_likelihood(engine.model, o.prompt_token_ids, t) for o, t in zip(outs, tokens)])
     columns[name] = {"tokens_per_s": n / seconds, "model_calls_per_token": sum(o.metrics["model_calls"]
                      for o in outs) / n, "batched_forwards": engine.model_calls - calls0,
                      "agreement_with_llada": float(agree), "log_likelihood_per_token": float(loglik),
