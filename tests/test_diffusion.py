@@ -10,7 +10,7 @@ from tinyvllm.benchmark.diffusion import log_likelihood
 from tinyvllm.config import EngineArgs
 from tinyvllm.diffusion import Denoiser, DiffusionParams, denoise_step, generate
 from tinyvllm.diffusion_engine import DEFAULT_DIFFUSION_MODEL, DiffusionEngine, wants_diffusion
-from tinyvllm.model.llada import DiffusionConfig, MaskedDiffusionLM, is_diffusion_checkpoint, load_diffusion_model
+from tinyvllm.model.llada import MaskedDiffusionLM, is_diffusion_checkpoint, load_diffusion_model
 from tinyvllm.sampling_params import SamplingParams
 
 VOCAB, MASK = 4096, 3                      # the shipped tokenizer's size and its <|mdm_mask|> id
