@@ -166,7 +166,7 @@ class Trainer:
   """The network, its optimizer and the masked loss on one device (bf16 autocast on a GPU)."""
   def __init__(self, config: dict, a: argparse.Namespace):
     import torch
-    self.torch, self.config = torch, config
+    self.torch = torch
     self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(a.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
