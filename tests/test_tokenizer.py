@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -264,6 +265,18 @@ def test_sentencepiece_matches_library(sp_model: Path):
         assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
         assert tok.encode(text) == [1, *sp.encode(text)]
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+
+
+def test_sentencepiece_hf_dir_honours_add_bos_token(tmp_path: Path, sp_model: Path):
+    """A checkpoint trained without <s> (the shipped diffusion model) says so in tokenizer_config.json."""
+    shutil.copy(sp_model, tmp_path / "tokenizer.model")
+    for add_bos, first in ((None, 1), (True, 1), (False, None)):
+        config = {} if add_bos is None else {"add_bos_token": add_bos}
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+        tok = Tokenizer.from_hf_dir(tmp_path)
+        ids = tok.encode("the fox")
+        assert tok.add_bos == (first is not None)
+        assert ids == ([first] if first else []) + tok.encode("the fox", add_special_tokens=False)
 
 
 def test_sentencepiece_special_literals_and_bytes(sp_model: Path):
