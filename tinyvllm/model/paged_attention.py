@@ -12,8 +12,9 @@ its *block table*, that grows by one block each time its last block fills up.
 
 Token `p` of a sequence lives in slot `table[p // block_size] * block_size + p % block_size`. The engine computes
 that *slot mapping* on the host for the tokens it feeds in a step; the model writes their new K/V there (rotating K
-by RoPE on the way, so no kernel runs just for that) and then reads the whole context back through the table. Both moves are a few lines of tinygrad UOps (`custom_kernel`), so they
-compile for every backend (CPU, CUDA, Metal) and run inside a TinyJit graph.
+by RoPE on the way, so no kernel runs just for that) and then reads the whole context back through the table. Both
+moves are a few lines of tinygrad UOps (`custom_kernel`), so they compile for every backend (CPU, CUDA, Metal) and
+run inside a TinyJit graph.
 """
 from __future__ import annotations
 import functools
@@ -45,7 +46,8 @@ class NewKV:
 def _write_kernel(k_cache: UOp, v_cache: UOp, k: UOp, v: UOp, cos: UOp, sin: UOp, slots: UOp, k_col: int,
                   v_col: int) -> UOp:
   """k_cache[slots[t], h] = rope(k[t, head h]), v_cache[slots[t], h] = v[t, head h] -- a scatter that touches only
-  the written rows, not the whole pool. RoPE rotates the pairs (j, j + half) of each head, so each thread writes both."""
+  the written rows, not the whole pool. RoPE rotates the pairs (j, j + half) of each head, so each thread writes
+  both."""
   T, (_, KVH, D) = slots.shape[0], k_cache.shape
   half = D // 2
   t, h, j = UOp.range(T, 0), UOp.range(KVH, 1), UOp.range(half, 2)
