@@ -84,6 +84,24 @@ def test_llada_layout_loads_and_matches_numpy(tiny_dir, tiny):
   assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
 
 
+def test_int8_matrices_with_row_scales_load_dequantized(tiny_dir, tmp_path):
+  """The shipped model stores its block matrices as int8 plus `<name>_scale` (compressed-tensors' W8A16 layout)."""
+  from safetensors.numpy import save_file
+  weights, stored = llada_tensors(TINY, seed=1), {}
+  for name, w in weights.items():
+    if ".blocks." in name and w.ndim == 2:
+      scale = np.abs(w).max(axis=1, keepdims=True) / 127
+      stored[name], stored[name + "_scale"] = np.round(w / scale).astype(np.int8), scale
+      weights[name] = stored[name].astype(np.float32) * scale                  # what the loader must rebuild
+    else: stored[name] = w
+  for name in ("config.json", "tokenizer.model", "tokenizer_config.json"): shutil.copy(tiny_dir / name, tmp_path / name)
+  save_file(stored, str(tmp_path / "model.safetensors"))
+  tokens = [5, 17, MASK, 99, MASK, 1000, 7]
+  ours = load_diffusion_model(tmp_path)[0](Tensor([tokens])).numpy()[0]
+  ref = numpy_llada(weights, TINY, tokens)
+  assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+
+
 def reference_generate(model: MaskedDiffusionLM, prompt: list[int], p: DiffusionParams, use_cache: bool = False):
   """LLaDA's generate.py (and Fast-dLLM's threshold and prefix cache) as one plain loop over one sequence; returns
   the tokens after every step. Random numbers are drawn as the sampler does: [block_length, V] Gumbel uniforms when
@@ -213,11 +231,11 @@ HELD_OUT = ["# tests/user_commands/tests.py\nimport os\nfrom argparse import Arg
 
 @pytest.fixture(scope="module")
 def held_out_runs(trained) -> tuple[dict[str, int], dict[str, float]]:
-  """The held-out prompts decoded by LLaDA (one token per step) and by threshold decoding at Fast-dLLM's 0.9: the
-  model calls and the mean left-to-right log-likelihood of the output, per mode."""
+  """The held-out prompts decoded by LLaDA (one token per step) and by threshold decoding at 0.6: the model calls
+  and the mean left-to-right log-likelihood of the output, per mode."""
   model, tok = trained.model, trained.tokenizer
   modes = {"llada": DiffusionParams(gen_length=32, block_length=16),
-           "threshold": DiffusionParams(gen_length=32, block_length=16, threshold=0.9)}
+           "threshold": DiffusionParams(gen_length=32, block_length=16, threshold=0.6)}
   calls, loglik = dict.fromkeys(modes, 0), {name: [] for name in modes}
   for text in HELD_OUT:
     prompt = tok.encode(text)
@@ -228,20 +246,13 @@ def held_out_runs(trained) -> tuple[dict[str, int], dict[str, float]]:
   return calls, {name: float(np.mean(v)) for name, v in loglik.items()}
 
 
-def test_threshold_decoding_saves_calls_at_equal_quality(held_out_runs):
+def test_threshold_halves_model_calls_at_close_quality(held_out_runs):
+  """Fast-dLLM's claim on the shipped model: threshold decoding needs at most half the model calls of one token per
+  step, and the model rates what it wrote nearly as high. (Too low a threshold commits incoherent tokens together:
+  0.3 on the earlier 13.8M model wrote `strstrstr` and lost 2 nats/token.)"""
   calls, loglik = held_out_runs
-  assert calls["threshold"] < calls["llada"], calls
-  assert loglik["threshold"] >= loglik["llada"] - 0.25, loglik
-
-
-@pytest.mark.xfail(reason="the shipped 13.8M model is rarely sure of two masked tokens at once: at 0.9 it commits "
-                          "~1.2 a step (~16 % fewer calls); thresholds low enough to halve the calls (0.3) commit "
-                          "incoherent tokens together ('strstrstr') and its log-likelihood of the output falls from "
-                          "-0.6 to -2.7 nats/token (ROADMAP)", strict=False)
-def test_threshold_halves_model_calls_on_trained_model(held_out_runs):
-  """Fast-dLLM's claim: threshold decoding needs at most half the model calls of one token per step."""
-  calls, _ = held_out_runs
   assert calls["threshold"] * 2 <= calls["llada"], calls
+  assert loglik["threshold"] >= loglik["llada"] - 0.15, loglik
 
 
 def test_trained_model_writes_code_for_a_batch_of_requests(trained):

@@ -28,6 +28,7 @@ from tinygrad import Tensor, dtypes
 from tinygrad.nn import Embedding, Linear, RMSNorm
 from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
+from tinyvllm.model.loader import read_safetensors
 from tinyvllm.model.llama import MLP, Attention, apply_rope, rope_frequencies
 from tinyvllm.model.tokenizer import Tokenizer
 
@@ -182,12 +183,9 @@ def load_state(model: MaskedDiffusionLM, weights: dict[str, np.ndarray], dtype) 
 
 def load_diffusion_model(path: str | Path, dtype=dtypes.float32) -> tuple[MaskedDiffusionLM, Tokenizer]:
   """A LLaDA or Dream Hugging Face directory -> (network with weights, tokenizer)."""
-  from safetensors.numpy import load_file
   path = Path(path)
   cfg = DiffusionConfig.from_hf(json.loads((path / "config.json").read_text()))
-  weights: dict[str, np.ndarray] = {}
-  for shard in sorted(path.glob("*.safetensors")): weights.update(load_file(shard))
-  if not weights: raise FileNotFoundError(f"{path} has no *.safetensors weights")
+  weights = read_safetensors(path)
   if cfg.model.architecture == "LLaDAModelLM": weights = from_llada_layout(weights, cfg.model)
   net = MaskedDiffusionLM(cfg)
   load_state(net, weights, dtype)

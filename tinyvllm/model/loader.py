@@ -76,13 +76,22 @@ def read_checkpoint(path: Path, packed: bool = False) -> tuple[ModelConfig, dict
     meta, tensors = read_gguf(path)
     weights = gguf_to_hf_state_dict(meta, tensors, PACKED_TYPES if packed else ())
     return ModelConfig.from_hf(gguf_to_hf_config(meta, tensors)), weights, Tokenizer.from_gguf_metadata(meta)
-  from safetensors.numpy import load_file
   if not (path / "config.json").exists(): raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model")
   cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+  return cfg, read_safetensors(path), Tokenizer.from_hf_dir(path)
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+  """Every tensor of a Hugging Face directory's *.safetensors files (sharded or not). An int8 matrix stored with a
+  `<name>_scale` beside it (one scale per row, the compressed-tensors W8A16 layout) is dequantized here: it halves
+  a small checkpoint on disk and costs nothing once loaded."""
+  from safetensors.numpy import load_file
   weights: dict[str, np.ndarray] = {}
   for shard in sorted(path.glob("*.safetensors")): weights.update(load_file(shard))
   if not weights: raise FileNotFoundError(f"{path} has no *.safetensors weights")
-  return cfg, weights, Tokenizer.from_hf_dir(path)
+  for name in [n for n in weights if n + "_scale" in weights]:
+    weights[name] = weights[name].astype(np.float32) * weights.pop(name + "_scale").astype(np.float32)
+  return weights
 
 
 def load_weights(model: LlamaForCausalLM, weights: dict[str, np.ndarray | GGUFTensor], dtype) -> None:
