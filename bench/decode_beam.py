@@ -1,6 +1,6 @@
 """What BEAM buys one decode graph: S sequences of a Llama-1B-shaped random model, prefilled in one step, then the
 replayed decode step timed without BEAM, then the same shape recaptured with BEAM=<width> and timed again. Only the
-decode graph is searched (a `--beam` throughput run would also search every prefill shape).
+decode graph is searched, as `--beam` does.
 
     DEV=CUDA python bench/decode_beam.py 256 2
 """

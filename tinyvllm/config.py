@@ -48,7 +48,7 @@ class EngineArgs:
   seed: int = 0
   packed_weights: bool | None = None       # GGUF Q4_0/Q4_1/Q8_0 matrices stay packed; None: where it measured faster
   tensor_parallel_size: int = 1            # split heads and MLP across this many devices (model/tensor_parallel.py)
-  beam: int = 0                            # tinygrad's BEAM kernel search for the step graphs (0: its BEAM variable,
+  beam: int = 0                            # tinygrad's BEAM kernel search for the decode graphs (0: its BEAM variable,
                                            # off by default); 2 pays on GPUs: minutes per graph shape once, then cached
 
   @classmethod

@@ -116,7 +116,10 @@ class _Graph:
     parts = np.split(ints, np.cumsum(self.shape.int_sizes)[:-1])
     for buf, src in zip(self.inputs, (*parts, floats)):
       if src.size: _upload(buf, src)                   # an empty part (no sampler ints, say) has a 1-element stand-in
-    with Context(**self.runner.compile_options): out = self.jit(*self.int_inputs, self.floats)   # compiles in here
+    # BEAM searches decode graphs only: they replay every step, while each prefill chunk length is a shape of its own,
+    # minutes of search on a GPU for a graph that may run once
+    options = self.runner.compile_options if self.shape.Q == 1 else {}
+    with Context(**options): out = self.jit(*self.int_inputs, self.floats)   # compiles in here
     if self.jit.captured is None: return out.numpy()         # the first call, before TinyJit captures the graph
     if self.output is None: self.output = out.uop.buffer
     return _download(self.output)
@@ -127,7 +130,7 @@ class ModelRunner:
                stop_ids: set[int], seed: int = 0, beam: int = 0):
     """`devices`: the model's, more than one when tensor parallelism splits it; the KV pool is then split by KV head
     the same way, and the host's inputs and outputs stay on the first device. `beam`: tinygrad's kernel search width
-    for the graphs' kernels (0: tinygrad's own setting, its BEAM variable, off by default)."""
+    for the decode graphs' kernels (0: tinygrad's own setting, its BEAM variable, off by default)."""
     cfg = model.config
     self.model, self.block_size, self.seed, self.stop_ids, self.devices = model, block_size, seed, stop_ids, devices
     self.compile_options = {"BEAM": beam} if beam else {}
