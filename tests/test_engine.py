@@ -102,3 +102,18 @@ def test_seeded_request_draws_the_same_tokens_alone_in_a_mixed_batch_and_when_pr
   seq = crowded.requests["seeded"].seqs[0]
   done = run_checking_blocks(crowded)
   assert seq.num_preemptions > 0 and done["seeded"] == alone
+
+
+def test_beam_searches_decode_graphs_only(monkeypatch):
+  """`--beam` applies to graphs of one token per row (they replay every step); a prefill chunk compiles without it.
+  The compile context is recorded instead of entered, so no search runs here."""
+  import contextlib
+  import tinyvllm.model_runner as model_runner
+  seen: list[dict] = []
+  monkeypatch.setattr(model_runner, "Context", lambda **options: seen.append(options) or contextlib.nullcontext())
+  engine = LLMEngine(EngineArgs(**TINY, beam=2))
+  engine.add_request(list(range(1, 20)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+  while engine.has_unfinished_requests(): engine.step()
+  queries = [g.shape.Q for g in engine.runner.graphs.values()]
+  assert 1 in queries and any(q > 1 for q in queries)
+  assert seen == [{}, {"BEAM": 2}, {"BEAM": 2}]                   # one prefill step, then two decode steps
