@@ -31,8 +31,9 @@ dependency (the device image has it; elsewhere `pip install torch`).
         --time-budget 490 --int8 --shard-mb 15                      # its second 490 s (val loss 2.25 -> 2.22)
     python examples/train_diffusion.py check --data .dlm --model /tmp/b   # torch vs tinyvllm logits, same file
 
-The default shape (31.5M parameters: d 512, 8 layers, MLP 1536) is the smallest that tried here halved the model
-calls at close quality: a 13.8M model (d 384, 6 layers) trained as long halved them only by losing 0.5 nats/token.
+The default shape (31.5M parameters: d 512, 8 layers, MLP 1536) is the smallest of those tried here that halved
+the model calls at close quality: a 13.8M model (d 384, 6 layers) trained as long halved them only by losing 0.5
+nats/token.
 The checkpoint is LLaDA's Hugging Face layout (config.json with `architectures: ["LLaDAModelLM"]`,
 `model.transformer.blocks.N.*` tensors, safetensors), so `LLM(model=<dir>)` loads it like GSAI-ML/LLaDA-8B; with
 `--int8` the blocks' matrices are stored as int8 with a scale per row (36 MB instead of 63 in fp16).

@@ -85,7 +85,8 @@ def test_llada_layout_loads_and_matches_numpy(tiny_dir, tiny):
 
 
 def test_int8_matrices_with_row_scales_load_dequantized(tiny_dir, tmp_path):
-  """The shipped model stores its block matrices as int8 plus `<name>_scale` (compressed-tensors' W8A16 layout)."""
+  """The shipped model stores its block matrices as int8 plus `<name>_scale` (compressed-tensors' W8A16 layout),
+  written here independently of the trainer's writer."""
   from safetensors.numpy import save_file
   weights, stored = llada_tensors(TINY, seed=1), {}
   for name, w in weights.items():

@@ -93,6 +93,9 @@ class _Graph:
                        .contiguous().realize() for i, n in enumerate(shape.int_sizes)]
     self.floats = Tensor.zeros(num_floats, dtype=dtypes.float32, device=devices[0]).contiguous().realize()
     self.inputs = tuple(t.uop.buffer for t in (*self.int_inputs, self.floats))
+    # BEAM searches decode graphs only: they replay every step, while each prefill chunk length is a shape of its own,
+    # minutes of search on a GPU for a graph that may run once
+    self.compile_options = runner.compile_options if shape.Q == 1 else {}
     self.output: Buffer | None = None      # the captured graph's output buffer, the same on every replay
     # (_forward returns a contiguous tensor: a realized result may otherwise be a permuted view of its buffer)
     self.jit = TinyJit(self._forward)
@@ -116,10 +119,7 @@ class _Graph:
     parts = np.split(ints, np.cumsum(self.shape.int_sizes)[:-1])
     for buf, src in zip(self.inputs, (*parts, floats)):
       if src.size: _upload(buf, src)                   # an empty part (no sampler ints, say) has a 1-element stand-in
-    # BEAM searches decode graphs only: they replay every step, while each prefill chunk length is a shape of its own,
-    # minutes of search on a GPU for a graph that may run once
-    options = self.runner.compile_options if self.shape.Q == 1 else {}
-    with Context(**options): out = self.jit(*self.int_inputs, self.floats)   # compiles in here
+    with Context(**self.compile_options): out = self.jit(*self.int_inputs, self.floats)   # compiles in here
     if self.jit.captured is None: return out.numpy()         # the first call, before TinyJit captures the graph
     if self.output is None: self.output = out.uop.buffer
     return _download(self.output)
