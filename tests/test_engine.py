@@ -117,3 +117,7 @@ def test_beam_searches_decode_graphs_only(monkeypatch):
   queries = [g.shape.Q for g in engine.runner.graphs.values()]
   assert 1 in queries and any(q > 1 for q in queries)
   assert seen == [{}, {"BEAM": 2}, {"BEAM": 2}]                   # one prefill step, then two decode steps
+
+
+def test_unknown_attention_backend_is_refused_before_loading():
+  with pytest.raises(ValueError, match="attention_backend"): LLMEngine(EngineArgs(**TINY, attention_backend="flash"))

@@ -78,7 +78,7 @@ class LLMEngine:
     t0 = time.perf_counter()
     dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
       if args.load_format == "dummy" else None
-    devices = args.devices()
+    devices, paged_decode = args.devices(), args.paged_decode()     # both check their arguments, before loading
     self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg,
                                             args.keep_weights_packed(), devices)
     self.model_config = cfg = self.model.config
@@ -94,7 +94,7 @@ class LLMEngine:
                                args.enable_chunked_prefill)
     stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
     self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
-                              args.seed, args.beam)
+                              args.seed, args.beam, paged_decode)
     self.requests: dict[str, _Request] = {}
     self._ids = itertools.count()
 

@@ -104,7 +104,7 @@ class _Graph:
                sampler_ints: Tensor, next_tokens: Tensor, floats: Tensor) -> Tensor:
     sh, model, kv = self.shape, self.runner.model, self.runner.kv_cache
     batch = ForwardBatch(tokens.reshape(sh.S, sh.Q), positions.reshape(sh.S, sh.Q), slots,
-                         tables.reshape(sh.S, sh.NB), logits_index, self.runner.block_size)
+                         tables.reshape(sh.S, sh.NB), logits_index, self.runner.block_size, self.runner.paged_decode)
     params = unpack(sampler_ints, floats, sh.S, sh.plan)
     to_sampler = lambda logits: logits.to(self.runner.devices[0])   # from every device (tensor parallel) to the first
     if sh.plan.num_prompt_logprobs is None:
@@ -127,12 +127,14 @@ class _Graph:
 
 class ModelRunner:
   def __init__(self, model: LlamaForCausalLM, devices: tuple[str, ...], num_blocks: int, block_size: int, kv_dtype,
-               stop_ids: set[int], seed: int = 0, beam: int = 0):
+               stop_ids: set[int], seed: int = 0, beam: int = 0, paged_decode: bool = True):
     """`devices`: the model's, more than one when tensor parallelism splits it; the KV pool is then split by KV head
     the same way, and the host's inputs and outputs stay on the first device. `beam`: tinygrad's kernel search width
-    for the decode graphs' kernels (0: tinygrad's own setting, its BEAM variable, off by default)."""
+    for the decode graphs' kernels (0: tinygrad's own setting, its BEAM variable, off by default). `paged_decode`:
+    decoding rows attend straight from the pool (model/paged_attention.py) rather than from a gathered copy."""
     cfg = model.config
     self.model, self.block_size, self.seed, self.stop_ids, self.devices = model, block_size, seed, stop_ids, devices
+    self.paged_decode = paged_decode
     self.compile_options = {"BEAM": beam} if beam else {}
     self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
                            for _ in range(2)) for _ in range(cfg.num_layers)]

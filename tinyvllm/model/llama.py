@@ -22,7 +22,7 @@ from tinygrad import Tensor, dtypes
 from tinygrad.function import function
 from tinygrad.nn import Linear, RMSNorm, Embedding
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.model.paged_attention import NewKV, write_and_gather, attention
+from tinyvllm.model.paged_attention import NewKV, write, write_and_gather, attention, decode_attention
 from tinyvllm.model.quantized import PackedLinear, PackedWeight, matmul_t
 
 Projection = Linear | PackedLinear
@@ -86,6 +86,9 @@ class Attention:
     else:
       q = qkv = self.qkv_proj(x.reshape(S * Q, -1))                     # [T, (H + 2 KVH) D]; q is its first H D
       new = NewKV(qkv, qkv, H * D, (H + KVH) * D, cos, sin)
+    if Q == 1 and batch.paged_decode:
+      kv = write(kv, new, batch.slot_mapping)
+      return self.o_proj(decode_attention(q, cos, sin, kv, batch.block_tables, batch.positions, batch.block_size, H))
     k_ctx, v_ctx = write_and_gather(kv, new, batch.slot_mapping, batch.block_tables, batch.block_size)
     q = apply_rope(q[:, :H * D].reshape(S * Q, H, D), cos, sin)
     return self.o_proj(attention(q.reshape(S, Q, H, D), k_ctx, v_ctx, batch.positions))
@@ -122,7 +125,7 @@ class DecoderLayer:
     # scheduler and code generator do their work once, not num_layers times
     @function(precompile=True, allow_implicit=True)
     def run(x: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor, block_tables: Tensor, positions: Tensor) -> Tensor:
-      b = ForwardBatch(None, positions, slot_mapping, block_tables, None, batch.block_size)
+      b = ForwardBatch(None, positions, slot_mapping, block_tables, None, batch.block_size, batch.paged_decode)
       h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, b).reshape(x.shape)
       return (h + self.mlp(self.post_attention_layernorm(h))).contiguous()
     return run(x, cos, sin, batch.slot_mapping, batch.block_tables, batch.positions)
@@ -131,9 +134,10 @@ class DecoderLayer:
 class ForwardBatch:
   """The device-side description of one forward pass: S sequences, each feeding Q query tokens (padded)."""
   def __init__(self, tokens: Tensor, positions: Tensor, slot_mapping: Tensor, block_tables: Tensor,
-               logits_index: Tensor, block_size: int):
+               logits_index: Tensor, block_size: int, paged_decode: bool = True):
     self.tokens, self.positions, self.slot_mapping = tokens, positions, slot_mapping        # [S, Q], [S, Q], [S*Q]
     self.block_tables, self.logits_index, self.block_size = block_tables, logits_index, block_size  # [S, NB], [S]
+    self.paged_decode = paged_decode    # Q = 1 rows attend straight from the pool (paged_attention.decode_attention)
 
 
 class LlamaModel:

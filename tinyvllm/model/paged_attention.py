@@ -20,7 +20,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from tinygrad import Tensor, dtypes
-from tinygrad.uop.ops import UOp, KernelInfo
+from tinygrad.dtype import AddrSpace
+from tinygrad.uop.ops import AxisType, UOp, KernelInfo
 from tinyvllm.model.tensor_parallel import allocate_split
 
 
@@ -70,6 +71,50 @@ def _gather_kernel(k_out: UOp, v_out: UOp, k_blocks: UOp, v_blocks: UOp, tables:
     .end(s, n, b, h, j).sink(arg=KernelInfo(name="kv_gather"))
 
 
+LANES = 8   # independent partial sums of a dot product
+
+
+def _tree_sum(terms: list[UOp]) -> UOp:
+  """Pairwise sum: independent adds a CPU can overlap, where a running sum would wait on each one in turn."""
+  while len(terms) > 1: terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1:]
+  return terms[0]
+
+
+def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, positions: UOp) -> UOp:
+  """out[s, head h] = softmax(rope(q[s, h]) · K_s) · V_s over the context of sequence s, read from the pool through
+  its block table: one thread per (sequence, head) streams the context once, keeping a running max m, the sum l of
+  exp(score − m) and the weighted sum of values, all rescaled when m grows (the "online softmax")."""
+  S, (num_blocks, block_size, KVH, D), NB = out.shape[0], k_blocks.shape, tables.shape[1]
+  H, half = out.shape[1] // D, D // 2
+  s, h = UOp.range(S, 0), UOp.range(H, 1)
+  x = [q[s, h * D + j].cast(dtypes.float) for j in range(D)]
+  c, sn = [cos[s, j] for j in range(half)], [sin[s, j] for j in range(half)]
+  scale = D ** -0.5 * 1.4426950408889634          # scores in log2 units, so the exponentials are exp2
+  rq = [(x[j] * c[j] - x[j + half] * sn[j]) * scale for j in range(half)] + \
+       [(x[j + half] * c[j] + x[j] * sn[j]) * scale for j in range(half)]
+  M, L = D, D + 1                                  # the state: D value sums, then m and l
+  state = UOp.placeholder((D + 2,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(s, h)
+  state = state.after(UOp.group(*[state[i].store(-1e30 if i == M else 0.0) for i in range(D + 2)]))
+  t = UOp.range(NB * block_size, 2, AxisType.REDUCE)
+  block, b, kvh = _bounded(tables[s, t // block_size], num_blocks), t % block_size, h // (H // KVH)
+  # the dot product in LANES partial sums kept in registers: as one expression tinygrad renders it as a single chain
+  # of D dependent adds, and the CPU waits on each one
+  part = UOp.placeholder((LANES,), dtypes.float, slot=1, addrspace=AddrSpace.REG).after(t)
+  products = [rq[j] * k_blocks[block, b, kvh, j].cast(dtypes.float) for j in range(D)]
+  part = part.after(UOp.group(*[part[i].store(_tree_sum(products[i::LANES])) for i in range(LANES)]))
+  score = _tree_sum([part[i] for i in range(LANES)])
+  score = (t <= positions[s].cast(dtypes.weakint)).where(score, -1e30)
+  cur = state.after(t)
+  m = cur[M].maximum(score)
+  rescale, p = (cur[M] - m).exp2(), (score - m).exp2()
+  updates = [cur[j] * rescale + p * v_blocks[block, b, kvh, j].cast(dtypes.float) for j in range(D)]
+  state = state.after(UOp.group(*[state[j].store(updates[j]) for j in range(D)], state[M].store(m),
+                                state[L].store(cur[L] * rescale + p)).end(t))
+  inv = state[L].reciprocal()
+  return UOp.group(*[out[s, h * D + j].store((state[j] * inv).cast(out.dtype)) for j in range(D)]) \
+    .end(s, h).sink(arg=KernelInfo(name="decode_attention", opts_to_apply=()))
+
+
 def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple[str, ...]) -> Tensor:
   """One layer's K (or V) pool, zeroed: [num_slots, kv_heads, head_dim], split by KV head across `devices`."""
   return allocate_split(Tensor.zeros, (num_slots, kv_heads, head_dim), 1, devices, dtype).contiguous().realize()
@@ -92,6 +137,24 @@ def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Ten
   as_blocks = lambda pool: pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
   k, v = dense().custom_kernel(dense(), as_blocks(k_cache), as_blocks(v_cache), block_tables, fxn=_gather_kernel)[:2]
   return k.reshape(S, NB * block_size, kv_heads, head_dim), v.reshape(S, NB * block_size, kv_heads, head_dim)
+
+
+def write(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
+  """Store the new K (rotated) and V of T tokens at `slot_mapping` ([T]) in their pools; returns the pools."""
+  k_cache, v_cache = cache
+  write = functools.partial(_write_kernel, k_col=new.k_col, v_col=new.v_col)
+  return tuple(k_cache.custom_kernel(v_cache, new.k, new.v, new.cos, new.sin, slot_mapping, fxn=write)[:2])
+
+
+def decode_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor], block_tables: Tensor,
+                     positions: Tensor, block_size: int, heads: int) -> Tensor:
+  """One query token per sequence (q: [S, width], its first heads·head_dim columns un-rotated) attending over its
+  context straight from the pools, no dense copy: [S, heads·head_dim]."""
+  (num_slots, kv_heads, head_dim), S = cache[0].shape, q.shape[0]
+  as_blocks = lambda pool: pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
+  out = allocate_split(Tensor.empty, (S, heads * head_dim), 1, q.device, q.dtype)
+  return out.custom_kernel(q, cos, sin, as_blocks(cache[0]), as_blocks(cache[1]), block_tables, positions.reshape(S),
+                           fxn=_decode_kernel)[0]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor) -> Tensor:
