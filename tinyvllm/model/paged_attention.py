@@ -71,7 +71,8 @@ def _gather_kernel(k_out: UOp, v_out: UOp, k_blocks: UOp, v_blocks: UOp, tables:
     .end(s, n, b, h, j).sink(arg=KernelInfo(name="kv_gather"))
 
 
-LANES = 8   # independent partial sums of a dot product
+LANES = 8   # partial sums per dot product
+TOKENS_PER_STEP = 4   # context tokens per step of the decode kernel's loop: their dot products run side by side
 
 
 def _tree_sum(terms: list[UOp]) -> UOp:
@@ -83,9 +84,10 @@ def _tree_sum(terms: list[UOp]) -> UOp:
 def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, positions: UOp) -> UOp:
   """out[s, head h] = softmax(rope(q[s, h]) · K_s) · V_s over the context of sequence s, read from the pool through
   its block table: one thread per (sequence, head) streams the context once, keeping a running max m, the sum l of
-  exp(score − m) and the weighted sum of values, all rescaled when m grows (the "online softmax")."""
+  exp(score − m) and the weighted sum of values, all rescaled when m grows (the "online softmax"). Each step of the
+  loop takes a few tokens at once, so their dot products overlap and the rescaling is paid once per step."""
   S, (num_blocks, block_size, KVH, D), NB = out.shape[0], k_blocks.shape, tables.shape[1]
-  H, half = out.shape[1] // D, D // 2
+  H, half, n = out.shape[1] // D, D // 2, min(TOKENS_PER_STEP, block_size)
   s, h = UOp.range(S, 0), UOp.range(H, 1)
   x = [q[s, h * D + j].cast(dtypes.float) for j in range(D)]
   c, sn = [cos[s, j] for j in range(half)], [sin[s, j] for j in range(half)]
@@ -95,21 +97,24 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
   M, L = D, D + 1                                  # the state: D value sums, then m and l
   state = UOp.placeholder((D + 2,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(s, h)
   state = state.after(UOp.group(*[state[i].store(-1e30 if i == M else 0.0) for i in range(D + 2)]))
-  t = UOp.range(NB * block_size, 2, AxisType.REDUCE)
-  block, b, kvh = _bounded(tables[s, t // block_size], num_blocks), t % block_size, h // (H // KVH)
-  # the dot product in LANES partial sums kept in registers: as one expression tinygrad renders it as a single chain
-  # of D dependent adds, and the CPU waits on each one
-  part = UOp.placeholder((LANES,), dtypes.float, slot=1, addrspace=AddrSpace.REG).after(t)
-  products = [rq[j] * k_blocks[block, b, kvh, j].cast(dtypes.float) for j in range(D)]
-  part = part.after(UOp.group(*[part[i].store(_tree_sum(products[i::LANES])) for i in range(LANES)]))
-  score = _tree_sum([part[i] for i in range(LANES)])
-  score = (t <= positions[s].cast(dtypes.weakint)).where(score, -1e30)
-  cur = state.after(t)
-  m = cur[M].maximum(score)
-  rescale, p = (cur[M] - m).exp2(), (score - m).exp2()
-  updates = [cur[j] * rescale + p * v_blocks[block, b, kvh, j].cast(dtypes.float) for j in range(D)]
-  state = state.after(UOp.group(*[state[j].store(updates[j]) for j in range(D)], state[M].store(m),
-                                state[L].store(cur[L] * rescale + p)).end(t))
+  step = UOp.range(NB * block_size // n, 2, AxisType.REDUCE)
+  tokens = [step * n + i for i in range(n)]
+  kvh, pos = h // (H // KVH), positions[s].cast(dtypes.weakint)
+  where = [(_bounded(tables[s, t // block_size], num_blocks), t % block_size) for t in tokens]
+  # each dot product as LANES partial sums stored in registers: as one expression tinygrad renders it as a single
+  # chain of D dependent adds
+  part = UOp.placeholder((n, LANES), dtypes.float, slot=1, addrspace=AddrSpace.REG).after(step)
+  part = part.after(UOp.group(*[part[i, l].store(_tree_sum([rq[j] * k_blocks[blk, b, kvh, j].cast(dtypes.float)
+                                                            for j in range(l, D, LANES)]))
+                                for i, (blk, b) in enumerate(where) for l in range(LANES)]))
+  scores = [(t <= pos).where(_tree_sum([part[i, l] for l in range(LANES)]), -1e30) for i, t in enumerate(tokens)]
+  cur = state.after(step)
+  m = functools.reduce(lambda a, b: a.maximum(b), scores, cur[M])
+  rescale, p = (cur[M] - m).exp2(), [(score - m).exp2() for score in scores]
+  values = [_tree_sum([p[i] * v_blocks[blk, b, kvh, j].cast(dtypes.float) for i, (blk, b) in enumerate(where)])
+            for j in range(D)]
+  state = state.after(UOp.group(*[state[j].store(cur[j] * rescale + values[j]) for j in range(D)], state[M].store(m),
+                                state[L].store(cur[L] * rescale + _tree_sum(p))).end(step))
   inv = state[L].reciprocal()
   return UOp.group(*[out[s, h * D + j].store((state[j] * inv).cast(out.dtype)) for j in range(D)]) \
     .end(s, h).sink(arg=KernelInfo(name="decode_attention", opts_to_apply=()))
