@@ -12,9 +12,19 @@ its *block table*, that grows by one block each time its last block fills up.
 
 Token `p` of a sequence lives in slot `table[p // block_size] * block_size + p % block_size`. The engine computes
 that *slot mapping* on the host for the tokens it feeds in a step; the model writes their new K/V there (rotating K
-by RoPE on the way, so no kernel runs just for that) and then reads the whole context back through the table. Both
-moves are a few lines of tinygrad UOps (`custom_kernel`), so they compile for every backend (CPU, CUDA, Metal) and
-run inside a TinyJit graph.
+by RoPE on the way, so no kernel runs just for that) and then reads the context back through the table, in one of
+two ways:
+
+- gather: copy each sequence's blocks into a dense [S, context, heads, dim] tensor, then tinygrad's matmuls and
+  softmax (`attention`). Any number of query tokens per row: prefill chunks always take this path.
+- paged (decoding rows, one query token each): one kernel reads the pool through the table and never makes the
+  copy (`decode_attention`). It streams the context once with an *online softmax*: it keeps the running maximum
+  score m, the sum of exp(score − m) and the exp-weighted sum of values, and rescales both when m grows, so the
+  scores never need to be stored. One thread per (sequence, head) suits a CPU; a GPU wants the context split across
+  threads too, so there the gather path is the default (config.py).
+
+All of these are a few lines of tinygrad UOps (`custom_kernel`), so they compile for every backend (CPU, CUDA,
+Metal) and run inside a TinyJit graph.
 """
 from __future__ import annotations
 import functools
