@@ -143,10 +143,8 @@ def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Ten
 
   Both kernels keep the KV heads as an axis of their own, so under tensor parallelism each device runs them on its
   own heads' slice of the pools, of `new` and of the output."""
-  k_cache, v_cache = cache
+  k_cache, v_cache = write(cache, new, slot_mapping)
   num_slots, kv_heads, head_dim = k_cache.shape
-  write = functools.partial(_write_kernel, k_col=new.k_col, v_col=new.v_col)
-  k_cache, v_cache = k_cache.custom_kernel(v_cache, new.k, new.v, new.cos, new.sin, slot_mapping, fxn=write)[:2]
   S, NB = block_tables.shape
   dense = lambda: allocate_split(Tensor.empty, (S, NB, block_size, kv_heads, head_dim), 3, k_cache.device, k_cache.dtype)
   as_blocks = lambda pool: pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
