@@ -14,7 +14,10 @@ three device tensors (the quants untouched, the scales and minimums as float32: 
 was slower on CPU than the 4 extra bytes per block cost), Q4_0 becoming Q4_1 with m = −8d.
 
 The kernel is written with tinygrad's UOp API (`Tensor.custom_kernel`): one output feature per thread, the block loop
-as the reduction, and 16 independent partial sums, the lanes a C compiler turns into vector FMAs. tinygrad's own
+as the reduction, and 16 independent partial sums, the lanes a C compiler turns into vector FMAs. It computes that
+formula as written: q·x products summed before d multiplies them, and Σ x_j taken once per row and block by a small
+kernel before it, rather than dequantizing every weight (w = d·q + m) first: 1.3× faster at one row, 2.5× at 32 on
+this CPU (Q4_1 3072×576: 149 → 113 µs, 8.0 → 3.2 ms). tinygrad's own
 `(x * dequant(w)).sum()` fuses the same work into one kernel but with a single scalar accumulator, ~10× slower on
 CPU. For many rows (a long prefill) it is faster to dequantize once and use tinygrad's matmul.
 """
@@ -82,21 +85,26 @@ def _dequantize(qs: Tensor, d: Tensor, m: Tensor | None) -> Tensor:
   return q.cast(dtypes.float32) * d.unsqueeze(-1) + (0 if m is None else m.unsqueeze(-1))
 
 
-def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m: UOp, bits: int) -> UOp:
-  """out[b, n] = Σ_blocks d[n, blk]·Σ_j q[n, blk, j]·x[b, 32·blk + j] (+ m[n, blk]·Σ_j x[b, 32·blk + j])."""
+def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m_and_x_sums: UOp, bits: int) -> UOp:
+  """out[b, n] = Σ_blocks d[n, blk]·Σ_j q[n, blk, j]·x[b, 32·blk + j] (+ m[n, blk]·x_sums[b, blk]): the scale
+  multiplies partial sums and the minimum a block's sum of x, not each weight."""
   B, N = out.shape
   n, b = UOp.range(N, 0), UOp.range(B, 1)
-  acc = UOp.placeholder((LANES,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(n, b)
-  acc = acc.after(UOp.group(*[acc[i].store(0.0) for i in range(LANES)]))
+  # LANES running sums for the quants' term, the lanes a C compiler turns into vector FMAs, then one for the minimums'
+  acc = UOp.placeholder((LANES + 1,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(n, b)
+  acc = acc.after(UOp.group(*[acc[i].store(0.0) for i in range(LANES + 1)]))
   blk = UOp.range(qs.shape[1], 2, AxisType.REDUCE)
   if bits == 4:      # low nibbles are weights 0..15 of the block, high nibbles 16..31
     q = [qs[n, blk, j] & 15 for j in range(16)] + [qs[n, blk, j] >> 4 for j in range(16)]
   else: q = [qs[n, blk, j] for j in range(BLOCK)]
-  w = [qj.cast(dtypes.float) * d[n, blk] + (m[0][n, blk] if m else 0.0) for qj in q]
-  lanes = [acc.after(blk)[i] for i in range(LANES)]
-  for j in range(BLOCK): lanes[j % LANES] = lanes[j % LANES] + w[j] * x[b, blk * BLOCK + j]
-  acc = acc.after(UOp.group(*[acc[i].store(lanes[i]) for i in range(LANES)]).end(blk))
-  total = functools.reduce(lambda s, i: s + acc[i], range(1, LANES), acc[0])
+  products = [q[j].cast(dtypes.float) * x[b, blk * BLOCK + j] for j in range(BLOCK)]
+  prev = acc.after(blk)
+  sums = [prev[i] + (products[i] + products[i + LANES]) * d[n, blk] for i in range(LANES)]
+  if m_and_x_sums:
+    m, x_sums = m_and_x_sums
+    sums.append(prev[LANES] + m[n, blk] * x_sums[b, blk])
+  acc = acc.after(UOp.group(*[acc[i].store(v) for i, v in enumerate(sums)]).end(blk))
+  total = functools.reduce(lambda s, i: s + acc[i], range(1, len(sums)), acc[0])
   return out[b, n].store(total).end(b, n).sink(arg=KernelInfo(name=f"q{bits}_matmul_{N}_{qs.shape[1] * BLOCK}",
                                                                opts_to_apply=()))
 
@@ -119,7 +127,8 @@ def _kernel_matmul(rows: Tensor, w: PackedWeight) -> Tensor:
   partials = len(w.qs.device) if split == 1 else 1
   out_axis = {0: 1, 1: 0}.get(split)     # rows split: the output's columns; blocks split: the stacked partials
   out = allocate_split(Tensor.empty, (partials * B, N), out_axis, w.qs.device, dtypes.float32)
-  scales = (w.d,) if w.m is None else (w.d, w.m)
+  # Q4_1's minimums multiply each block's sum of x: summed here once for all output features
+  scales = (w.d,) if w.m is None else (w.d, w.m, rows.reshape(B, -1, BLOCK).sum(-1))
   y = out.custom_kernel(rows, w.qs, *scales, fxn=functools.partial(_matmul_kernel, bits=w.bits))[0]
   return y if partials == 1 else y.reshape(partials, B, N).sum(0)
 
