@@ -6,7 +6,7 @@ import pytest
 from tinygrad import Tensor
 from tinyvllm.model import quantized
 from tinyvllm.model.gguf import GGUFTensor, read_gguf
-from tinyvllm.model.loader import default_model_path
+from tinyvllm.model.loader import default_model_path, stack_checkpoint
 from tinyvllm.model.quantized import PackedWeight, packed_matmul
 
 TYPES = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}   # GGML type id, bytes per block of 32
@@ -25,7 +25,7 @@ def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> GGUFTe
 
 
 def packed(t: GGUFTensor) -> PackedWeight:
-  return PackedWeight.from_blocks(t.type_name, t.raw.reshape(t.shape[0], -1, TYPES[t.type_name][1]))
+  return PackedWeight.from_blocks((t.type_name, t.raw.reshape(t.shape[0], -1, TYPES[t.type_name][1])))
 
 
 def check(t: GGUFTensor, rows_of_x: int, rtol: float = 1e-4) -> None:
@@ -58,3 +58,22 @@ def test_every_smollm2_matrix_of_two_layers_and_the_embedding():
   names = [n for n in tensors if n.startswith(("blk.0.", "blk.29.")) and len(tensors[n].shape) == 2]
   assert len(names) == 14
   for name in names + ["token_embd.weight"]: check(tensors[name], rows_of_x=2, rtol=1e-3)
+
+
+def test_stacked_projections_are_their_parts_row_after_row():
+  """loader.stack_checkpoint stacks q/k/v and gate/up on the host: Q4_0 beside Q4_1 stays packed (both 4-bit), a
+  group mixing widths (Q4_1 beside Q8_0) is stacked as float."""
+  def as_loaded(type_name: str, rows: int, seed: int) -> GGUFTensor:      # blocks as (rows, blocks, bytes), as loaded
+    t = random_blocks(type_name, rows, 64, seed)
+    return GGUFTensor(t.name, t.ggml_type, t.type_name, t.shape, t.raw.reshape(rows, -1, TYPES[type_name][1]))
+  attn = {"q": as_loaded("Q4_0", 64, 0), "k": as_loaded("Q4_1", 32, 1), "v": as_loaded("Q4_1", 32, 2)}
+  mlp = {"gate": as_loaded("Q4_1", 96, 3), "up": as_loaded("Q8_0", 96, 4)}
+  stacked = stack_checkpoint({**{f"model.layers.0.self_attn.{p}_proj.weight": w for p, w in attn.items()},
+                              **{f"model.layers.0.mlp.{p}_proj.weight": w for p, w in mlp.items()}})
+  assert sorted(stacked) == ["model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.self_attn.qkv_proj.weight"]
+  qkv = stacked["model.layers.0.self_attn.qkv_proj.weight"]
+  assert isinstance(qkv, tuple)
+  got = PackedWeight.from_blocks(*((t.type_name, t.raw) for t in qkv)).dequantize().numpy()
+  np.testing.assert_allclose(got, np.concatenate([w.dequantize() for w in attn.values()]), rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(stacked["model.layers.0.mlp.gate_up_proj.weight"],
+                                np.concatenate([w.dequantize() for w in mlp.values()]))

@@ -15,24 +15,22 @@ length). Each graph owns one device buffer per input (tokens, positions, slots, 
 used and refilled in place every step. A sequence that asked for prompt logprobs runs its prompt alone, in graphs
 that also return the logprobs of every position.
 
-Host <-> device copies go straight through the device's allocator (`_copyin` / `_copyout`, what tinygrad's own copy
-runs in the end): `Buffer.copy_from` and `Tensor.numpy` schedule and lower a one-op graph on every call, which cost
-0.3 and 1.4 ms of Python per step on the H100 machine, longer than the whole step's kernels take at batch 1 of a
-small model. See bench/results/gpu-notes.md.
+Host <-> device copies go straight through the device's allocator (transfer.py): tinygrad's own schedule a graph
+on every call, which costs more Python per step than a small model's whole step takes on a GPU.
 """
 from __future__ import annotations
 import time
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Context, Tensor, TinyJit, dtypes
-from tinygrad.device import Buffer, MultiBuffer
-from tinygrad.dtype import _to_np_dtype
+from tinygrad.device import Buffer
 from tinyvllm.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
 from tinyvllm.model.paged_attention import new_pool
 from tinyvllm.sampler import SamplingPlan, bucket, plan_and_pack, prompt_logprobs, sample, unpack
 from tinyvllm.scheduler import ScheduledSequence
 from tinyvllm.sequence import Sequence
+from tinyvllm.transfer import allocated, download, upload
 
 
 @dataclass(frozen=True)
@@ -63,22 +61,6 @@ class StepResult:
   prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # for prompt positions start+1.. of the chunk computed
 
 
-def _upload(buf: Buffer | MultiBuffer, src: np.ndarray) -> None:
-  """Host array -> device buffer of the same size and dtype (each device's copy of a replicated one), without
-  scheduling anything."""
-  data = memoryview(np.ascontiguousarray(src)).cast("B")
-  for b in buf.bufs if isinstance(buf, MultiBuffer) else [buf]:
-    assert src.nbytes == b.nbytes and src.dtype == _to_np_dtype(b.dtype), (src.dtype, src.nbytes, b)
-    b.allocator._copyin(b._buf, data)
-
-
-def _download(buf: Buffer) -> np.ndarray:
-  """Device buffer -> new host array; waits for the work that writes it (every backend's _copyout synchronizes)."""
-  out = np.empty(buf.size, _to_np_dtype(buf.dtype))
-  buf.allocator._copyout(memoryview(out).cast("B"), buf._buf)
-  return out
-
-
 class _Graph:
   """One captured forward+sample for one Shape, with its persistent input buffers."""
   def __init__(self, runner: ModelRunner, shape: Shape, num_floats: int):
@@ -89,9 +71,9 @@ class _Graph:
     # than copied there inside the graph (tinygrad's HCQ2 runtime cannot replay a copy that reads a JIT input); the
     # sampler's stay on the first device, where it runs.
     devices = runner.devices
-    self.int_inputs = [Tensor.zeros(max(n, 1), dtype=dtypes.int32, device=devices if i < 5 else devices[0])
-                       .contiguous().realize() for i, n in enumerate(shape.int_sizes)]
-    self.floats = Tensor.zeros(num_floats, dtype=dtypes.float32, device=devices[0]).contiguous().realize()
+    self.int_inputs = [allocated((max(n, 1),), dtypes.int32, devices if i < 5 else devices[0])
+                       for i, n in enumerate(shape.int_sizes)]
+    self.floats = allocated((num_floats,), dtypes.float32, devices[0])
     self.inputs = tuple(t.uop.buffer for t in (*self.int_inputs, self.floats))
     # BEAM searches decode graphs only: they replay every step, while each prefill chunk length is a shape of its own,
     # minutes of search on a GPU for a graph that may run once
@@ -99,6 +81,9 @@ class _Graph:
     self.output: Buffer | None = None      # the captured graph's output buffer, the same on every replay
     # (_forward returns a contiguous tensor: a realized result may otherwise be a permuted view of its buffer)
     self.jit = TinyJit(self._forward)
+    # captured on the first call, not the second: the weights, pools and inputs are all realized before it, so the
+    # plain run TinyJit makes first would only trace and compile the graph once more (~4 s on CPU, for every shape)
+    self.jit.cnt = 1
 
   def _forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, tables: Tensor, logits_index: Tensor,
                sampler_ints: Tensor, next_tokens: Tensor, floats: Tensor) -> Tensor:
@@ -118,11 +103,10 @@ class _Graph:
   def __call__(self, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
     parts = np.split(ints, np.cumsum(self.shape.int_sizes)[:-1])
     for buf, src in zip(self.inputs, (*parts, floats)):
-      if src.size: _upload(buf, src)                   # an empty part (no sampler ints, say) has a 1-element stand-in
+      if src.size: upload(buf, src)                   # an empty part (no sampler ints, say) has a 1-element stand-in
     with Context(**self.compile_options): out = self.jit(*self.int_inputs, self.floats)   # compiles in here
-    if self.jit.captured is None: return out.numpy()         # the first call, before TinyJit captures the graph
     if self.output is None: self.output = out.uop.buffer
-    return _download(self.output)
+    return download(self.output)
 
 
 class ModelRunner:
@@ -138,6 +122,7 @@ class ModelRunner:
     self.compile_options = {"BEAM": beam} if beam else {}
     self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
                            for _ in range(2)) for _ in range(cfg.num_layers)]
+    Tensor.realize(*(pool for pools in self.kv_cache for pool in pools))
     self.graphs: dict[Shape, _Graph] = {}
 
   def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> StepResult:

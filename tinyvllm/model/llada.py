@@ -28,7 +28,7 @@ from tinygrad import Tensor, dtypes
 from tinygrad.nn import Embedding, Linear, RMSNorm
 from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.model.loader import read_safetensors
+from tinyvllm.model.loader import read_safetensors, weight_tensor
 from tinyvllm.model.llama import MLP, Attention, apply_rope, rope_frequencies
 from tinyvllm.model.tokenizer import Tokenizer
 
@@ -178,7 +178,7 @@ def load_state(model: MaskedDiffusionLM, weights: dict[str, np.ndarray], dtype) 
   for name, param in params.items():
     w = weights[name]
     if w.shape != param.shape: raise ValueError(f"{name}: checkpoint shape {w.shape} != model shape {param.shape}")
-    param.replace(Tensor(np.asarray(w, dtype=np.float32)).cast(dtype).contiguous()).realize()
+    param.replace(weight_tensor(w, dtype)).realize()
 
 
 def load_diffusion_model(path: str | Path, dtype=dtypes.float32) -> tuple[MaskedDiffusionLM, Tokenizer]:

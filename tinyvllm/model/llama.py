@@ -9,8 +9,8 @@
   Llama-3 checkpoints stretch the low frequencies (`rope_scaling`) to reach longer contexts.
 - Grouped-query attention (GQA): several query heads share one K/V head, shrinking the KV cache by that factor.
 - SwiGLU: down(silu(gate(x)) * up(x)).
-- After loading, q/k/v and gate/up are each stacked into one projection (`fuse_projections`): one matmul kernel
-  reads x once instead of three or two times. A model split across devices (tensor_parallel.py) stays unfused.
+- q/k/v and gate/up are each one projection (`fuse_projections`; the loader stacks their matrices): one matmul
+  kernel reads x once instead of three or two times. A model split across devices (tensor_parallel.py) stays unfused.
 
 Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`), so a safetensors checkpoint loads
 as is and a GGUF one after `gguf.gguf_to_hf_state_dict`.
@@ -18,27 +18,29 @@ as is and a GGUF one after `gguf.gguf_to_hf_state_dict`.
 from __future__ import annotations
 import math
 import numpy as np
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor, dtypes, nn
 from tinygrad.function import function
-from tinygrad.nn import Linear, RMSNorm, Embedding
+from tinygrad.nn import RMSNorm
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.paged_attention import NewKV, write, write_and_gather, attention, decode_attention
-from tinyvllm.model.quantized import PackedLinear, PackedWeight, matmul_t
+from tinyvllm.model.quantized import PackedLinear, matmul_t
+from tinyvllm.transfer import to_device
+
+
+class Linear(nn.Linear):
+  """nn.Linear whose weights are placeholders until the loader fills them: nn.Linear's random initialisation would
+  build a graph for every matrix only to throw it away (1.6 s of a CPU start for SmolLM2)."""
+  def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    self.weight = Tensor.empty(out_features, in_features)
+    self.bias = Tensor.empty(out_features) if bias else None
+
+
+class Embedding(nn.Embedding):
+  """nn.Embedding with a placeholder table, as Linear above."""
+  def __init__(self, vocab_size: int, embed_size: int): self.weight = Tensor.empty(vocab_size, embed_size)
+
 
 Projection = Linear | PackedLinear
-
-
-def stack_projections(*layers: Projection) -> Projection | None:
-  """One projection whose output is the outputs of `layers` side by side; None if they cannot be stacked."""
-  biases = [layer.bias for layer in layers]
-  if any(b is None for b in biases) and not all(b is None for b in biases): return None
-  bias = None if biases[0] is None else Tensor.cat(*biases).contiguous()
-  if all(isinstance(layer, PackedLinear) for layer in layers) and len({layer.weight.bits for layer in layers}) == 1:
-    return PackedLinear(PackedWeight.cat(*(layer.weight for layer in layers)), bias)
-  if not all(isinstance(layer, Linear) for layer in layers): return None
-  stacked = Linear(1, 1, bias=False)
-  stacked.weight, stacked.bias = Tensor.cat(*(layer.weight for layer in layers)).contiguous(), bias
-  return stacked
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -73,9 +75,9 @@ class Attention:
     self.qkv_proj: Projection | None = None
 
   def fuse(self) -> None:
-    if (qkv := stack_projections(self.q_proj, self.k_proj, self.v_proj)) is not None:
-      self.qkv_proj = qkv
-      del self.q_proj, self.k_proj, self.v_proj
+    self.qkv_proj = Linear(self.q_proj.weight.shape[1], (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                           bias=self.q_proj.bias is not None)
+    del self.q_proj, self.k_proj, self.v_proj
 
   def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: "ForwardBatch") -> Tensor:
     S, Q, _ = x.shape
@@ -102,9 +104,9 @@ class MLP:
     self.gate_up_proj: Projection | None = None
 
   def fuse(self) -> None:
-    if (gate_up := stack_projections(self.gate_proj, self.up_proj)) is not None:
-      self.gate_up_proj = gate_up
-      del self.gate_proj, self.up_proj
+    N, K = self.gate_proj.weight.shape
+    self.gate_up_proj = Linear(K, 2 * N, bias=False)
+    del self.gate_proj, self.up_proj
 
   def __call__(self, x: Tensor) -> Tensor:
     gate, up = (self.gate_proj(x), self.up_proj(x)) if self.gate_up_proj is None else self.gate_up_proj(x).chunk(2, dim=-1)
@@ -134,7 +136,7 @@ class DecoderLayer:
 class ForwardBatch:
   """The device-side description of one forward pass: S sequences, each feeding Q query tokens (padded)."""
   def __init__(self, tokens: Tensor, positions: Tensor, slot_mapping: Tensor, block_tables: Tensor,
-               logits_index: Tensor, block_size: int, paged_decode: bool = True):
+               logits_index: Tensor, block_size: int, paged_decode: bool):
     self.tokens, self.positions, self.slot_mapping = tokens, positions, slot_mapping        # [S, Q], [S, Q], [S*Q]
     self.block_tables, self.logits_index, self.block_size = block_tables, logits_index, block_size  # [S, NB], [S]
     self.paged_decode = paged_decode    # Q = 1 rows attend straight from the pool (paged_attention.decode_attention)
@@ -153,10 +155,11 @@ class LlamaForCausalLM:
     self.model = LlamaModel(cfg)
     if not cfg.tie_word_embeddings: self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
     angles = np.outer(np.arange(cfg.max_position_embeddings), rope_frequencies(cfg))
-    self.rope_cos, self.rope_sin = Tensor(np.cos(angles).astype(np.float32)), Tensor(np.sin(angles).astype(np.float32))
+    self.rope_cos, self.rope_sin = to_device(np.cos(angles).astype(np.float32)), to_device(np.sin(angles).astype(np.float32))
 
   def fuse_projections(self) -> None:
-    """Stack q/k/v and gate/up of every layer (after the weights are loaded under their checkpoint names)."""
+    """Replace q/k/v and gate/up of every layer by one projection each, `qkv_proj` and `gate_up_proj`, before the
+    weights are loaded: the loader stacks the checkpoint's matrices into them (loader.stack_checkpoint)."""
     for layer in self.model.layers:
       layer.self_attn.fuse()
       layer.mlp.fuse()

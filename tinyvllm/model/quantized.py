@@ -29,8 +29,10 @@ from tinygrad import Tensor, UOp, dtypes
 from tinygrad.dtype import AddrSpace
 from tinygrad.uop.ops import AxisType, KernelInfo
 from tinyvllm.model.tensor_parallel import allocate_split
+from tinyvllm.transfer import to_device
 
-PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+PACKED_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}   # the GGUF types that stay packed, and their quants' width
+PACKED_TYPES = tuple(PACKED_BITS)
 BLOCK = 32
 LANES = 16              # partial sums per output: two AVX2 registers; 8 and 32 measured slower on CPU
 MAX_KERNEL_ROWS = 512   # beyond this many rows of x, dequantize and use tinygrad's matmul
@@ -50,21 +52,18 @@ class PackedWeight:
   def nbytes(self) -> int: return sum(t.nbytes() for t in (self.qs, self.d, self.m) if t is not None)
 
   @staticmethod
-  def from_blocks(type_name: str, blocks: np.ndarray) -> PackedWeight:
-    """blocks: uint8 (N, K/32, bytes per block), straight from the GGUF file (rows may have been reordered)."""
-    blocks = np.array(blocks, dtype=np.uint8)          # an in-memory copy, not a view into the file's mmap
-    scale = lambda at: Tensor(np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0].astype(np.float32))
-    if type_name == "Q8_0": return PackedWeight(8, Tensor(np.ascontiguousarray(blocks[..., 2:]).view(np.int8)), scale(0), None)
-    if type_name == "Q4_1": return PackedWeight(4, Tensor(np.ascontiguousarray(blocks[..., 4:])), scale(0), scale(2))
-    if type_name == "Q4_0":
-      d = scale(0)
-      return PackedWeight(4, Tensor(np.ascontiguousarray(blocks[..., 2:])), d, (d * -8).contiguous())
-    raise ValueError(f"{type_name} weights cannot stay packed (packed types: {', '.join(PACKED_TYPES)})")
+  def from_blocks(*parts: tuple[str, np.ndarray]) -> PackedWeight:
+    """GGUF blocks, (type name, uint8 (N, K/32, bytes per block)) straight from the file, of one matrix or of
+    several stacked by rows (q, k and v into one projection), uploaded as one packed weight."""
+    split = [_split_blocks(type_name, blocks) for type_name, blocks in parts]
+    if len({bits for bits, *_ in split}) != 1: raise ValueError("only weights of one packed width can be stacked")
+    stack = lambda arrays: None if arrays[0] is None else to_device(np.concatenate(arrays))
+    return PackedWeight(split[0][0], *(stack([s[i] for s in split]) for i in (1, 2, 3)))
 
   @staticmethod
   def cat(*weights: PackedWeight) -> PackedWeight:
-    """Rows of several weights stacked: one matmul for projections that read the same input."""
-    assert len({w.bits for w in weights}) == 1, "only weights of one packed type can be stacked"
+    """Weights already on the device stacked by rows (random ones: a checkpoint's are stacked on the host)."""
+    if len({w.bits for w in weights}) != 1: raise ValueError("only weights of one packed width can be stacked")
     stack = lambda ts: Tensor.cat(*ts).contiguous()
     return PackedWeight(weights[0].bits, stack(w.qs for w in weights), stack(w.d for w in weights),
                         None if weights[0].m is None else stack(w.m for w in weights))
@@ -77,6 +76,16 @@ class PackedWeight:
   def dequantize(self) -> Tensor:
     """The whole float32 (N, K) matrix; elementwise, so a split weight dequantizes on each device in place."""
     return _dequantize(self.qs, self.d, self.m).reshape(self.shape)
+
+
+def _split_blocks(type_name: str, blocks: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
+  """One matrix's GGUF blocks -> (bits, quants, d, m) host arrays, Q4_0 as Q4_1 with m = −8d."""
+  blocks = np.asarray(blocks, dtype=np.uint8)
+  scale = lambda at: np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0].astype(np.float32)
+  if type_name == "Q8_0": return 8, blocks[..., 2:].view(np.int8), scale(0), None
+  if type_name == "Q4_1": return 4, blocks[..., 4:], scale(0), scale(2)
+  if type_name == "Q4_0": return 4, blocks[..., 2:], scale(0), scale(0) * -8
+  raise ValueError(f"{type_name} weights cannot stay packed (packed types: {', '.join(PACKED_TYPES)})")
 
 
 def _dequantize(qs: Tensor, d: Tensor, m: Tensor | None) -> Tensor:
@@ -128,8 +137,8 @@ def _kernel_matmul(rows: Tensor, w: PackedWeight) -> Tensor:
   out_axis = {0: 1, 1: 0}.get(split)     # rows split: the output's columns; blocks split: the stacked partials
   out = allocate_split(Tensor.empty, (partials * B, N), out_axis, w.qs.device, dtypes.float32)
   # Q4_1's minimums multiply each block's sum of x: summed here once for all output features
-  scales = (w.d,) if w.m is None else (w.d, w.m, rows.reshape(B, -1, BLOCK).sum(-1))
-  y = out.custom_kernel(rows, w.qs, *scales, fxn=functools.partial(_matmul_kernel, bits=w.bits))[0]
+  per_block = (w.d,) if w.m is None else (w.d, w.m, rows.reshape(B, -1, BLOCK).sum(-1))
+  y = out.custom_kernel(rows, w.qs, *per_block, fxn=functools.partial(_matmul_kernel, bits=w.bits))[0]
   return y if partials == 1 else y.reshape(partials, B, N).sum(0)
 
 
