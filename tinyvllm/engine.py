@@ -19,7 +19,7 @@ from tinygrad import Device
 from tinyvllm.block_manager import BlockManager
 from tinyvllm.config import SHAPES, EngineArgs
 from tinyvllm.detokenizer import update_text
-from tinyvllm.kernel_cache import share_kernel_cache_between_threads
+from tinyvllm.kernel_cache import keep_lowered_kernels_on_disk, share_kernel_cache_between_threads
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
 from tinyvllm.model.tokenizer import Tokenizer
@@ -75,6 +75,7 @@ class LLMEngine:
   def __init__(self, args: EngineArgs):
     self.args = args
     if args.device: Device.DEFAULT = args.device
+    keep_lowered_kernels_on_disk()
     t0 = time.perf_counter()
     dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
       if args.load_format == "dummy" else None

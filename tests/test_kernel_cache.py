@@ -1,0 +1,25 @@
+"""kernel_cache.py: a kernel lowered in one process is read back from tinygrad's disk cache in the next, not lowered
+again (the code generator's work that tinygrad itself caches in memory only)."""
+import os
+import subprocess
+import sys
+
+LOWER_ONE_KERNEL = """
+import tinyvllm
+from tinygrad import Device, Tensor, codegen
+from tinyvllm.kernel_cache import keep_lowered_kernels_on_disk
+keep_lowered_kernels_on_disk()
+Device[Device.DEFAULT]                  # opening the device lowers its own runtime programs, outside any cache
+lowered, lower = [], codegen.do_to_program
+codegen.do_to_program = lambda ast, renderer: lowered.append(ast.arg.name) or lower(ast, renderer)
+print((Tensor.arange(12).reshape(3, 4) * 3 + 1).sum(axis=1).tolist())
+print(sum(not name.startswith("hcq") for name in lowered))      # HCQ's submitters are lowered in every process
+"""
+
+
+def test_a_second_process_reads_the_lowered_kernel_back(tmp_path):
+  env = {**os.environ, "CACHEDB": str(tmp_path / "cache.db"), "PARALLEL": "0"}   # PARALLEL=0: lowered in-process
+  runs = [subprocess.run([sys.executable, "-c", LOWER_ONE_KERNEL], env=env, capture_output=True, text=True, check=True)
+          .stdout.split("\n") for _ in range(2)]
+  assert runs[0][0] == runs[1][0] == "[22, 70, 118]"
+  assert int(runs[0][1]) >= 1 and int(runs[1][1]) == 0
