@@ -1,6 +1,6 @@
 """Per-kernel device time of whatever runs inside `kernel_times(...)`: tinygrad's DEBUG=2 lines (each kernel timed
 alone, the device synchronized after it) aggregated by kernel name. Kernels replayed from a captured graph are not
-timed one by one, so profile a shape's first (uncaptured) call."""
+timed one by one, so profile a shape's first call (the one in which TinyJit captures it)."""
 import collections, contextlib, io, re
 from tinygrad import Context
 

@@ -1,5 +1,5 @@
 """Where a step's time goes: per-kernel device time of one batch-S prefill step and one decode step (their shapes'
-first calls, so the kernels run one by one), then the wall time of the same step replayed from its captured graph.
+first calls, in which DEBUG=2 times the kernels one by one), then the wall time of the same step replayed from its captured graph.
 
     python bench/step_profile.py [S] [prompt_len] [shape] [engine args as key=value ...]
     e.g. DEV=CUDA python bench/step_profile.py 256 128 llama-1b beam=2
