@@ -7,7 +7,6 @@ tinygrad's HCQ2 wait for the device is a busy loop (`HCQ2Compiled._wait_signal`)
 the other rank computes on; here it polls with 0.1 ms sleeps instead (a probe, not the engine's code).
 """
 import os, sys, tempfile, time
-import numpy as np
 import tinyvllm  # noqa: F401  (sets HCQ2 before tinygrad is imported)
 from tinygrad.runtime.support import hcq2
 
@@ -17,22 +16,14 @@ def wait_sleeping(self, signal, value, timeout=None):
   while signal[0] < value: time.sleep(0.0001)
 
 hcq2.HCQ2Compiled._wait_signal = wait_sleeping
-from tinyvllm import EngineArgs, LLMEngine, SamplingParams  # noqa: E402
+from tinyvllm import EngineArgs, LLMEngine  # noqa: E402
+from throughput_steps import run_workload  # noqa: E402
 engine = LLMEngine(EngineArgs())
 
-def one_pass(seed: int) -> float:
-  rng = np.random.default_rng(seed)
-  for _ in range(N):
-    engine.add_request([int(t) for t in rng.integers(100, 40000, 128)],
-                       SamplingParams(temperature=0, max_tokens=128, ignore_eos=True))
-  start = time.perf_counter()
-  while engine.has_unfinished_requests(): engine.step()
-  return time.perf_counter() - start
-
-one_pass(1)                                                   # warm-up: captures every graph shape
+run_workload(engine, N, 1)                                    # warm-up: captures every graph shape
 barrier = os.path.join(tempfile.gettempdir(), "tinyvllm-dp-probe")
 os.makedirs(barrier, exist_ok=True)
 open(os.path.join(barrier, str(os.getpid())), "w").close()
 while len(os.listdir(barrier)) < RANKS: time.sleep(0.05)
-print(f"rank {os.getpid()}: {N} requests, {N * 128 / one_pass(2):.1f} output tok/s", flush=True)
+print(f"rank {os.getpid()}: {N} requests, {N * 128 / run_workload(engine, N, 2):.1f} output tok/s", flush=True)
 os.remove(os.path.join(barrier, str(os.getpid())))

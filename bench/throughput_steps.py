@@ -8,29 +8,32 @@ import numpy as np
 from tinyvllm import EngineArgs, LLMEngine, SamplingParams
 from tinyvllm import model_runner
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 32
-graph_time: collections.Counter = collections.Counter()
-run_graph = model_runner._Graph.__call__
 
-def timed(graph, ints, floats):
-  start = time.perf_counter()
-  try: return run_graph(graph, ints, floats)
-  finally: graph_time[(graph.shape.S, graph.shape.Q, graph.shape.NB)] += time.perf_counter() - start
-
-model_runner._Graph.__call__ = timed
-engine = LLMEngine(EngineArgs())
-
-def one_pass(seed: int) -> float:
+def run_workload(engine: LLMEngine, n: int, seed: int) -> float:
+  """Submit n random 128-token prompts for 128 greedy tokens each, run them to the end; the seconds it took."""
   rng = np.random.default_rng(seed)
-  for _ in range(N):
+  for _ in range(n):
     engine.add_request([int(t) for t in rng.integers(100, 40000, 128)],
                        SamplingParams(temperature=0, max_tokens=128, ignore_eos=True))
   start = time.perf_counter()
   while engine.has_unfinished_requests(): engine.step()
   return time.perf_counter() - start
 
-print(f"warm-up pass {one_pass(1):.1f} s")
-graph_time.clear()
-total = one_pass(2)
-print(f"measured pass {total:.1f} s, {N * 128 / total:.1f} output tok/s; in graphs {sum(graph_time.values()):.1f} s:")
-for (S, Q, NB), t in graph_time.most_common(12): print(f"  S={S:3d} Q={Q:4d} NB={NB:3d}  {t:6.2f} s")
+
+if __name__ == "__main__":
+  N = int(sys.argv[1]) if len(sys.argv) > 1 else 32
+  graph_time: collections.Counter = collections.Counter()
+  run_graph = model_runner._Graph.__call__
+
+  def timed(graph, ints, floats):
+    start = time.perf_counter()
+    try: return run_graph(graph, ints, floats)
+    finally: graph_time[(graph.shape.S, graph.shape.Q, graph.shape.NB)] += time.perf_counter() - start
+
+  model_runner._Graph.__call__ = timed
+  engine = LLMEngine(EngineArgs())
+  print(f"warm-up pass {run_workload(engine, N, 1):.1f} s")
+  graph_time.clear()
+  total = run_workload(engine, N, 2)
+  print(f"measured pass {total:.1f} s, {N * 128 / total:.1f} output tok/s; in graphs {sum(graph_time.values()):.1f} s:")
+  for (S, Q, NB), t in graph_time.most_common(12): print(f"  S={S:3d} Q={Q:4d} NB={NB:3d}  {t:6.2f} s")
