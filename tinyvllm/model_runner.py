@@ -15,8 +15,8 @@ length). Each graph owns one device buffer per input (tokens, positions, slots, 
 used and refilled in place every step. A sequence that asked for prompt logprobs runs its prompt alone, in graphs
 that also return the logprobs of every position.
 
-Host <-> device copies go straight through the device's allocator (transfer.py): tinygrad's own schedule a graph
-on every call, which costs more Python per step than a small model's whole step takes on a GPU.
+Host <-> device copies go straight through the device's allocator (transfer.py): tinygrad's own copies schedule a
+graph on every call, which costs more Python per step than a small model's whole step takes on a GPU.
 """
 from __future__ import annotations
 import time

@@ -132,7 +132,7 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
 
 def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple[str, ...]) -> Tensor:
   """One layer's K (or V) pool, zeroed once realized: [num_slots, kv_heads, head_dim], split by KV head across
-  `devices`. (Realize all the pools in one call: each call schedules and compiles a graph of its own.)"""
+  `devices`. The caller realizes all the pools in one call, one graph for all of them."""
   return allocate_split(Tensor.zeros, (num_slots, kv_heads, head_dim), 1, devices, dtype).contiguous()
 
 
