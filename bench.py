@@ -47,7 +47,8 @@ def common_parser() -> argparse.ArgumentParser:
   out = common.add_argument_group("output and peers")
   out.add_argument("--json", metavar="FILE", help="write every metric, the configuration and machine facts here")
   out.add_argument("--warmup", type=int, default=2, help="warmup runs of the workload (other tokens, same lengths); "
-                   "TinyJit captures a shape on its second call, so 2 leave nothing to compile")
+                   "the engine captures a shape on its first call, the diffusion sampler on its second, "
+                   "so 2 leave nothing to compile")
   out.add_argument("--compare", nargs="*", default=[], choices=commands.PEERS, help="peers to measure as well")
   out.add_argument("--llama-cpp-bin", help="directory with llama-bench, llama-batched-bench, llama-server "
                                            "(default: $LLAMA_CPP_BIN)")

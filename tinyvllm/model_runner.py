@@ -1,8 +1,8 @@
 """Turns a scheduled step into fixed-shape device buffers and runs the model + sampler as one TinyJit graph.
 
-TinyJit records the kernels of a function on its second call and afterwards replays them without Python, but only
-for the exact shapes it saw. A step's shape changes all the time (how many sequences, how many tokens each, how
-long their contexts are), so every shape is rounded up to a *bucket*:
+TinyJit records the kernels of a function (here on its first call: everything a graph reads is realized before) and
+afterwards replays them without Python, but only for the exact shapes it saw. A step's shape changes all the time
+(how many sequences, how many tokens each, how long their contexts are), so every shape is rounded up to a *bucket*:
 
     S  sequences            → next power of two                 (padding rows: greedy, write to the null block)
     Q  query tokens per row → 1 for decodes; prefill chunks → next power of two ≥ 16

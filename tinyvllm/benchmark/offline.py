@@ -10,8 +10,8 @@ request of a multi-turn conversation submits the conversation's next turn.
   sampling    the time of a decode step with greedy requests and with every sampling knob on: the sampler's cost
 
 Before measuring, each benchmark runs the workload `warmup` times on prompts of the same lengths but different
-tokens: that compiles and captures every TinyJit graph the measured run will use (the JIT captures a shape on its
-second call, so 2 warmups leave nothing to compile), without leaving the measured prompts in a prefix cache.
+tokens: that compiles and captures every TinyJit graph the measured run will use (the engine captures a shape on
+its first call, so one warmup leaves nothing to compile), without leaving the measured prompts in a prefix cache.
 """
 from __future__ import annotations
 import dataclasses
