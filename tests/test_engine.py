@@ -1,5 +1,6 @@
 """The engine loop on a tiny random-weight model: requests join and leave, blocks are accounted for every step."""
 import pytest
+from tinygrad.helpers import DEV
 from tinyvllm import EngineArgs, LLMEngine, SamplingParams
 
 TINY = dict(load_format="dummy", shape="tiny", block_size=4, max_model_len=64, max_num_batched_tokens=32,
@@ -121,3 +122,13 @@ def test_beam_searches_decode_graphs_only(monkeypatch):
 
 def test_unknown_attention_backend_is_refused_before_loading():
   with pytest.raises(ValueError, match="attention_backend"): LLMEngine(EngineArgs(**TINY, attention_backend="flash"))
+
+
+def test_device_argument_places_the_engine_on_that_device():
+  before = DEV.value
+  try:
+    engine = LLMEngine(EngineArgs(**TINY, device="CPU:1", num_kv_blocks=17))
+    assert engine.model.model.norm.weight.device == "CPU:1"
+    engine.add_request(list(range(1, 12)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(next(o for _ in range(10) for o in engine.step() if o.finished).outputs[0].token_ids) == 4
+  finally: DEV.value = before

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from tinygrad import Device
+from tinygrad.helpers import DEV, Target
 from tinyvllm.block_manager import BlockManager
 from tinyvllm.config import SHAPES, EngineArgs
 from tinyvllm.detokenizer import update_text
@@ -74,7 +75,7 @@ def tokenize_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_
 class LLMEngine:
   def __init__(self, args: EngineArgs):
     self.args = args
-    if args.device: Device.DEFAULT = args.device
+    if args.device: DEV.value = Target(device=Device.canonicalize(args.device))   # tinygrad's default from now on
     keep_lowered_kernels_on_disk()
     t0 = time.perf_counter()
     dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
