@@ -132,3 +132,13 @@ def test_device_argument_places_the_engine_on_that_device():
     engine.add_request(list(range(1, 12)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(next(o for _ in range(10) for o in engine.step() if o.finished).outputs[0].token_ids) == 4
   finally: DEV.value = before
+
+
+def test_seeded_n_completions_differ_from_each_other_and_repeat_exactly(engine):
+  params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+  runs = []
+  for request_id in ("first", "again"):
+    engine.add_request(list(range(1, 12)), params, request_id=request_id)
+    runs.append(next(out for _ in range(40) for out in engine.step() if out.finished))
+  completions = [tuple(tuple(c.token_ids) for c in run.outputs) for run in runs]
+  assert completions[0] == completions[1] and len(set(completions[0])) == 3

@@ -124,7 +124,7 @@ class LLMEngine:
     if len(token_ids) >= self.max_model_len:
       raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves no room "
                        "to generate")
-    seqs = [Sequence(request_id, token_ids, params) for _ in range(params.n)]
+    seqs = [Sequence(request_id, token_ids, params, index) for index in range(params.n)]
     return _Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
 
   def admit(self, request: _Request) -> str:

@@ -122,7 +122,7 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
     p = seq.params
     for name, value in zip(ROW_FIELDS, (p.temperature, max(p.top_k, 0), p.top_p, p.min_p,
                                         # unseeded requests get a per-request stream too: preemption replays it
-                                        (p.seed if p.seed is not None else seed_base + seq.seq_id) % (1 << 24),
+                                        (p.seed + seq.index if p.seed is not None else seed_base + seq.seq_id) % (1 << 24),
                                         len(seq.output_token_ids), p.presence_penalty, p.frequency_penalty,
                                         p.repetition_penalty)):
       per_row[name][i] = value

@@ -27,6 +27,7 @@ class Sequence:
   request_id: str
   prompt_token_ids: list[int]
   params: SamplingParams
+  index: int = 0                        # which of the request's n completions (a seeded request's n differ by it)
   arrival_time: float = field(default_factory=time.monotonic)
   seq_id: int = field(default_factory=lambda: next(_ids))
   output_token_ids: list[int] = field(default_factory=list)
