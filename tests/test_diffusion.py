@@ -205,6 +205,7 @@ def test_engine_batches_requests_and_streams_blocks(tiny_dir, tiny):
     sp.block_length, sp.diffusion_steps = 8, 8          # SamplingParams' diffusion knobs
     params.append(sp)
   ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+  assert (engine.stats().running, engine.stats().waiting) == (2, 0)       # what the server's /metrics shows
   streamed: dict[str, list] = {i: [] for i in ids}
   steps = 0
   while engine.has_unfinished_requests():

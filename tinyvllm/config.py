@@ -9,7 +9,7 @@ step); GPUs gather each context and use tinygrad's attention, because the one-th
 a GPU idle (H100, Llama-1B shape: batch-1 decode 94 vs 122 tok/s, a batch-256 step 41 vs 22 ms).
 """
 from __future__ import annotations
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace
 from tinygrad import Device, dtypes
 from tinygrad.dtype import DType
 
@@ -51,6 +51,7 @@ class EngineArgs:
   seed: int = 0
   packed_weights: bool | None = None       # GGUF Q4_0/Q4_1/Q8_0 matrices stay packed; None: where it measured faster
   tensor_parallel_size: int = 1            # split heads and MLP across this many devices (model/tensor_parallel.py)
+  data_parallel_size: int = 1              # this many engine processes, each with the whole model (data_parallel.py)
   attention_backend: str | None = None     # decoding rows' attention: "paged" (one kernel reads the pool through
                                            # the block tables) or "gather" (copy each context out, then tinygrad's
                                            # matmuls and softmax); None: where it measured faster
@@ -72,6 +73,12 @@ class EngineArgs:
     if n < 1: raise ValueError(f"tensor_parallel_size must be at least 1, got {n}")
     kind, _, index = Device.canonicalize(self.device).partition(":")
     return tuple(Device.canonicalize(f"{kind}:{int(index or 0) + i}") for i in range(n))
+
+  def for_rank(self, rank: int) -> EngineArgs:
+    """Data-parallel rank `rank`'s engine: its devices come after the previous rank's, its sampling seed differs."""
+    kind, _, index = Device.canonicalize(self.device).partition(":")
+    device = Device.canonicalize(f"{kind}:{int(index or 0) + rank * self.tensor_parallel_size}")
+    return replace(self, device=device, data_parallel_size=1, seed=self.seed + rank)
 
   def _on_cpu(self) -> bool: return (self.device or Device.DEFAULT).split(":")[0] in ("CPU", "PYTHON")
 

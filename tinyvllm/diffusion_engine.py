@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from tinyvllm.config import EngineArgs
 from tinyvllm.diffusion import Denoiser, DiffusionParams, denoise_step
-from tinyvllm.engine import CompletionOutput, RequestOutput, tokenize_prompt
+from tinyvllm.engine import CompletionOutput, EngineStats, RequestOutput, tokenize_prompt
 from tinyvllm.model.llada import is_diffusion_checkpoint, load_diffusion_model
 from tinyvllm.model.loader import resolve
 from tinyvllm.sampling_params import SamplingParams
@@ -92,6 +92,12 @@ class DiffusionEngine:
   def abort_request(self, request_id: str) -> None: self.requests.pop(request_id, None)
 
   def has_unfinished_requests(self) -> bool: return bool(self.requests)
+
+  def stats(self) -> EngineStats:
+    """No KV pool and no preemption here: every unfinished sequence runs at each step, up to max_num_seqs."""
+    unfinished = sum(not s.finished for r in self.requests.values() for s in r.seqs)
+    running = min(unfinished, self.args.max_num_seqs)
+    return EngineStats(running=running, waiting=unfinished - running)
 
   # ---- the loop ---------------------------------------------------------------------------------------------------
   def step(self) -> list[RequestOutput]:

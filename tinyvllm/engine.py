@@ -52,6 +52,21 @@ class RequestOutput:
 
 
 @dataclass
+class EngineStats:
+  """What /metrics shows of an engine: sequences running and waiting, the KV pool's share in use, preemptions."""
+  running: int = 0
+  waiting: int = 0
+  kv_cache_usage: float = 0.0
+  preemptions: int = 0
+
+  @staticmethod
+  def total(parts: list[EngineStats]) -> EngineStats:
+    """Several engines' stats as one (their pools are the same size, so usage is the mean)."""
+    return EngineStats(sum(p.running for p in parts), sum(p.waiting for p in parts),
+                       sum(p.kv_cache_usage for p in parts) / max(1, len(parts)), sum(p.preemptions for p in parts))
+
+
+@dataclass
 class _Request:
   request_id: str
   prompt: str | None
@@ -70,6 +85,16 @@ def tokenize_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_
   if not all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids):
     raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
   return token_ids
+
+
+def new_request(prompt: str | list[int], params: SamplingParams, request_id: str, tokenizer: Tokenizer | None,
+                vocab_size: int, max_model_len: int) -> _Request:
+  """A validated request with its `params.n` sequences (ValueError with a message for the user)."""
+  token_ids = tokenize_prompt(prompt, tokenizer, vocab_size)
+  if len(token_ids) >= max_model_len:
+    raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={max_model_len} leaves no room to generate")
+  seqs = [Sequence(request_id, token_ids, params, index) for index in range(params.n)]
+  return _Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
 
 
 class LLMEngine:
@@ -117,15 +142,10 @@ class LLMEngine:
   def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                    request_id: str | None = None) -> _Request:
     """Tokenize and validate (raises ValueError with a message for the user); does not touch the engine's state."""
-    params = params or SamplingParams()
     request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
     if request_id in self.requests: raise ValueError(f"request id {request_id!r} is already in use")
-    token_ids = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
-    if len(token_ids) >= self.max_model_len:
-      raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves no room "
-                       "to generate")
-    seqs = [Sequence(request_id, token_ids, params, index) for index in range(params.n)]
-    return _Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
+    return new_request(prompt, params or SamplingParams(), request_id, self.tokenizer, self.model_config.vocab_size,
+                       self.max_model_len)
 
   def admit(self, request: _Request) -> str:
     self.requests[request.request_id] = request
@@ -139,6 +159,10 @@ class LLMEngine:
       if not seq.is_finished: self.scheduler.finish(seq, "abort")
 
   def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
+
+  def stats(self) -> EngineStats:
+    return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
+                       self.scheduler.num_preemptions)
 
   def warmup(self, all_batch_sizes: bool = False) -> float:
     """Compile the graphs a first request needs (a short prefill and batch-1 decode), or every decode batch

@@ -1,6 +1,7 @@
 """The offline API, named as in vLLM: `LLM(model).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 from tinyvllm.config import EngineArgs
+from tinyvllm.data_parallel import DataParallelEngine
 from tinyvllm.diffusion_engine import DiffusionEngine, wants_diffusion
 from tinyvllm.engine import LLMEngine, RequestOutput
 from tinyvllm.model.tokenizer import Tokenizer
@@ -9,9 +10,15 @@ from tinyvllm.sampling_params import SamplingParams
 Prompt = str | dict     # a string, or {"prompt_token_ids": [...]}
 
 
-def create_engine(args: EngineArgs) -> LLMEngine | DiffusionEngine:
-  """A diffusion checkpoint (or model="diffusion") gets the DiffusionEngine, everything else the LLMEngine."""
-  return (DiffusionEngine if wants_diffusion(args.model) else LLMEngine)(args)
+def create_engine(args: EngineArgs) -> LLMEngine | DiffusionEngine | DataParallelEngine:
+  """A diffusion checkpoint (or model="diffusion") gets the DiffusionEngine, everything else the LLMEngine, or with
+  data_parallel_size > 1 that many of them behind a DataParallelEngine."""
+  if args.data_parallel_size < 1:
+    raise ValueError(f"data_parallel_size must be at least 1, got {args.data_parallel_size}")
+  if wants_diffusion(args.model):
+    if args.data_parallel_size > 1: raise ValueError("data_parallel_size > 1 runs autoregressive models only")
+    return DiffusionEngine(args)
+  return DataParallelEngine(args) if args.data_parallel_size > 1 else LLMEngine(args)
 
 
 class LLM:

@@ -20,6 +20,7 @@ from tinyvllm.benchmark.report import Row, machine_info, ratios
 from tinyvllm.benchmark.workloads import Workload, chat_requests, random_requests, shared_prefix_requests
 from tinyvllm.config import SHAPES, EngineArgs
 from tinyvllm.engine import LLMEngine
+from tinyvllm.llm import create_engine
 from tinyvllm.model.gguf import read_gguf_metadata
 from tinyvllm.model.loader import resolve
 from tinyvllm.sampling_params import SamplingParams
@@ -53,7 +54,7 @@ def _result(name: str, args: argparse.Namespace, engine_args: EngineArgs, column
 
 def _measure_tinyvllm(engine_args: EngineArgs, measure: Callable[[LLMEngine], dict]) -> dict:
   """`measure(engine)` on a fresh engine, which is dropped afterwards: the peers need its memory."""
-  engine = LLMEngine(engine_args)
+  engine = create_engine(engine_args)
   metrics = measure(engine)
   del engine
   gc.collect()
@@ -178,6 +179,7 @@ SAMPLING_CONFIGS = {"greedy": SamplingParams(temperature=0),
 
 
 def sampling(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
+  if engine_args.data_parallel_size > 1: raise ValueError("sampling times one engine's steps: use data_parallel_size 1")
   vocab = vocab_size(engine_args)
   def measure(engine: LLMEngine) -> dict:
     return {f"batch {n}": offline.sampling(engine, lambda variant: random_requests(

@@ -23,6 +23,7 @@ from tinyvllm.benchmark.report import Progress
 from tinyvllm.benchmark.workloads import Request, Workload
 from tinyvllm.config import EngineArgs
 from tinyvllm.engine import LLMEngine
+from tinyvllm.llm import create_engine
 from tinyvllm.sampling_params import SamplingParams
 
 
@@ -85,7 +86,7 @@ def prefix(engine_args: EngineArgs, workloads: dict[str, Workload], warmup: int)
   columns = {}
   for cache in (True, False):
     name = f"cache {'on' if cache else 'off'}"
-    engine = LLMEngine(dataclasses.replace(engine_args, enable_prefix_caching=cache))
+    engine = create_engine(dataclasses.replace(engine_args, enable_prefix_caching=cache))
     columns[name] = {workload: serving_metrics(*_warm_and_measure(engine, make, warmup, f"{name} {workload}"))
                      for workload, make in workloads.items()}
     del engine

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 from aiohttp import web
-from tinyvllm.engine import AsyncLLMEngine
+from tinyvllm.engine import AsyncLLMEngine, EngineStats
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.server.limits import RateLimiter
 from tinyvllm.server.metrics import CONTENT_TYPE, Metrics, RequestMetrics
@@ -150,7 +150,7 @@ class OpenAIServer:
     return web.json_response({"status": status}, status=200 if status == "ready" else 503)
 
   async def prometheus(self, request: web.Request) -> web.Response:
-    text = self.metrics.render(self.engine.engine if self.engine else None)
+    text = self.metrics.render(self.engine.engine.stats() if self.engine else EngineStats())
     return web.Response(text=text, headers={"Content-Type": CONTENT_TYPE})
 
   async def models(self, request: web.Request) -> web.Response:

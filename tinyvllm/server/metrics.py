@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
-from tinyvllm.engine import LLMEngine
+from tinyvllm.engine import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -84,17 +84,17 @@ class Metrics:
 
   def request(self, prompt_tokens: int) -> RequestMetrics: return RequestMetrics(self, prompt_tokens)
 
-  def render(self, engine: LLMEngine | None) -> str:
-    """The whole page; `engine` is None while the model is still loading."""
+  def render(self, stats: EngineStats) -> str:
+    """The whole page, with the engine's `stats` as its gauges (all zero while the model is still loading)."""
     gauges = {
-      "vllm:num_requests_running": ("Sequences in the running batch.", len(engine.scheduler.running) if engine else 0),
-      "vllm:num_requests_waiting": ("Sequences waiting to run.", len(engine.scheduler.waiting) if engine else 0),
-      "vllm:kv_cache_usage_perc": ("KV-cache usage; 1 means 100 percent.", engine.block_manager.usage if engine else 0),
+      "vllm:num_requests_running": ("Sequences in the running batch.", stats.running),
+      "vllm:num_requests_waiting": ("Sequences waiting to run.", stats.waiting),
+      "vllm:kv_cache_usage_perc": ("KV-cache usage; 1 means 100 percent.", stats.kv_cache_usage),
     }
     lines = []
     for name, (help, value) in gauges.items(): lines += _header(name, "gauge", help) + [f"{name}{{{self.labels}}} {float(value)}"]
     preemptions = Counter("vllm:num_preemptions_total", "Cumulative number of preemptions from the engine.",
-                          engine.scheduler.num_preemptions if engine else 0)
+                          stats.preemptions)
     for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits, preemptions,
                    self.ttft, self.tpot, self.e2e):
       lines += metric.render(self.labels)
