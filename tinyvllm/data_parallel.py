@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from tinyvllm.config import EngineArgs
-from tinyvllm.engine import EngineStats, LLMEngine, RequestOutput, new_request, _Request
-from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.engine import EngineStats, LLMEngine, RequestOutput, _Request
 
 POLL_SECONDS = 0.0001      # how often a rank's Python thread looks whether tinygrad's worker has finished
 STEP_WAIT_SECONDS = 0.01   # longest `step` waits for the ranks: new requests get in at least this often
@@ -66,18 +65,12 @@ class DataParallelEngine:
     self._ids = itertools.count()
 
   # ---- requests in -------------------------------------------------------------------------------------------
-  def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                  request_id: str | None = None) -> str:
-    return self.admit(self.make_request(prompt, params, request_id))
+  # The same intake as one engine: prompts are tokenized and validated here, so a bad request fails in the caller and
+  # never reaches a rank. It reads self.requests (ids in use), tokenizer, model_config and max_model_len.
+  add_request, make_request = LLMEngine.add_request, LLMEngine.make_request
 
-  def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                   request_id: str | None = None) -> _Request:
-    """Tokenize and validate here, so a bad request fails in the caller and never reaches a rank."""
-    request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-    if any(request_id in rank.live for rank in self.ranks):
-      raise ValueError(f"request id {request_id!r} is already in use")
-    return new_request(prompt, params or SamplingParams(), request_id, self.tokenizer, self.model_config.vocab_size,
-                       self.max_model_len)
+  @property
+  def requests(self) -> set[str]: return {request_id for rank in self.ranks for request_id in rank.live}
 
   def admit(self, request: _Request) -> str:
     rank = min(self.ranks, key=lambda r: sum(r.live.values()))

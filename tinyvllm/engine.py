@@ -6,7 +6,8 @@
 
 Everything below the engine is one idea each: `scheduler.py` (continuous batching, chunked prefill, preemption),
 `block_manager.py` (the paged KV pool), `model_runner.py` (buckets + TinyJit), `sampler.py`, `model/` (the network).
-`AsyncLLMEngine` runs the same loop in a background thread and hands each request's progress to an asyncio queue.
+`AsyncLLMEngine` runs the same loop in a background thread and hands each request's progress to an asyncio queue;
+`data_parallel.py` runs N engines in processes of their own behind this same interface.
 """
 from __future__ import annotations
 import asyncio
@@ -87,16 +88,6 @@ def tokenize_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_
   return token_ids
 
 
-def new_request(prompt: str | list[int], params: SamplingParams, request_id: str, tokenizer: Tokenizer | None,
-                vocab_size: int, max_model_len: int) -> _Request:
-  """A validated request with its `params.n` sequences (ValueError with a message for the user)."""
-  token_ids = tokenize_prompt(prompt, tokenizer, vocab_size)
-  if len(token_ids) >= max_model_len:
-    raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={max_model_len} leaves no room to generate")
-  seqs = [Sequence(request_id, token_ids, params, index) for index in range(params.n)]
-  return _Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
-
-
 class LLMEngine:
   def __init__(self, args: EngineArgs):
     self.args = args
@@ -144,8 +135,13 @@ class LLMEngine:
     """Tokenize and validate (raises ValueError with a message for the user); does not touch the engine's state."""
     request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
     if request_id in self.requests: raise ValueError(f"request id {request_id!r} is already in use")
-    return new_request(prompt, params or SamplingParams(), request_id, self.tokenizer, self.model_config.vocab_size,
-                       self.max_model_len)
+    params = params or SamplingParams()
+    token_ids = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
+    if len(token_ids) >= self.max_model_len:
+      raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves no room "
+                       "to generate")
+    seqs = [Sequence(request_id, token_ids, params, index) for index in range(params.n)]
+    return _Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
 
   def admit(self, request: _Request) -> str:
     self.requests[request.request_id] = request
