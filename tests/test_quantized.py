@@ -68,7 +68,8 @@ def test_stacked_projections_are_their_parts_row_after_row():
   assert sorted(stacked) == ["model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.self_attn.qkv_proj.weight"]
   qkv = stacked["model.layers.0.self_attn.qkv_proj.weight"]
   assert isinstance(qkv, tuple)
-  got = PackedWeight.from_blocks(*((t.type_name, t.raw) for t in qkv)).dequantize().numpy()
+  stacked_qkv = PackedWeight.from_blocks(*((t.type_name, t.raw) for t in qkv))
+  got = stacked_qkv.rows(Tensor.arange(stacked_qkv.shape[0])).numpy()       # every row, through the embedding path
   np.testing.assert_allclose(got, np.concatenate([w.dequantize() for w in attn.values()]), rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(stacked["model.layers.0.mlp.gate_up_proj.weight"],
                                 np.concatenate([w.dequantize() for w in mlp.values()]))

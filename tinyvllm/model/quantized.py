@@ -81,10 +81,6 @@ class PackedWeight:
     m = None if self.m is None else self.m[ids]
     return _dequantize(self.qs[ids], self.d[ids], m).reshape(*ids.shape, self.shape[1])
 
-  def dequantize(self) -> Tensor:
-    """The whole float32 (N, K) matrix; elementwise, so a split weight dequantizes on each device in place."""
-    return _dequantize(self.qs, self.d, self.m).reshape(self.shape)
-
 
 def _split_blocks(type_name: str, blocks: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
   """One matrix's GGUF blocks -> (bits, quants, d, m) host arrays, Q4_0 as Q4_1 with m = −8d."""
