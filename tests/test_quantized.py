@@ -34,9 +34,10 @@ def check(t: GGUFTensor, rows_of_x: int, rtol: float = 1e-4) -> None:
 
 
 @pytest.mark.parametrize("type_name", TYPES)
-@pytest.mark.parametrize("rows_of_x", [1, 3, 16, 128])   # the row kernel, then the tiled one: one tile, two tiles
-def test_packed_matmul_equals_dequantize_then_matmul(type_name, rows_of_x):
-  check(random_blocks(type_name, 48, 96), rows_of_x)
+@pytest.mark.parametrize("rows_of_x", [1, 2, 3, 4, 24])    # tiles of 1, 2, 1, 4 and 8 rows of x
+@pytest.mark.parametrize("shape", [(48, 96), (40, 32)])   # 3 groups of 16 rows × 3 blocks; padded rows, one block
+def test_packed_matmul_equals_dequantize_then_matmul(type_name, rows_of_x, shape):
+  check(random_blocks(type_name, *shape), rows_of_x)
 
 
 @pytest.mark.parametrize("type_name", TYPES)

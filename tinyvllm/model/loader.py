@@ -23,7 +23,8 @@ from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.gguf import GGUFTensor, gguf_to_hf_config, gguf_to_hf_state_dict, read_gguf
 from tinyvllm.model.llama import Embedding, LlamaForCausalLM
-from tinyvllm.model.quantized import PACKED_BITS, PACKED_TYPES, PackedEmbedding, PackedLinear, PackedWeight
+from tinyvllm.model.quantized import (GROUP, PACKED_BITS, PACKED_TYPES, PackedEmbedding, PackedLinear, PackedWeight,
+                                      check_split)
 from tinyvllm.model.tensor_parallel import check_divisible, shard_model
 from tinyvllm.model.tokenizer import Tokenizer
 from tinyvllm.transfer import to_device
@@ -163,10 +164,11 @@ def dummy_checkpoint(cfg: ModelConfig, seed: int = 0, packed: bool = False) -> C
   for name, param in get_state_dict(LlamaForCausalLM(cfg)).items():
     if name.startswith("rope_"): continue
     if packed and len(param.shape) == 2 and "norm" not in name:
-      N, K = param.shape
-      quants = Tensor.randint(N, K // 32, 16, low=0, high=256, dtype=dtypes.uint8)
-      scale = Tensor.full((N, K // 32), 0.02 / 8)       # weights d·q + m spread over ±0.02, as below
-      weights[name] = PackedWeight(4, quants.realize(), scale.contiguous().realize(), (scale * -8).contiguous().realize())
+      (N, K), groups = param.shape, -(-param.shape[0] // GROUP)       # quantized.py's layout: groups of 16 rows
+      quants = Tensor.randint(groups, K // 32, 16, GROUP, low=0, high=256, dtype=dtypes.uint8)
+      scale = Tensor.full((groups, K // 32, GROUP), 0.02 / 8)       # weights d·q + m spread over ±0.02, as below
+      minimum = (scale * -8).contiguous().realize()
+      weights[name] = PackedWeight(4, N, quants.realize(), scale.contiguous().realize(), minimum)
     # realized one by one: all of tinygrad's random number graphs in one schedule took twice as long
     else: weights[name] = (Tensor.ones(*param.shape) if "norm" in name else Tensor.randn(*param.shape) * 0.02).realize()
   return weights
@@ -179,7 +181,9 @@ def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto
     if config is None: raise ValueError("load_format='dummy' needs a config (a named shape)")
     cfg, weights, tokenizer = config, dummy_checkpoint(config, packed=packed), None
   else: cfg, weights, tokenizer = read_checkpoint(resolve(model), packed)
-  if len(devices) > 1: check_divisible(cfg, len(devices), packed)  # before loading: fail fast
+  if len(devices) > 1:                       # before loading: fail fast
+    check_divisible(cfg, len(devices))
+    if packed: check_split(cfg, len(devices))
   net = LlamaForCausalLM(cfg)
   if len(devices) <= 1:                      # a model split across devices stays unfused (tensor_parallel.py)
     net.fuse_projections()

@@ -13,19 +13,25 @@ so one block's contribution to a dot product with x is  d·Σ q_j·x_j + m·Σ x
 three device tensors (the quants untouched, the scales and minimums as float32: converting fp16 inside the kernel
 was slower on CPU than the 4 extra bytes per block cost), Q4_0 becoming Q4_1 with m = −8d.
 
-Two kernels, both written with tinygrad's UOp API (`Tensor.custom_kernel`), so they compile for every backend:
+The blocks are regrouped at load, 16 output features at a time (llama.cpp's CPU backend repacks its blocks for the
+same reason): within a group, byte j of a block is stored for the 16 features side by side,
 
-- Few rows of x (decoding a small batch): one output feature per thread, the block loop as the reduction, and 16
-  independent partial sums, the lanes a C compiler turns into vector FMAs. It computes that formula as written: q·x
-  products summed before d multiplies them, and Σ x_j taken once per row and block by a small kernel before it,
-  rather than dequantizing every weight first: 1.3× faster at one row, 2.5× at 32 (Q4_1 3072×576: 149 → 113 µs,
-  8.0 → 3.2 ms). tinygrad's own `(x * dequant(w)).sum()` has a single scalar accumulator, ~10× slower on CPU.
-- Many rows (a prefill chunk, a large batch): each thread computes a tile of up to 64 rows × 4 output features, so
-  each weight is dequantized once for 64 rows and each value of x loaded once for 4 features. x comes transposed,
-  (K, B), so that a tile's rows sit side by side and the innermost loop, over them, is what the C compiler turns
-  into vector FMAs with the 4 × 64 sums held in registers. Q4_1 1536×576 on one core: ~78 GFLOP/s at 64–256 rows,
-  where the first kernel reaches 21–30 (tinygrad 0.14 writes vector operations out as scalars, so a kernel is fast
-  on CPU only where clang re-forms the vectors: this loop shape is one it does).
+    qs[group, block, j, feature]    d[group, block, feature]    m[group, block, feature]
+
+so one kernel thread, which computes a tile of a few rows of x × one group, reads its weights as one contiguous
+stream, and its innermost loop runs over the 16 features: the loop a C compiler turns into vector instructions that
+unpack, convert and multiply 16 weights at once (tinygrad 0.14 writes vector operations out as scalars, so a kernel
+is fast on CPU only where clang re-forms the vectors: this loop shape is one it does). Each weight is unpacked once
+per tile and used for each of its rows; each x value is loaded once and used for 16 features. Per block the q·x
+products are summed first, and only that sum is multiplied by d (and m by the block's sum of x, taken once per row
+by a small kernel before), not each weight. Q4_1 3072×576 on one core, GFLOP/s, against the two kernels of the
+row-by-row layout this replaced (one output feature per thread; 64 rows × 4 features per thread):
+
+    rows of x        1      4      16     64     256
+    grouped        8–10    24     58     87     92
+    before         9–10    17     40     75     77
+
+It is written with tinygrad's UOp API (`Tensor.custom_kernel`), so it compiles for every backend.
 """
 from __future__ import annotations
 import functools
@@ -34,28 +40,31 @@ import numpy as np
 from tinygrad import Tensor, UOp, dtypes
 from tinygrad.dtype import AddrSpace
 from tinygrad.uop.ops import AxisType, KernelInfo
+from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.tensor_parallel import allocate_split
 from tinyvllm.transfer import to_device
 
 PACKED_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}   # the GGUF types that stay packed, and their quants' width
 PACKED_TYPES = tuple(PACKED_BITS)
 BLOCK = 32
-LANES = 16              # partial sums per output in the row kernel: two AVX2 registers; 8 and 32 measured slower
-MIN_TILE_ROWS = 16      # from this many rows of x on, the tiled kernel (fewer: the row kernel)
-TILE_ROWS = 64          # rows of x per tile (a smaller batch is one tile); 16, 32 measured slower at 64+ rows
-TILE_FEATURES = 4       # output features per tile: each x value loaded is used this many times (1: 1.6× slower)
+GROUP = 16              # output features stored side by side: 16 float32 lanes, one AVX-512 register
+TILE_ROWS = (8, 4, 2, 1)  # rows of x per thread, the largest that divides the batch (two sets of 16 × 16 sums would
+                          # not fit in AVX-512's 32 registers)
 
 
 @dataclass
 class PackedWeight:
-  """An (N, K) weight as N rows of K/32 blocks: quants (uint8 nibble pairs for 4-bit, int8 for 8-bit) and scales."""
+  """An (N, K) weight as groups of 16 rows (output features) × K/32 blocks, a block's bytes interleaved across its
+  group's 16 rows. A matrix whose N is not a multiple of 16 is padded with zero rows, which the matmul drops."""
   bits: int               # 4 or 8
-  qs: Tensor              # 4-bit: uint8 (N, K/32, 16), byte j holds q_j | q_{j+16} << 4; 8-bit: int8 (N, K/32, 32)
-  d: Tensor               # float32 (N, K/32)
-  m: Tensor | None        # float32 (N, K/32), 4-bit only
+  features: int           # N, without the padding
+  qs: Tensor              # 4-bit: uint8 (N/16, K/32, 16, 16), byte j holds q_j | q_{j+16} << 4
+                          # 8-bit: int8 (N/16, K/32, 32, 16)
+  d: Tensor               # float32 (N/16, K/32, 16)
+  m: Tensor | None        # float32 (N/16, K/32, 16), 4-bit only
 
   @property
-  def shape(self) -> tuple[int, int]: return (self.qs.shape[0], self.qs.shape[1] * BLOCK)
+  def shape(self) -> tuple[int, int]: return (self.features, self.qs.shape[1] * BLOCK)
   @property
   def nbytes(self) -> int: return sum(t.nbytes() for t in (self.qs, self.d, self.m) if t is not None)
 
@@ -65,21 +74,38 @@ class PackedWeight:
     several stacked by rows (q, k and v into one projection), uploaded as one packed weight."""
     split = [_split_blocks(type_name, blocks) for type_name, blocks in parts]
     if len({bits for bits, *_ in split}) != 1: raise ValueError("only weights of one packed width can be stacked")
-    stack = lambda arrays: None if arrays[0] is None else to_device(np.concatenate(arrays))
-    return PackedWeight(split[0][0], *(stack([s[i] for s in split]) for i in (1, 2, 3)))
+    stack = lambda arrays: None if arrays[0] is None else to_device(_grouped(np.concatenate(arrays)))
+    features = sum(len(quants) for _, quants, *_ in split)
+    return PackedWeight(split[0][0], features, *(stack([s[i] for s in split]) for i in (1, 2, 3)))
 
   @staticmethod
   def cat(*weights: PackedWeight) -> PackedWeight:
     """Weights already on the device stacked by rows (random ones: a checkpoint's are stacked on the host)."""
     if len({w.bits for w in weights}) != 1: raise ValueError("only weights of one packed width can be stacked")
+    if any(w.features % GROUP for w in weights[:-1]): raise ValueError("only whole groups of 16 rows can be stacked")
     stack = lambda ts: Tensor.cat(*ts).contiguous()
-    return PackedWeight(weights[0].bits, stack(w.qs for w in weights), stack(w.d for w in weights),
-                        None if weights[0].m is None else stack(w.m for w in weights))
+    return PackedWeight(weights[0].bits, sum(w.features for w in weights), stack(w.qs for w in weights),
+                        stack(w.d for w in weights), None if weights[0].m is None else stack(w.m for w in weights))
 
   def rows(self, ids: Tensor) -> Tensor:
     """The float32 rows `ids` (an embedding lookup): only those rows are dequantized."""
-    m = None if self.m is None else self.m[ids]
-    return _dequantize(self.qs[ids], self.d[ids], m).reshape(*ids.shape, self.shape[1])
+    row_major = lambda t: t.permute(0, -1, *range(1, t.ndim - 1)).reshape(-1, *t.shape[1:-1])   # (N, K/32[, bytes])
+    m = None if self.m is None else row_major(self.m)[ids]
+    return _dequantize(row_major(self.qs)[ids], row_major(self.d)[ids], m).reshape(*ids.shape, self.shape[1])
+
+
+def check_split(cfg: ModelConfig, n: int) -> None:
+  """ValueError unless packed weights split `n` ways (tensor_parallel.py): a row-parallel layer by blocks of 32
+  inputs, a column-parallel one by groups of 16 rows (q has as many rows per KV head as k, so k and v decide)."""
+  advice = "load float weights (packed_weights=False) to split it"
+  for layer, width in (("o_proj", cfg.num_heads * cfg.head_dim), ("down_proj", cfg.intermediate_size)):
+    if width // BLOCK % n:
+      raise ValueError(f"tensor_parallel_size={n} does not divide the {width // BLOCK} packed blocks of a {layer} row: "
+                       f"{advice}")
+  for layer, rows in (("k_proj/v_proj", cfg.num_kv_heads * cfg.head_dim), ("gate_proj/up_proj", cfg.intermediate_size)):
+    if rows // n % GROUP:
+      raise ValueError(f"tensor_parallel_size={n} leaves {rows // n} rows of {layer} on a device, not whole groups of "
+                       f"{GROUP}: {advice}")
 
 
 def _split_blocks(type_name: str, blocks: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -92,84 +118,79 @@ def _split_blocks(type_name: str, blocks: np.ndarray) -> tuple[int, np.ndarray, 
   raise ValueError(f"{type_name} weights cannot stay packed (packed types: {', '.join(PACKED_TYPES)})")
 
 
+def _grouped(rows: np.ndarray) -> np.ndarray:
+  """(N, K/32[, bytes]) per-row arrays -> (N/16, K/32[, bytes], 16): each group's 16 rows side by side, N padded
+  with zeros to a multiple of 16."""
+  rows = np.concatenate([rows, np.zeros((-len(rows) % GROUP, *rows.shape[1:]), rows.dtype)])
+  return np.ascontiguousarray(np.moveaxis(rows.reshape(-1, GROUP, *rows.shape[1:]), 1, -1))
+
+
 def _dequantize(qs: Tensor, d: Tensor, m: Tensor | None) -> Tensor:
   """(..., K/32, 16 or 32) quants and (..., K/32) scales -> (..., K/32, 32) float32 weights."""
   q = (qs & 15).cat(qs >> 4, dim=-1) if qs.dtype == dtypes.uint8 else qs
   return q.cast(dtypes.float32) * d.unsqueeze(-1) + (0 if m is None else m.unsqueeze(-1))
 
 
-def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m_and_x_sums: UOp, bits: int) -> UOp:
-  """out[b, n] = Σ_blocks d[n, blk]·Σ_j q[n, blk, j]·x[b, 32·blk + j] (+ m[n, blk]·x_sums[b, blk]): the scale
-  multiplies partial sums and the minimum a block's sum of x, not each weight."""
-  B, N = out.shape
-  n, b = UOp.range(N, 0), UOp.range(B, 1)
-  # LANES running sums for the quants' term, the lanes a C compiler turns into vector FMAs, then one for the minimums'
-  acc = UOp.placeholder((LANES + 1,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(n, b)
-  acc = acc.after(UOp.group(*[acc[i].store(0.0) for i in range(LANES + 1)]))
+def _zeroed_registers(count: int, slot: int, *ranges: UOp) -> UOp:
+  """`count` float32 registers, set to zero inside `ranges`."""
+  registers = UOp.placeholder((count,), dtypes.float, slot=slot, addrspace=AddrSpace.REG).after(*ranges)
+  return registers.after(UOp.group(*[registers[i].store(0.0) for i in range(count)]))
+
+
+def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m_and_x_sums: UOp, bits: int, tile_rows: int) -> UOp:
+  """out[b, n] = Σ_blocks d[n, blk]·Σ_j q[n, blk, j]·x[b, 32·blk + j] (+ m[n, blk]·x_sums[b, blk]), a thread for each
+  tile of `tile_rows` rows of x × one group of 16 features."""
+  (B, N), R = out.shape, tile_rows
+  tile, group = UOp.range(B // R, 0), UOp.range(N // GROUP, 1)
+  row = lambda r: tile * R + r
+  sums = _zeroed_registers(R * GROUP, 0, tile, group)
   blk = UOp.range(qs.shape[1], 2, AxisType.REDUCE)
-  if bits == 4:      # low nibbles are weights 0..15 of the block, high nibbles 16..31
-    q = [qs[n, blk, j] & 15 for j in range(16)] + [qs[n, blk, j] >> 4 for j in range(16)]
-  else: q = [qs[n, blk, j] for j in range(BLOCK)]
-  products = [q[j].cast(dtypes.float) * x[b, blk * BLOCK + j] for j in range(BLOCK)]
-  prev = acc.after(blk)
-  sums = [prev[i] + (products[i] + products[i + LANES]) * d[n, blk] for i in range(LANES)]
+  # the block's Σ q·x for each row and feature (zeroed inside the tile's loops too: one block, K = 32, has no loop)
+  block_sums = _zeroed_registers(R * GROUP, 1, tile, group, blk)
+  j, f = UOp.range(qs.shape[2], 3, AxisType.REDUCE), UOp.range(GROUP, 4)   # f innermost: the vector lanes
+  byte, prev = qs[group, blk, j, f], block_sums.after(j, f)
+  # (quant, its position in the block): a 4-bit byte holds weights j and j + 16, an 8-bit one weight j
+  quants = [(byte & 15, j), (byte >> 4, j + 16)] if bits == 4 else [(byte, j)]
+  products = lambda r: [q.cast(dtypes.float) * x[row(r), blk * BLOCK + at] for q, at in quants]
+  updates = [block_sums[r * GROUP + f].store(functools.reduce(UOp.__add__, products(r), prev[r * GROUP + f]))
+             for r in range(R)]
+  block_sums = block_sums.after(UOp.group(*updates).end(f).end(j))
+  # scaled once per block: d times the sum, plus m times the block's sum of x
+  f = UOp.range(GROUP, 5)
+  prev, scaled = sums.after(f), [block_sums[r * GROUP + f] * d[group, blk, f] for r in range(R)]
   if m_and_x_sums:
     m, x_sums = m_and_x_sums
-    sums.append(prev[LANES] + m[n, blk] * x_sums[b, blk])
-  acc = acc.after(UOp.group(*[acc[i].store(v) for i, v in enumerate(sums)]).end(blk))
-  total = functools.reduce(lambda s, i: s + acc[i], range(1, len(sums)), acc[0])
-  return out[b, n].store(total).end(b, n).sink(arg=KernelInfo(name=f"q{bits}_matmul_{N}_{qs.shape[1] * BLOCK}",
-                                                               opts_to_apply=()))
-
-
-def _tiled_matmul_kernel(out: UOp, xt: UOp, qs: UOp, d: UOp, *m: UOp, bits: int, tile_rows: int) -> UOp:
-  """out[b, n] by tiles of `tile_rows` rows × TILE_FEATURES features; xt is x transposed, (K, B)."""
-  B, N = out.shape
-  bt, nt = UOp.range(B // tile_rows, 0), UOp.range(N // TILE_FEATURES, 1)
-  sums = UOp.placeholder((TILE_FEATURES * tile_rows,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(bt, nt)
-  sums = sums.after(UOp.group(*[sums[i].store(0.0) for i in range(TILE_FEATURES * tile_rows)]))
-  blk, j = UOp.range(qs.shape[1], 2, AxisType.REDUCE), UOp.range(qs.shape[2], 3, AxisType.REDUCE)
-  i = UOp.range(tile_rows, 4)        # innermost, over the tile's rows: the loop that becomes vector FMAs
-  prev = sums.after(blk, j, i)
-  updates = []
-  for f in range(TILE_FEATURES):
-    n, byte = nt * TILE_FEATURES + f, qs[nt * TILE_FEATURES + f, blk, j]
-    # (quant, its position in the block): a 4-bit byte holds weights j and j + 16, an 8-bit one weight j
-    quants = [(byte & 15, j), (byte >> 4, j + 16)] if bits == 4 else [(byte, j)]
-    terms = [(q.cast(dtypes.float) * d[n, blk] + (m[0][n, blk] if m else 0)) * xt[blk * BLOCK + at, bt * tile_rows + i]
-             for q, at in quants]
-    updates.append(sums[f * tile_rows + i].store(functools.reduce(UOp.__add__, terms, prev[f * tile_rows + i])))
-  sums = sums.after(UOp.group(*updates).end(i).end(j, blk))
-  stores = [out[bt * tile_rows + r, nt * TILE_FEATURES + f].store(sums[f * tile_rows + r])
-            for f in range(TILE_FEATURES) for r in range(tile_rows)]
-  name = f"q{bits}_tiled_matmul_{N}_{qs.shape[1] * BLOCK}"
-  return UOp.group(*stores).end(bt, nt).sink(arg=KernelInfo(name=name, opts_to_apply=()))
+    scaled = [s + m[group, blk, f] * x_sums[row(r), blk] for r, s in enumerate(scaled)]
+  sums = sums.after(UOp.group(*[sums[r * GROUP + f].store(prev[r * GROUP + f] + s) for r, s in enumerate(scaled)])
+                    .end(f).end(blk))
+  stores = [out[row(r), group * GROUP + f].store(sums[r * GROUP + f]) for r in range(R) for f in range(GROUP)]
+  name = f"q{bits}_matmul_{N}_{qs.shape[1] * BLOCK}_{R}rows"
+  return UOp.group(*stores).end(tile, group).sink(arg=KernelInfo(name=name, opts_to_apply=()))
 
 
 def packed_matmul(x: Tensor, w: PackedWeight) -> Tensor:
   """x (..., K) @ w.T -> (..., N), in x's dtype (accumulated in float32)."""
   (N, K), lead = w.shape, x.shape[:-1]
   rows = x.reshape(-1, K).float().contiguous()
-  return _kernel_matmul(rows, w).reshape(*lead, N).cast(x.dtype)
+  y = _kernel_matmul(rows, w)
+  return (y if y.shape[1] == N else y[:, :N]).reshape(*lead, N).cast(x.dtype)
 
 
 def _kernel_matmul(rows: Tensor, w: PackedWeight) -> Tensor:
-  """rows (B, K) @ w.T through one of the two kernels, on every device a weight split by tensor parallelism lives on.
-  Split by output rows (axis 0), each device writes its columns of the output. Split by input blocks (axis 1, rows
-  split the same way), each device's dot products cover its share of K: the n partial outputs are stacked and
+  """rows (B, K) @ w.T (with the padding features), on every device a weight split by tensor parallelism lives on.
+  Split by output groups (axis 0), each device writes its columns of the output. Split by input blocks (axis 1,
+  rows split the same way), each device's dot products cover its share of K: the n partial outputs are stacked and
   summed, and tinygrad turns that sum across devices into an all-reduce."""
-  B, N = rows.shape[0], w.shape[0]
+  B, N = rows.shape[0], w.qs.shape[0] * GROUP
   split = w.qs.uop.axis if isinstance(w.qs.device, tuple) else None
   partials = len(w.qs.device) if split == 1 else 1
   out_axis = {0: 1, 1: 0}.get(split)     # rows split: the output's columns; blocks split: the stacked partials
   out = allocate_split(Tensor.empty, (partials * B, N), out_axis, w.qs.device, dtypes.float32)
-  minimums, features_here = () if w.m is None else (w.m,), N // len(w.qs.device) if split == 0 else N
-  if B >= MIN_TILE_ROWS and B % min(B, TILE_ROWS) == 0 and features_here % TILE_FEATURES == 0:
-    kernel = functools.partial(_tiled_matmul_kernel, bits=w.bits, tile_rows=min(B, TILE_ROWS))
-    y = out.custom_kernel(rows.T.contiguous(), w.qs, w.d, *minimums, fxn=kernel)[0]
-  else:    # Q4_1's minimums multiply each block's sum of x: summed here once for all output features
-    x_sums = () if w.m is None else (rows.reshape(B, -1, BLOCK).sum(-1),)
-    y = out.custom_kernel(rows, w.qs, w.d, *minimums, *x_sums, fxn=functools.partial(_matmul_kernel, bits=w.bits))[0]
+  # Q4_1's minimums multiply each block's sum of x: summed here once for all output features
+  minimums = () if w.m is None else (w.m, rows.reshape(B, -1, BLOCK).sum(-1))
+  tile_rows = next(r for r in TILE_ROWS if B % r == 0)
+  kernel = functools.partial(_matmul_kernel, bits=w.bits, tile_rows=tile_rows)
+  y = out.custom_kernel(rows, w.qs, w.d, *minimums, fxn=kernel)[0]
   return y if partials == 1 else y.reshape(partials, B, N).sum(0)
 
 

@@ -39,23 +39,19 @@ COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")   # wei
 ROW_PARALLEL = ("o_proj", "down_proj")     # weight split on axis 1; bias-free in every supported architecture
 
 
-def check_divisible(cfg: ModelConfig, n: int, packed: bool = False) -> None:
-  """ValueError, naming the config field, when the heads or MLP columns do not split evenly `n` ways (for packed
-  weights, the row-parallel layers' input blocks of 32 weights too)."""
+def check_divisible(cfg: ModelConfig, n: int) -> None:
+  """ValueError, naming the config field, when the heads or MLP columns do not split evenly `n` ways (packed weights
+  have further conditions: `quantized.check_split`)."""
   for field, value in (("num_attention_heads", cfg.num_heads), ("num_key_value_heads", cfg.num_kv_heads),
                        ("intermediate_size", cfg.intermediate_size)):
     if value % n: raise ValueError(f"tensor_parallel_size={n} does not divide the model's {field}={value}: "
                                    f"each device must get a whole share of it")
-  if not packed: return
-  for layer, width in (("o_proj", cfg.num_heads * cfg.head_dim), ("down_proj", cfg.intermediate_size)):
-    if width // 32 % n: raise ValueError(f"tensor_parallel_size={n} does not divide the {width // 32} packed blocks of "
-                                         f"a {layer} row: load float weights (packed_weights=False) to split it")
 
 
 def shard_model(model: LlamaForCausalLM, devices: tuple[str, ...]) -> None:
   """Split the (loaded, unfused) weights across `devices` in place, by their Hugging Face names. A packed weight's
-  tensors (quants [N, K/32, ...], scales [N, K/32]) split on the same axes as the float [N, K] matrix.
-  `check_divisible` has vetted the split (load_model runs it before loading)."""
+  tensors (quants [N/16, K/32, ...], scales [N/16, K/32, 16]) split on the same axes as the float [N, K] matrix.
+  `check_divisible` (and `quantized.check_split`) have vetted the split (load_model runs them before loading)."""
   for name, param in get_state_dict(model).items():
     parts = name.split(".")       # "model.layers.0.self_attn.q_proj.weight", packed: "...q_proj.weight.qs"
     axis = 0 if any(p in COLUMN_PARALLEL for p in parts) else 1 if any(p in ROW_PARALLEL for p in parts) else None
