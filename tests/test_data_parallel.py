@@ -59,6 +59,18 @@ def test_abort_reaches_the_rank_and_nothing_more_comes_back(dp):
   assert (stats.running, stats.waiting, stats.kv_cache_usage) == (0, 0, 0)
 
 
+def test_requests_reach_their_ranks_together_at_the_next_step(dp):
+  """Sent with the step, all of them at once, so a rank schedules them as one engine would (data_parallel.py); one
+  aborted before that step never reaches its rank."""
+  for i in range(4): dp.add_request([1, 2, 3 + i], SamplingParams(max_tokens=3, ignore_eos=True), request_id=f"r{i}")
+  dp.abort_request("r3")
+  assert sorted(len(rank.unsent) for rank in dp.ranks) == [1, 2] and dp.has_unfinished_requests()
+  outputs = dp.step()
+  assert all(not rank.unsent and rank.aborts_unanswered == 0 for rank in dp.ranks)
+  while dp.has_unfinished_requests(): outputs += dp.step()
+  assert {out.request_id for out in outputs if out.finished} == {"r0", "r1", "r2"}
+
+
 def test_bad_requests_fail_in_the_caller_and_the_ranks_keep_serving(dp):
   dp.add_request([1, 2, 3], SamplingParams(max_tokens=30, ignore_eos=True), request_id="busy")
   with pytest.raises(ValueError, match="already in use"): dp.add_request([1], request_id="busy")
