@@ -132,9 +132,11 @@ def _dequantize(qs: Tensor, d: Tensor, m: Tensor | None) -> Tensor:
 
 
 def _zeroed_registers(count: int, slot: int, *ranges: UOp) -> UOp:
-  """`count` float32 registers, set to zero inside `ranges`."""
+  """`count` float32 registers, set to zero inside `ranges` (by a loop: written out, a tile's stores made the graph
+  of every layer hundreds of UOps larger, and tinygrad's tracing time grows faster than that)."""
   registers = UOp.placeholder((count,), dtypes.float, slot=slot, addrspace=AddrSpace.REG).after(*ranges)
-  return registers.after(UOp.group(*[registers[i].store(0.0) for i in range(count)]))
+  i = UOp.range(count, 10 + slot)
+  return registers.after(registers[i].store(0.0).end(i))
 
 
 def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m_and_x_sums: UOp, bits: int, tile_rows: int) -> UOp:
@@ -163,9 +165,10 @@ def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m_and_x_sums: UOp, bits: 
     scaled = [s + m[group, blk, f] * x_sums[row(r), blk] for r, s in enumerate(scaled)]
   sums = sums.after(UOp.group(*[sums[r * GROUP + f].store(prev[r * GROUP + f] + s) for r, s in enumerate(scaled)])
                     .end(f).end(blk))
-  stores = [out[row(r), group * GROUP + f].store(sums[r * GROUP + f]) for r in range(R) for f in range(GROUP)]
+  f = UOp.range(GROUP, 6)
+  stores = UOp.group(*[out[row(r), group * GROUP + f].store(sums[r * GROUP + f]) for r in range(R)]).end(f)
   name = f"q{bits}_matmul_{N}_{qs.shape[1] * BLOCK}_{R}rows"
-  return UOp.group(*stores).end(tile, group).sink(arg=KernelInfo(name=name, opts_to_apply=()))
+  return stores.end(tile, group).sink(arg=KernelInfo(name=name, opts_to_apply=()))
 
 
 def packed_matmul(x: Tensor, w: PackedWeight) -> Tensor:
