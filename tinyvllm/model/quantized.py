@@ -24,12 +24,13 @@ unpack, convert and multiply 16 weights at once (tinygrad 0.14 writes vector ope
 is fast on CPU only where clang re-forms the vectors: this loop shape is one it does). Each weight is unpacked once
 per tile and used for each of its rows; each x value is loaded once and used for 16 features. Per block the q·x
 products are summed first, and only that sum is multiplied by d (and m by the block's sum of x, taken once per row
-by a small kernel before), not each weight. Q4_1 3072×576 on one core, GFLOP/s, against the two kernels of the
-row-by-row layout this replaced (one output feature per thread; 64 rows × 4 features per thread):
+by a small kernel before), not each weight. SmolLM2's gate/up projection (Q4_1 3072×576) on one core, GFLOP/s
+(`bench/packed_kernel.py`), against the row-by-row layout this replaced (one output feature per thread below 16 rows
+of x, 64 rows × 4 features per thread from 16 on):
 
     rows of x        1      4      16     64     256
-    grouped        8–10    24     58     87     92
-    before         9–10    17     40     75     77
+    grouped         17     51      85    100    104
+    before          15     27      52     84     86
 
 It is written with tinygrad's UOp API (`Tensor.custom_kernel`), so it compiles for every backend.
 """
