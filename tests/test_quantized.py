@@ -6,6 +6,7 @@ import pytest
 from tinygrad import Tensor
 from tinyvllm.model.gguf import GGUFTensor, read_gguf
 from tinyvllm.model.loader import default_model_path, stack_checkpoint
+from tinyvllm.model import quantized
 from tinyvllm.model.quantized import PackedWeight, packed_matmul
 
 TYPES = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}   # GGML type id, bytes per block of 32
@@ -38,6 +39,13 @@ def check(t: GGUFTensor, rows_of_x: int, rtol: float = 1e-4) -> None:
 @pytest.mark.parametrize("shape", [(48, 96), (40, 32)])   # 3 groups of 16 rows × 3 blocks; padded rows, one block
 def test_packed_matmul_equals_dequantize_then_matmul(type_name, rows_of_x, shape):
   check(random_blocks(type_name, *shape), rows_of_x)
+
+
+@pytest.mark.parametrize("rows_of_x", [1, 24])
+def test_the_gpu_form_of_the_kernel_computes_the_same(rows_of_x, monkeypatch):
+  """A feature per thread, as on GPUs (quantized._features_in_threads); compiled and run here on the CPU."""
+  monkeypatch.setattr(quantized, "_features_in_threads", lambda device: True)
+  for type_name in TYPES: check(random_blocks(type_name, 40, 96), rows_of_x)
 
 
 @pytest.mark.parametrize("type_name", TYPES)

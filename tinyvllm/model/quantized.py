@@ -32,13 +32,16 @@ of x, 64 rows × 4 features per thread from 16 on):
     grouped         17     51      85    100    104
     before          15     27      52     84     86
 
-It is written with tinygrad's UOp API (`Tensor.custom_kernel`), so it compiles for every backend.
+It is written with tinygrad's UOp API (`Tensor.custom_kernel`), so it compiles for every backend. On a GPU (a
+renderer with thread blocks) the same kernel gives each of a group's 16 features a thread of its own instead of a
+loop, so that a group's threads read 16 adjacent bytes. GPUs keep fp16 weights by default all the same: on the H100
+the packed kernel decodes SmolLM2 at 162 tok/s against fp16's 398 (bench/results/gpu-notes.md §10).
 """
 from __future__ import annotations
 import functools
 from dataclasses import dataclass
 import numpy as np
-from tinygrad import Tensor, UOp, dtypes
+from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import AddrSpace
 from tinygrad.uop.ops import AxisType, KernelInfo
 from tinyvllm.model.config import ModelConfig
@@ -140,36 +143,44 @@ def _zeroed_registers(count: int, slot: int, *ranges: UOp) -> UOp:
   return registers.after(registers[i].store(0.0).end(i))
 
 
-def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m_and_x_sums: UOp, bits: int, tile_rows: int) -> UOp:
+def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m_and_x_sums: UOp, bits: int, tile_rows: int,
+                   features_in_threads: bool) -> UOp:
   """out[b, n] = Σ_blocks d[n, blk]·Σ_j q[n, blk, j]·x[b, 32·blk + j] (+ m[n, blk]·x_sums[b, blk]), a thread for each
-  tile of `tile_rows` rows of x × one group of 16 features."""
+  tile of `tile_rows` rows of x × one group of 16 features (a loop over them, the vector lanes), or, with
+  `features_in_threads` (GPUs), × one feature: a group's 16 threads then read 16 adjacent bytes."""
   (B, N), R = out.shape, tile_rows
   tile, group = UOp.range(B // R, 0), UOp.range(N // GROUP, 1)
+  thread_feature = UOp.range(GROUP, 7) if features_in_threads else None
+  feature_loop = lambda axis: UOp.range(GROUP, axis) if thread_feature is None else thread_feature
+  lanes = 1 if features_in_threads else GROUP
+  reg = lambda r, f: r * lanes + (0 if features_in_threads else f)       # the register of row r, feature f
+  end_loop = lambda u, f: u if features_in_threads else u.end(f)
   row = lambda r: tile * R + r
-  sums = _zeroed_registers(R * GROUP, 0, tile, group)
+  threads = (tile, group) if thread_feature is None else (tile, group, thread_feature)
+  sums = _zeroed_registers(R * lanes, 0, *threads)
   blk = UOp.range(qs.shape[1], 2, AxisType.REDUCE)
   # the block's Σ q·x for each row and feature (zeroed inside the tile's loops too: one block, K = 32, has no loop)
-  block_sums = _zeroed_registers(R * GROUP, 1, tile, group, blk)
-  j, f = UOp.range(qs.shape[2], 3, AxisType.REDUCE), UOp.range(GROUP, 4)   # f innermost: the vector lanes
-  byte, prev = qs[group, blk, j, f], block_sums.after(j, f)
+  block_sums = _zeroed_registers(R * lanes, 1, *threads, blk)
+  j, f = UOp.range(qs.shape[2], 3, AxisType.REDUCE), feature_loop(4)   # f innermost: the vector lanes
+  byte, prev = qs[group, blk, j, f], block_sums.after(j) if features_in_threads else block_sums.after(j, f)
   # (quant, its position in the block): a 4-bit byte holds weights j and j + 16, an 8-bit one weight j
   quants = [(byte & 15, j), (byte >> 4, j + 16)] if bits == 4 else [(byte, j)]
   products = lambda r: [q.cast(dtypes.float) * x[row(r), blk * BLOCK + at] for q, at in quants]
-  updates = [block_sums[r * GROUP + f].store(functools.reduce(UOp.__add__, products(r), prev[r * GROUP + f]))
-             for r in range(R)]
-  block_sums = block_sums.after(UOp.group(*updates).end(f).end(j))
+  updates = [block_sums[reg(r, f)].store(functools.reduce(UOp.__add__, products(r), prev[reg(r, f)])) for r in range(R)]
+  block_sums = block_sums.after(end_loop(UOp.group(*updates), f).end(j))
   # scaled once per block: d times the sum, plus m times the block's sum of x
-  f = UOp.range(GROUP, 5)
-  prev, scaled = sums.after(f), [block_sums[r * GROUP + f] * d[group, blk, f] for r in range(R)]
+  f = feature_loop(5)
+  prev = sums.after(blk) if features_in_threads else sums.after(f)
+  scaled = [block_sums[reg(r, f)] * d[group, blk, f] for r in range(R)]
   if m_and_x_sums:
     m, x_sums = m_and_x_sums
     scaled = [s + m[group, blk, f] * x_sums[row(r), blk] for r, s in enumerate(scaled)]
-  sums = sums.after(UOp.group(*[sums[r * GROUP + f].store(prev[r * GROUP + f] + s) for r, s in enumerate(scaled)])
-                    .end(f).end(blk))
-  f = UOp.range(GROUP, 6)
-  stores = UOp.group(*[out[row(r), group * GROUP + f].store(sums[r * GROUP + f]) for r in range(R)]).end(f)
+  sums = sums.after(end_loop(UOp.group(*[sums[reg(r, f)].store(prev[reg(r, f)] + s) for r, s in enumerate(scaled)]),
+                             f).end(blk))
+  f = feature_loop(6)
+  stores = end_loop(UOp.group(*[out[row(r), group * GROUP + f].store(sums[reg(r, f)]) for r in range(R)]), f)
   name = f"q{bits}_matmul_{N}_{qs.shape[1] * BLOCK}_{R}rows"
-  return stores.end(tile, group).sink(arg=KernelInfo(name=name, opts_to_apply=()))
+  return stores.end(*threads).sink(arg=KernelInfo(name=name, opts_to_apply=()))
 
 
 def packed_matmul(x: Tensor, w: PackedWeight) -> Tensor:
@@ -193,9 +204,15 @@ def _kernel_matmul(rows: Tensor, w: PackedWeight) -> Tensor:
   # Q4_1's minimums multiply each block's sum of x: summed here once for all output features
   minimums = () if w.m is None else (w.m, rows.reshape(B, -1, BLOCK).sum(-1))
   tile_rows = next(r for r in TILE_ROWS if B % r == 0)
-  kernel = functools.partial(_matmul_kernel, bits=w.bits, tile_rows=tile_rows)
+  kernel = functools.partial(_matmul_kernel, bits=w.bits, tile_rows=tile_rows,
+                             features_in_threads=_features_in_threads(w.qs.device))
   y = out.custom_kernel(rows, w.qs, w.d, *minimums, fxn=kernel)[0]
   return y if partials == 1 else y.reshape(partials, B, N).sum(0)
+
+
+def _features_in_threads(device: str | tuple[str, ...]) -> bool:
+  """GPUs (renderers with thread blocks) compute one feature per thread; a CPU core loops over a group's features."""
+  return Device[device if isinstance(device, str) else device[0]].renderer.has_local
 
 
 def matmul_t(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
