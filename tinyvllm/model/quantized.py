@@ -39,7 +39,7 @@ the packed kernel decodes SmolLM2 at 162 tok/s against fp16's 398 (bench/results
 """
 from __future__ import annotations
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import numpy as np
 from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import AddrSpace
@@ -66,6 +66,10 @@ class PackedWeight:
                           # 8-bit: int8 (N/16, K/32, 32, 16)
   d: Tensor               # float32 (N/16, K/32, 16)
   m: Tensor | None        # float32 (N/16, K/32, 16), 4-bit only
+  # the kernel's form for the device the weight is on, looked up here: tinygrad opens no device while it traces
+  features_in_threads: bool = field(init=False)
+
+  def __post_init__(self): self.features_in_threads = _features_in_threads(self.qs.device)
 
   @property
   def shape(self) -> tuple[int, int]: return (self.features, self.qs.shape[1] * BLOCK)
@@ -204,8 +208,7 @@ def _kernel_matmul(rows: Tensor, w: PackedWeight) -> Tensor:
   # Q4_1's minimums multiply each block's sum of x: summed here once for all output features
   minimums = () if w.m is None else (w.m, rows.reshape(B, -1, BLOCK).sum(-1))
   tile_rows = next(r for r in TILE_ROWS if B % r == 0)
-  kernel = functools.partial(_matmul_kernel, bits=w.bits, tile_rows=tile_rows,
-                             features_in_threads=_features_in_threads(w.qs.device))
+  kernel = functools.partial(_matmul_kernel, bits=w.bits, tile_rows=tile_rows, features_in_threads=w.features_in_threads)
   y = out.custom_kernel(rows, w.qs, w.d, *minimums, fxn=kernel)[0]
   return y if partials == 1 else y.reshape(partials, B, N).sum(0)
 
