@@ -165,7 +165,7 @@ def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m_and_x_sums: UOp, bits: 
   blk = UOp.range(qs.shape[1], 2, AxisType.REDUCE)
   # the block's Σ q·x for each row and feature (zeroed inside the tile's loops too: one block, K = 32, has no loop)
   block_sums = _zeroed_registers(R * lanes, 1, *threads, blk)
-  j, f = UOp.range(qs.shape[2], 3, AxisType.REDUCE), feature_loop(4)   # f innermost: the vector lanes
+  j, f = UOp.range(qs.shape[2], 3, AxisType.REDUCE), feature_loop(4)   # on a CPU f is innermost: the vector lanes
   byte, prev = qs[group, blk, j, f], block_sums.after(j) if features_in_threads else block_sums.after(j, f)
   # (quant, its position in the block): a 4-bit byte holds weights j and j + 16, an 8-bit one weight j
   quants = [(byte & 15, j), (byte >> 4, j + 16)] if bits == 4 else [(byte, j)]
