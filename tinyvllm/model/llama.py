@@ -23,7 +23,8 @@ from tinygrad.function import function
 from tinygrad.nn import RMSNorm
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.paged_attention import NewKV, write, write_and_gather, attention, decode_attention
-from tinyvllm.model.quantized import PackedLinear, matmul_t
+from tinyvllm.model.matvec import linear
+from tinyvllm.model.quantized import PackedLinear, PackedWeight, matmul_t
 from tinyvllm.transfer import to_device
 
 
@@ -41,6 +42,14 @@ class Embedding(nn.Embedding):
 
 
 Projection = Linear | PackedLinear
+
+
+def project(proj: Projection, x: Tensor, norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
+  """norm(x) @ proj.weight.T + bias (+ residual): the norm and the residual travel with the projection, so that a
+  one-row projection on a GPU runs as one kernel that streams the weight (matvec.py)."""
+  if isinstance(proj, Linear): return linear(x, proj.weight, proj.bias, norm, residual)
+  y = proj(x if norm is None else norm(x))
+  return y if residual is None else residual + y
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -79,21 +88,26 @@ class Attention:
                            bias=self.q_proj.bias is not None)
     del self.q_proj, self.k_proj, self.v_proj
 
-  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: "ForwardBatch") -> Tensor:
+  def __call__(self, x: Tensor, norm: RMSNorm, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor],
+               batch: "ForwardBatch") -> Tensor:
+    """x + attention(norm(x))"""
     S, Q, _ = x.shape
     H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+    rows = x.reshape(S * Q, -1)
     if self.qkv_proj is None:
-      q, k, v = (proj(x.reshape(S * Q, -1)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+      q, k, v = (project(proj, rows, norm) for proj in (self.q_proj, self.k_proj, self.v_proj))
       new = NewKV(k, v, 0, 0, cos, sin)
     else:
-      q = qkv = self.qkv_proj(x.reshape(S * Q, -1))                     # [T, (H + 2 KVH) D]; q is its first H D
+      q = qkv = project(self.qkv_proj, rows, norm)                      # [T, (H + 2 KVH) D]; q is its first H D
       new = NewKV(qkv, qkv, H * D, (H + KVH) * D, cos, sin)
     if Q == 1 and batch.paged_decode:
       kv = write(kv, new, batch.slot_mapping)
-      return self.o_proj(decode_attention(q, cos, sin, kv, batch.block_tables, batch.positions, batch.block_size, H))
-    k_ctx, v_ctx = write_and_gather(kv, new, batch.slot_mapping, batch.block_tables, batch.block_size)
-    q = apply_rope(q[:, :H * D].reshape(S * Q, H, D), cos, sin)
-    return self.o_proj(attention(q.reshape(S, Q, H, D), k_ctx, v_ctx, batch.positions))
+      out = decode_attention(q, cos, sin, kv, batch.block_tables, batch.positions, batch.block_size, H)
+    else:
+      k_ctx, v_ctx = write_and_gather(kv, new, batch.slot_mapping, batch.block_tables, batch.block_size)
+      q = apply_rope(q[:, :H * D].reshape(S * Q, H, D), cos, sin)
+      out = attention(q.reshape(S, Q, H, D), k_ctx, v_ctx, batch.positions)
+    return project(self.o_proj, out.reshape(S * Q, -1), residual=rows).reshape(x.shape)
 
 
 class MLP:
@@ -108,11 +122,13 @@ class MLP:
     self.gate_up_proj = Linear(K, 2 * N, bias=False)
     del self.gate_proj, self.up_proj
 
-  def __call__(self, x: Tensor) -> Tensor:
-    gate, up = (self.gate_proj(x), self.up_proj(x)) if self.gate_up_proj is None else self.gate_up_proj(x).chunk(2, dim=-1)
+  def __call__(self, x: Tensor, norm: RMSNorm) -> Tensor:
+    """x + mlp(norm(x))"""
+    if self.gate_up_proj is None: gate, up = project(self.gate_proj, x, norm), project(self.up_proj, x, norm)
+    else: gate, up = project(self.gate_up_proj, x, norm).chunk(2, dim=-1)
     # materialized: fused into down_proj's matmul, the activation is re-read through the strided halves of gate_up
     # for every output tile (16 of a 33 ms batch-256 step on the H100, bench/results/gpu-notes.md)
-    return self.down_proj((gate.silu() * up).contiguous())
+    return project(self.down_proj, (gate.silu() * up).contiguous(), residual=x)
 
 
 class DecoderLayer:
@@ -128,8 +144,8 @@ class DecoderLayer:
     @function(precompile=True, allow_implicit=True)
     def run(x: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor, block_tables: Tensor, positions: Tensor) -> Tensor:
       b = ForwardBatch(None, positions, slot_mapping, block_tables, None, batch.block_size, batch.paged_decode)
-      h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, b).reshape(x.shape)
-      return (h + self.mlp(self.post_attention_layernorm(h))).contiguous()
+      h = self.self_attn(x, self.input_layernorm, cos, sin, kv, b)
+      return self.mlp(h, self.post_attention_layernorm).contiguous()
     return run(x, cos, sin, batch.slot_mapping, batch.block_tables, batch.positions)
 
 
@@ -178,4 +194,6 @@ class LlamaForCausalLM:
     for layer, kv in zip(self.model.layers, kv_cache): x = layer(x, cos, sin, kv, batch)
     if every_position: h = x.reshape(S * Q, -1)
     else: h = x.gather(1, batch.logits_index.reshape(S, 1, 1).expand(S, 1, x.shape[-1])).reshape(S, -1)
-    return matmul_t(self.model.norm(h), self.output_weight()).cast(dtypes.float32)
+    weight = self.output_weight()
+    if isinstance(weight, PackedWeight): return matmul_t(self.model.norm(h), weight).cast(dtypes.float32)
+    return linear(h, weight, norm=self.model.norm).cast(dtypes.float32)

@@ -1,0 +1,89 @@
+"""Projections for a few rows of x on a GPU: y = norm(x) @ W.T (+ residual), as one kernel that streams W.
+
+A decode step at batch 1 reads every weight once and does two flops with it, so its speed is the speed at which the
+weights come out of memory. tinygrad's own kernel for `x @ W.T` with one row of x gives each thread whole dot products
+and reads W at 120-460 GB/s on the H100 (1.4 TB/s for the 128k-row lm_head); its BEAM search finds 0.6-2.0 TB/s
+after minutes of search. This kernel is laid out the way a memory-bound matrix-vector product wants to be:
+
+    a warp of 32 threads per output feature   each thread loads 8 consecutive fp16 weights (16 bytes) at a time, so
+                                              a warp reads 512 contiguous bytes of one row per load
+    4 such loads in flight per thread         (an unrolled loop): enough bytes in flight to cover memory latency
+    partial sums reduced in shared memory     then one thread adds the residual and stores the feature
+    4 features per thread block
+
+and it takes the RMSNorm with it: Σ_k x_k·g_k·W_nk, times the row's 1/rms (one small reduction kernel before), so the
+normalized x is never written out. The tiling is given as tinygrad's own optimizer options (`Opt`), applied to a
+kernel written with the UOp API, so it compiles for every backend with thread blocks (CUDA, Metal, AMD, ...); a CPU
+keeps tinygrad's matmul, which fuses the norm and the residual by itself.
+
+H100, Llama-1B's matrices, one row, fp16 (bench/results/gpu-notes.md §11): see the notes for the table.
+"""
+from __future__ import annotations
+import functools
+from tinygrad import Context, Device, Tensor, UOp, dtypes
+from tinygrad.codegen.opt import Opt, OptOps
+from tinygrad.nn import RMSNorm
+from tinygrad.uop.ops import AxisType, KernelInfo, Ops
+
+MAX_ROWS = 4            # rows of x up to which the kernel is used (each thread computes all of them)
+WARP = 32
+VECTOR = 8              # fp16 weights per 16-byte load
+IN_FLIGHT = 4           # loads of a thread unrolled into one loop iteration
+FEATURES_PER_BLOCK = 4
+
+
+def uses_matvec(x: Tensor, weight: Tensor) -> bool:
+  """Whether `linear` takes the matvec kernel for these operands (a single-device GPU weight, a few rows)."""
+  rows = x.numel() // x.shape[-1]
+  return isinstance(weight.device, str) and rows <= MAX_ROWS and _has_thread_blocks(weight.device) \
+    and _tiling(rows, *weight.shape) is not None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm: RMSNorm | None = None,
+           residual: Tensor | None = None) -> Tensor:
+  """norm(x) @ weight.T + bias (+ residual), x (..., K) -> (..., N)."""
+  if not uses_matvec(x, weight):
+    y = (x if norm is None else norm(x)) @ weight.T
+    y = y if bias is None else y + bias
+    return y if residual is None else residual + y
+  (N, K), lead = weight.shape, x.shape[:-1]
+  rows = x.reshape(-1, K).contiguous()
+  extras = [] if norm is None else [norm.weight, (rows.float().square().mean(-1, keepdim=True) + norm.eps).rsqrt()]
+  if residual is not None: extras.append(residual.reshape(-1, N).contiguous())
+  out = Tensor.empty(rows.shape[0], N, dtype=x.dtype, device=x.device)
+  kernel = lambda *bufs: _matvec_kernel(*bufs, norm=norm is not None, residual=residual is not None)
+  y = out.custom_kernel(rows, weight, *extras, fxn=kernel)[0].reshape(*lead, N)
+  return y if bias is None else y + bias
+
+
+@functools.cache
+def _has_thread_blocks(device: str) -> bool:
+  # asked while tinygrad traces a layer, where it refuses to open a device; this one is open (the weight is on it)
+  with Context(ALLOW_DEVICE_USAGE=1): return Device[device].renderer.has_local
+
+
+def _tiling(rows: int, N: int, K: int) -> tuple[Opt, ...] | None:
+  """The optimizer options of the layout above, shrunk to what divides K and N (None: none fits)."""
+  for vector, warp, in_flight in ((VECTOR, WARP, IN_FLIGHT), (VECTOR, WARP, 2), (VECTOR, WARP, 1), (4, WARP, 1),
+                                  (VECTOR, 16, 1), (4, 16, 1)):
+    if K % (vector * warp * in_flight) == 0 and N % FEATURES_PER_BLOCK == 0: break
+  else: return None
+  feature_axis = 0 if rows == 1 else 1                    # a one-row x has no row axis
+  opts = [Opt(OptOps.UNROLL, 0, vector), Opt(OptOps.GROUP, 0, warp)]
+  if in_flight > 1: opts.append(Opt(OptOps.UNROLL, 1, in_flight))   # axis 1: the loop left after the group's split
+  opts.append(Opt(OptOps.LOCAL, feature_axis, FEATURES_PER_BLOCK))
+  if rows > 1: opts.append(Opt(OptOps.UPCAST, 0, rows))
+  return tuple(opts)
+
+
+def _matvec_kernel(out: UOp, x: UOp, w: UOp, *extras: UOp, norm: bool, residual: bool) -> UOp:
+  """out[b, n] = Σ_k x[b, k]·w[n, k] (·g[k], then ·inv_rms[b] with `norm`) (+ residual[b, n])."""
+  (B, N), K = out.shape, w.shape[1]
+  b, n, k = UOp.range(B, 0), UOp.range(N, 1), UOp.range(K, 2, AxisType.REDUCE)
+  xk = x[b, k].cast(dtypes.float)
+  if norm: xk = xk * extras[0][k].cast(dtypes.float)
+  acc = (xk * w[n, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
+  if norm: acc = acc * extras[1][b, 0]
+  if residual: acc = acc + extras[-1][b, n].cast(dtypes.float)
+  info = KernelInfo(name=f"matvec_{N}_{K}", opts_to_apply=_tiling(B, N, K))
+  return out[b, n].store(acc.cast(out.dtype)).end(b, n).sink(arg=info)
