@@ -65,16 +65,17 @@ class _Graph:
   """One captured forward+sample for one Shape, with its persistent input buffers."""
   def __init__(self, runner: ModelRunner, shape: Shape, num_floats: int):
     self.shape, self.runner = shape, runner
-    # one buffer per int input rather than slices of one: a replayed kernel whose argument is a view of a JIT input
-    # resolves it with a graph rewrite on every call (~1 ms on CPU, and every layer reads positions, slots, tables)
-    # The model's inputs (the first five of int_sizes) live on each of its devices, filled from the host, rather
-    # than copied there inside the graph (tinygrad's HCQ2 runtime cannot replay a copy that reads a JIT input); the
-    # sampler's stay on the first device, where it runs.
-    devices = runner.devices
-    self.int_inputs = [allocated((max(n, 1),), dtypes.int32, devices if i < 5 else devices[0])
-                       for i, n in enumerate(shape.int_sizes)]
+    # The model's int inputs (the first five of int_sizes) live on each of its devices, filled from the host, the
+    # sampler's on the first device, where it runs: two int buffers and one float buffer, three copies a step, each
+    # input a slice of one of them.
+    devices, sizes = runner.devices, shape.int_sizes
+    model_ints = allocated((sum(sizes[:5]),), dtypes.int32, devices)
+    sampler_ints = allocated((sum(sizes[5:]) + 1,), dtypes.int32, devices[0])   # + 1: an empty input's stand-in
     self.floats = allocated((num_floats,), dtypes.float32, devices[0])
-    self.inputs = tuple(t.uop.buffer for t in (*self.int_inputs, self.floats))
+    self.int_inputs = [buf[int(start):int(start) + max(n, 1)]
+                       for buf, part in ((model_ints, sizes[:5]), (sampler_ints, sizes[5:]))
+                       for start, n in zip(np.cumsum((0, *part[:-1])), part)]
+    self.inputs = tuple(t.uop.buffer for t in (model_ints, sampler_ints, self.floats))
     # BEAM searches decode graphs only: they replay every step, while each prefill chunk length is a shape of its own,
     # minutes of search on a GPU for a graph that may run once
     self.compile_options = runner.compile_options if shape.Q == 1 else {}
@@ -105,9 +106,8 @@ class _Graph:
     return sample(to_sampler(last), params, sh.plan).flatten().cat(prompt.flatten()).contiguous().realize()
 
   def __call__(self, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
-    parts = np.split(ints, np.cumsum(self.shape.int_sizes)[:-1])
-    for buf, src in zip(self.inputs, (*parts, floats)):
-      if src.size: upload(buf, src)                   # an empty part (no sampler ints, say) has a 1-element stand-in
+    model_ints, sampler_ints = np.split(ints, [sum(self.shape.int_sizes[:5])])
+    for buf, src in zip(self.inputs, (model_ints, np.append(sampler_ints, 0).astype(np.int32), floats)): upload(buf, src)
     with Context(**self.compile_options): out = self.jit()   # compiles in here
     if self.output is None: self.output = out.uop.buffer
     return download(self.output)

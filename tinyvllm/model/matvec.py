@@ -47,9 +47,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm: RMSNorm 
     y = y if bias is None else y + bias
     return y if residual is None else residual + y
   (N, K), lead = weight.shape, x.shape[:-1]
-  rows = x.reshape(-1, K).contiguous()
+  rows = x.reshape(-1, K)
   extras = [] if norm is None else [norm.weight, (rows.float().square().mean(-1, keepdim=True) + norm.eps).rsqrt()]
-  if residual is not None: extras.append(residual.reshape(-1, N).contiguous())
+  if residual is not None: extras.append(residual.reshape(-1, N))
   out = Tensor.empty(rows.shape[0], N, dtype=x.dtype, device=x.device)
   kernel = lambda *bufs: _matvec_kernel(*bufs, norm=norm is not None, residual=residual is not None)
   y = out.custom_kernel(rows, weight, *extras, fxn=kernel)[0].reshape(*lead, N)
