@@ -61,21 +61,36 @@ class StepResult:
   prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # for prompt positions start+1.. of the chunk computed
 
 
+class _Layout:
+  """Where inputs of `sizes` int32s sit in one buffer: each at a multiple of 16 (64 bytes), an empty one given 1."""
+  ALIGN = 16
+  def __init__(self, sizes: tuple[int, ...]):
+    self.sizes = sizes
+    slots = [-(-max(n, 1) // self.ALIGN) * self.ALIGN for n in sizes]
+    self.starts, self.total = [sum(slots[:i]) for i in range(len(slots))], sum(slots)
+    self._positions = np.concatenate([np.arange(start, start + n) for start, n in zip(self.starts, sizes)]).astype(int)
+
+  def pack(self, ints: np.ndarray) -> np.ndarray:
+    """The inputs, concatenated in `ints`, laid out in a buffer's worth of int32s."""
+    out = np.zeros(self.total, np.int32)
+    out[self._positions] = ints
+    return out
+
+
 class _Graph:
   """One captured forward+sample for one Shape, with its persistent input buffers."""
   def __init__(self, runner: ModelRunner, shape: Shape, num_floats: int):
     self.shape, self.runner = shape, runner
     # The model's int inputs (the first five of int_sizes) live on each of its devices, filled from the host, the
     # sampler's on the first device, where it runs: two int buffers and one float buffer, three copies a step, each
-    # input a slice of one of them.
+    # input a slice of one of them, starting on a 64-byte boundary (a kernel may read it with vector loads).
     devices, sizes = runner.devices, shape.int_sizes
-    model_ints = allocated((sum(sizes[:5]),), dtypes.int32, devices)
-    sampler_ints = allocated((sum(sizes[5:]) + 1,), dtypes.int32, devices[0])   # + 1: an empty input's stand-in
+    self.layouts = [_Layout(sizes[:5]), _Layout(sizes[5:])]
+    int_bufs = [allocated((layout.total,), dtypes.int32, devs) for layout, devs in zip(self.layouts, (devices, devices[0]))]
+    self.int_inputs = [buf[start:start + max(n, 1)] for buf, layout in zip(int_bufs, self.layouts)
+                       for start, n in zip(layout.starts, layout.sizes)]
     self.floats = allocated((num_floats,), dtypes.float32, devices[0])
-    self.int_inputs = [buf[int(start):int(start) + max(n, 1)]
-                       for buf, part in ((model_ints, sizes[:5]), (sampler_ints, sizes[5:]))
-                       for start, n in zip(np.cumsum((0, *part[:-1])), part)]
-    self.inputs = tuple(t.uop.buffer for t in (model_ints, sampler_ints, self.floats))
+    self.inputs = tuple(t.uop.buffer for t in (*int_bufs, self.floats))
     # BEAM searches decode graphs only: they replay every step, while each prefill chunk length is a shape of its own,
     # minutes of search on a GPU for a graph that may run once
     self.compile_options = runner.compile_options if shape.Q == 1 else {}
@@ -107,7 +122,8 @@ class _Graph:
 
   def __call__(self, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
     model_ints, sampler_ints = np.split(ints, [sum(self.shape.int_sizes[:5])])
-    for buf, src in zip(self.inputs, (model_ints, np.append(sampler_ints, 0).astype(np.int32), floats)): upload(buf, src)
+    for buf, src in zip(self.inputs, (*(l.pack(i) for l, i in zip(self.layouts, (model_ints, sampler_ints))), floats)):
+      upload(buf, src)
     with Context(**self.compile_options): out = self.jit()   # compiles in here
     if self.output is None: self.output = out.uop.buffer
     return download(self.output)
