@@ -11,10 +11,11 @@ after minutes of search. This kernel is laid out the way a memory-bound matrix-v
     partial sums reduced in shared memory     then one thread adds the residual and stores the feature
     4 features per thread block
 
-and it takes the RMSNorm with it: Σ_k x_k·g_k·W_nk, times the row's 1/rms (one small reduction kernel before), so the
-normalized x is never written out. The tiling is given as tinygrad's own optimizer options (`Opt`), applied to a
-kernel written with the UOp API, so it compiles for every backend with thread blocks (CUDA, Metal, AMD, ...); a CPU
-keeps tinygrad's matmul, which fuses the norm and the residual by itself.
+and it takes the RMSNorm with it: Σ_k x_k·g_k·W_nk times the row's 1/rms, whose sum of squares is reduced in the
+same loop (each warp reads all of x for its feature anyway), so neither the norm nor the normalized x is a kernel.
+The tiling is given as tinygrad's own optimizer options (`Opt`), applied to a kernel written with the UOp API, so it
+compiles for every backend with thread blocks (CUDA, Metal, AMD, ...); a CPU keeps tinygrad's matmul, which fuses the
+norm and the residual by itself.
 
 H100, Llama-1B's matrices, one row, fp16 (bench/results/gpu-notes.md §11): see the notes for the table.
 """
@@ -48,10 +49,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm: RMSNorm 
     return y if residual is None else residual + y
   (N, K), lead = weight.shape, x.shape[:-1]
   rows = x.reshape(-1, K)
-  extras = [] if norm is None else [norm.weight, (rows.float().square().mean(-1, keepdim=True) + norm.eps).rsqrt()]
-  if residual is not None: extras.append(residual.reshape(-1, N))
+  extras = ([] if norm is None else [norm.weight]) + ([] if residual is None else [residual.reshape(-1, N)])
   out = Tensor.empty(rows.shape[0], N, dtype=x.dtype, device=x.device)
-  kernel = lambda *bufs: _matvec_kernel(*bufs, norm=norm is not None, residual=residual is not None)
+  kernel = lambda *bufs: _matvec_kernel(*bufs, norm_eps=None if norm is None else norm.eps, residual=residual is not None)
   y = out.custom_kernel(rows, weight, *extras, fxn=kernel)[0].reshape(*lead, N)
   return y if bias is None else y + bias
 
@@ -76,14 +76,14 @@ def _tiling(rows: int, N: int, K: int) -> tuple[Opt, ...] | None:
   return tuple(opts)
 
 
-def _matvec_kernel(out: UOp, x: UOp, w: UOp, *extras: UOp, norm: bool, residual: bool) -> UOp:
-  """out[b, n] = Σ_k x[b, k]·w[n, k] (·g[k], then ·inv_rms[b] with `norm`) (+ residual[b, n])."""
+def _matvec_kernel(out: UOp, x: UOp, w: UOp, *extras: UOp, norm_eps: float | None, residual: bool) -> UOp:
+  """out[b, n] = Σ_k x[b, k]·w[n, k] (with a norm: ·g[k] in the sum, times 1/rms(x[b])) (+ residual[b, n])."""
   (B, N), K = out.shape, w.shape[1]
   b, n, k = UOp.range(B, 0), UOp.range(N, 1), UOp.range(K, 2, AxisType.REDUCE)
   xk = x[b, k].cast(dtypes.float)
-  if norm: xk = xk * extras[0][k].cast(dtypes.float)
-  acc = (xk * w[n, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
-  if norm: acc = acc * extras[1][b, 0]
+  acc = ((xk if norm_eps is None else xk * extras[0][k].cast(dtypes.float)) * w[n, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
+  if norm_eps is not None:   # the row's sum of squares rides along: a warp reads all of x[b] for its feature anyway
+    acc = acc * ((xk * xk).reduce(k, arg=Ops.ADD) / K + norm_eps).rsqrt()
   if residual: acc = acc + extras[-1][b, n].cast(dtypes.float)
   info = KernelInfo(name=f"matvec_{N}_{K}", opts_to_apply=_tiling(B, N, K))
   return out[b, n].store(acc.cast(out.dtype)).end(b, n).sink(arg=info)
