@@ -86,7 +86,8 @@ class _Graph:
     # input a slice of one of them, starting on a 64-byte boundary (a kernel may read it with vector loads).
     devices, sizes = runner.devices, shape.int_sizes
     self.layouts = [_Layout(sizes[:5]), _Layout(sizes[5:])]
-    int_bufs = [allocated((layout.total,), dtypes.int32, devs) for layout, devs in zip(self.layouts, (devices, devices[0]))]
+    int_bufs = [allocated((layout.total,), dtypes.int32, where)
+                for layout, where in zip(self.layouts, (devices, devices[0]))]
     self.int_inputs = [buf[start:start + max(n, 1)] for buf, layout in zip(int_bufs, self.layouts)
                        for start, n in zip(layout.starts, layout.sizes)]
     self.floats = allocated((num_floats,), dtypes.float32, devices[0])

@@ -103,7 +103,7 @@ class Block:
   def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, key_valid: Tensor, past: KV | None) -> tuple[Tensor, KV]:
     attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, past)
     h = x + attn
-    return h + self.mlp(self.post_attention_layernorm(h)), kv
+    return self.mlp(h, self.post_attention_layernorm), kv    # h + mlp(norm(h))
 
 
 class Backbone:

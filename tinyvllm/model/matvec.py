@@ -58,7 +58,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm: RMSNorm 
   rows = x.reshape(-1, K)
   extras = ([] if norm is None else [norm.weight]) + ([] if residual is None else [residual.reshape(-1, N)])
   out = Tensor.empty(rows.shape[0], N, dtype=x.dtype, device=x.device)
-  kernel = lambda *bufs: _matvec_kernel(*bufs, norm_eps=None if norm is None else norm.eps, residual=residual is not None)
+  norm_eps = None if norm is None else norm.eps
+  kernel = lambda *bufs: _matvec_kernel(*bufs, norm_eps=norm_eps, residual=residual is not None)
   y = out.custom_kernel(rows, weight, *extras, fxn=kernel)[0].reshape(*lead, N)
   return y if bias is None else y + bias
 
@@ -66,7 +67,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm: RMSNorm 
 @functools.cache
 def _has_thread_blocks(device: str) -> bool:
   # asked while tinygrad traces a layer, where it refuses to open a device; this one is open (the weight is on it)
-  with Context(ALLOW_DEVICE_USAGE=1): return Device[device].renderer.has_local
+  with Context(ALLOW_DEVICE_USAGE=1): renderer = Device[device].renderer
+  return renderer.has_local and renderer.has_shared
 
 
 def _tiling(rows: int, N: int, K: int) -> tuple[Opt, ...] | None:
@@ -88,7 +90,8 @@ def _matvec_kernel(out: UOp, x: UOp, w: UOp, *extras: UOp, norm_eps: float | Non
   (B, N), K = out.shape, w.shape[1]
   b, n, k = UOp.range(B, 0), UOp.range(N, 1), UOp.range(K, 2, AxisType.REDUCE)
   xk = x[b, k].cast(dtypes.float)
-  acc = ((xk if norm_eps is None else xk * extras[0][k].cast(dtypes.float)) * w[n, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
+  scaled = xk if norm_eps is None else xk * extras[0][k].cast(dtypes.float)
+  acc = (scaled * w[n, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
   if norm_eps is not None:   # the row's sum of squares rides along: a warp reads all of x[b] for its feature anyway
     acc = acc * ((xk * xk).reduce(k, arg=Ops.ADD) / K + norm_eps).rsqrt()
   if residual: acc = acc + extras[-1][b, n].cast(dtypes.float)
