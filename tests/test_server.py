@@ -477,12 +477,16 @@ def test_sigterm_drains_then_returns(engine):
           async with session.get(f"{url}/health/ready") as r:
             if r.status == 200: break
         await asyncio.sleep(0.05)
-      # long enough to outlast the 0.2 s below: a stream that ends first lets the drain finish and the server close
+      # a stream that ends before the request below lets the drain finish and the server close: ask as soon as the
+      # server says it is draining (a fixed 0.2 s wait was outlasted by 200 tokens once the steps got faster)
       body = {"prompt": "x", "max_tokens": 200, "ignore_eos": True, **GREEDY}
       async with session.post(f"{url}/v1/completions", json={**body, "stream": True}) as resp:
         await resp.content.readline()                         # streaming has begun
         terminate()
-        await asyncio.sleep(0.2)
+        while True:
+          async with session.get(f"{url}/health/ready") as r:
+            if (await r.json())["status"] == "draining": break
+          await asyncio.sleep(0.002)
         async with session.post(f"{url}/v1/completions", json=body) as refused: seen["refused"] = refused.status
         seen["tail"] = (await resp.read()).decode().strip().splitlines()[-1]
 

@@ -24,7 +24,8 @@ H100, Llama-1B's matrices, one row of x, fp16, GB/s of weights read (bench/resul
     tinygrad BEAM=2   632   689      1510    899     2060
     this kernel       940   880      1520   1180     2300
 
-so batch-1 decode of that shape went from 121 to 471 tok/s without BEAM (625 with BEAM on the other kernels).
+so batch-1 decode of that shape went from 121 to 471–497 tok/s without BEAM (625–687 with BEAM on the other
+kernels).
 """
 from __future__ import annotations
 import functools

@@ -1,0 +1,50 @@
+"""One-row projections on a GPU: µs and GB/s of each Llama-1B / SmolLM2 matrix through tinygrad's matmul (default
+and BEAM=2) and through tinyvllm's matvec kernel (model/matvec.py), fp16. Each is timed as a TinyJit chain in which
+every product adds to the previous one (so the kernels run one after another, as in a decode step) over enough
+copies of the weight to miss the L2 cache. (On a CPU `matvec.linear` is tinygrad's matmul: the last column repeats
+the first.) Session 14's H100 figures: bench/results/gpu-notes.md §11 (taken with the same chains).
+
+    DEV=CUDA python bench/matvec_kernel.py [rows] [matrix,matrix,...]
+"""
+import math, sys, time
+import numpy as np
+from tinygrad import Context, Device, Tensor, TinyJit, dtypes
+from tinyvllm.model import matvec
+
+MATRICES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
+            "lm_head": (128256, 2048), "smollm2_qkv": (960, 576), "smollm2_gate_up": (3072, 576),
+            "smollm2_down": (576, 1536), "smollm2_lm_head": (49152, 576)}
+
+
+def median_seconds(fn, runs: int = 20) -> float:
+  for _ in range(3): fn()
+  times = []
+  for _ in range(runs):
+    Device[Device.DEFAULT].synchronize()
+    t = time.perf_counter(); fn(); Device[Device.DEFAULT].synchronize()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def chain_seconds(x: Tensor, weights: list[Tensor], how: str) -> float:
+  start = Tensor.zeros(x.shape[0], weights[0].shape[0], dtype=x.dtype).contiguous().realize()
+  @TinyJit
+  def chain(x: Tensor) -> Tensor:
+    y = start
+    for w in weights: y = matvec.linear(x, w, residual=y) if how == "matvec" else (y + x @ w.T).contiguous()
+    return y.realize()
+  with Context(BEAM=2 if how == "beam2" else 0): return median_seconds(lambda: chain(x)) / len(weights)
+
+
+if __name__ == "__main__":
+  rows = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+  names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(MATRICES)
+  print(f"{'matrix':16s} {'N x K':>12s}  " + "  ".join(f"{h:>18s}" for h in ("tinygrad", "tinygrad BEAM=2", "matvec")))
+  for name in names:
+    N, K = MATRICES[name]
+    copies = max(2, math.ceil(300e6 / (N * K * 2)))       # 300 MB of weights: far past any L2
+    weights = [Tensor.randn(N, K, dtype=dtypes.half).realize() for _ in range(copies)]
+    x = Tensor.randn(rows, K, dtype=dtypes.half).realize()
+    cells = [chain_seconds(x, weights, how) for how in ("default", "beam2", "matvec")]
+    print(f"{name:16s} {f'{N}x{K}':>12s}  " + "  ".join(f"{s * 1e6:7.1f} us {N * K * 2 / s / 1e9:5.0f} GB/s" for s in cells))
+    del weights
