@@ -11,8 +11,8 @@ afterwards replays them without Python, but only for the exact shapes it saw. A 
 and each (S, Q, NB, sampling plan) gets its own captured graph, compiled once. A step runs one graph for all the
 decoding rows (Q = 1, the common case) and one for the prefill chunks of each Q bucket (chunks of similar length
 share a graph, so the weights are read once for all of them, and a short prompt is never padded to a long one's
-length). Each graph owns one device buffer per input (tokens, positions, slots, ...), allocated when it is first
-used and refilled in place every step. A sequence that asked for prompt logprobs runs its prompt alone, in graphs
+length). Each graph owns its input buffers (tokens, positions, slots, ... as slices of three buffers), allocated
+when it is first used, refilled in place every step and read by the graph like its weights. A sequence that asked for prompt logprobs runs its prompt alone, in graphs
 that also return the logprobs of every position.
 
 Host <-> device copies go straight through the device's allocator (transfer.py): tinygrad's own copies schedule a
