@@ -12,8 +12,8 @@ and each (S, Q, NB, sampling plan) gets its own captured graph, compiled once. A
 decoding rows (Q = 1, the common case) and one for the prefill chunks of each Q bucket (chunks of similar length
 share a graph, so the weights are read once for all of them, and a short prompt is never padded to a long one's
 length). Each graph owns its input buffers (tokens, positions, slots, ... as slices of three buffers), allocated
-when it is first used, refilled in place every step and read by the graph like its weights. A sequence that asked for prompt logprobs runs its prompt alone, in graphs
-that also return the logprobs of every position.
+when it is first used, refilled in place every step and read by the graph like its weights. A sequence that asked
+for prompt logprobs runs its prompt alone, in graphs that also return the logprobs of every position.
 
 Host <-> device copies go straight through the device's allocator (transfer.py): tinygrad's own copies schedule a
 graph on every call, which costs more Python per step than a small model's whole step takes on a GPU.
@@ -68,7 +68,7 @@ class _Layout:
     self.sizes = sizes
     slots = [-(-max(n, 1) // self.ALIGN) * self.ALIGN for n in sizes]
     self.starts, self.total = [sum(slots[:i]) for i in range(len(slots))], sum(slots)
-    self._positions = np.concatenate([np.arange(start, start + n) for start, n in zip(self.starts, sizes)]).astype(int)
+    self._positions = np.concatenate([np.arange(start, start + n) for start, n in zip(self.starts, sizes)])
 
   def pack(self, ints: np.ndarray) -> np.ndarray:
     """The inputs, concatenated in `ints`, laid out in a buffer's worth of int32s."""
@@ -122,9 +122,9 @@ class _Graph:
     return sample(to_sampler(last), params, sh.plan).flatten().cat(prompt.flatten()).contiguous().realize()
 
   def __call__(self, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
-    model_ints, sampler_ints = np.split(ints, [sum(self.shape.int_sizes[:5])])
-    for buf, src in zip(self.inputs, (*(l.pack(i) for l, i in zip(self.layouts, (model_ints, sampler_ints))), floats)):
-      upload(buf, src)
+    parts = np.split(ints, [sum(self.layouts[0].sizes)])          # the model's ints, the sampler's
+    packed = [layout.pack(part) for layout, part in zip(self.layouts, parts)]
+    for buf, src in zip(self.inputs, (*packed, floats)): upload(buf, src)
     with Context(**self.compile_options): out = self.jit()   # compiles in here
     if self.output is None: self.output = out.uop.buffer
     return download(self.output)

@@ -32,6 +32,7 @@ from itertools import chain
 import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.uop.ops import UOp, KernelInfo
+from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.sequence import Sequence
 
 ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "step", "presence", "frequency", "repetition")
@@ -66,11 +67,14 @@ def _keys(pieces: list[tuple[int, list[int]]]) -> np.ndarray:
   return np.repeat(np.array([row for row, _ in pieces], np.int64), [len(ids) for _, ids in pieces]) << 32 | tokens
 
 
+def _penalized(p: SamplingParams) -> bool:
+  return bool(p.presence_penalty or p.frequency_penalty) or p.repetition_penalty != 1
+
+
 def _adjusts_logits(seq: Sequence) -> bool:
   """A bias, stop tokens banned until min_tokens, or a penalty: something for _pack_adjustments to pack."""
   p = seq.params
-  return bool(p.logit_bias) or len(seq.output_token_ids) < p.min_tokens or bool(p.presence_penalty) or \
-    bool(p.frequency_penalty) or p.repetition_penalty != 1
+  return bool(p.logit_bias) or len(seq.output_token_ids) < p.min_tokens or _penalized(p)
 
 
 def _pack_adjustments(rows: list[Sequence | None], stop_ids: set[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -86,8 +90,7 @@ def _pack_adjustments(rows: list[Sequence | None], stop_ids: set[int]) -> tuple[
     bias = {int(k): float(v) for k, v in (p.logit_bias or {}).items()}
     if len(seq.output_token_ids) < p.min_tokens:
       for t in stop_ids | set(p.stop_token_ids): bias[t] = -float("inf")
-    if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1:
-      generated.append((row, seq.output_token_ids))
+    if _penalized(p): generated.append((row, seq.output_token_ids))
     if p.repetition_penalty != 1: prompts.append((row, seq.prompt_token_ids))
     biased.append((row, list(bias)))
     bias_values += bias.values()
