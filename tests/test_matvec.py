@@ -7,6 +7,7 @@ from tinygrad import Device, Tensor, dtypes
 from tinygrad.nn import RMSNorm
 from tinyvllm import LLM, SamplingParams
 from tinyvllm.model import matvec
+from tinyvllm.model.linear import linear
 
 
 @pytest.fixture
@@ -33,8 +34,8 @@ def test_matvec_equals_numpy(kernel_everywhere, rows, N, K, with_norm, with_resi
     norm = RMSNorm(K, eps=1e-5)
     norm.weight = as_t(gain)
   assert matvec.uses_matvec(as_t(x), as_t(w)) == (matvec._tiling(rows, N, K) is not None)
-  got = matvec.linear(as_t(x), as_t(w), as_t(bias) if with_bias else None, norm,
-                      as_t(residual) if with_residual else None)
+  got = linear(as_t(x), as_t(w), as_t(bias) if with_bias else None, norm,
+               as_t(residual) if with_residual else None)
   normed = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * gain if with_norm else x
   want = normed @ w.T + (residual if with_residual else 0) + (bias if with_bias else 0)
   tol = 2e-2 if dtype == dtypes.half else 1e-4

@@ -23,7 +23,7 @@ from tinygrad.function import function
 from tinygrad.nn import RMSNorm
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.paged_attention import NewKV, write, write_and_gather, attention, decode_attention
-from tinyvllm.model.matvec import linear
+from tinyvllm.model.linear import linear
 from tinyvllm.model.quantized import PackedLinear, PackedWeight, matmul_t
 from tinyvllm.transfer import to_device
 
@@ -46,7 +46,7 @@ Projection = Linear | PackedLinear
 
 def project(proj: Projection, x: Tensor, norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
   """norm(x) @ proj.weight.T + bias (+ residual): the norm and the residual travel with the projection, so that a
-  one-row projection on a GPU runs as one kernel that streams the weight (matvec.py)."""
+  one-row projection on a GPU runs as one kernel that streams the weight (linear.py)."""
   if isinstance(proj, Linear): return linear(x, proj.weight, proj.bias, norm, residual)
   y = proj(x if norm is None else norm(x))
   return y if residual is None else residual + y

@@ -14,8 +14,8 @@ after minutes of search. This kernel is laid out the way a memory-bound matrix-v
 and it takes the RMSNorm with it: Σ_k x_k·g_k·W_nk times the row's 1/rms, whose sum of squares is reduced in the
 same loop (each warp reads all of x for its feature anyway), so neither the norm nor the normalized x is a kernel.
 The tiling is given as tinygrad's own optimizer options (`Opt`), applied to a kernel written with the UOp API, so it
-compiles for every backend with thread blocks (CUDA, Metal, AMD, ...); a CPU keeps tinygrad's matmul, which fuses the
-norm and the residual by itself.
+compiles for every backend with thread blocks (CUDA, Metal, AMD, ...); linear.py sends a CPU to tinygrad's matmul,
+which fuses the norm and the residual by itself.
 
 H100, Llama-1B's matrices, one row of x, fp16, GB/s of weights read (bench/results/gpu-notes.md §11):
 
@@ -42,19 +42,15 @@ FEATURES_PER_BLOCK = 4
 
 
 def uses_matvec(x: Tensor, weight: Tensor) -> bool:
-  """Whether `linear` takes the matvec kernel for these operands (a single-device GPU weight, a few rows)."""
+  """Whether the matvec kernel serves these operands (a single-device GPU weight, a few rows)."""
   rows = x.numel() // x.shape[-1]
   return isinstance(weight.device, str) and rows <= MAX_ROWS and _has_thread_blocks(weight.device) \
     and _tiling(rows, *weight.shape) is not None
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm: RMSNorm | None = None,
+def matvec(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm: RMSNorm | None = None,
            residual: Tensor | None = None) -> Tensor:
-  """norm(x) @ weight.T + bias (+ residual), x (..., K) -> (..., N)."""
-  if not uses_matvec(x, weight):
-    y = (x if norm is None else norm(x)) @ weight.T
-    y = y if bias is None else y + bias
-    return y if residual is None else residual + y
+  """norm(x) @ weight.T + bias (+ residual), x (..., K) -> (..., N); the caller checked `uses_matvec`."""
   (N, K), lead = weight.shape, x.shape[:-1]
   rows = x.reshape(-1, K)
   extras = ([] if norm is None else [norm.weight]) + ([] if residual is None else [residual.reshape(-1, N)])
