@@ -142,3 +142,27 @@ def test_seeded_n_completions_differ_from_each_other_and_repeat_exactly(engine):
     runs.append(next(out for _ in range(40) for out in engine.step() if out.finished))
   completions = [tuple(tuple(c.token_ids) for c in run.outputs) for run in runs]
   assert completions[0] == completions[1] and len(set(completions[0])) == 3
+
+
+def test_output_kinds_carry_the_same_tokens(engine):
+  """"cumulative" outputs grow step by step; "delta" ones, joined, are the same tokens and logprobs; "final_only"
+  gives one output, the finished one. Each request has n = 2 with seeds, so the two completions differ."""
+  seen: dict[str, list] = {}
+  for kind in ("cumulative", "delta", "final_only"):
+    p = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True, logprobs=1, output_kind=kind)
+    engine.add_request(list(range(3, 20)), p, request_id=kind)
+    seen[kind] = []
+    while engine.has_unfinished_requests(): seen[kind] += [o for o in engine.step() if o.request_id == kind]
+  cumulative, delta, final = seen["cumulative"], seen["delta"], seen["final_only"]
+  assert len(final) == 1 and final[0].finished and len(delta) == len(cumulative) > 1
+  for i in range(2):
+    tokens = [o.outputs[i].token_ids for o in cumulative]
+    assert all(a == b[:len(a)] for a, b in zip(tokens, tokens[1:]))              # each extends the one before
+    joined = [t for o in delta for t in o.outputs[i].token_ids]
+    assert joined == tokens[-1] == final[0].outputs[i].token_ids and len(joined) == 6
+    assert [lp for o in delta for lp in o.outputs[i].logprobs] == cumulative[-1].outputs[i].logprobs
+  assert cumulative[-1].outputs[0].token_ids != cumulative[-1].outputs[1].token_ids
+
+
+def test_unknown_output_kind_is_rejected():
+  with pytest.raises(ValueError, match="output_kind"): SamplingParams(output_kind="partial")

@@ -43,6 +43,7 @@ class _Request:
   sampling: SamplingParams
   arrival_time: float = field(default_factory=time.monotonic)
   first_token_time: float | None = None
+  returned: dict[int, tuple[int, int]] = field(default_factory=dict)   # "delta" outputs: tokens, chars sent per seq
 
 
 class DiffusionEngine:
@@ -110,12 +111,16 @@ class DiffusionEngine:
     for request in list(self.requests.values()):
       if not any(id(s) in emitted for s in request.seqs): continue
       request.first_token_time = request.first_token_time or now
-      out = self._output(request)
+      if (out := self._output(request)) is None: continue
       outputs.append(out)
       if out.finished: del self.requests[request.request_id]
     return outputs
 
-  def _output(self, request: _Request) -> RequestOutput:
+  def _output(self, request: _Request) -> RequestOutput | None:
+    """Committed tokens so far, as the request's `output_kind` asks (see LLMEngine._output)."""
+    finished = all(s.finished for s in request.seqs)
+    kind = request.sampling.output_kind
+    if kind == "final_only" and not finished: return None
     outs = []
     for i, seq in enumerate(request.seqs):
       ids = seq.committed().tolist()
@@ -123,8 +128,10 @@ class DiffusionEngine:
       reason = None if not seq.finished else ("stop" if stop_at is not None else "length")
       if stop_at is not None: ids = ids[:stop_at + (ids[stop_at] in request.sampling.stop_token_ids)]
       text = self.tokenizer.decode(ids, skip_special_tokens=request.sampling.skip_special_tokens)
+      if kind == "delta":
+        (tokens, chars), request.returned[i] = request.returned.get(i, (0, 0)), (len(ids), len(text))
+        ids, text = ids[tokens:], text[chars:]
       outs.append(CompletionOutput(i, text, ids, reason))
-    finished = all(s.finished for s in request.seqs)
     metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
                "model_calls": sum(s.calls for s in request.seqs)}
     return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs, finished, metrics)

@@ -1,5 +1,6 @@
 """The offline API, named as in vLLM: `LLM(model).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
+import dataclasses
 from tinyvllm.config import EngineArgs
 from tinyvllm.data_parallel import DataParallelEngine
 from tinyvllm.diffusion_engine import DiffusionEngine, wants_diffusion
@@ -35,6 +36,7 @@ class LLM:
     prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
     params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
     if len(params) != len(prompts): raise ValueError("need one SamplingParams per prompt, or a single one for all")
+    params = [dataclasses.replace(p, output_kind="final_only") for p in params]   # no per-step outputs to build
     ids = [self.engine.add_request(p if isinstance(p, str) else p["prompt_token_ids"], sp)
            for p, sp in zip(prompts, params)]
     finished: dict[str, RequestOutput] = {}

@@ -28,6 +28,8 @@ class SamplingParams:
   skip_special_tokens: bool = True
   logprobs: int | None = None                 # also return the top-N logprobs at each generated position
   prompt_logprobs: int | None = None          # the prompt's own tokens' logprobs (+ top-N) at each prompt position
+  output_kind: str = "cumulative"             # what each step's RequestOutput holds: "cumulative" (all so far),
+                                              # "delta" (what is new) or "final_only" (one output, at the end)
   # diffusion LLMs only (see diffusion.py); max_tokens is the generated length
   diffusion_steps: int | None = None          # denoising steps in all; None: one per generated token
   block_length: int | None = None             # tokens generated per semi-autoregressive block; None: min(32, max_tokens)
@@ -51,6 +53,7 @@ class SamplingParams:
       "min_tokens": self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
       "logprobs": self.logprobs is None or self.logprobs >= 0,
       "prompt_logprobs": self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+      "output_kind": self.output_kind in ("cumulative", "delta", "final_only"),
       "stop": all(isinstance(s, str) and s for s in self.stop),
       "diffusion_steps": self.diffusion_steps is None or self.diffusion_steps >= 1,
       "block_length": self.block_length is None or self.block_length >= 1,

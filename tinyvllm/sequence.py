@@ -40,6 +40,8 @@ class Sequence:
   status: SequenceStatus = SequenceStatus.WAITING
   finish_reason: str | None = None      # "stop" | "length" | "abort"
   num_preemptions: int = 0
+  num_returned_tokens: int = 0          # "delta" outputs: how much of the output earlier outputs carried
+  num_returned_chars: int = 0
 
   @property
   def token_ids(self) -> list[int]: return self.prompt_token_ids + self.output_token_ids

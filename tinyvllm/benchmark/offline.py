@@ -31,21 +31,22 @@ def run_requests(engine: LLMEngine, requests: list[Request], label: str = "") ->
   """Submit `requests` at once and step the engine until they (and their follow-up turns) are done; returns each
   request's timing and the wall time of the whole run. A `label` shows a progress bar."""
   progress = Progress(sum(1 + len(r.next_turns) for r in requests), label, enabled=bool(label))
-  live: dict[str, tuple[Request, RequestTiming]] = {}
+  live: dict[str, tuple[Request, RequestTiming, list[int]]] = {}
 
   def submit(req: Request) -> None:
-    params = SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True)
+    # "delta" outputs: each step hands over only the new tokens, as a streaming client would see them
+    params = SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True, output_kind="delta")
     timing = RequestTiming(time.perf_counter(), prompt_tokens=len(req.prompt_token_ids))
-    live[engine.add_request(req.prompt_token_ids, params)] = (req, timing)
+    live[engine.add_request(req.prompt_token_ids, params)] = (req, timing, [])
 
   start, timings = time.perf_counter(), []
   for req in requests: submit(req)
   while engine.has_unfinished_requests():
     outputs, now = engine.step(), time.perf_counter()
     for out in outputs:
-      req, timing = live[out.request_id]
-      token_ids = out.outputs[0].token_ids
-      if len(token_ids) > timing.output_tokens: timing.chunk_times.append(now)
+      req, timing, token_ids = live[out.request_id]
+      if out.outputs[0].token_ids: timing.chunk_times.append(now)
+      token_ids += out.outputs[0].token_ids
       timing.output_tokens, timing.cached_tokens = len(token_ids), out.num_cached_tokens
       if not out.finished: continue
       del live[out.request_id]
