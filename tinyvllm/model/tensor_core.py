@@ -65,15 +65,13 @@ def _tiling(M: int, N: int, K: int) -> tuple[tuple[Opt, ...], int] | None:
   split (None: the tiles do not divide the shape)."""
   if M <= 16: return None               # one row of mma tiles: the m axis would vanish under the options below
   row_tiles = next((t for t in (4, 2, 1) if M % (16 * t) == 0), 1)   # 16-row mma tiles per warp
-  warps = lambda col_tiles: -(-M // (16 * row_tiles)) * (N // (8 * col_tiles))
-  if N % 128 == 0 and warps(8) >= WARPS_TO_FILL_GPU: col_tiles, unroll, split = 8, 1, 1
-  elif N % 64 == 0 and K % 32 == 0:      # too few wide tiles: narrower ones, two k-steps per loop, K split
-    col_tiles, unroll, split = 4, 2, 1
-    while split < MAX_SPLIT and warps(4) * split * 2 <= WARPS_TO_FILL_GPU and K % (32 * split * 2) == 0: split *= 2
-  else: return None
+  col_tiles = 8 if N % 128 == 0 else 4 if N % 64 == 0 else 0          # 8-column mma tiles per warp, 2 warps a block
+  if not col_tiles or K % 16: return None
+  warps = -(-M // (16 * row_tiles)) * (N // (8 * col_tiles))
+  split = 1
+  while split < MAX_SPLIT and warps * split * 2 <= WARPS_TO_FILL_GPU and K % (16 * split * 2) == 0: split *= 2
   # axis 0 is m, axis 1 is n; m's upcast goes last, as it can use up the m axis and renumber the ones after it
   opts = [Opt(OptOps.TC, 0, (-1, 2, 1)), Opt(OptOps.UPCAST, 1, col_tiles), Opt(OptOps.LOCAL, 1, 2)]
-  if unroll > 1: opts.append(Opt(OptOps.UNROLL, 0, unroll))
   if row_tiles > 1: opts.append(Opt(OptOps.UPCAST, 0, row_tiles))
   return tuple(opts), split
 
