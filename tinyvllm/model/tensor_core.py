@@ -8,16 +8,20 @@ kernel runs is decided by how those instructions are tiled:
     a warp computes a 64 × 64 tile of y       4 × 8 mma tiles: each 16-row slice of x it loads is used 8 times and
                                               each 8-row slice of W 4 times (fewer loads per flop)
     2 warps per thread block, side by side    they share the rows of x through the L1 cache
-    split-K when there are too few tiles      y = 256 × 2048 is only 128 such tiles for an H100's 132 SMs: each
-                                              warp then sums a slice of K into its own float32 partial product,
-                                              and a small second kernel adds the slices
+    split-K when there are too few tiles      y = 256 × 2048 is only 128 such tiles for an H100's 132 SMs: K is
+                                              split into up to 8 slices, each warp sums one slice of its tile into
+                                              a float32 partial product, and a small second kernel adds the slices
+                                              (with the residual, when there is one)
 
-tinygrad's default heuristic picks a tensor-core tiling too, but a smaller one and never a split. The options here
-come from a sweep of ~1,400 tilings on the H100 (bench/results/gpu-notes.md §12), on Llama-1B's matrices:
+tinygrad's default heuristic picks a tensor-core tiling too, but a smaller one and never a split. These options come
+from sweeps of ~1,650 tilings on the H100 and H200 (bench/tensor_core_sweep.py, bench/results/gpu-notes.md §12).
+TFLOP/s on Llama-1B's matrices, tinygrad's default kernel and this one (H200, `bench/projection_kernels.py`, the
+split-K sum and the residual add included):
 
-                 M = 256 (a decode step at batch 256)          M = 8192 (a prefill chunk)
-                 q/k/v    o     gate/up  down   lm_head        q/k/v   o      gate/up  down
-    TFLOP/s      62       57    105      72     103            114     113    118      116
+                 M = 256 (a decode step at batch 256)     M = 8192 (a prefill chunk)
+                 q/k/v    o     gate/up  down             q/k/v   gate/up  down
+    default      31       22    69       18               74      77       68
+    this         67       58    93       85               110     113      113
 
 tinygrad loads the mma operands straight from global memory (no shared-memory staging), which is what caps these at
 ~120 TFLOP/s, a fifth of what cuBLAS reaches on this GPU.
