@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 from tinygrad import Context, Device, Tensor, UOp, dtypes
 from tinygrad.codegen.opt import Opt, OptOps
+from tinygrad.dtype import DType
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops
 
 MMA_SHAPE = (8, 16, 16)       # tinygrad's (N, M, K) of the instruction the tiling below was measured with
@@ -41,13 +42,15 @@ MAX_SPLIT = 8
 
 
 @functools.cache
-def has_mma(device: str, dtype) -> bool:
+def has_mma(device: str, dtype: DType) -> bool:
   """Whether `device` multiplies `dtype` matrices with the m16n8k16 instruction, accumulating in float32."""
   with Context(ALLOW_DEVICE_USAGE=1): tensor_cores = Device[device].renderer.tensor_cores
   return any(tc.dims == MMA_SHAPE and tc.dtype_in == dtype and tc.dtype_out == dtypes.float for tc in tensor_cores)
 
 
 def uses_tensor_cores(x: Tensor, weight: Tensor) -> bool:
+  """Whether the tensor-core kernel serves these operands (a single-device weight on a GPU with the instruction, a
+  shape the tiles divide)."""
   rows = x.numel() // x.shape[-1]
   return isinstance(weight.device, str) and weight.dtype == x.dtype and has_mma(weight.device, weight.dtype) \
     and _tiling(rows, *weight.shape) is not None
