@@ -19,6 +19,7 @@ Host <-> device copies go straight through the device's allocator (transfer.py):
 graph on every call, which costs more Python per step than a small model's whole step takes on a GPU.
 """
 from __future__ import annotations
+import itertools
 import time
 from dataclasses import dataclass
 import numpy as np
@@ -203,20 +204,25 @@ class ModelRunner:
     return targets.ravel()
 
   def _int_inputs(self, group: list[ScheduledSequence], shape: Shape, bm: BlockManager) -> np.ndarray:
+    """tokens, positions, slots [S, Q], block tables [S, NB], logits index [S], concatenated. Built as Python lists
+    and turned into arrays once: a numpy assignment per row and field cost 0.9 ms a step at batch 256."""
     S, Q, NB = shape.S, shape.Q, shape.NB
-    tokens, positions = np.zeros((S, Q), np.int32), np.zeros((S, Q), np.int32)
-    slots = np.full((S, Q), NULL_BLOCK * self.block_size, np.int32)
-    tables, logits_index = np.full((S, NB), NULL_BLOCK, np.int32), np.zeros(S, np.int32)
-    for i, (seq, n) in enumerate((s.seq, s.num_new_tokens) for s in group):
-      start, P = seq.num_computed_tokens, len(seq.prompt_token_ids)
+    null_slot, pad = NULL_BLOCK * self.block_size, [0] * Q
+    tokens, positions, slots, tables, logits_index = [], [], [], [], []
+    for seq, n in ((s.seq, s.num_new_tokens) for s in group):
+      start, P, table = seq.num_computed_tokens, len(seq.prompt_token_ids), seq.block_table
       # slice prompt or output directly: seq.token_ids copies both lists, for every row of every step
-      tokens[i, :n] = seq.output_token_ids[start - P:start - P + n] if start >= P else \
+      new = seq.output_token_ids[start - P:start - P + n] if start >= P else \
         seq.prompt_token_ids[start:start + n] if start + n <= P else seq.token_ids[start:start + n]
-      positions[i, :n] = np.arange(start, start + n)
-      slots[i, :n] = [bm.slot(seq, p) for p in range(start, start + n)]
-      tables[i, :len(seq.block_table)] = seq.block_table
-      logits_index[i] = n - 1
-    return np.concatenate([tokens.ravel(), positions.ravel(), slots.ravel(), tables.ravel(), logits_index])
+      tokens += new + pad[n:]
+      positions += [*range(start, start + n)] + pad[n:]
+      slots += [bm.slot(seq, p) for p in range(start, start + n)] + [null_slot] * (Q - n)
+      tables += table + [NULL_BLOCK] * (NB - len(table))
+      logits_index.append(n - 1)
+    rows = S - len(group)                                     # padding rows: token 0 at the null block's slot
+    ints = [tokens, [0] * (rows * Q), positions, [0] * (rows * Q), slots, [null_slot] * (rows * Q),
+            tables, [NULL_BLOCK] * (rows * NB), logits_index, [0] * rows]
+    return np.fromiter(itertools.chain.from_iterable(ints), np.int32)
 
   def warmup(self, max_num_seqs: int) -> float:
     """Capture the greedy decode graph of every batch bucket at the shortest context; returns seconds spent."""

@@ -114,6 +114,12 @@ def _pack_adjustments(rows: list[Sequence | None], stop_ids: set[int]) -> tuple[
   return ids, extra
 
 
+def _stream(seq: Sequence, seed_base: int) -> int:
+  """The seed of a row's random stream: unseeded requests get one of their own too, so that preemption replays it."""
+  p = seq.params
+  return (p.seed + seq.index if p.seed is not None else seed_base + seq.seq_id) % (1 << 24)
+
+
 def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int]) -> tuple[SamplingPlan, np.ndarray, np.ndarray]:
   """Host side: the plan for this batch, plus its int32 inputs (adjusted token ids) and float32 inputs."""
   live = [seq for seq in rows if seq is not None]
@@ -127,18 +133,13 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
   K = max((s.params.logprobs or 0 for s in live), default=0)
   P = max((s.params.prompt_logprobs for s in live if s.wants_prompt_logprobs), default=None)
   plan = SamplingPlan(mode, filters, U, K, any(s.params.logprobs is not None for s in live), P)
-  S = len(rows)
-  per_row = {name: np.zeros(S, np.float32) for name in ROW_FIELDS}
-  for i, seq in enumerate(rows):
-    if seq is None: continue
-    p = seq.params
-    for name, value in zip(ROW_FIELDS, (p.temperature, max(p.top_k, 0), p.top_p, p.min_p,
-                                        # unseeded requests get a per-request stream too: preemption replays it
-                                        (p.seed + seq.index if p.seed is not None else seed_base + seq.seq_id) % (1 << 24),
-                                        len(seq.output_token_ids), p.presence_penalty, p.frequency_penalty,
-                                        p.repetition_penalty)):
-      per_row[name][i] = value
-  floats = np.concatenate([*per_row.values(), extra.ravel()])
+  # one tuple of ROW_FIELDS per row, made into an array once (a numpy store per field and row: 0.5 ms at batch 256)
+  per_row = np.array([(0.0,) * len(ROW_FIELDS) if seq is None else
+                      (seq.params.temperature, max(seq.params.top_k, 0), seq.params.top_p, seq.params.min_p,
+                       _stream(seq, seed_base), len(seq.output_token_ids), seq.params.presence_penalty,
+                       seq.params.frequency_penalty, seq.params.repetition_penalty) for seq in rows],
+                     np.float32).reshape(len(rows), len(ROW_FIELDS))
+  floats = np.concatenate([per_row.T.ravel(), extra.ravel()])
   return plan, ids.ravel(), floats
 
 
