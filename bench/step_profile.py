@@ -13,8 +13,9 @@ shape = sys.argv[3] if len(sys.argv) > 3 else "llama-1b"
 extra = {k: (int(v) if v.isdigit() else v) for k, v in (a.split("=") for a in sys.argv[4:])}
 STEPS = 12
 # the whole prefill in one step, so the first decode step is its shape's first call
+# one step at a time (no async scheduling), so that each step() call runs exactly the step it times
 llm = LLM(load_format="dummy", shape=shape, max_num_seqs=S, max_num_batched_tokens=S * P, max_model_len=P + STEPS + 4,
-          enable_prefix_caching=False, **extra)
+          enable_prefix_caching=False, **{"async_scheduling": False, **extra})
 engine, rng = llm.engine, np.random.default_rng(0)
 params = SamplingParams(temperature=0, max_tokens=STEPS + 2, ignore_eos=True)
 for i in range(S): engine.add_request(rng.integers(1, engine.model_config.vocab_size, P).tolist(), params)

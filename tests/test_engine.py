@@ -166,3 +166,42 @@ def test_output_kinds_carry_the_same_tokens(engine):
 
 def test_unknown_output_kind_is_rejected():
   with pytest.raises(ValueError, match="output_kind"): SamplingParams(output_kind="partial")
+
+
+def run_mixed_workload(async_scheduling: bool) -> tuple[dict[str, list], int]:
+  """20 requests of every kind on a pool too small for all of them: greedy and seeded sampling, stop tokens that end
+  some early, n=2, logprobs, a frequency penalty (whose steps cannot run ahead), shared prefixes. Returns each
+  request's (token ids, logprobs) per completion and how many steps were prepared while the one before still ran."""
+  engine = LLMEngine(EngineArgs(**{**TINY, "enable_prefix_caching": True, "max_num_seqs": 6}, num_kv_blocks=30,
+                                async_scheduling=async_scheduling))
+  prepare, ahead = engine._prepare, [0]
+  def counted():
+    ahead[0] += engine.in_flight is not None
+    return prepare()
+  engine._prepare = counted
+  shared = list(range(20, 32))
+  for i in range(20):
+    prompt = (shared if i % 3 == 0 else []) + [(7 * i + j) % 500 + 1 for j in range(3 + (5 * i) % 30)]
+    engine.add_request(prompt, SamplingParams(
+      n=2 if i % 7 == 3 else 1, temperature=0.0 if i % 2 else 0.9, seed=i, max_tokens=1 + (11 * i) % 24,
+      stop_token_ids=[5, 9, 13, 17, 21] if i % 4 == 0 else [], ignore_eos=True, logprobs=2 if i % 5 == 1 else None,
+      frequency_penalty=0.5 if i == 8 else 0.0), request_id=str(i))
+  done = {}
+  while engine.has_unfinished_requests():
+    for out in engine.step():
+      if out.finished: done[out.request_id] = [(c.token_ids, c.logprobs) for c in out.outputs]
+  assert engine.scheduler.num_preemptions > 0 and len(engine.scheduler.running) == 0
+  assert all(engine.block_manager.ref_counts[b] == 1 for b in engine.block_manager.prefix_cache.blocks())
+  return done, ahead[0]
+
+
+def test_steps_prepared_while_the_last_one_runs_give_the_tokens_of_one_step_at_a_time():
+  ahead, num_ahead = run_mixed_workload(async_scheduling=True)
+  one_by_one, none_ahead = run_mixed_workload(async_scheduling=False)
+  assert num_ahead > 20 and none_ahead == 0, "most steps should have been prepared ahead, with async scheduling only"
+  assert len(ahead) == 20 and ahead.keys() == one_by_one.keys()
+  for request_id, completions in ahead.items():    # batches differ (finished rows leave a step later): logprobs
+    for (tokens, logprobs), (tokens_1, logprobs_1) in zip(completions, one_by_one[request_id]):   # may round apart
+      assert tokens == tokens_1
+      for step, step_1 in zip(logprobs or [], logprobs_1 or []):
+        assert step.keys() == step_1.keys() and all(abs(step[t] - step_1[t]) < 1e-4 for t in step)

@@ -62,6 +62,7 @@ class BlockManager:
     if not self.prefix_cache or seq.block_table or seq.wants_prompt_logprobs: return
     blocks = self.prefix_cache.match(seq.token_ids)
     self.share(seq, blocks)
+    seq.num_blocks_in_cache = len(blocks)
     seq.num_computed_tokens = len(blocks) * self.block_size
 
   def record_prefix_lookup(self, seq: Sequence) -> None:
@@ -71,13 +72,15 @@ class BlockManager:
       self.prefix_cache.num_queried_tokens += seq.num_tokens
       self.prefix_cache.num_hit_tokens += seq.num_computed_tokens
 
-  def cache_computed_blocks(self, seq: Sequence, num_new_tokens: int | None = None) -> None:
-    """Full, computed blocks join the prefix cache; after a step that computed `num_new_tokens`, only if one of
-    them completed a block (the tree insert walks the whole prefix)."""
+  def cache_computed_blocks(self, seq: Sequence, only_new: bool = True) -> None:
+    """Blocks full of computed tokens join the prefix cache: tokens the host knows (a step that runs ahead computes
+    K/V for a token still being sampled on the device). The tree insert walks the whole prefix, so `only_new` skips
+    it unless a block filled up since the sequence's last insert."""
     if not self.prefix_cache: return
-    done = seq.num_computed_tokens
-    if num_new_tokens is None or done // self.block_size > (done - num_new_tokens) // self.block_size:
-      self.prefix_cache.insert(seq.token_ids, seq.block_table, done)
+    full = min(seq.num_computed_tokens, len(seq.prompt_token_ids) + len(seq.output_token_ids)) // self.block_size
+    if only_new and full <= seq.num_blocks_in_cache: return
+    self.prefix_cache.insert(seq.token_ids, seq.block_table, full * self.block_size)
+    seq.num_blocks_in_cache = full
 
   def share(self, seq: Sequence, blocks: list[int]) -> None:
     """Give `seq` blocks that someone else already filled (a cached prefix); they are not copied, only counted."""
@@ -85,9 +88,9 @@ class BlockManager:
     seq.block_table.extend(blocks)
 
   def free(self, seq: Sequence) -> None:
-    self.cache_computed_blocks(seq)      # a finished, aborted or preempted sequence still lends its prefix
+    self.cache_computed_blocks(seq, only_new=False)   # a finished, aborted or preempted sequence still lends its prefix
     for b in reversed(seq.block_table): self.release(b)
-    seq.block_table = []
+    seq.block_table, seq.num_blocks_in_cache = [], 0
 
   def release(self, block: int) -> None:
     assert self.ref_counts[block] > 0, f"block {block} released more often than taken"

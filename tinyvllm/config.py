@@ -48,6 +48,7 @@ class EngineArgs:
   max_model_len: int | None = None         # prompt + output limit; None: the model's context length
   enable_chunked_prefill: bool = True
   enable_prefix_caching: bool = True
+  async_scheduling: bool = True            # schedule step k+1 and build its inputs while the device runs step k
   seed: int = 0
   packed_weights: bool | None = None       # GGUF Q4_0/Q4_1/Q8_0 matrices stay packed; None: where it measured faster
   tensor_parallel_size: int = 1            # split heads and MLP across this many devices (model/tensor_parallel.py)

@@ -1,8 +1,22 @@
 """The engine: one loop that turns requests into tokens. Read `LLMEngine.step` top to bottom to see all of it.
 
     add_request ──► scheduler.waiting
-    step():  schedule ──► model_runner.execute ──► append sampled tokens ──► check stops ──► free finished
-             (who, how many tokens) (forward + sample)  (+ detokenize)                       (blocks back to the pool)
+    step():  schedule ──► model_runner.prepare ──► launch ──► collect ──► append sampled tokens ──► check stops
+             (who, how many tokens)  (inputs)   (forward + sample)       (+ detokenize)          (free finished)
+
+*Async scheduling*: a GPU computes a step in a few milliseconds, and the host's share of it, scheduling a batch of
+256 sequences, packing its inputs, appending tokens and building outputs, takes as long again in Python. So
+`step()` overlaps the two. While the device runs step k, the host schedules step k+1 and packs its inputs, the
+tokens step k is sampling being the only thing it cannot know yet: each sequence counts that token as *pending*
+(it has a slot and a position, just no value). Once step k's tokens are read back, they are written into step
+k+1's inputs, step k+1 is queued, and only then are step k's tokens appended, its stops checked and its outputs
+built, while the device runs step k+1:
+
+    host:    prepare k+1 │ read k │ launch k+1 │ finish k: append, stop, outputs │ prepare k+2 │ read k+1 │ ...
+    device:  ──── step k ────────────┤─────────── step k+1 ────────────────────────────────────┤── step k+2
+
+A sequence that stops at step k was scheduled into step k+1 anyway; that row's token is dropped. A step whose
+sampler needs the previous tokens' values on the host (penalties count them) is prepared only after they arrive.
 
 Everything below the engine is one idea each: `scheduler.py` (continuous batching, chunked prefill, preemption),
 `block_manager.py` (the paged KV pool), `model_runner.py` (buckets + TinyJit), `sampler.py`, `model/` (the network).
@@ -25,7 +39,7 @@ from tinyvllm.kernel_cache import keep_lowered_kernels_on_disk, share_kernel_cac
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
 from tinyvllm.model.tokenizer import Tokenizer
-from tinyvllm.model_runner import ModelRunner, Sampled
+from tinyvllm.model_runner import ModelRunner, PreparedStep, Sampled, StepResult
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.scheduler import Scheduler
 from tinyvllm.sequence import Sequence
@@ -114,6 +128,7 @@ class LLMEngine:
     self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
                               args.seed, args.beam, paged_decode)
     self.requests: dict[str, _Request] = {}
+    self.in_flight: PreparedStep | None = None       # the step queued on the device, its tokens not read yet
     self._ids = itertools.count()
 
   def _blocks_for_budget(self, cfg: ModelConfig) -> int:
@@ -140,7 +155,9 @@ class LLMEngine:
     if len(token_ids) >= self.max_model_len:
       raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves no room "
                        "to generate")
-    seqs = [Sequence(request_id, token_ids, params, index) for index in range(params.n)]
+    room = self.max_model_len - len(token_ids)
+    limit = room if params.max_tokens is None else min(room, params.max_tokens)
+    seqs = [Sequence(request_id, token_ids, params, index, limit) for index in range(params.n)]
     return _Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
 
   def admit(self, request: _Request) -> str:
@@ -154,7 +171,7 @@ class LLMEngine:
     for seq in request.seqs:
       if not seq.is_finished: self.scheduler.finish(seq, "abort")
 
-  def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished()
+  def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished() or self.in_flight is not None
 
   def stats(self) -> EngineStats:
     return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
@@ -171,19 +188,43 @@ class LLMEngine:
 
   # ---- the loop ---------------------------------------------------------------------------------------------
   def step(self) -> list[RequestOutput]:
-    scheduled = self.scheduler.schedule()                                   # who runs, how many tokens each
-    result = self.runner.execute(scheduled, self.block_manager)             # forward pass + sampling
-    now = time.monotonic()
-    touched: dict[str, _Request] = {}
+    """One step's tokens. While the device computes them the host schedules the next step and builds its inputs;
+    once they are read back, it queues that step and only then appends them, checks stops and builds outputs: the
+    device waits for the host only while a step's inputs are copied in."""
+    if self.in_flight is None: self.in_flight = self._launch(self._prepare())
+    if self.in_flight is None: return []                                  # nothing could be scheduled
+    step = self.in_flight
+    ahead = self._prepare() if self.args.async_scheduling and self.runner.can_run_ahead(step) else None
+    result = self.runner.collect(step)                                    # waits for the device
+    self.in_flight = self._launch(ahead, result)
+    return self._finish(step, result)
+
+  def _prepare(self) -> PreparedStep | None:
+    scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
+    if not scheduled: return None
+    step = self.runner.prepare(scheduled, self.block_manager)             # graph inputs
     for item in scheduled:
       seq = item.seq
-      if seq in result.prompt_logprobs:
-        start = seq.num_computed_tokens + 1
-        seq.prompt_logprobs[start:start + len(result.prompt_logprobs[seq])] = result.prompt_logprobs[seq]
+      if item.samples: seq.num_pending_tokens += 1                         # its next token is on the way
       seq.num_computed_tokens += item.num_new_tokens
-      self.block_manager.cache_computed_blocks(seq, item.num_new_tokens)  # full blocks join the prefix cache
-      request = self.requests[seq.request_id]
+      self.block_manager.cache_computed_blocks(seq)                       # full blocks join the prefix cache
+    return step
+
+  def _launch(self, step: PreparedStep | None, before: StepResult | None = None) -> PreparedStep | None:
+    return None if step is None else self.runner.launch(step, before)    # forward pass + sampling, queued
+
+  def _finish(self, step: PreparedStep, result: StepResult) -> list[RequestOutput]:
+    now = time.monotonic()
+    touched: dict[str, _Request] = {}
+    for item in step.scheduled:
+      seq = item.seq
+      if seq in result.sampled: seq.num_pending_tokens -= 1
+      request = self.requests.get(seq.request_id)
+      if request is None or seq.is_finished: continue                    # stopped or aborted while this step ran
       touched[request.request_id] = request
+      if seq in result.prompt_logprobs:
+        start = item.start + 1
+        seq.prompt_logprobs[start:start + len(result.prompt_logprobs[seq])] = result.prompt_logprobs[seq]
       if seq not in result.sampled: continue                                # a prefill chunk, not the last one
       self._append(seq, result.sampled[seq])
       request.first_token_time = request.first_token_time or now
@@ -207,8 +248,7 @@ class LLMEngine:
     stop_ids = set(p.stop_token_ids)
     if not p.ignore_eos and self.tokenizer is not None: stop_ids |= self.tokenizer.stop_ids
     if token in stop_ids and n_out > p.min_tokens: return "stop"
-    if p.max_tokens is not None and n_out >= p.max_tokens: return "length"
-    if seq.num_tokens >= self.max_model_len: return "length"
+    if n_out >= seq.max_output_tokens: return "length"                   # max_tokens, or max_model_len
     return None
 
   def _output(self, request: _Request) -> RequestOutput | None:

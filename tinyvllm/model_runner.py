@@ -15,6 +15,11 @@ length). Each graph owns its input buffers (tokens, positions, slots, ... as sli
 when it is first used, refilled in place every step and read by the graph like its weights. A sequence that asked
 for prompt logprobs runs its prompt alone, in graphs that also return the logprobs of every position.
 
+A step is prepared (its inputs built on the host), launched (the inputs copied in, the graphs queued) and collected
+(its output read back) in three calls, so that the engine can prepare the next step while the device runs this one
+(engine.py: async scheduling). What a prepared step cannot know yet, the tokens the step before it is sampling, is
+written into its inputs at launch.
+
 Host <-> device copies go straight through the device's allocator (transfer.py): tinygrad's own copies schedule a
 graph on every call, which costs more Python per step than a small model's whole step takes on a GPU.
 """
@@ -28,7 +33,7 @@ from tinygrad.device import Buffer
 from tinyvllm.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
 from tinyvllm.model.paged_attention import new_pool
-from tinyvllm.sampler import SamplingPlan, bucket, plan_and_pack, prompt_logprobs, sample, unpack
+from tinyvllm.sampler import SamplingPlan, bucket, penalized, plan_and_pack, prompt_logprobs, sample, unpack
 from tinyvllm.scheduler import ScheduledSequence
 from tinyvllm.sequence import Sequence
 from tinyvllm.transfer import allocated, download, upload
@@ -54,6 +59,24 @@ class Sampled:
   token: int
   logprob: float | None = None
   top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class _Group:
+  """The rows of one graph's run: the graph, its host inputs, and the decode rows whose token is still unknown."""
+  rows: list[ScheduledSequence]
+  graph: _Graph
+  ints: np.ndarray
+  floats: np.ndarray
+  unknown_tokens: list[tuple[int, Sequence]]    # (index in ints, sequence): the token the step before is sampling
+  output: np.ndarray | None = None
+
+
+@dataclass
+class PreparedStep:
+  """A scheduled step turned into graph inputs, not yet on the device."""
+  scheduled: list[ScheduledSequence]
+  groups: list[_Group]
 
 
 @dataclass
@@ -122,12 +145,16 @@ class _Graph:
     prompt = prompt_logprobs(to_sampler(every), next_tokens, params["temperature"], sh.plan.num_prompt_logprobs)
     return sample(to_sampler(last), params, sh.plan).flatten().cat(prompt.flatten()).contiguous().realize()
 
-  def __call__(self, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
+  def launch(self, ints: np.ndarray, floats: np.ndarray) -> None:
+    """Fill the inputs and queue the graph on the device; returns before the device is done."""
     parts = np.split(ints, [sum(self.layouts[0].sizes)])          # the model's ints, the sampler's
     packed = [layout.pack(part) for layout, part in zip(self.layouts, parts)]
     for buf, src in zip(self.inputs, (*packed, floats)): upload(buf, src)
     with Context(**self.compile_options): out = self.jit()   # compiles in here
     if self.output is None: self.output = out.uop.buffer
+
+  def read(self) -> np.ndarray:
+    """The last launch's output: waits for the device."""
     return download(self.output)
 
 
@@ -147,9 +174,10 @@ class ModelRunner:
     Tensor.realize(*(pool for pools in self.kv_cache for pool in pools))
     self.graphs: dict[Shape, _Graph] = {}
 
-  def execute(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> StepResult:
-    """Compute the scheduled tokens' K/V and return the next token of every sequence whose tokens are now all computed.
-    Decoding rows run together as one batch; prefill chunks run batched with the chunks of the same Q bucket."""
+  def prepare(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> PreparedStep:
+    """The inputs of the forward passes that compute the scheduled tokens' K/V and sample the next token of every
+    sequence whose tokens are then all computed. Decoding rows run together as one batch; prefill chunks run batched
+    with the chunks of the same Q bucket. Needs no token of the step before: those are filled in by `launch`."""
     is_decode = lambda s: s.num_new_tokens == 1 and not s.seq.wants_prompt_logprobs
     decodes = [s for s in scheduled if is_decode(s)]
     groups, prefills = ([decodes] if decodes else []), {}
@@ -158,24 +186,49 @@ class ModelRunner:
       if s.seq.wants_prompt_logprobs: groups.append([s])      # prompt logprobs come back for a row of its own
       else: prefills.setdefault(bucket(s.num_new_tokens, 16), []).append(s)
     groups += prefills.values()
+    return PreparedStep(scheduled, [self._prepare_group(group, block_manager, group is decodes) for group in groups])
+
+  @staticmethod
+  def can_run_ahead(step: PreparedStep) -> bool:
+    """Whether the next step may be prepared before this one's tokens reach the host: no sampler may need them
+    before `launch` (penalties count the tokens generated), and no prompt logprobs may still be on their way."""
+    return not any(s.samples and (penalized(s.seq.params) or s.seq.wants_prompt_logprobs) for s in step.scheduled)
+
+  def launch(self, step: PreparedStep, before: StepResult | None = None) -> PreparedStep:
+    """Queue the step's graphs on the device, with the tokens `before` sampled for its decode rows; returns while
+    the device computes the last of them (the others are read back at once: two groups of one shape replay the
+    same graph, whose output buffer the second replay overwrites)."""
+    for i, group in enumerate(step.groups):
+      for index, seq in group.unknown_tokens: group.ints[index] = before.sampled[seq].token
+      group.graph.launch(group.ints, group.floats)
+      if i < len(step.groups) - 1: group.output = group.graph.read()
+    return step
+
+  def collect(self, step: PreparedStep) -> StepResult:
+    """Wait for a launched step; its sampled tokens (and prompt logprobs) on the host."""
     result = StepResult({}, {})
-    for group in groups: self._run_group(group, block_manager, result, decoding=group is decodes)
+    for group in step.groups:
+      out, shape = group.graph.read() if group.output is None else group.output, group.graph.shape
+      sampled, prompt = out[:shape.S * shape.plan.output_width].reshape(shape.S, -1), out[shape.S * shape.plan.output_width:]
+      for i, s in enumerate(group.rows):
+        if s.samples: result.sampled[s.seq] = self._sampled(sampled[i], shape.plan)
+        if shape.plan.num_prompt_logprobs is not None:       # a row of its own that asked for them
+          result.prompt_logprobs[s.seq] = self._prompt_logprobs(s, prompt, shape)
     return result
 
-  def _run_group(self, group: list[ScheduledSequence], bm: BlockManager, result: StepResult, decoding: bool) -> None:
+  def _prepare_group(self, group: list[ScheduledSequence], bm: BlockManager, decoding: bool) -> _Group:
     Q = 1 if decoding else bucket(max(s.num_new_tokens for s in group), 16)
-    NB = bucket(max(-(-(s.seq.num_computed_tokens + s.num_new_tokens) // self.block_size) for s in group), 4)
+    NB = bucket(max(-(-(s.start + s.num_new_tokens) // self.block_size) for s in group), 4)
     rows: list[Sequence | None] = [s.seq for s in group]
     rows += [None] * (bucket(len(group)) - len(group))
     plan, sampler_ints, floats = plan_and_pack(rows, self.seed, self.stop_ids)
     shape = Shape(len(rows), Q, NB, plan)
     ints = np.concatenate([self._int_inputs(group, shape, bm), sampler_ints, self._next_prompt_tokens(group, shape)])
     if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape, floats.size)
-    out = self.graphs[shape](ints, floats)
-    sampled, prompt = out[:shape.S * plan.output_width].reshape(shape.S, -1), out[shape.S * plan.output_width:]
-    for i, s in enumerate(group):
-      if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens: result.sampled[s.seq] = self._sampled(sampled[i], plan)
-      if s.seq.wants_prompt_logprobs: result.prompt_logprobs[s.seq] = self._prompt_logprobs(s, prompt, shape)
+    # a decode row's token is the first of its int inputs; it is unknown while the step before is sampling it
+    unknown = [(row, s.seq) for row, s in enumerate(group) if decoding and s.start == len(s.seq.prompt_token_ids) +
+               len(s.seq.output_token_ids)]
+    return _Group(group, self.graphs[shape], ints, floats, unknown)
 
   @staticmethod
   def _sampled(row: np.ndarray, plan: SamplingPlan) -> Sampled:
@@ -187,9 +240,9 @@ class ModelRunner:
   def _prompt_logprobs(s: ScheduledSequence, out: np.ndarray, shape: Shape) -> list[dict[int, float]]:
     """{next prompt token: logprob, top ids: logprobs} for each computed position that predicts a prompt token."""
     seq, P = s.seq, shape.plan.num_prompt_logprobs
-    n = min(s.num_new_tokens, len(seq.prompt_token_ids) - 1 - seq.num_computed_tokens)
+    n = min(s.num_new_tokens, len(seq.prompt_token_ids) - 1 - s.start)
     rows = out.reshape(shape.S * shape.Q, -1)[:n]     # S is 1: prompt logprobs run in a row of their own
-    targets = seq.prompt_token_ids[seq.num_computed_tokens + 1:][:n]
+    targets = seq.prompt_token_ids[s.start + 1:][:n]
     top = seq.params.prompt_logprobs
     return [{t: float(r[0]), **{int(i): float(lp) for i, lp in zip(r[1:1 + top], r[1 + P:1 + P + top])}}
             for t, r in zip(targets, rows)]
@@ -199,7 +252,7 @@ class ModelRunner:
     if shape.plan.num_prompt_logprobs is None: return np.zeros(0, np.int32)
     targets = np.zeros((shape.S, shape.Q), np.int32)
     for i, s in enumerate(group):
-      following = s.seq.prompt_token_ids[s.seq.num_computed_tokens + 1:][:s.num_new_tokens]
+      following = s.seq.prompt_token_ids[s.start + 1:][:s.num_new_tokens]
       targets[i, :len(following)] = following
     return targets.ravel()
 
@@ -209,12 +262,12 @@ class ModelRunner:
     S, Q, NB = shape.S, shape.Q, shape.NB
     null_slot, pad = NULL_BLOCK * self.block_size, [0] * Q
     tokens, positions, slots, tables, logits_index = [], [], [], [], []
-    for seq, n in ((s.seq, s.num_new_tokens) for s in group):
-      start, P, table = seq.num_computed_tokens, len(seq.prompt_token_ids), seq.block_table
+    for seq, n, start in ((s.seq, s.num_new_tokens, s.start) for s in group):
+      P, table = len(seq.prompt_token_ids), seq.block_table
       # slice prompt or output directly: seq.token_ids copies both lists, for every row of every step
       new = seq.output_token_ids[start - P:start - P + n] if start >= P else \
         seq.prompt_token_ids[start:start + n] if start + n <= P else seq.token_ids[start:start + n]
-      tokens += new + pad[n:]
+      tokens += new + pad[len(new):]          # a token still being sampled is filled in at launch
       positions += [*range(start, start + n)] + pad[n:]
       slots += [bm.slot(seq, p) for p in range(start, start + n)] + [null_slot] * (Q - n)
       tables += table + [NULL_BLOCK] * (NB - len(table))
@@ -232,5 +285,6 @@ class ModelRunner:
       plan, sampler_ints, floats = plan_and_pack([None] * S, self.seed, self.stop_ids)
       shape = Shape(S, 1, 4, plan)
       if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape, floats.size)
-      for _ in range(2): self.graphs[shape](np.zeros(sum(shape.int_sizes), np.int32), floats)   # TinyJit captures on call 2
+      self.graphs[shape].launch(np.zeros(sum(shape.int_sizes), np.int32), floats)
+      self.graphs[shape].read()
     return time.perf_counter() - t0

@@ -67,14 +67,15 @@ def _keys(pieces: list[tuple[int, list[int]]]) -> np.ndarray:
   return np.repeat(np.array([row for row, _ in pieces], np.int64), [len(ids) for _, ids in pieces]) << 32 | tokens
 
 
-def _penalized(p: SamplingParams) -> bool:
+def penalized(p: SamplingParams) -> bool:
+  """Whether a request's logits depend on the tokens it generated, which the host must then know before a step."""
   return bool(p.presence_penalty or p.frequency_penalty) or p.repetition_penalty != 1
 
 
 def _adjusts_logits(seq: Sequence) -> bool:
   """A bias, stop tokens banned until min_tokens, or a penalty: something for _pack_adjustments to pack."""
   p = seq.params
-  return bool(p.logit_bias) or len(seq.output_token_ids) < p.min_tokens or _penalized(p)
+  return bool(p.logit_bias) or seq.num_output_tokens < p.min_tokens or penalized(p)
 
 
 def _pack_adjustments(rows: list[Sequence | None], stop_ids: set[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -88,9 +89,9 @@ def _pack_adjustments(rows: list[Sequence | None], stop_ids: set[int]) -> tuple[
     if seq is None: continue
     p = seq.params
     bias = {int(k): float(v) for k, v in (p.logit_bias or {}).items()}
-    if len(seq.output_token_ids) < p.min_tokens:
+    if seq.num_output_tokens < p.min_tokens:
       for t in stop_ids | set(p.stop_token_ids): bias[t] = -float("inf")
-    if _penalized(p): generated.append((row, seq.output_token_ids))
+    if penalized(p): generated.append((row, seq.output_token_ids))
     if p.repetition_penalty != 1: prompts.append((row, seq.prompt_token_ids))
     biased.append((row, list(bias)))
     bias_values += bias.values()
@@ -136,7 +137,7 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
   # one tuple of ROW_FIELDS per row, made into an array once (a numpy store per field and row: 0.5 ms at batch 256)
   per_row = np.array([(0.0,) * len(ROW_FIELDS) if seq is None else
                       (seq.params.temperature, max(seq.params.top_k, 0), seq.params.top_p, seq.params.min_p,
-                       _stream(seq, seed_base), len(seq.output_token_ids), seq.params.presence_penalty,
+                       _stream(seq, seed_base), seq.num_output_tokens, seq.params.presence_penalty,
                        seq.params.frequency_penalty, seq.params.repetition_penalty) for seq in rows],
                      np.float32).reshape(len(rows), len(ROW_FIELDS))
   floats = np.concatenate([per_row.T.ravel(), extra.ravel()])

@@ -18,7 +18,7 @@ blocks are freed and it goes back to the front of the waiting queue, to be recom
 """
 from __future__ import annotations
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from tinyvllm.block_manager import BlockManager
 from tinyvllm.sequence import Sequence, SequenceStatus
 
@@ -26,7 +26,11 @@ from tinyvllm.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSequence:
   seq: Sequence
-  num_new_tokens: int          # computed this step, starting at seq.num_computed_tokens
+  num_new_tokens: int          # computed this step, starting at `start`
+  start: int                   # seq.num_computed_tokens when it was scheduled
+  samples: bool = field(init=False)   # the step reaches the sequence's last token: its logits give the next one
+
+  def __post_init__(self) -> None: self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
 
 
 class Scheduler:
@@ -47,14 +51,15 @@ class Scheduler:
     budget = self.max_num_batched_tokens
     scheduled: list[ScheduledSequence] = []
     preemptions_before = self.num_preemptions
-    unscheduled = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)   # decodes first
+    # decodes first; a sequence whose last token is being sampled needs nothing more
+    unscheduled = sorted((s for s in self.running if not s.has_all_tokens), key=lambda s: s.num_uncomputed_tokens > 1)
     while unscheduled and budget > 0:
       seq = unscheduled.pop(0)
       n = self._chunk(seq, budget)
       if n == 0: continue
       if not self._make_room(seq, n, unscheduled): continue      # seq itself was preempted
       self.block_manager.allocate(seq, seq.num_computed_tokens + n)
-      scheduled.append(ScheduledSequence(seq, n))
+      scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
       budget -= n
     # after a preemption the pool is tight: admitting newcomers would only preempt again
     while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
@@ -72,7 +77,7 @@ class Scheduler:
       self.block_manager.allocate(seq, seq.num_computed_tokens + n)
       seq.status = SequenceStatus.RUNNING
       self.running.append(seq)
-      scheduled.append(ScheduledSequence(seq, n))
+      scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
       budget -= n
     return scheduled
 

@@ -28,6 +28,7 @@ class Sequence:
   prompt_token_ids: list[int]
   params: SamplingParams
   index: int = 0                        # which of the request's n completions (a seeded request's n differ by it)
+  max_output_tokens: int | None = None  # max_tokens, capped by the room max_model_len leaves (None: no limit)
   arrival_time: float = field(default_factory=time.monotonic)
   seq_id: int = field(default_factory=lambda: next(_ids))
   output_token_ids: list[int] = field(default_factory=list)
@@ -35,8 +36,10 @@ class Sequence:
   output_logprobs: list[dict[int, float]] = field(default_factory=list)   # per output token, when asked for
   prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])  # the first has no context
   num_computed_tokens: int = 0
+  num_pending_tokens: int = 0           # sampled by a step still running on the device, not yet in output_token_ids
   num_cached_tokens: int = 0            # of those, reused from the prefix cache at admission
   block_table: list[int] = field(default_factory=list)
+  num_blocks_in_cache: int = 0          # of its blocks, how many it has put in the prefix cache
   status: SequenceStatus = SequenceStatus.WAITING
   finish_reason: str | None = None      # "stop" | "length" | "abort"
   num_preemptions: int = 0
@@ -46,7 +49,15 @@ class Sequence:
   @property
   def token_ids(self) -> list[int]: return self.prompt_token_ids + self.output_token_ids
   @property
-  def num_tokens(self) -> int: return len(self.prompt_token_ids) + len(self.output_token_ids)
+  def num_tokens(self) -> int: return len(self.prompt_token_ids) + self.num_output_tokens
+  @property
+  def num_output_tokens(self) -> int:
+    """Generated tokens, counting the one a running step is still sampling."""
+    return len(self.output_token_ids) + self.num_pending_tokens
+  @property
+  def has_all_tokens(self) -> bool:
+    """Every token it may generate is generated or being sampled: nothing is left to compute."""
+    return self.max_output_tokens is not None and self.num_output_tokens >= self.max_output_tokens
   @property
   def num_uncomputed_tokens(self) -> int: return self.num_tokens - self.num_computed_tokens
   @property
