@@ -77,7 +77,7 @@ class BlockManager:
     K/V for a token still being sampled on the device). The tree insert walks the whole prefix, so `only_new` skips
     it unless a block filled up since the sequence's last insert."""
     if not self.prefix_cache: return
-    full = min(seq.num_computed_tokens, len(seq.prompt_token_ids) + len(seq.output_token_ids)) // self.block_size
+    full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
     if only_new and full <= seq.num_blocks_in_cache: return
     self.prefix_cache.insert(seq.token_ids, seq.block_table, full * self.block_size)
     seq.num_blocks_in_cache = full

@@ -226,8 +226,7 @@ class ModelRunner:
     ints = np.concatenate([self._int_inputs(group, shape, bm), sampler_ints, self._next_prompt_tokens(group, shape)])
     if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape, floats.size)
     # a decode row's token is the first of its int inputs; it is unknown while the step before is sampling it
-    unknown = [(row, s.seq) for row, s in enumerate(group) if decoding and s.start == len(s.seq.prompt_token_ids) +
-               len(s.seq.output_token_ids)]
+    unknown = [(row, s.seq) for row, s in enumerate(group) if decoding and s.start == s.seq.num_known_tokens]
     return _Group(group, self.graphs[shape], ints, floats, unknown)
 
   @staticmethod

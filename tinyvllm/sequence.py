@@ -4,6 +4,10 @@ One idea makes prefill, decode, chunked prefill and recompute-after-preemption t
 `len(token_ids)` tokens of which the first `num_computed_tokens` have K/V in the cache. Each step the scheduler picks
 how many of the rest to compute (all of a short prompt, a chunk of a long one, or the single newest token while
 decoding). When the computed count reaches the token count, the step's logits give the next token.
+
+With async scheduling (engine.py) the next step is scheduled before that token reaches the host: it counts as
+*pending* (`num_pending_tokens`), part of `num_tokens` (it has a position and a slot) but not yet of
+`output_token_ids` (it has no value), so `num_known_tokens` can be one less than `num_tokens`.
 """
 from __future__ import annotations
 import enum
@@ -50,6 +54,8 @@ class Sequence:
   def token_ids(self) -> list[int]: return self.prompt_token_ids + self.output_token_ids
   @property
   def num_tokens(self) -> int: return len(self.prompt_token_ids) + self.num_output_tokens
+  @property
+  def num_known_tokens(self) -> int: return len(self.prompt_token_ids) + len(self.output_token_ids)
   @property
   def num_output_tokens(self) -> int:
     """Generated tokens, counting the one a running step is still sampling."""
