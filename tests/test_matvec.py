@@ -14,7 +14,7 @@ from tinyvllm.model.linear import linear
 def kernel_everywhere(monkeypatch):
   """On a CPU, take the kernel anyway, with no tiling; elsewhere, as it is."""
   if not Device[Device.DEFAULT].renderer.has_local:
-    monkeypatch.setattr(matvec, "_has_thread_blocks", lambda device: True)
+    monkeypatch.setattr(matvec, "has_thread_blocks", lambda device: True)
     monkeypatch.setattr(matvec, "_tiling", lambda rows, N, K: ())
 
 
@@ -57,7 +57,7 @@ def test_a_model_decodes_the_same_tokens_through_the_kernel(monkeypatch):
     return [o.outputs[0].token_ids for o in llm.generate(prompts[:1], params) + llm.generate(prompts, params)]
   plain = tokens()
   if not Device[Device.DEFAULT].renderer.has_local:
-    monkeypatch.setattr(matvec, "_has_thread_blocks", lambda device: True)
+    monkeypatch.setattr(matvec, "has_thread_blocks", lambda device: True)
     monkeypatch.setattr(matvec, "_tiling", lambda rows, N, K: ())
   else: monkeypatch.setattr(matvec, "MAX_ROWS", 0)        # on a GPU, "plain" was the kernel: compare with tinygrad's
   assert tokens() == plain

@@ -1,7 +1,8 @@
 """Paged decode attention against numpy: each row's query, rotated, attends over its context read through its block
 table (blocks out of order, a padding row pointing at the null block), grouped-query heads, contexts of different
-lengths ending mid-block."""
+lengths ending mid-block. Both kernels: the CPU's one pass and the GPU's two passes, which compile for the CPU too."""
 import numpy as np
+import pytest
 from tinygrad import Tensor
 from tinyvllm.model.paged_attention import decode_attention
 
@@ -12,7 +13,8 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def test_decode_attention_matches_numpy():
+@pytest.mark.parametrize("two_pass", [False, True], ids=["one_pass", "two_pass"])
+def test_decode_attention_matches_numpy(two_pass: bool):
   rng = np.random.default_rng(0)
   H, KVH, D, block_size, num_blocks = 6, 2, 16, 4, 12
   k_pool, v_pool = (rng.normal(0, 1, (num_blocks * block_size, KVH, D)).astype(np.float32) for _ in range(2))
@@ -22,7 +24,7 @@ def test_decode_attention_matches_numpy():
   q = rng.normal(0, 2, (S, (H + 2 * KVH) * D)).astype(np.float32)   # a fused q|k|v row: q is the first H·D
   angles = rng.uniform(0, 6.3, (S, D // 2)).astype(np.float32)
   out = decode_attention(Tensor(q), Tensor(np.cos(angles)), Tensor(np.sin(angles)), (Tensor(k_pool), Tensor(v_pool)),
-                         Tensor(tables), Tensor(positions.reshape(S, 1)), block_size, H).numpy()
+                         Tensor(tables), Tensor(positions.reshape(S, 1)), block_size, H, two_pass).numpy()
   for s in range(S - 1):
     slots = (tables[s, :, None] * block_size + np.arange(block_size)).reshape(-1)[:positions[s] + 1]
     qs = rope(q[s, :H * D].reshape(H, D), np.cos(angles[s]), np.sin(angles[s]))

@@ -44,7 +44,7 @@ FEATURES_PER_BLOCK = 4
 def uses_matvec(x: Tensor, weight: Tensor) -> bool:
   """Whether the matvec kernel serves these operands (a single-device GPU weight, a few rows)."""
   rows = x.numel() // x.shape[-1]
-  return isinstance(weight.device, str) and rows <= MAX_ROWS and _has_thread_blocks(weight.device) \
+  return isinstance(weight.device, str) and rows <= MAX_ROWS and has_thread_blocks(weight.device) \
     and _tiling(rows, *weight.shape) is not None
 
 
@@ -62,9 +62,10 @@ def matvec(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm: RMSNorm 
 
 
 @functools.cache
-def _has_thread_blocks(device: str) -> bool:
+def has_thread_blocks(device: str | tuple[str, ...]) -> bool:
+  """Whether a device runs kernels as blocks of threads with shared memory: a GPU, to tinygrad."""
   # asked while tinygrad traces a layer, where it refuses to open a device; this one is open (the weight is on it)
-  with Context(ALLOW_DEVICE_USAGE=1): renderer = Device[device].renderer
+  with Context(ALLOW_DEVICE_USAGE=1): renderer = Device[device if isinstance(device, str) else device[0]].renderer
   return renderer.has_local and renderer.has_shared
 
 

@@ -17,21 +17,27 @@ two ways:
 
 - gather: copy each sequence's blocks into a dense [S, context, heads, dim] tensor, then tinygrad's matmuls and
   softmax (`attention`). Any number of query tokens per row: prefill chunks always take this path.
-- paged (decoding rows, one query token each): one kernel reads the pool through the table and never makes the
-  copy (`decode_attention`). It streams the context once with an *online softmax*: it keeps the running maximum
-  score m, the sum of exp(score − m) and the exp-weighted sum of values, and rescales both when m grows, so the
-  scores never need to be stored. One thread per (sequence, head) suits a CPU; a GPU wants the context split across
-  threads too, so there the gather path is the default (config.py).
+- paged (decoding rows, one query token each): the kernels read the pool through the table and never make the
+  copy (`decode_attention`). Which kernels depends on the device:
+  - a CPU: one kernel streams the context once with an *online softmax*. It keeps the running maximum score m, the
+    sum of exp(score − m) and the exp-weighted sum of values, and rescales both when m grows, so the scores never
+    need to be stored. One thread per (sequence, head) is plenty for a CPU's few cores.
+  - a GPU: a thread per (sequence, head) is too few, so the work is split in two passes, each spread over the
+    context too: one kernel for the scores of every (head, context token), tinygrad's softmax over them, then one
+    kernel for the probabilities times the values. Each pass reads K or V once. On an H200 this takes 151 µs a
+    layer at batch 256 and 256-token contexts, the gather path 252 µs (bench/results/gpu-notes.md §14).
 
 All of these are a few lines of tinygrad UOps (`custom_kernel`), so they compile for every backend (CPU, CUDA,
 Metal) and run inside a TinyJit graph.
 """
 from __future__ import annotations
-import functools
+import functools, math
 from dataclasses import dataclass
 from tinygrad import Tensor, dtypes
+from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.dtype import AddrSpace
-from tinygrad.uop.ops import AxisType, UOp, KernelInfo
+from tinygrad.uop.ops import AxisType, UOp, KernelInfo, Ops
+from tinyvllm.model.matvec import has_thread_blocks
 from tinyvllm.model.tensor_parallel import allocate_split
 
 
@@ -130,6 +136,65 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
     .end(s, h).sink(arg=KernelInfo(name="decode_attention", opts_to_apply=()))
 
 
+def _scores_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, tables: UOp, positions: UOp,
+                   opts: tuple[Opt, ...] | None) -> UOp:
+  """out[s, kvh, g, t] = rope(q[s, head kvh·G + g]) · K_s[t] / √D, or −inf for the tokens t after the query's
+  position: the first pass of the GPU decode attention. Each output is its own dot product, so the threads spread
+  over the heads and the context; the query is rotated as it is read."""
+  (S, KVH, G, C), (num_blocks, block_size, _, D) = out.shape, k_blocks.shape
+  half = D // 2
+  s, kvh, g, t = (UOp.range(out.shape[i], i) for i in range(4))
+  j = UOp.range(D, 4, AxisType.REDUCE)
+  first, head = j < half, (kvh * G + g) * D
+  pair = first.where(j, j - half)                  # RoPE rotates the dimensions (pair, pair + half) together
+  x1, x2 = q[s, head + pair].cast(dtypes.float), q[s, head + pair + half].cast(dtypes.float)
+  c, sn = cos[s, pair].cast(dtypes.float), sin[s, pair].cast(dtypes.float)
+  block = _bounded(tables[s, t // block_size], num_blocks)
+  key = k_blocks[block, t % block_size, kvh, j].cast(dtypes.float)
+  dot = (first.where(x1 * c - x2 * sn, x2 * c + x1 * sn) * key).reduce(j, arg=Ops.ADD)
+  score = (t <= positions[s].cast(dtypes.weakint)).where(dot * D ** -0.5, -math.inf)
+  return out[s, kvh, g, t].store(score).end(s, kvh, g, t).sink(arg=KernelInfo(name="paged_scores", opts_to_apply=opts))
+
+
+def _values_kernel(out: UOp, probs: UOp, v_blocks: UOp, tables: UOp, opts: tuple[Opt, ...] | None) -> UOp:
+  """out[s, head kvh·G + g] = Σ_t probs[s, kvh, g, t] · V_s[t]: the second pass, threads over heads and dimensions."""
+  (S, KVH, G, C), (num_blocks, block_size, _, D) = probs.shape, v_blocks.shape
+  s, kvh, g, j = (UOp.range(n, i) for i, n in enumerate((S, KVH, G, D)))
+  t = UOp.range(C, 4, AxisType.REDUCE)
+  block = _bounded(tables[s, t // block_size], num_blocks)
+  acc = (probs[s, kvh, g, t] * v_blocks[block, t % block_size, kvh, j].cast(dtypes.float)).reduce(t, arg=Ops.ADD)
+  return out[s, (kvh * G + g) * D + j].store(acc.cast(out.dtype)).end(s, kvh, g, j) \
+    .sink(arg=KernelInfo(name="paged_values", opts_to_apply=opts))
+
+
+_U, _L, _R, _G = OptOps.UPCAST, OptOps.LOCAL, OptOps.UNROLL, OptOps.GROUP
+# CUDA options for the two passes, from a sweep on the H200 (gpu-notes §14), valid for the shape they were measured
+# on: (query heads per KV head, KV heads, head dim, block size) of Llama-3.2-1B. Any other shape or backend takes
+# tinygrad's own heuristic (176 µs a layer in the same sweep, against these options' 151).
+#   scores: all 4 query heads and 4 tokens of a block per thread (each key read once for 4 heads, each query for 4
+#           tokens), the other 4 tokens of the block, 4 blocks and 2 KV heads across a block's threads
+#   values: 8 dimensions and all 4 query heads per thread, all KV heads and the rest of the dimensions across
+#           threads, the context's blocks summed by 4 groups of threads
+_TUNED_OPTS = {(4, 8, 64, 16): (
+  tuple(Opt(*o) for o in ((_U, 2, 4), (_U, 3, 4), (_L, 3, 4), (_L, 2, 4), (_L, 1, 2), (_R, 0, 16))),
+  tuple(Opt(*o) for o in ((_U, 3, 8), (_U, 2, 4), (_R, 1, 0), (_L, 1, 8), (_L, 1, 8), (_G, 0, 4))))}
+
+
+def _two_pass(q: Tensor, cos: Tensor, sin: Tensor, k_blocks: Tensor, v_blocks: Tensor, block_tables: Tensor,
+              positions: Tensor, heads: int) -> Tensor:
+  (S, NB), (_, block_size, kv_heads, head_dim) = block_tables.shape, k_blocks.shape
+  on_cuda = (q.device if isinstance(q.device, str) else q.device[0]).startswith("CUDA")
+  # one sequence: tinygrad drops the sequence axis, and the options' axis numbers no longer fit
+  opts = _TUNED_OPTS.get((heads // kv_heads, kv_heads, head_dim, block_size)) if on_cuda and S > 1 else None
+  score_opts, value_opts = opts or (None, None)
+  scores = allocate_split(Tensor.empty, (S, kv_heads, heads // kv_heads, NB * block_size), 1, q.device, dtypes.float)
+  scores = scores.custom_kernel(q, cos, sin, k_blocks, block_tables, positions,
+                                fxn=functools.partial(_scores_kernel, opts=score_opts))[0]
+  out = allocate_split(Tensor.empty, (S, heads * head_dim), 1, q.device, q.dtype)
+  return out.custom_kernel(scores.softmax(-1).contiguous(), v_blocks, block_tables,
+                           fxn=functools.partial(_values_kernel, opts=value_opts))[0]
+
+
 def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple[str, ...]) -> Tensor:
   """One layer's K (or V) pool, zeroed once realized: [num_slots, kv_heads, head_dim], split by KV head across
   `devices`. The caller realizes all the pools in one call, one graph for all of them."""
@@ -161,14 +226,16 @@ def write(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor) -> tup
 
 
 def decode_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor], block_tables: Tensor,
-                     positions: Tensor, block_size: int, heads: int) -> Tensor:
+                     positions: Tensor, block_size: int, heads: int, two_pass: bool | None = None) -> Tensor:
   """One query token per sequence (q: [S, width], its first heads·head_dim columns un-rotated) attending over its
-  context straight from the pools, no dense copy: [S, heads·head_dim]."""
+  context straight from the pools, no dense copy: [S, heads·head_dim]. `two_pass`: the GPU kernels (None: on
+  devices that run threads in groups, which is what a GPU is to tinygrad)."""
   (num_slots, kv_heads, head_dim), S = cache[0].shape, q.shape[0]
-  as_blocks = lambda pool: pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
+  k_blocks, v_blocks = (pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim) for pool in cache)
+  if two_pass is None: two_pass = has_thread_blocks(q.device)
+  if two_pass: return _two_pass(q, cos, sin, k_blocks, v_blocks, block_tables, positions.reshape(S), heads)
   out = allocate_split(Tensor.empty, (S, heads * head_dim), 1, q.device, q.dtype)
-  return out.custom_kernel(q, cos, sin, as_blocks(cache[0]), as_blocks(cache[1]), block_tables, positions.reshape(S),
-                           fxn=_decode_kernel)[0]
+  return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, block_tables, positions.reshape(S), fxn=_decode_kernel)[0]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor) -> Tensor:

@@ -41,10 +41,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 import numpy as np
-from tinygrad import Device, Tensor, UOp, dtypes
+from tinygrad import Tensor, UOp, dtypes
 from tinygrad.dtype import AddrSpace
 from tinygrad.uop.ops import AxisType, KernelInfo
 from tinyvllm.model.config import ModelConfig
+from tinyvllm.model.matvec import has_thread_blocks
 from tinyvllm.model.tensor_parallel import allocate_split
 from tinyvllm.transfer import to_device
 
@@ -215,7 +216,7 @@ def _kernel_matmul(rows: Tensor, w: PackedWeight) -> Tensor:
 
 def _features_in_threads(device: str | tuple[str, ...]) -> bool:
   """GPUs (renderers with thread blocks) compute one feature per thread; a CPU core loops over a group's features."""
-  return Device[device if isinstance(device, str) else device[0]].renderer.has_local
+  return has_thread_blocks(device)
 
 
 def matmul_t(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
