@@ -24,8 +24,9 @@ two ways:
     need to be stored. One thread per (sequence, head) is plenty for a CPU's few cores.
   - a GPU: a thread per (sequence, head) is too few, so the work is split in two passes, each spread over the
     context too: one kernel for the scores of every (head, context token), tinygrad's softmax over them, then one
-    kernel for the probabilities times the values. Each pass reads K or V once. On an H200 this takes 151 µs a
-    layer at batch 256 and 256-token contexts, the gather path 252 µs (bench/results/gpu-notes.md §14).
+    kernel for the probabilities times the values. Each pass reads K or V once. On an H200 this takes 151–156 µs
+    a layer at batch 256 and 256-token contexts, the gather path 252 µs (bench/results/gpu-notes.md §14). A lone
+    sequence on a GPU still gathers (`llama.Attention`): there tinygrad's own small kernels are faster.
 
 All of these are a few lines of tinygrad UOps (`custom_kernel`), so they compile for every backend (CPU, CUDA,
 Metal) and run inside a TinyJit graph.
@@ -141,7 +142,7 @@ def _scores_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, tables: 
   """out[s, kvh, g, t] = rope(q[s, head kvh·G + g]) · K_s[t] / √D, or −inf for the tokens t after the query's
   position: the first pass of the GPU decode attention. Each output is its own dot product, so the threads spread
   over the heads and the context; the query is rotated as it is read."""
-  (S, KVH, G, C), (num_blocks, block_size, _, D) = out.shape, k_blocks.shape
+  G, (num_blocks, block_size, _, D) = out.shape[2], k_blocks.shape
   half = D // 2
   s, kvh, g, t = (UOp.range(out.shape[i], i) for i in range(4))
   j = UOp.range(D, 4, AxisType.REDUCE)
@@ -158,7 +159,7 @@ def _scores_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, tables: 
 
 def _values_kernel(out: UOp, probs: UOp, v_blocks: UOp, tables: UOp, opts: tuple[Opt, ...] | None) -> UOp:
   """out[s, head kvh·G + g] = Σ_t probs[s, kvh, g, t] · V_s[t]: the second pass, threads over heads and dimensions."""
-  (S, KVH, G, C), (num_blocks, block_size, _, D) = probs.shape, v_blocks.shape
+  (S, KVH, G, C), (num_blocks, block_size, _, D) = probs.shape, v_blocks.shape   # C: the table's slots
   s, kvh, g, j = (UOp.range(n, i) for i, n in enumerate((S, KVH, G, D)))
   t = UOp.range(C, 4, AxisType.REDUCE)
   block = _bounded(tables[s, t // block_size], num_blocks)
