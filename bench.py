@@ -18,32 +18,16 @@ Metric definitions: tinyvllm/benchmark/metrics.py.
 """
 from __future__ import annotations
 import argparse
-import dataclasses
 import os
 import sys
-import typing
 from tinyvllm.benchmark import commands
 from tinyvllm.benchmark.report import table, write_json
 from tinyvllm.config import EngineArgs
 
 
-def _scalar_type(hint) -> type:
-  """`int | None` → int; `str` → str."""
-  return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-  """One option per EngineArgs field, named as the field (`max_num_seqs` → --max-num-seqs), defaults from it."""
-  group, hints = parser.add_argument_group("engine"), typing.get_type_hints(EngineArgs)
-  for f in dataclasses.fields(EngineArgs):
-    flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
-    if kind is bool: group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-    else: group.add_argument(flag, type=kind, default=f.default)
-
-
 def common_parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
-  add_engine_args(common)
+  EngineArgs.add_cli_args(common.add_argument_group("engine"))
   out = common.add_argument_group("output and peers")
   out.add_argument("--json", metavar="FILE", help="write every metric, the configuration and machine facts here")
   out.add_argument("--warmup", type=int, default=2, help="warmup runs of the workload (other tokens, same lengths); "
@@ -110,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
   args = build_parser().parse_args(argv)
-  engine_args = EngineArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)})
+  engine_args = EngineArgs.from_cli_args(args)
   engine_args.max_model_len = engine_args.max_model_len or commands.workload_len(args)
   result = args.func(args, engine_args)
   print(table(f"bench {args.benchmark}", result["headline"], result["columns"]))

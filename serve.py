@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from dataclasses import fields
 from tinyvllm.config import EngineArgs
 from tinyvllm.engine import AsyncLLMEngine
 from tinyvllm.llm import create_engine
@@ -19,18 +18,10 @@ from tinyvllm.model.loader import DEFAULT_MODEL_FILE
 from tinyvllm.server import OpenAIServer, ServerConfig, serve
 from tinyvllm.server.logs import setup_logging
 
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
-  """One flag per EngineArgs field, spelled as in vLLM: max_num_seqs → --max-num-seqs, a boolean b → --b / --no-b."""
-  types = {"str": str, "int": int, "float": float, "bool": bool}
-  for f in fields(EngineArgs):
-    flag, kind = "--" + f.name.replace("_", "-"), types[f.type.split("|")[0].strip()]
-    if kind is bool: p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help="default: %(default)s")
-    else: p.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(), help="default: %(default)s")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_engine_flags(p)     # --model (default: the embedded SmolLM2), --max-model-len, --max-num-seqs, --block-size, ...
+  EngineArgs.add_cli_args(p)     # --model (default: the embedded SmolLM2), --max-model-len, --max-num-seqs, --block-size, ...
   p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--served-model-name", nargs="+", help="name(s) clients use in 'model' (default: --model)")
@@ -53,7 +44,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   setup_logging(args.log_format)
-  engine_args = EngineArgs(**{f.name: getattr(args, f.name) for f in fields(EngineArgs)})
+  engine_args = EngineArgs.from_cli_args(args)
   server = OpenAIServer(server_config(args))
   asyncio.run(serve(server, args.host, args.port, lambda: AsyncLLMEngine(create_engine(engine_args)), args.drain_timeout))
 

@@ -4,11 +4,12 @@ Compute dtype per backend is chosen here from measurement: on CPU tinygrad's fp1
 (1 GB/s vs 6.7 GB/s for the same matvec), so CPUs compute in float32; GPUs in float16. On CPU quantized GGUF weights
 stay packed (model/quantized.py: its matmul kernel runs ~10× faster than tinygrad's float32 matvec there); GPUs
 dequantize them at load to use their float16 matmuls until the packed kernel is measured there. Decoding rows attend
-straight from the paged pool on CPU (one kernel a layer instead of seven: batch-1 SmolLM2 decode 18.0 → 14.5 ms a
-step); GPUs gather each context and use tinygrad's attention, because the one-thread-per-head kernel leaves most of
-a GPU idle (H100, Llama-1B shape: batch-1 decode 94 vs 122 tok/s, a batch-256 step 41 vs 22 ms).
+straight from the paged pool on every backend (model/paged_attention.py: on CPU one kernel a layer instead of seven,
+batch-1 SmolLM2 decode 18.0 → 14.5 ms a step; on an H200 two passes, a batch-256 layer 156 vs 255 µs gathered).
 """
 from __future__ import annotations
+import argparse
+import typing
 from dataclasses import dataclass, fields, replace
 from tinygrad import Device, dtypes
 from tinygrad.dtype import DType
@@ -58,6 +59,21 @@ class EngineArgs:
                                            # matmuls and softmax; prefill chunks always take it)
   beam: int = 0                            # tinygrad's BEAM kernel search for the decode graphs (0: its BEAM variable,
                                            # off by default); 2 pays on GPUs: minutes per graph shape once, then cached
+
+  @staticmethod
+  def add_cli_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """One flag per field, spelled as in vLLM: max_num_seqs → --max-num-seqs, a boolean b → --b / --no-b."""
+    hints = typing.get_type_hints(EngineArgs)
+    for f in fields(EngineArgs):
+      flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+      kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)     # int | None → int
+      if kind is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                           help="default: %(default)s")
+      else: parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(), help="default: %(default)s")
+
+  @classmethod
+  def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
   @classmethod
   def from_kwargs(cls, **kwargs) -> EngineArgs:
