@@ -1,44 +1,61 @@
 """Projections of many rows of x on a GPU's tensor cores: y = x @ W.T as one tiled kernel (or two, when K is split).
 
 A batch of 256 decoding sequences, or a prefill chunk of thousands of tokens, turns each projection into a real
-matrix product: there is arithmetic to do with every weight read, and the GPU's tensor cores do it. On CUDA each
-`mma.sync` instruction has a warp of 32 threads multiply a 16×16 block of x by a 16×8 block of W.T. How fast the
-kernel runs is decided by how those instructions are tiled:
+matrix product: there is arithmetic to do with every weight read, and the GPU's tensor cores do it. On CUDA one
+`mma.sync` instruction has a warp of 32 threads multiply a 16×16 block of x by a 16×8 block of W.T, each lane
+holding a few elements of each (its *fragments*). The kernel is the classic shared-memory GEMM:
 
-    a warp computes a 64 × 64 tile of y       4 × 8 mma tiles: each 16-row slice of x it loads is used 8 times and
-                                              each 8-row slice of W 4 times (fewer loads per flop)
-    2 warps per thread block, side by side    they share the rows of x through the L1 cache
-    split-K when there are too few tiles      y = 256 × 2048 is only 128 such tiles for an H100's 132 SMs: K is
-                                              split into up to 8 slices, each warp sums one slice of its tile into
-                                              a float32 partial product, and a small second kernel adds the slices
-                                              (with the residual, when there is one)
+    a thread block computes a block_m × block_n tile of y, walking K in steps of block_k:
+      1. its threads copy the block_m × block_k slice of x and the block_n × block_k slice of W from global memory
+         into shared memory, 8 consecutive halves per thread per vector, every byte fetched once for the block
+      2. each warp computes a (block_m / warps_m) × (block_n / warps_n) part of the tile: it reads its fragments
+         out of shared memory (rows padded by 8 halves, so the 32 lanes hit 32 different banks) and issues
+         one mma per 16×8 piece of its part, accumulating in float32 registers
+      3. while the mma run, the next step's slices are already loading into registers (*prefetch*): they go to
+         shared memory after a barrier, so the tensor cores never wait on a global load
+    split-K when there are too few tiles: y = 256 × 2048 is 32 tiles of 128 × 128 for an H100's 132 SMs, so K is
+    split into slices, each block sums one slice of its tile into a float32 partial product, and a small second
+    kernel adds the slices
 
-tinygrad's default heuristic picks a tensor-core tiling too, but a smaller one and never a split. These options come
-from sweeps of ~1,650 tilings on the H100 and H200 (bench/tensor_core_sweep.py, bench/results/gpu-notes.md §12).
-TFLOP/s on Llama-1B's matrices, tinygrad's default kernel and this one (H200, `bench/projection_kernels.py`, the
-split-K sum and the residual add included):
+tinygrad's own tensor-core kernels load the fragments straight from global memory, which caps them at ~120 TFLOP/s
+on an H100 (bench/results/gpu-notes.md §12); this one is written out with the UOp API (thread indices, shared and
+register buffers, barriers, the mma op), so tinygrad only renders it. H200, 256 rows of x (a decode step at batch
+256), TFLOP/s with the split-K sum (bench/results/gpu-notes.md §15, where the tiling below comes from):
 
-                 M = 256 (a decode step at batch 256)     M = 8192 (a prefill chunk)
-                 q/k/v    o     gate/up  down             q/k/v   gate/up  down
-    default      31       22    69       18               74      77       68
-    this         67       58    93       85               110     113      113
+                      q/k/v    gate/up   down   lm_head
+    tinygrad's mma,     66        94       83       96
+    tiled by hand
+    this kernel        113       185      169      229
 
-tinygrad loads the mma operands straight from global memory (no shared-memory staging), which is what caps these at
-~120 TFLOP/s, a fifth of what cuBLAS reaches on this GPU.
-
-The options are written for CUDA's m16n8k16 instruction; other backends (Metal's 8×8 simdgroup matrices, AMD's
-WMMA) keep tinygrad's own choice, as does any shape the tiles do not divide.
+The kernel is written for CUDA's m16n8k16 instruction and its fragment layout; other backends (Metal's 8×8
+simdgroup matrices, AMD's WMMA, a CPU) keep tinygrad's matmul, as does any shape the tiles do not divide.
+tinygrad's CUDA emulator (`DEV=PYTHON::sm_80`) runs it on a CPU, which is how the tests check it.
 """
 from __future__ import annotations
 import functools
+from dataclasses import dataclass
 from tinygrad import Context, Device, Tensor, UOp, dtypes
-from tinygrad.codegen.opt import Opt, OptOps
-from tinygrad.dtype import DType
+from tinygrad.dtype import AddrSpace, DType
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops
 
-MMA_SHAPE = (8, 16, 16)       # tinygrad's (N, M, K) of the instruction the tiling below was measured with
-WARPS_TO_FILL_GPU = 1024      # about 8 warps per SM of an H100: with fewer tiles than this, K is split
+MMA_SHAPE = (8, 16, 16)     # tinygrad's (N, M, K) of the instruction the kernel is written for
+WARP = 32
+VECTOR = 8                  # fp16/bf16 elements per 16-byte load
+PAD = 8                     # halves of padding per shared-memory row: fragment loads free of bank conflicts
+BLOCKS_TO_FILL_GPU = 264    # two thread blocks per SM of an H100: with fewer tiles than this, K is split
 MAX_SPLIT = 8
+
+
+@dataclass(frozen=True)
+class Tiling:
+  """A block_m × block_n tile of y per thread block of warps_m × warps_n warps, K in steps of block_k, split in
+  `split` slices."""
+  block_m: int
+  block_n: int
+  block_k: int
+  warps_m: int
+  warps_n: int
+  split: int = 1
 
 
 @functools.cache
@@ -53,44 +70,105 @@ def uses_tensor_cores(x: Tensor, weight: Tensor) -> bool:
   shape the tiles divide)."""
   rows = x.numel() // x.shape[-1]
   return isinstance(weight.device, str) and weight.dtype == x.dtype and has_mma(weight.device, weight.dtype) \
-    and _tiling(rows, *weight.shape) is not None
+    and tiling(rows, *weight.shape) is not None
 
 
 def matmul(x: Tensor, weight: Tensor) -> Tensor:
   """x @ weight.T, x (..., K) -> (..., N), on the tensor cores; the caller checked `uses_tensor_cores`."""
   (N, K), lead = weight.shape, x.shape[:-1]
   rows = x.reshape(-1, K)
-  opts, split = _tiling(rows.shape[0], N, K)
-  out = Tensor.empty(*((split,) if split > 1 else ()), rows.shape[0], N, dtype=dtypes.float if split > 1 else x.dtype,
-                     device=x.device)
-  y = out.custom_kernel(rows, weight, fxn=lambda *bufs: _kernel(*bufs, opts=opts, split=split))[0]
-  return (y.sum(0).cast(x.dtype) if split > 1 else y).reshape(*lead, N)
+  t = tiling(rows.shape[0], N, K)
+  out = Tensor.empty(*((t.split,) if t.split > 1 else ()), rows.shape[0], N,
+                     dtype=dtypes.float if t.split > 1 else x.dtype, device=x.device)
+  y = out.custom_kernel(rows, weight, fxn=lambda *bufs: _kernel(*bufs, t=t))[0]
+  return (y.sum(0).cast(x.dtype) if t.split > 1 else y).reshape(*lead, N)
 
 
-def _tiling(M: int, N: int, K: int) -> tuple[tuple[Opt, ...], int] | None:
-  """The optimizer options of the layout above for y[M, N] = x[M, K] @ W[N, K].T, and into how many slices K is
-  split (None: the tiles do not divide the shape)."""
-  if M <= 16: return None               # one row of mma tiles: the m axis would vanish under the options below
-  row_tiles = next((t for t in (4, 2, 1) if M % (16 * t) == 0), 1)   # 16-row mma tiles per warp
-  col_tiles = 8 if N % 128 == 0 else 4 if N % 64 == 0 else 0          # 8-column mma tiles per warp, 2 warps a block
-  if not col_tiles or K % 16: return None
-  warps = -(-M // (16 * row_tiles)) * (N // (8 * col_tiles))
-  split = 1
-  while split < MAX_SPLIT and warps * split * 2 <= WARPS_TO_FILL_GPU and K % (16 * split * 2) == 0: split *= 2
-  # axis 0 is m, axis 1 is n; m's upcast goes last, as it can use up the m axis and renumber the ones after it
-  opts = [Opt(OptOps.TC, 0, (-1, 2, 1)), Opt(OptOps.UPCAST, 1, col_tiles), Opt(OptOps.LOCAL, 1, 2)]
-  if row_tiles > 1: opts.append(Opt(OptOps.UPCAST, 0, row_tiles))
-  return tuple(opts), split
+def tiling(M: int, N: int, K: int) -> Tiling | None:
+  """The tiling for y[M, N] = x[M, K] @ W[N, K].T (None: no tile divides the shape)."""
+  block_m = next((b for b in (128, 64, 32) if M % b == 0), None)
+  block_n = next((b for b in (128, 64) if N % b == 0), None)
+  block_k = next((b for b in (64, 32) if K % b == 0), None)
+  if block_m is None or block_n is None or block_k is None: return None
+  blocks, split = (M // block_m) * (N // block_n), 1
+  while split < MAX_SPLIT and blocks * split * 2 <= BLOCKS_TO_FILL_GPU and K % (block_k * split * 2) == 0: split *= 2
+  return Tiling(block_m, block_n, block_k, warps_m=2 if block_m >= 64 else 1, warps_n=2, split=split)
 
 
-def _kernel(out: UOp, x: UOp, w: UOp, opts: tuple[Opt, ...], split: int) -> UOp:
-  """out[m, n] = Σ_k x[m, k]·w[n, k]; split into slices, out[s, m, n] = the sum over slice s of K (float32)."""
+def _kernel(out: UOp, x: UOp, w: UOp, t: Tiling) -> UOp:
+  """out[m, n] = Σ_k x[m, k]·w[n, k] as described above; split, out[s, m, n] = the sum over slice s of K (float32)."""
   (M, K), N = x.shape, w.shape[0]
-  m, n, kk = UOp.range(M, 0), UOp.range(N, 1), UOp.range(K // split, 3, AxisType.REDUCE)
-  s = UOp.range(split, 2) if split > 1 else None
-  k = kk if s is None else s * (K // split) + kk
-  # the product of two fp16 loads, summed in float32: the pattern tinygrad maps onto the mma instruction
-  acc = (x[m, k] * w[n, k]).cast(dtypes.float).reduce(kk, arg=Ops.ADD)
-  info = KernelInfo(name=f"mma_{N}_{K}" + (f"_split{split}" if split > 1 else ""), opts_to_apply=opts)
-  if s is not None: return out[s, m, n].store(acc).end(m, n, s).sink(arg=info)
-  return out[m, n].store(acc.cast(out.dtype)).end(m, n).sink(arg=info)
+  threads = WARP * t.warps_m * t.warps_n
+  part_m, part_n = t.block_m // t.warps_m, t.block_n // t.warps_n     # the part of the tile one warp computes
+  mmas_m, mmas_n = part_m // 16, part_n // 8                           # ... in this many 16 × 8 pieces
+  tile_n, tile_m = UOp.special(N // t.block_n, "gidx0"), UOp.special(M // t.block_m, "gidx1")
+  piece = UOp.special(t.split, "gidx2") if t.split > 1 else None     # which slice of K, when it is split
+  thread = UOp.special(threads, "lidx0")
+  warp, lane = thread // WARP, thread % WARP
+  warp_m, warp_n = warp // t.warps_n, warp % t.warps_n
+  group, pair = lane // 4, lane % 4        # the mma fragment layout: lanes in 8 groups of 4
+  steps = K // t.split // t.block_k
+  step = UOp.range(steps, 0, AxisType.REDUCE)
+  k_at = lambda s: s * t.block_k + (0 if piece is None else piece * (K // t.split))   # the first k of step s
+
+  # a rows × block_k slice as 16-byte vectors: thread j owns vectors j, j + threads, ...; (i, e) is element e of its
+  # i-th vector, (r, c) where that element sits in the slice
+  def vectors(rows: int, axis: int) -> tuple[UOp, UOp, UOp, UOp]:
+    per_row = t.block_k // VECTOR
+    i, e = UOp.range(rows * per_row // threads, axis, AxisType.UPCAST), UOp.range(VECTOR, axis + 1, AxisType.UPCAST)
+    v = thread + i * threads
+    return i, e, v // per_row, v % per_row * VECTOR + e
+  def load(src: UOp, row0: UOp, rows: int, s: UOp, dst: UOp, axis: int, into_registers: bool) -> UOp:
+    i, e, r, c = vectors(rows, axis)
+    return (dst[i, e] if into_registers else dst[r, c]).store(src[row0 + r, k_at(s) + c]).end(i, e)
+  def to_shared(held: UOp, rows: int, dst: UOp, axis: int) -> UOp:
+    i, e, r, c = vectors(rows, axis)
+    return dst[r, c].store(held[i, e]).end(i, e)
+
+  x0, w0 = tile_m * t.block_m, tile_n * t.block_n          # the first rows of x and of W this block reads
+  xs = UOp.placeholder((t.block_m, t.block_k + PAD), x.dtype, slot=0, addrspace=AddrSpace.LOCAL)
+  ws = UOp.placeholder((t.block_n, t.block_k + PAD), w.dtype, slot=1, addrspace=AddrSpace.LOCAL)
+  held = lambda rows, dtype, slot: UOp.placeholder((rows * t.block_k // VECTOR // threads, VECTOR), dtype, slot=slot,
+                                                   addrspace=AddrSpace.REG)
+  x_next, w_next = held(t.block_m, x.dtype, 1), held(t.block_n, w.dtype, 2)
+  acc = UOp.placeholder((mmas_m, mmas_n, 4), dtypes.float, slot=0, addrspace=AddrSpace.REG)
+  j = UOp.range(mmas_m * mmas_n * 4, 100)
+  acc = acc.after(acc.reshape(-1)[j].store(0.0).end(j))
+
+  # step 0's slices go straight to shared memory; inside the loop, step s reads shared memory (written by step
+  # s - 1, or before the loop) while step s + 1's slices load into registers
+  first = UOp.barrier(UOp.group(load(x, x0, t.block_m, 0, xs, 10, False), load(w, w0, t.block_n, 0, ws, 20, False)))
+  xs, ws = xs.after(first, step), ws.after(first, step)
+  following = (step + 1).minimum(steps - 1)
+  prefetch = UOp.group(load(x, x0, t.block_m, following, x_next.after(step), 30, True),
+                       load(w, w0, t.block_n, following, w_next.after(step), 40, True))
+
+  # the warp's fragments (PTX's m16n8k16 layout): lane (group, pair) holds x at rows group and group + 8 of each
+  # 16-row piece, columns 2·pair, 2·pair + 1 and those + 8; W at row group of each 8-row piece, the same columns
+  kk = UOp.range(t.block_k // 16, 1, AxisType.REDUCE)
+  x_frag = [UOp.stack(*[xs[warp_m * part_m + a * 16 + group + (e // 2 % 2) * 8, kk * 16 + pair * 2 + e % 2 + e // 4 * 8]
+                        for e in range(8)]) for a in range(mmas_m)]
+  w_frag = [UOp.stack(*[ws[warp_n * part_n + b * 8 + group, kk * 16 + pair * 2 + e % 2 + e // 2 * 8] for e in range(4)])
+            for b in range(mmas_n)]
+  before = acc.after(step, prefetch, kk)
+  sums = []
+  for a in range(mmas_m):
+    for b in range(mmas_n):
+      c = UOp.stack(*[before[a, b, q] for q in range(4)])
+      d = UOp(Ops.WMMA, src=(x_frag[a], w_frag[b], c), arg=(MMA_SHAPE, x.dtype, "CUDA", WARP, None))
+      sums += [acc[a, b, q].store(d[q]) for q in range(4)]
+  computed = UOp.barrier(UOp.group(*sums).end(kk))
+  stored = UOp.barrier(UOp.group(to_shared(x_next.after(prefetch).after(computed), t.block_m, xs, 50),
+                                 to_shared(w_next.after(prefetch).after(computed), t.block_n, ws, 60)))
+  acc = acc.after(stored.end(step))
+
+  # lane (group, pair) holds y at rows group, group + 8 and columns 2·pair, 2·pair + 1 of each mma piece
+  results = []
+  for a in range(mmas_m):
+    for b in range(mmas_n):
+      for q in range(4):
+        row = x0 + warp_m * part_m + a * 16 + group + q // 2 * 8
+        col = w0 + warp_n * part_n + b * 8 + pair * 2 + q % 2
+        results.append((out[row, col] if piece is None else out[piece, row, col]).store(acc[a, b, q].cast(out.dtype)))
+  name = f"mma_{N}_{K}_{t.block_m}x{t.block_n}x{t.block_k}" + (f"_split{t.split}" if t.split > 1 else "")
+  return UOp.group(*results).sink(arg=KernelInfo(name=name, opts_to_apply=()))
