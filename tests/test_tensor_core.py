@@ -41,6 +41,7 @@ def assert_close(got: np.ndarray, want: np.ndarray) -> None:
   (32, 64, 32, Tiling(32, 64, 32, warps_m=1, warps_n=2)),              # one step of K: no prefetch to speak of
   (32, 64, 128, Tiling(32, 64, 32, warps_m=1, warps_n=2)),             # four steps, each prefetching the next
   (32, 64, 64, Tiling(32, 64, 16, warps_m=1, warps_n=2)),             # one mma along K a step, one vector a thread
+  (48, 64, 64, Tiling(16, 64, 64, warps_m=1, warps_n=2)),             # one mma piece of rows a warp, 3 row tiles
   (64, 128, 96, Tiling(64, 64, 32, warps_m=2, warps_n=2)),             # 2 × 2 tiles of 2 × 2 warps
   (32, 128, 256, Tiling(32, 128, 32, warps_m=1, warps_n=2, split=4)),  # K in four slices, then their sum
   (128, 64, 64, Tiling(128, 64, 32, warps_m=2, warps_n=2, split=2))])
@@ -69,7 +70,7 @@ def test_linear_adds_bias_and_residual_after_the_kernel(device_and_dtype):
 
 
 @pytest.mark.parametrize("M,N,K", [(256, 3072, 2048), (256, 2048, 8192), (256, 16384, 2048), (256, 128256, 2048),
-                                   (8192, 2048, 8192), (32, 576, 1536), (64, 960, 576), (96, 2048, 2048)])
+                                   (8192, 2048, 8192), (32, 576, 1536), (64, 960, 576), (96, 2048, 2048), (48, 960, 576)])
 def test_tiling_fills_the_gpu_and_divides_the_shape(M, N, K):
   t = tensor_core.tiling(M, N, K)
   assert M % t.block_m == 0 and N % t.block_n == 0 and K % (t.block_k * t.split) == 0
@@ -83,8 +84,8 @@ def test_tiling_fills_the_gpu_and_divides_the_shape(M, N, K):
 
 
 def test_shapes_the_tiles_do_not_fit_keep_tinygrads_matmul():
-  assert tensor_core.tiling(16, 2048, 2048) is None          # fewer rows than the smallest tile
-  assert tensor_core.tiling(48, 2048, 2048) is None          # rows not a multiple of 32
+  assert tensor_core.tiling(8, 2048, 2048) is None           # fewer rows than one mma piece
+  assert tensor_core.tiling(40, 2048, 2048) is None          # rows not a multiple of 16
   assert tensor_core.tiling(256, 100, 2048) is None          # N not a multiple of 64
   assert tensor_core.tiling(256, 2048, 48) is None           # K not a multiple of 32
   with Context(DEV=f"{Device.DEFAULT};PYTHON::sm_80"):      # the instruction takes half and bfloat16, not float32
@@ -94,7 +95,7 @@ def test_shapes_the_tiles_do_not_fit_keep_tinygrads_matmul():
 
 @pytest.mark.skipif(not ON_GPU, reason="the emulator would take minutes over a whole model")
 def test_a_model_computes_the_same_logprobs_through_the_kernel(monkeypatch):
-  """Prefill chunks of 32 rows or more go through the kernel: the tiny model's greedy tokens and the logprobs of
+  """Prefill chunks (multiples of 16 rows) go through the kernel: the tiny model's greedy tokens and the logprobs of
   every prompt token (random weights make greedy tokens repeat, so the logprobs are what can tell), with the kernel
   and without it."""
   prompts = [{"prompt_token_ids": [(5 * i + 11 * j) % 500 + 1 for j in range(32 + 7 * i)]} for i in range(3)]

@@ -86,7 +86,7 @@ def matmul(x: Tensor, weight: Tensor) -> Tensor:
 
 def tiling(M: int, N: int, K: int) -> Tiling | None:
   """The tiling for y[M, N] = x[M, K] @ W[N, K].T (None: no tile divides the shape)."""
-  block_m = next((b for b in (128, 64, 32) if M % b == 0), None)
+  block_m = next((b for b in (128, 64, 32, 16) if M % b == 0), None)   # any prefill bucket (16 rows)
   block_n = next((b for b in (128, 64) if N % b == 0), None)
   block_k = next((b for b in (64, 32) if K % b == 0), None)
   if block_m is None or block_n is None or block_k is None: return None
