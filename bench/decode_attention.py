@@ -1,10 +1,11 @@
 """Decode attention alone: µs a layer of each way a decoding row can read its context, at batch S and context C.
 `gather` copies each context out of the pool and runs tinygrad's matmuls and softmax (what prefill chunks use);
-`one_pass` and `two_pass` are paged_attention.decode_attention's kernels (the CPU's and the GPU's). Timed as a
-TinyJit chain over `layers` pools, each layer's output feeding the next layer's query, as in a decode step.
+`cpu_kernel` and `gpu_kernel` are paged_attention.decode_attention's kernels (a thread per sequence and head; a
+thread block per sequence and KV head). Timed as a TinyJit chain over `layers` pools, each layer's output feeding
+the next layer's query, as in a decode step.
 
     DEV=CUDA python bench/decode_attention.py [S] [C] [heads,kv_heads,head_dim] [ways] [layers]
-    e.g. DEV=CUDA python bench/decode_attention.py 256 256 32,8,64 gather,two_pass
+    e.g. DEV=CUDA python bench/decode_attention.py 256 256 32,8,64 gather,gpu_kernel
 """
 import sys
 import numpy as np
@@ -15,7 +16,7 @@ from projection_kernels import median_seconds
 
 S, C = (int(a) for a in sys.argv[1:3]) if len(sys.argv) > 2 else (256, 256)
 H, KVH, D = (int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "32,8,64").split(","))
-ways = sys.argv[4].split(",") if len(sys.argv) > 4 else ["gather", "one_pass", "two_pass"]
+ways = sys.argv[4].split(",") if len(sys.argv) > 4 else ["gather", "cpu_kernel", "gpu_kernel"]
 L, BLOCK = int(sys.argv[5]) if len(sys.argv) > 5 else 16, 16
 dtype = dtypes.float if Tensor.empty(1).device.startswith("CPU") else dtypes.half
 NB = C // BLOCK
@@ -38,7 +39,7 @@ def gathered(q: Tensor, cache: tuple[Tensor, Tensor]) -> Tensor:
 
 def way(name: str):
   if name == "gather": return gathered
-  return lambda q, cache: decode_attention(q, cos, sin, cache, tables, positions, BLOCK, H, name == "two_pass")
+  return lambda q, cache: decode_attention(q, cos, sin, cache, tables, positions, BLOCK, H, name == "gpu_kernel")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from tinygrad.nn import RMSNorm
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.paged_attention import NewKV, write, write_and_gather, attention, decode_attention
 from tinyvllm.model.linear import linear
-from tinyvllm.model.matvec import has_thread_blocks
 from tinyvllm.model.quantized import PackedLinear, PackedWeight, matmul_t
 from tinyvllm.transfer import to_device
 
@@ -101,9 +100,7 @@ class Attention:
     else:
       q = qkv = project(self.qkv_proj, rows, norm)                      # [T, (H + 2 KVH) D]; q is its first H D
       new = NewKV(qkv, qkv, H * D, (H + KVH) * D, cos, sin)
-    # a lone sequence on a GPU gathers: there tinygrad's kernels beat the two passes (SmolLM2 batch-1 decode on the
-    # H200: 1,053 against 817 tok/s, gpu-notes §14)
-    if Q == 1 and batch.paged_decode and (S > 1 or not has_thread_blocks(x.device)):
+    if Q == 1 and batch.paged_decode:
       kv = write(kv, new, batch.slot_mapping)
       out = decode_attention(q, cos, sin, kv, batch.block_tables, batch.positions, batch.block_size, H)
     else:

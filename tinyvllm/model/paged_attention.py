@@ -22,11 +22,14 @@ two ways:
   - a CPU: one kernel streams the context once with an *online softmax*. It keeps the running maximum score m, the
     sum of exp(score − m) and the exp-weighted sum of values, and rescales both when m grows, so the scores never
     need to be stored. One thread per (sequence, head) is plenty for a CPU's few cores.
-  - a GPU: a thread per (sequence, head) is too few, so the work is split in two passes, each spread over the
-    context too: one kernel for the scores of every (head, context token), tinygrad's softmax over them, then one
-    kernel for the probabilities times the values. Each pass reads K or V once. On an H200 this takes 151–156 µs
-    a layer at batch 256 and 256-token contexts, the gather path 252 µs (bench/results/gpu-notes.md §14). A lone
-    sequence on a GPU still gathers (`llama.Attention`): there tinygrad's own small kernels are faster.
+  - a GPU: a thread per (sequence, head) is far too few, so one *thread block* of 4 warps takes each (sequence,
+    KV head) and reads that head's context once for all the query heads that share it. Each warp walks its own
+    32-token chunks of the context with the same online softmax, and at the end the block merges its 4 warps'
+    results with the same rescaling (flash decoding, split inside one block). Scores, probabilities and slots pass
+    between a warp's lanes through shared memory, so no score ever goes to global memory. On an H200, at 256-token
+    contexts, a Llama-1B layer takes 84–92 µs at batch 256 (~1.5 TB/s of K and V) against 152 µs for session 17's
+    two passes (scores, tinygrad's softmax, values) and 254–268 µs gathered; at batch 1, 14–17 µs against 32–36
+    (bench/results/gpu-notes.md §16).
 
 All of these are a few lines of tinygrad UOps (`custom_kernel`), so they compile for every backend (CPU, CUDA,
 Metal) and run inside a TinyJit graph.
@@ -35,7 +38,6 @@ from __future__ import annotations
 import functools, math
 from dataclasses import dataclass
 from tinygrad import Tensor, dtypes
-from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.dtype import AddrSpace
 from tinygrad.uop.ops import AxisType, UOp, KernelInfo, Ops
 from tinyvllm.model.matvec import has_thread_blocks
@@ -137,63 +139,93 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
     .end(s, h).sink(arg=KernelInfo(name="decode_attention", opts_to_apply=()))
 
 
-def _scores_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, tables: UOp, positions: UOp,
-                   opts: tuple[Opt, ...] | None) -> UOp:
-  """out[s, kvh, g, t] = rope(q[s, head kvh·G + g]) · K_s[t] / √D, or −inf for the tokens t after the query's
-  position: the first pass of the GPU decode attention. Each output is its own dot product, so the threads spread
-  over the heads and the context; the query is rotated as it is read."""
-  G, (num_blocks, block_size, _, D) = out.shape[2], k_blocks.shape
-  half = D // 2
-  s, kvh, g, t = (UOp.range(out.shape[i], i) for i in range(4))
-  j = UOp.range(D, 4, AxisType.REDUCE)
-  first, head = j < half, (kvh * G + g) * D
-  pair = first.where(j, j - half)                  # RoPE rotates the dimensions (pair, pair + half) together
-  x1, x2 = q[s, head + pair].cast(dtypes.float), q[s, head + pair + half].cast(dtypes.float)
-  c, sn = cos[s, pair].cast(dtypes.float), sin[s, pair].cast(dtypes.float)
-  block = _bounded(tables[s, t // block_size], num_blocks)
-  key = k_blocks[block, t % block_size, kvh, j].cast(dtypes.float)
-  dot = (first.where(x1 * c - x2 * sn, x2 * c + x1 * sn) * key).reduce(j, arg=Ops.ADD)
-  score = (t <= positions[s].cast(dtypes.weakint)).where(dot * D ** -0.5, -math.inf)
-  return out[s, kvh, g, t].store(score).end(s, kvh, g, t).sink(arg=KernelInfo(name="paged_scores", opts_to_apply=opts))
+WARP = 32                  # threads of a warp (a SIMD group on Metal): a chunk of the context is one token a lane
+WARPS = 4                  # warps of the GPU kernel's thread block, each walking its own chunks
+LOG2E = 1.4426950408889634
 
 
-def _values_kernel(out: UOp, probs: UOp, v_blocks: UOp, tables: UOp, opts: tuple[Opt, ...] | None) -> UOp:
-  """out[s, head kvh·G + g] = Σ_t probs[s, kvh, g, t] · V_s[t]: the second pass, threads over heads and dimensions."""
-  (S, KVH, G, C), (num_blocks, block_size, _, D) = probs.shape, v_blocks.shape   # C: the table's slots
-  s, kvh, g, j = (UOp.range(n, i) for i, n in enumerate((S, KVH, G, D)))
-  t = UOp.range(C, 4, AxisType.REDUCE)
-  block = _bounded(tables[s, t // block_size], num_blocks)
-  acc = (probs[s, kvh, g, t] * v_blocks[block, t % block_size, kvh, j].cast(dtypes.float)).reduce(t, arg=Ops.ADD)
-  return out[s, (kvh * G + g) * D + j].store(acc.cast(out.dtype)).end(s, kvh, g, j) \
-    .sink(arg=KernelInfo(name="paged_values", opts_to_apply=opts))
+def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp, tables: UOp, positions: UOp,
+                  block_size: int) -> UOp:
+  """out[s, head kvh·G + g] = softmax(rope(q[s, that head]) · K_s) · V_s for the G query heads of KV head kvh, one
+  thread block per (s, kvh): the GPU's decode attention. Warp w takes the chunks of 32 tokens w, w + WARPS, ... In
+  each chunk, first lane i is token i: it reads the token's key and scores it against the G queries; then lane i
+  owns D / 32 dimensions: it reads those of the chunk's 32 values (a warp reads a value row as one coalesced
+  load) and adds them, weighted, to its running sums, rescaled when the running max grows. The scores, their
+  exponentials and the tokens' pool slots pass from one role to the other through shared memory."""
+  S, (num_slots, KVH, D), C = q.shape[0], k_pool.shape, tables.shape[1] * block_size
+  G, half, dims = out.shape[1] // D // KVH, D // 2, D // WARP     # dims: the value dimensions a lane owns
+  threads = WARP * WARPS
+  kvh, s, thread = UOp.special(KVH, "gidx0"), UOp.special(S, "gidx1"), UOp.special(threads, "lidx0")
+  warp, lane = thread // WARP, thread % WARP
+  pos = positions[s].cast(dtypes.weakint)
 
+  def spread(n: int, axis: int) -> tuple[UOp, UOp]:
+    """Thread j takes items j, j + threads, ... of n; past the end it repeats item n - 1, so its stores write what
+    another thread writes too and need no condition: (the range, the item)."""
+    i = UOp.range(-(-n // threads), axis, AxisType.UPCAST)
+    return i, (thread + i * threads).minimum(n - 1)
 
-_U, _L, _R, _G = OptOps.UPCAST, OptOps.LOCAL, OptOps.UNROLL, OptOps.GROUP
-# CUDA options for the two passes, from a sweep on the H200 (gpu-notes §14), valid for the shape they were measured
-# on: (query heads per KV head, KV heads, head dim, block size) of Llama-3.2-1B. Any other shape or backend takes
-# tinygrad's own heuristic (176 µs a layer in the same sweep, against these options' 151).
-#   scores: all 4 query heads and 4 tokens of a block per thread (each key read once for 4 heads, each query for 4
-#           tokens), the other 4 tokens of the block, 4 blocks and 2 KV heads across a block's threads
-#   values: 8 dimensions and all 4 query heads per thread, all KV heads and the rest of the dimensions across
-#           threads, the context's blocks summed by 4 groups of threads
-_TUNED_OPTS = {(4, 8, 64, 16): (
-  tuple(Opt(*o) for o in ((_U, 2, 4), (_U, 3, 4), (_L, 3, 4), (_L, 2, 4), (_L, 1, 2), (_R, 0, 16))),
-  tuple(Opt(*o) for o in ((_U, 3, 8), (_U, 2, 4), (_R, 1, 0), (_L, 1, 8), (_L, 1, 8), (_G, 0, 4))))}
+  # the G queries, rotated and scaled (in log2 units: the exponentials are exp2), into shared memory
+  i, item = spread(G * half, 10)
+  g, j = item // half, item % half                        # RoPE rotates the dimensions (j, j + half) together
+  x1, x2 = q[s, (kvh * G + g) * D + j].cast(dtypes.float), q[s, (kvh * G + g) * D + j + half].cast(dtypes.float)
+  c, sn, scale = cos[s, j].cast(dtypes.float), sin[s, j].cast(dtypes.float), D ** -0.5 * LOG2E
+  queries = UOp.placeholder((G * D,), dtypes.float, slot=0, addrspace=AddrSpace.LOCAL)
+  queries = queries.after(UOp.barrier(UOp.group(queries[g * D + j].store((x1 * c - x2 * sn) * scale),
+                                                queries[g * D + j + half].store((x2 * c + x1 * sn) * scale)).end(i)))
 
+  # each lane's running state: the max score m[g], the sum l[g] of 2^(score − m), and its dims' weighted values
+  M, L, A = 0, G, 2 * G
+  state = UOp.placeholder((G * (2 + dims),), dtypes.float, slot=0, addrspace=AddrSpace.REG)
+  state = state.after(UOp.group(*[state[k].store(-1e30 if k < L else 0.0) for k in range(G * (2 + dims))]))
+  rnd = UOp.range(-(-C // threads), 0, AxisType.REDUCE)
+  chunk = rnd * WARPS + warp
+  cur = state.after(rnd)
 
-def _two_pass(q: Tensor, cos: Tensor, sin: Tensor, k_blocks: Tensor, v_blocks: Tensor, block_tables: Tensor,
-              positions: Tensor, heads: int) -> Tensor:
-  (S, NB), (_, block_size, kv_heads, head_dim) = block_tables.shape, k_blocks.shape
-  on_cuda = (q.device if isinstance(q.device, str) else q.device[0]).startswith("CUDA")
-  # one sequence: tinygrad drops the sequence axis, and the options' axis numbers no longer fit
-  opts = _TUNED_OPTS.get((heads // kv_heads, kv_heads, head_dim, block_size)) if on_cuda and S > 1 else None
-  score_opts, value_opts = opts or (None, None)
-  scores = allocate_split(Tensor.empty, (S, kv_heads, heads // kv_heads, NB * block_size), 1, q.device, dtypes.float)
-  scores = scores.custom_kernel(q, cos, sin, k_blocks, block_tables, positions,
-                                fxn=functools.partial(_scores_kernel, opts=score_opts))[0]
-  out = allocate_split(Tensor.empty, (S, heads * head_dim), 1, q.device, q.dtype)
-  return out.custom_kernel(scores.softmax(-1).contiguous(), v_blocks, block_tables,
-                           fxn=functools.partial(_values_kernel, opts=value_opts))[0]
+  # lane = token: its slot, its key, its G scores (−inf after the query's position)
+  token = chunk * WARP + lane
+  slot = _bounded(tables[s, token.minimum(C - 1) // block_size], num_slots // block_size) * block_size \
+    + token % block_size
+  key = [k_pool[slot, kvh, j].cast(dtypes.float) for j in range(D)]
+  query = queries.after(rnd)
+  scores = [(token <= pos).where(_tree_sum([query[g * D + j] * key[j] for j in range(D)]), -math.inf) for g in range(G)]
+  shared_scores = UOp.placeholder((WARPS, G, WARP), dtypes.float, slot=1, addrspace=AddrSpace.LOCAL).after(rnd)
+  shared_slots = UOp.placeholder((WARPS, WARP), dtypes.int32, slot=2, addrspace=AddrSpace.LOCAL).after(rnd)
+  scored = UOp.barrier(UOp.group(*[shared_scores[warp, g, lane].store(scores[g]) for g in range(G)],
+                                 shared_slots[warp, lane].store(slot.cast(dtypes.int32))))
+  shared_scores, shared_slots = shared_scores.after(scored), shared_slots.after(scored)
+  m = [functools.reduce(UOp.maximum, [shared_scores[warp, g, t] for t in range(WARP)], cur[M + g]) for g in range(G)]
+  weights = UOp.placeholder((WARPS, G, WARP), dtypes.float, slot=3, addrspace=AddrSpace.LOCAL).after(rnd)
+  weights = weights.after(UOp.barrier(UOp.group(*[weights[warp, g, lane].store((scores[g] - m[g]).exp2())
+                                                  for g in range(G)])))
+
+  # lane = dims: the chunk's values, weighted, added to the running sums
+  values = [[v_pool[_bounded(shared_slots[warp, t], num_slots), kvh, lane * dims + e].cast(dtypes.float)
+             for e in range(dims)] for t in range(WARP)]
+  updates = []
+  for g in range(G):
+    rescale = (cur[M + g] - m[g]).exp2()
+    updates += [state[M + g].store(m[g]),
+                state[L + g].store(cur[L + g] * rescale + _tree_sum([weights[warp, g, t] for t in range(WARP)]))]
+    updates += [state[A + g * dims + e].store(cur[A + g * dims + e] * rescale +
+                                              _tree_sum([weights[warp, g, t] * values[t][e] for t in range(WARP)]))
+                for e in range(dims)]
+  state = state.after(UOp.barrier(UOp.group(*updates)).end(rnd))
+
+  # the warps' results merged: out = Σ_w values_w · 2^(m_w − top) / Σ_w l_w · 2^(m_w − top)
+  merged = UOp.placeholder((WARPS, G, D + 2), dtypes.float, slot=4, addrspace=AddrSpace.LOCAL)
+  merged = merged.after(UOp.barrier(UOp.group(
+    *[merged[warp, g, lane * dims + e].store(state[A + g * dims + e]) for g in range(G) for e in range(dims)],
+    *[merged[warp, g, D].store(state[M + g]) for g in range(G)],
+    *[merged[warp, g, D + 1].store(state[L + g]) for g in range(G)])))
+  i, item = spread(G * D, 20)
+  g, d = item // D, item % D
+  top = functools.reduce(UOp.maximum, [merged[w, g, D] for w in range(WARPS)])
+  scale_w = [(merged[w, g, D] - top).exp2() for w in range(WARPS)]
+  total = _tree_sum([merged[w, g, d] * scale_w[w] for w in range(WARPS)])
+  norm = _tree_sum([merged[w, g, D + 1] * scale_w[w] for w in range(WARPS)])
+  return out[s, (kvh * G + g) * D + d].store((total / norm).cast(out.dtype)).end(i) \
+    .sink(arg=KernelInfo(name="paged_decode_attention", opts_to_apply=()))
 
 
 def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple[str, ...]) -> Tensor:
@@ -227,15 +259,18 @@ def write(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor) -> tup
 
 
 def decode_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor], block_tables: Tensor,
-                     positions: Tensor, block_size: int, heads: int, two_pass: bool | None = None) -> Tensor:
+                     positions: Tensor, block_size: int, heads: int, thread_blocks: bool | None = None) -> Tensor:
   """One query token per sequence (q: [S, width], its first heads·head_dim columns un-rotated) attending over its
-  context straight from the pools, no dense copy: [S, heads·head_dim]. `two_pass`: the GPU kernels (None: on
-  devices that run threads in groups, which is what a GPU is to tinygrad)."""
+  context straight from the pools, no dense copy: [S, heads·head_dim]. `thread_blocks`: the GPU kernel, a thread
+  block per (sequence, KV head) (None: on devices that run threads in blocks, which is what a GPU is to tinygrad,
+  for head dims its lanes divide); else the CPU's, a thread per (sequence, head)."""
   (num_slots, kv_heads, head_dim), S = cache[0].shape, q.shape[0]
-  k_blocks, v_blocks = (pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim) for pool in cache)
-  if two_pass is None: two_pass = has_thread_blocks(q.device)
-  if two_pass: return _two_pass(q, cos, sin, k_blocks, v_blocks, block_tables, positions.reshape(S), heads)
+  if thread_blocks is None: thread_blocks = has_thread_blocks(q.device) and head_dim % WARP == 0
   out = allocate_split(Tensor.empty, (S, heads * head_dim), 1, q.device, q.dtype)
+  if thread_blocks:
+    kernel = functools.partial(_block_kernel, block_size=block_size)
+    return out.custom_kernel(q, cos, sin, *cache, block_tables, positions.reshape(S), fxn=kernel)[0]
+  k_blocks, v_blocks = (pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim) for pool in cache)
   return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, block_tables, positions.reshape(S), fxn=_decode_kernel)[0]
 
 
