@@ -92,6 +92,7 @@ def _gather_kernel(k_out: UOp, v_out: UOp, k_blocks: UOp, v_blocks: UOp, tables:
 
 LANES = 8   # partial sums per dot product
 TOKENS_PER_STEP = 4   # context tokens per step of the decode kernel's loop: their dot products run side by side
+LOG2E = 1.4426950408889634   # scores are kept in log2 units, so the softmax's exponentials are exp2
 
 
 def _tree_sum(terms: list[UOp]) -> UOp:
@@ -110,7 +111,7 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
   s, h = UOp.range(S, 0), UOp.range(H, 1)
   x = [q[s, h * D + j].cast(dtypes.float) for j in range(D)]
   c, sn = [cos[s, j] for j in range(half)], [sin[s, j] for j in range(half)]
-  scale = D ** -0.5 * 1.4426950408889634          # scores in log2 units, so the exponentials are exp2
+  scale = D ** -0.5 * LOG2E
   rq = [(x[j] * c[j] - x[j + half] * sn[j]) * scale for j in range(half)] + \
        [(x[j + half] * c[j] + x[j] * sn[j]) * scale for j in range(half)]
   M, L = D, D + 1                                  # the state: D value sums, then m and l
@@ -128,7 +129,7 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
                                 for i, (blk, b) in enumerate(where) for l in range(LANES)]))
   scores = [(t <= pos).where(_tree_sum([part[i, l] for l in range(LANES)]), -1e30) for i, t in enumerate(tokens)]
   cur = state.after(step)
-  m = functools.reduce(lambda a, b: a.maximum(b), scores, cur[M])
+  m = functools.reduce(UOp.maximum, scores, cur[M])
   rescale, p = (cur[M] - m).exp2(), [(score - m).exp2() for score in scores]
   values = [_tree_sum([p[i] * v_blocks[blk, b, kvh, j].cast(dtypes.float) for i, (blk, b) in enumerate(where)])
             for j in range(D)]
@@ -141,7 +142,6 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
 
 WARP = 32                  # threads of a warp (a SIMD group on Metal): a chunk of the context is one token a lane
 WARPS = 4                  # warps of the GPU kernel's thread block, each walking its own chunks
-LOG2E = 1.4426950408889634
 
 
 def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp, tables: UOp, positions: UOp,
