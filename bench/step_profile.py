@@ -1,8 +1,10 @@
 """Where a step's time goes: per-kernel device time of one batch-S prefill step and one decode step (their shapes'
-first calls, in which DEBUG=2 times the kernels one by one), then the wall time of the same step replayed from its captured graph.
+first calls, in which DEBUG=2 times the kernels one by one), then the wall time of the same step replayed from its
+captured graph. The model runner captures a shape on its first call, which on a GPU already runs as graph launches:
+there set JIT=0 for the per-kernel split (and take the replayed wall time from a run without it).
 
     python bench/step_profile.py [S] [prompt_len] [shape] [engine args as key=value ...]
-    e.g. DEV=CUDA python bench/step_profile.py 256 128 llama-1b beam=2
+    e.g. DEV=CUDA JIT=0 python bench/step_profile.py 256 128 llama-1b
 """
 import sys, time, numpy as np
 from tinyvllm import LLM, SamplingParams
