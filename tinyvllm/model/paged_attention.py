@@ -18,7 +18,7 @@ two ways:
 - gather: copy each sequence's blocks into a dense [S, context, heads, dim] tensor, then tinygrad's matmuls and
   softmax (`attention`). Any number of query tokens per row: prefill chunks always take this path.
 - paged (decoding rows, one query token each): the kernels read the pool through the table and never make the
-  copy (`decode_attention`). Which kernels depends on the device:
+  copy (`decode_attention`). Which kernel depends on the device:
   - a CPU: one kernel streams the context once with an *online softmax*. It keeps the running maximum score m, the
     sum of exp(score − m) and the exp-weighted sum of values, and rescales both when m grows, so the scores never
     need to be stored. One thread per (sequence, head) is plenty for a CPU's few cores.
