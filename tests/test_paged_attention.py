@@ -1,8 +1,9 @@
 """Paged decode attention against numpy: each row's query, rotated, attends over its context read through its block
 table (blocks out of order, a padding row pointing at the null block), grouped-query heads, contexts of different
-lengths ending mid-block, and a lone sequence with no padding row. Both kernels: the CPU's (a thread per sequence and head) and the GPU's (a thread block per
-sequence and KV head). A CPU has no thread blocks, so there the GPU's runs on tinygrad's CUDA emulator
-(`PYTHON::sm_80`), every thread and barrier as a GPU would run them; a GPU runs it natively as well."""
+lengths ending mid-block, and a lone sequence with no padding row. Both kernels: the CPU's (a thread per sequence
+and head) and the GPU's (a thread block per sequence and KV head). A CPU has no thread blocks, so there the GPU's
+runs on tinygrad's CUDA emulator (`PYTHON::sm_80`), every thread and barrier as a GPU would run them; a GPU runs it
+natively as well."""
 import numpy as np
 import pytest
 from tinygrad import Context, Device, Tensor

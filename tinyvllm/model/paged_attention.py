@@ -39,7 +39,7 @@ import functools, math
 from dataclasses import dataclass
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import AddrSpace
-from tinygrad.uop.ops import AxisType, UOp, KernelInfo, Ops
+from tinygrad.uop.ops import AxisType, UOp, KernelInfo
 from tinyvllm.model.matvec import has_thread_blocks
 from tinyvllm.model.tensor_parallel import allocate_split
 
