@@ -281,6 +281,7 @@ class AsyncLLMEngine:
     share_kernel_cache_between_threads()
     self.engine = engine
     self.error: BaseException | None = None          # set if the engine loop died; every request then fails
+    self.step_started: float | None = None           # time.monotonic() when the running step began; None when idle
     self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
     self._outboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
     self._thread = threading.Thread(target=self._loop, daemon=True, name="tinyvllm-engine")
@@ -290,7 +291,9 @@ class AsyncLLMEngine:
     try:
       while True:
         self._apply_inbox(wait=not self.engine.has_unfinished_requests())
+        self.step_started = time.monotonic()          # a watchdog reads it: a step that never returns shows here
         for out in self.engine.step(): self._deliver(out.request_id, out)
+        self.step_started = None
     except BaseException as e:  # noqa: BLE001 -- hand the failure to every waiting client instead of hanging them
       self.error = e
       for request_id in list(self._outboxes): self._deliver(request_id, e)
@@ -323,3 +326,11 @@ class AsyncLLMEngine:
       self.abort(request_id)      # a no-op when it finished; frees everything when the client went away
 
   def abort(self, request_id: str) -> None: self._inbox.put(("abort", request_id))
+
+  @property
+  def alive(self) -> bool: return self._thread.is_alive()
+
+  def fail_all(self, error: Exception) -> None:
+    """End every request in flight: its `generate` raises RuntimeError from `error`. The engine thread is untouched
+    (a stuck step cannot be interrupted); the requests are aborted as their generators close."""
+    for request_id in list(self._outboxes): self._deliver(request_id, error)
