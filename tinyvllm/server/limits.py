@@ -6,6 +6,9 @@ A request takes one token; with none left it is refused with 429 and told how lo
     rate=2/s, burst=2:   t=0.0 ✓✓✗ (retry after 0.5 s)    t=0.5 ✓    t=1.5 ✓✓
 
 Buckets that have filled up again carry no information, so they are dropped when the table grows large.
+
+The same buckets slow down API-key guessing: a failed attempt takes a token, and a client with none left is refused
+before its key is even compared.
 """
 from __future__ import annotations
 import time
@@ -29,13 +32,17 @@ class RateLimiter:
 
   def acquire(self, client: str) -> float:
     """Take one token for `client`: 0 if allowed, else the seconds to wait before the next one is available."""
+    wait = self.wait(client)
+    if not wait: self.buckets[client].tokens -= 1
+    return wait
+
+  def wait(self, client: str) -> float:
+    """Seconds until `client` has a token, taking none: 0 if it has one now."""
     now = self.clock()
     bucket = self.buckets.get(client) or self._new_bucket(client, now)
     bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
     bucket.updated = now
-    if bucket.tokens < 1: return (1 - bucket.tokens) / self.rate
-    bucket.tokens -= 1
-    return 0.0
+    return 0.0 if bucket.tokens >= 1 else (1 - bucket.tokens) / self.rate
 
   def _new_bucket(self, client: str, now: float) -> _Bucket:
     if len(self.buckets) >= self.MAX_CLIENTS: self._forget_full(now)

@@ -21,8 +21,8 @@ Dashboards built for vLLM work unchanged because the names, types and buckets ma
 from __future__ import annotations
 import bisect
 import time
-from dataclasses import dataclass, field
-from tinyvllm.engine import EngineStats
+from dataclasses import dataclass, field, replace
+from tinyvllm.engine import EngineStats, LLMEngine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -87,8 +87,8 @@ class Metrics:
   def render(self, stats: EngineStats) -> str:
     """The whole page, with the engine's `stats` as its gauges (all zero while the model is still loading)."""
     gauges = {
-      "vllm:num_requests_running": ("Sequences in the running batch.", stats.running),
-      "vllm:num_requests_waiting": ("Sequences waiting to run.", stats.waiting),
+      "vllm:num_requests_running": ("Number of requests in model execution batches.", stats.running),
+      "vllm:num_requests_waiting": ("Number of requests waiting to be processed.", stats.waiting),
       "vllm:kv_cache_usage_perc": ("KV-cache usage; 1 means 100 percent.", stats.kv_cache_usage),
     }
     lines = []
@@ -99,6 +99,20 @@ class Metrics:
                    self.ttft, self.tpot, self.e2e):
       lines += metric.render(self.labels)
     return "\n".join(lines) + "\n"
+
+
+def request_stats(engine: LLMEngine) -> EngineStats:
+  """The engine's stats with requests counted instead of sequences (a request with n=4 runs as four), as vLLM counts
+  them. Read while the engine thread may change its queues: a copy that raced a change is taken again. Engines
+  without a scheduler of their own (data-parallel ranks) report what they report."""
+  if not hasattr(engine, "scheduler"): return engine.stats()
+  for _ in range(10):
+    try:
+      running = {s.request_id for s in list(engine.scheduler.running)}
+      waiting = {s.request_id for s in list(engine.scheduler.waiting)} - running
+      return replace(engine.stats(), running=len(running), waiting=len(waiting))
+    except RuntimeError: continue                        # "deque mutated during iteration"
+  return engine.stats()
 
 
 class RequestMetrics:

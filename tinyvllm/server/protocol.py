@@ -12,14 +12,25 @@ field, `code` is a stable machine-readable string when there is one.
 
 Checks happen in the order a person would fix them: the body is JSON, each field has the right type, the values are
 in range (`SamplingParams` owns those rules and names the field), and the prompt plus `max_tokens` fits the context.
+
+Everything is bounded before anything is built from it, so no body can make the server allocate or compute in
+proportion to a number it sent: JSON nests at most 32 deep, integers fit 64 bits and numbers are finite, a request
+carries at most 256 prompts of `n` ≤ 128 choices each (`--max-n` may lower that), `logprobs`/`top_logprobs`/
+`prompt_logprobs` ≤ 20, at most 16 stop strings of 1024 characters, 300 `logit_bias` entries, and token ids must
+exist in the vocabulary.
 """
 from __future__ import annotations
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 from tinyvllm.model.tokenizer import Tokenizer
-from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, SamplingParams
+
+MAX_JSON_DEPTH = 32
+MAX_PROMPTS = 256                     # prompts in one /v1/completions request
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class APIError(Exception):
@@ -34,14 +45,34 @@ class APIError(Exception):
     return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def bad_request(message: str, param: str | None = None) -> APIError: return APIError(400, message, param=param)
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+  return APIError(400, message, param=param, code=code)
 
 
 def parse_json(raw: bytes) -> dict:
   try: body = json.loads(raw)
   except (json.JSONDecodeError, UnicodeDecodeError) as e: raise bad_request(f"the request body is not valid JSON: {e}")
+  except RecursionError: raise _too_deep()             # nested past the parser's own limit
+  if _depth(body) > MAX_JSON_DEPTH: raise _too_deep()
   if not isinstance(body, dict): raise bad_request("the request body must be a JSON object")
   return body
+
+
+def _too_deep() -> APIError:
+  return bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep")
+
+
+def _depth(value: Any) -> int:
+  """How deeply arrays and objects nest (a scalar is 0, {} is 1); without recursion, so no body can overflow it."""
+  deepest, todo = 0, [(value, 1)]
+  while todo:
+    value, depth = todo.pop()
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    if children is None: continue
+    deepest = max(deepest, depth)
+    if depth > MAX_JSON_DEPTH: break
+    todo.extend((child, depth + 1) for child in children)
+  return deepest
 
 
 # ---- typed field access ---------------------------------------------------------------------------------------------
@@ -60,7 +91,14 @@ def field(body: dict, name: str, kind: type, default: Any = None) -> Any:
   value = body.get(name)
   if value is None: return default
   if not _is(value, kind): raise bad_request(f"'{name}' must be {_TYPE_NAMES[kind]}, got {type(value).__name__}", name)
+  if kind in (int, float) and not _finite(value):
+    raise bad_request(f"'{name}' is out of range: numbers must be finite and integers fit in 64 bits", name)
   return value
+
+
+def _finite(value: int | float) -> bool:
+  if isinstance(value, int): return -2**63 <= value < 2**64
+  return math.isfinite(value)
 
 
 def list_field(body: dict, name: str, item: type) -> list:
@@ -80,13 +118,19 @@ SAMPLING_FIELDS: dict[str, type] = {
 }
 
 
-def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, vocab_size: int | None = None,
+                    max_n: int = MAX_N) -> SamplingParams:
+  n = field(body, "n", int, 1)
+  if not 1 <= n <= max_n: raise bad_request(f"'n' must be in [1, {max_n}], got {n}", "n")
   kwargs = {name: field(body, name, kind) for name, kind in SAMPLING_FIELDS.items()}
   kwargs = {name: value for name, value in kwargs.items() if value is not None}
   stop = body.get("stop")
   kwargs["stop"] = [stop] if isinstance(stop, str) else list_field(body, "stop", str)
   kwargs["stop_token_ids"] = list_field(body, "stop_token_ids", int)
   kwargs["logit_bias"] = _logit_bias(field(body, "logit_bias", dict))
+  if vocab_size is not None:              # an id past the vocabulary would index past the logits row
+    for name, ids in (("stop_token_ids", kwargs["stop_token_ids"]), ("logit_bias", kwargs["logit_bias"] or ())):
+      if not all(0 <= t < vocab_size for t in ids): raise bad_request(f"'{name}' token ids must be in [0, {vocab_size})", name)
   try: return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
   except ValueError as e:
     named = re.search(r"parameter (\w+)", str(e))       # SamplingParams names the field it rejects
@@ -96,9 +140,10 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) ->
 def _logit_bias(bias: dict | None) -> dict[int, float] | None:
   """OpenAI sends {"token id as a string": bias in [-100, 100]}."""
   if bias is None: return None
+  if len(bias) > MAX_LOGIT_BIAS: raise bad_request(f"'logit_bias' may hold at most {MAX_LOGIT_BIAS} entries", "logit_bias")
   try: parsed = {int(k): float(v) for k, v in bias.items()}
   except (TypeError, ValueError): raise bad_request("'logit_bias' must map token ids to numbers", "logit_bias")
-  if not all(-100 <= v <= 100 for v in parsed.values()):
+  if not all(-100 <= v <= 100 for v in parsed.values()):          # NaN fails this too
     raise bad_request("'logit_bias' values must be in [-100, 100]", "logit_bias")
   return parsed
 
@@ -117,6 +162,7 @@ def completion_prompts(prompt: Any, tokenizer: Tokenizer | None, add_special_tok
   prompts = [prompt] if isinstance(prompt, str) or _is_token_ids(prompt) else prompt
   if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or _is_token_ids(p) for p in prompts):
     raise bad_request("'prompt' must be a string, an array of strings, or (arrays of) token ids", "prompt")
+  if len(prompts) > MAX_PROMPTS: raise bad_request(f"at most {MAX_PROMPTS} prompts per request", "prompt")
   return [_need_tokenizer(tokenizer).encode(p, add_special_tokens=add_special_tokens) if isinstance(p, str) else list(p)
           for p in prompts]
 
@@ -125,6 +171,10 @@ def _message_text(message: Any) -> dict[str, str]:
   """One chat message as {"role", "content"}; content may be a string or an array of {"type": "text"} parts."""
   if not isinstance(message, dict) or not isinstance(message.get("role"), str):
     raise bad_request("each message must be an object with a string 'role'", "messages")
+  if message["role"] not in ROLES:
+    raise bad_request(f"unknown message role {message['role'][:40]!r}: expected one of {', '.join(ROLES)}", "messages")
+  if message.get("tool_calls") or message.get("function_call"):       # silently dropping them would change the meaning
+    raise bad_request("messages with 'tool_calls' are not supported by this server (it has no tool calling)", "messages")
   content = message.get("content") or ""
   if isinstance(content, list):
     if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
@@ -167,12 +217,12 @@ class GenerationRequest:
 
 
 def _common(body: dict, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-            max_model_len: int, prompt_param: str) -> GenerationRequest:
+            max_model_len: int, prompt_param: str, vocab_size: int | None, max_n: int) -> GenerationRequest:
   stream = field(body, "stream", bool, False)
   stream_options = field(body, "stream_options", dict, {})
   if stream_options and not stream: raise bad_request("'stream_options' needs 'stream': true", "stream_options")
   include_usage = field(stream_options, "include_usage", bool, False)
-  params = sampling_params(body, max_tokens, logprobs)
+  params = sampling_params(body, max_tokens, logprobs, vocab_size, max_n)
   if stream and params.prompt_logprobs is not None:       # as in vLLM: they would all arrive in the first chunk
     raise bad_request("'prompt_logprobs' is not available when 'stream' is true", "prompt_logprobs")
   check_context(prompts, max_tokens, max_model_len, prompt_param)
@@ -184,24 +234,29 @@ def _unsupported(body: dict, *names: str) -> None:
     if body.get(name): raise bad_request(f"'{name}' is not supported by this server", name)
 
 
-def parse_completion(body: dict, tokenizer: Tokenizer | None, max_model_len: int) -> GenerationRequest:
+def parse_completion(body: dict, tokenizer: Tokenizer | None, max_model_len: int, vocab_size: int | None = None,
+                     max_n: int = MAX_N) -> GenerationRequest:
   """POST /v1/completions. max_tokens defaults to 16, as in OpenAI's API; `logprobs` is the top-N count."""
   _unsupported(body, "echo", "suffix")
   if field(body, "best_of", int) not in (None, field(body, "n", int, 1)):
     raise bad_request("'best_of' must equal 'n' (no server-side best-of selection)", "best_of")
   if "prompt" not in body: raise bad_request("'prompt' is required", "prompt")
   prompts = completion_prompts(body["prompt"], tokenizer, field(body, "add_special_tokens", bool, True))
-  return _common(body, prompts, field(body, "max_tokens", int, 16), field(body, "logprobs", int), max_model_len,
-                 "prompt")
+  logprobs = field(body, "logprobs", int)
+  if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+    raise bad_request(f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+  return _common(body, prompts, field(body, "max_tokens", int, 16), logprobs, max_model_len, "prompt", vocab_size, max_n)
 
 
-def parse_chat(body: dict, tokenizer: Tokenizer | None, max_model_len: int) -> GenerationRequest:
+def parse_chat(body: dict, tokenizer: Tokenizer | None, max_model_len: int, vocab_size: int | None = None,
+               max_n: int = MAX_N) -> GenerationRequest:
   """POST /v1/chat/completions. No max_tokens means up to the context length; `logprobs` is a boolean and
   `top_logprobs` the top-N count."""
   _unsupported(body, "tools", "functions")
   max_tokens = field(body, "max_completion_tokens", int)
   if max_tokens is None: max_tokens = field(body, "max_tokens", int)
   top = field(body, "top_logprobs", int, 0)
+  if not 0 <= top <= MAX_LOGPROBS: raise bad_request(f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
   if top and not field(body, "logprobs", bool): raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
   logprobs = top if field(body, "logprobs", bool) else None
-  return _common(body, [chat_prompt(body, tokenizer)], max_tokens, logprobs, max_model_len, "messages")
+  return _common(body, [chat_prompt(body, tokenizer)], max_tokens, logprobs, max_model_len, "messages", vocab_size, max_n)
