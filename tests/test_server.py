@@ -10,19 +10,24 @@ SmolLM2 and checks that greedy text through the server equals `LLM.generate`.
 from __future__ import annotations
 import asyncio
 import base64
+import collections
 import contextlib
+import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 import aiohttp
 import openai
 import pytest
@@ -499,6 +504,319 @@ def test_sigterm_drains_then_returns(engine):
   asyncio.run(serve(OpenAIServer(ServerConfig(["tiny"])), "127.0.0.1", port, lambda: engine, drain_timeout=30))
   thread.join()
   assert seen == {"refused": 503, "tail": "data: [DONE]"}
+
+
+# ---- hostile clients ------------------------------------------------------------------------------------------------
+# Each knob is bounded before anything is allocated or computed from it, and whatever gets through cannot stall the
+# engine: a watchdog fails requests stuck behind a step that never returns, and /health says so.
+HUGE = 18446744073709551616                                         # 2**64: past every integer field's range
+
+
+@pytest.mark.parametrize("body, param", [
+  ({"prompt": "hi", "max_tokens": 1, "logprobs": HUGE}, "logprobs"),  # one argmax round per alternative: a stall
+  ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+  ({"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+  ({"prompt": "hi", "n": HUGE}, "n"),
+  ({"prompt": "hi", "n": 129}, "n"),
+  ({"prompt": "hi", "n": 129, "best_of": 129}, "n"),
+  ({"prompt": "hi", "max_tokens": 2**62}, "max_tokens"),
+  ({"prompt": "hi", "stop": ["s"] * 17}, "stop"),
+  ({"prompt": "hi", "stop": "s" * 1025}, "stop"),
+  ({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+  ({"prompt": "hi", "logit_bias": {"10000000": 1}}, "logit_bias"),  # not a token id: would index past the logits
+  ({"prompt": "hi", "stop_token_ids": [49152]}, "stop_token_ids"),
+  ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+  ({"prompt": "hi", "repetition_penalty": float("nan")}, "repetition_penalty"),
+  ({"prompt": "hi", "temperature": float("inf")}, "temperature"),
+  ({"prompt": "hi", "top_p": 10**400}, "top_p"),                    # overflows a float
+  ({"prompt": "hi", "seed": HUGE}, "seed"),
+  ({"prompt": "hi", "top_k": 2**40}, "top_k"),
+  ({"prompt": ["hi"] * 257}, "prompt"),
+])
+def test_every_knob_is_bounded(engine, body, param):
+  with pytest.raises(APIError) as e: parse_completion(body, engine.engine.tokenizer, MAX_MODEL_LEN, 49152)
+  assert (e.value.status, e.value.param) == (400, param), e.value.message
+
+
+@pytest.mark.parametrize("extra, param", [
+  ({"logprobs": True, "top_logprobs": 1000}, "top_logprobs"),
+  ({"n": HUGE}, "n"),
+  ({"n": 3}, "n"),                                                   # --max-n 2
+  ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),  # not passed into the template
+  ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function"}]}]}, "messages"),
+])
+def test_bad_chat_bodies_are_refused(engine, extra, param):
+  body = {"messages": [{"role": "user", "content": "x"}], **extra}
+  with pytest.raises(APIError) as e: parse_chat(body, engine.engine.tokenizer, MAX_MODEL_LEN, 49152, max_n=2)
+  assert (e.value.status, e.value.param) == (400, param), e.value.message
+
+
+def test_sampling_params_bounds_protect_llm_generate():
+  for bad in ({"logprobs": 21}, {"prompt_logprobs": 10**6}, {"n": 10**6}, {"seed": HUGE}, {"top_k": 2**31},
+              {"temperature": float("nan")}, {"stop": ["x"] * 100}, {"logit_bias": {-1: 1.0}}, {"min_p": 10**400}):
+    with pytest.raises(ValueError, match=next(iter(bad))): SamplingParams(**bad)
+  SamplingParams(n=128, logprobs=20, prompt_logprobs=20, seed=HUGE - 1, logit_bias={49151: 100})
+
+
+def test_deep_json_is_a_400_not_a_crash(live):
+  for raw in (b"[" * 100_000, b'{"prompt": ' + b"[" * 40 + b"]" * 40 + b"}"):
+    status, err = request("POST", f"{live.url}/v1/completions", raw)
+    assert status == 400 and err["error"]["code"] == "json_too_deep"
+
+
+def test_huge_logprobs_and_n_are_refused_at_once(live, client):
+  t0 = time.monotonic()
+  status, err = request("POST", f"{live.url}/v1/completions", {"prompt": "hi", "max_tokens": 1, "logprobs": HUGE})
+  assert (status, err["error"]["param"]) == (400, "logprobs")
+  status, err = request("POST", f"{live.url}/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": HUGE})
+  assert (status, err["error"]["param"]) == (400, "n")
+  assert time.monotonic() - t0 < 5
+  assert client.completions.create(model="tiny", prompt="hi", max_tokens=1, **GREEDY).choices[0].finish_reason == "length"
+
+
+def slow_steps(monkeypatch, engine: AsyncLLMEngine, seconds: float, stall: threading.Event | None = None,
+               stall_seconds: float = 0.0) -> None:
+  """Every engine step sleeps `seconds` first; once `stall` is set, the next one sleeps `stall_seconds`."""
+  step = engine.engine.step
+  def slow():
+    time.sleep(seconds)
+    if stall is not None and stall.is_set():
+      stall.clear()
+      time.sleep(stall_seconds)
+    return step()
+  monkeypatch.setattr(engine.engine, "step", slow)
+
+
+async def stream_lines(resp: aiohttp.ClientResponse):
+  async for line in resp.content:
+    if line.startswith(b"data: "):
+      data = line[6:].strip().decode()
+      yield data if data == "[DONE]" else json.loads(data)
+
+
+def test_watchdog_fails_requests_behind_a_stuck_step(engine, monkeypatch):
+  stall = threading.Event()
+  slow_steps(monkeypatch, engine, 0.01, stall, stall_seconds=1.5)
+  with LiveServer(ServerConfig(["tiny"], engine_iteration_timeout=0.3), engine) as s:
+    async def scenario():
+      async with aiohttp.ClientSession() as session:
+        body = {"prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True, **GREEDY}
+        async with session.post(f"{s.url}/v1/completions", json=body) as resp:
+          events = []
+          async for event in stream_lines(resp):
+            if not events: stall.set()                        # the stream has begun: now a step gets stuck
+            events.append(event)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_stalled"
+        for path in ("/health", "/health/ready"):
+          async with session.get(s.url + path) as r: assert (r.status, (await r.json())["status"]) == (503, "stalled")
+        async with session.get(f"{s.url}/health/live") as r: assert r.status == 200    # the thread is alive
+        async with session.post(f"{s.url}/v1/completions", json={**body, "stream": False}) as r:
+          assert r.status == 503 and (await r.json())["error"]["code"] == "engine_stalled"
+        deadline = time.monotonic() + 10
+        while (await session.get(f"{s.url}/health")).status != 200:
+          assert time.monotonic() < deadline
+          await asyncio.sleep(0.05)                           # the stuck step returned: ready again
+    asyncio.run(scenario())
+    assert s.client().completions.create(model="tiny", prompt="x", max_tokens=2, **GREEDY).usage.completion_tokens == 2
+
+
+def test_liveness_fails_when_the_engine_thread_died():
+  class Dying:                                                # an engine whose first step raises
+    def has_unfinished_requests(self) -> bool: return True
+    def step(self): raise RuntimeError("kernel fault")
+  dead = AsyncLLMEngine(Dying())
+  dead._thread.join(5)
+  with LiveServer(ServerConfig(["tiny"]), None) as s:
+    s.server.engine = dead
+    for path in ("/health/live", "/health", "/health/ready"):
+      status, body = request("GET", s.url + path)
+      assert (status, body["status"]) == (503, "dead")
+
+
+def test_drain_limit_ends_streams_with_an_error_and_done(engine, monkeypatch):
+  slow_steps(monkeypatch, engine, 0.02)
+  with LiveServer(ServerConfig(["tiny"]), engine) as s:
+    async def scenario():
+      async with aiohttp.ClientSession() as session:
+        body = {"prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True, **GREEDY}
+        begun = [asyncio.Event(), asyncio.Event()]
+
+        async def read(started: asyncio.Event) -> list:
+          async with session.post(f"{s.url}/v1/completions", json=body) as resp:
+            events = []
+            async for event in stream_lines(resp):
+              started.set()
+              events.append(event)
+            return events
+        streams = [asyncio.create_task(read(started)) for started in begun]
+        for started in begun: await started.wait()
+        drained = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(s.server.drain(0.2), s.loop))
+        assert not drained
+        for events in await asyncio.gather(*streams):
+          assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "draining"
+    asyncio.run(scenario())
+
+
+def test_num_requests_running_counts_requests(engine, monkeypatch):
+  slow_steps(monkeypatch, engine, 0.02)
+  with LiveServer(ServerConfig(["tiny"]), engine) as s:
+    async def scenario():
+      async with aiohttp.ClientSession() as session:
+        body = {"prompt": "x", "max_tokens": 40, "ignore_eos": True, "n": 2, "temperature": 1, "seed": 1}
+        task = asyncio.create_task(read_stream(session, f"{s.url}/v1/completions", body, hang_up_after=3))
+        seen = 0
+        while not task.done():
+          seen = max(seen, metrics(s.url)["vllm:num_requests_running"])   # both choices run: still one request
+          await asyncio.sleep(0.02)
+        assert seen == 1
+    asyncio.run(scenario())
+
+
+def test_cors_preflight_before_auth_and_headers_on_responses(engine):
+  preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type"}
+  with LiveServer(ServerConfig(["tiny"], api_key="k"), engine) as s:
+    async def scenario():
+      async with aiohttp.ClientSession() as session:
+        async with session.options(f"{s.url}/v1/chat/completions", headers=preflight) as r:
+          assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+          assert "POST" in r.headers["Access-Control-Allow-Methods"]
+          assert "authorization" in r.headers["Access-Control-Allow-Headers"]
+        headers = {"Origin": "https://app.example", "Authorization": "Bearer k"}
+        async with session.get(f"{s.url}/v1/models", headers=headers) as r:
+          assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+        body = {"prompt": "x", "max_tokens": 1, "stream": True}
+        async with session.post(f"{s.url}/v1/completions", json=body, headers=headers) as r:   # a stream too
+          assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+          await r.read()
+    asyncio.run(scenario())
+  with LiveServer(ServerConfig(["tiny"], allowed_origins=["https://ok.example"]), engine) as s:
+    async def scenario():
+      async with aiohttp.ClientSession() as session:
+        async with session.options(f"{s.url}/v1/models", headers=preflight) as r:
+          assert r.status == 400 and (await r.json())["error"]["code"] == "cors_disallowed"
+        async with session.options(f"{s.url}/v1/models", headers={**preflight, "Origin": "https://ok.example"}) as r:
+          assert r.headers["Access-Control-Allow-Origin"] == "https://ok.example"
+        async with session.get(f"{s.url}/v1/models", headers={"Origin": "https://app.example"}) as r:
+          assert "Access-Control-Allow-Origin" not in r.headers
+    asyncio.run(scenario())
+
+
+def test_405_names_the_allowed_methods(live):
+  req = urllib.request.Request(f"{live.url}/v1/completions", method="GET")
+  with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(req, timeout=10)
+  assert e.value.status == 405 and e.value.headers["Allow"] == "POST"
+  assert set(json.loads(e.value.read())["error"]) == {"message", "type", "param", "code"}
+
+
+def test_failed_api_keys_are_rate_limited(engine):
+  with LiveServer(ServerConfig(["tiny"], api_key="sekrit"), engine) as s:
+    for _ in range(10):
+      with pytest.raises(openai.AuthenticationError): s.client(api_key="guess").models.list()
+    with pytest.raises(openai.RateLimitError) as e: s.client(api_key="guess").models.list()
+    assert e.value.body["code"] == "too_many_auth_failures"
+    with pytest.raises(openai.RateLimitError): s.client(api_key="sekrit").models.list()   # no more guesses for now
+
+
+def test_root_path(engine):
+  with LiveServer(ServerConfig(["tiny"], api_key="k", root_path="/llm"), engine) as s:
+    for prefix in ("/llm", ""):                           # behind a proxy that keeps the prefix, or strips it
+      client = openai.OpenAI(base_url=f"{s.url}{prefix}/v1", api_key="k", max_retries=0)
+      assert client.models.list().data[0].id == "tiny"
+      assert request("GET", f"{s.url}{prefix}/v1/models")[0] == 401
+      assert request("GET", f"{s.url}{prefix}/health")[0] == 200
+
+
+def test_https(engine, tmp_path):
+  key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+  subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                  "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+  with LiveServer(ServerConfig(["tiny"], ssl_keyfile=str(key), ssl_certfile=str(cert)), engine) as s:
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+    with urllib.request.urlopen(f"https://127.0.0.1:{s.port}/health", context=context, timeout=10) as r:
+      assert r.status == 200
+
+
+def test_half_sent_requests_are_dropped(live_timeouts):
+  def exchange(data: bytes) -> tuple[float, bytes]:
+    with socket.create_connection(("127.0.0.1", live_timeouts.port), timeout=10) as sock:
+      sock.sendall(data)
+      t0, reply = time.monotonic(), b""
+      while chunk := sock.recv(65536): reply += chunk          # until the server closes the connection
+      return time.monotonic() - t0, reply
+  head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+  seconds, reply = exchange(head)                              # the head never ends
+  assert seconds < 5 and reply == b""
+  for partial in (head + b"Content-Length: 100\r\n\r\n{\"prompt\"", head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"):
+    seconds, reply = exchange(partial)                         # the body never ends
+    assert seconds < 5 and reply.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in reply
+
+
+@pytest.fixture
+def live_timeouts(engine):
+  with LiveServer(ServerConfig(["tiny"], header_timeout=0.5, body_timeout=0.5), engine) as s: yield s
+
+
+def test_served_model_name_is_the_file_stem():
+  spec = importlib.util.spec_from_file_location("serve", Path(__file__).parent.parent / "serve.py")
+  serve_cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(serve_cli)
+  args = serve_cli.parse_args(["--model", "models/SmolLM2-135M-Instruct.Q8_0.gguf"])
+  assert serve_cli.server_config(args).served_model_names == ["SmolLM2-135M-Instruct", "models/SmolLM2-135M-Instruct.Q8_0.gguf"]
+  args = serve_cli.parse_args(["--allowed-origins", '["https://a.example"]', "--allowed-methods", "GET,POST"])
+  config = serve_cli.server_config(args)
+  assert (config.allowed_origins, config.allowed_methods, config.allowed_headers) == (["https://a.example"], ["GET", "POST"], ["*"])
+
+
+def fuzz_bodies(rng: random.Random, count: int) -> list[tuple[str, bytes]]:
+  """(path, raw body): valid requests with one to three fields set to hostile values, and a few hostile wholes."""
+  nested = json.loads("[" * 40 + "]" * 40)
+  hostile = [HUGE, -HUGE, 10**400, -1, 0, 1, 2, 21, 10**6, 0.5, -0.5, 1e308, -1e308, float("nan"), float("inf"),
+             float("-inf"), "x", "", "9" * 5000, True, False, None, [], {}, [1] * 1000, ["s"] * 50, {"1": 1},
+             {str(i): 1 for i in range(400)}, nested, {"a": nested}, [{"role": "user"}], "\x00\ud800"]
+  fields = ["max_tokens", "temperature", "top_p", "n", "best_of", "logprobs", "stop", "seed", "presence_penalty",
+            "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty", "min_tokens", "prompt_logprobs",
+            "stop_token_ids", "stream", "stream_options", "model", "ignore_eos", "diffusion_steps", "cfg_scale"]
+  endpoints = {"/v1/completions": ({"prompt": "hi", "max_tokens": 1, **GREEDY}, fields + ["prompt", "echo", "suffix"]),
+               "/v1/chat/completions": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **GREEDY},
+                                        fields + ["messages", "top_logprobs", "logprobs", "max_completion_tokens", "tools"])}
+  bodies = []
+  for _ in range(count):
+    path = rng.choice(list(endpoints))
+    base, names = endpoints[path]
+    if rng.random() < 0.05:
+      whole = rng.choice([nested, "text", HUGE, [base], None, {"prompt": "x" * 1_100_000}])
+      bodies.append((path, json.dumps(whole).encode()))
+      continue
+    body = dict(base)
+    for name in rng.sample(names, rng.randint(1, 3)): body[name] = rng.choice(hostile)
+    bodies.append((path, json.dumps(body).encode()))
+  return bodies
+
+
+def test_fuzz_bodies_never_500_and_the_engine_keeps_going(live):
+  bodies = fuzz_bodies(random.Random(0), 1200)
+  statuses = collections.Counter()
+
+  async def one(session: aiohttp.ClientSession, limit: asyncio.Semaphore, path: str, raw: bytes) -> None:
+    async with limit, session.post(live.url + path, data=raw, headers={"Content-Type": "application/json"}) as r:
+      text = await r.text()
+      statuses[r.status] += 1
+      assert r.status < 500, (raw[:300], text[:300])
+      if r.status >= 400:
+        error = json.loads(text)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str), text[:300]
+
+  async def run():
+    limit = asyncio.Semaphore(16)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+      await asyncio.gather(*(one(session, limit, path, raw) for path, raw in bodies))
+  asyncio.run(run())
+  assert sum(statuses.values()) == len(bodies) and statuses[200] > 0 and statuses[400] > len(bodies) // 2, statuses
+  assert request("GET", f"{live.url}/health")[0] == 200
+  wait_until_idle(live.url)
+  assert live.client().completions.create(model="tiny", prompt="hi", max_tokens=2, **GREEDY).usage.completion_tokens == 2
 
 
 # ---- the chat page in a real browser --------------------------------------------------------------------------------

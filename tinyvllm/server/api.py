@@ -223,7 +223,8 @@ class OpenAIServer:
   async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
     """Every error leaves as OpenAI's {"error": {...}} JSON, unknown routes and crashes included."""
     try: return await handler(request)
-    except APIError as e: return web.json_response(e.body(), status=e.status, headers=e.headers)
+    except APIError as e:
+      return web.json_response(e.body(), status=e.status, headers=e.headers)
     except web.HTTPException as e:
       if e.status < 400: raise
       allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}     # a 405 names the methods that work
@@ -415,10 +416,10 @@ async def start(server: OpenAIServer, host: str, port: int) -> web.AppRunner:
   """Listen on host:port (HTTPS when the config names a key and certificate). handler_cancellation makes a client's
   hang-up cancel its handler (and so abort its engine request) at once, instead of at the next write. aiohttp's
   keep-alive timer also closes a connection that sends no complete request head in time, so it is the header
-  timeout."""
+  timeout; what remains of a body the handler gave up on is read (and dropped) for at most body_timeout more."""
   config = server.config
   runner = web.AppRunner(server.app, handler_cancellation=True, shutdown_timeout=1.0,
-                         keepalive_timeout=config.header_timeout)
+                         keepalive_timeout=config.header_timeout, lingering_time=config.body_timeout)
   await runner.setup()
   context = None
   if config.ssl_certfile:
