@@ -2,7 +2,8 @@
 
   latency     batch 1: time to first token, time per output token, decode tokens/s
   throughput  N requests submitted at once: requests/s, output tokens/s, total tokens/s
-  serve       a running server (--base-url) or one started here (default): TTFT/TPOT/ITL/E2EL percentiles
+  serve       a running server (--base-url) or one started here (default): TTFT/TPOT/ITL/E2EL percentiles, beside
+              the offline throughput of the same requests; lengths vary and sampling is mixed by default
   prefix      shared system prompt and multi-turn chat, prefix cache on vs off
   sampling    decode step time with greedy requests vs every sampling knob on, at several batch sizes
   diffusion   a diffusion LM: LLaDA decoding vs Fast-dLLM threshold decoding, with and without its prefix cache
@@ -15,13 +16,15 @@ Metric definitions: tinyvllm/benchmark/metrics.py.
   python bench.py latency --input-len 128 --output-len 32 --compare llama.cpp tinygrad.llm --llama-cpp-bin BIN
   python bench.py throughput --load-format dummy --shape llama-1b --num-prompts 256 --json out.json
   python bench.py serve --request-rate 4 --num-prompts 64
+  python bench.py serve --random-range-ratio 0 --sampling-mix greedy      # fixed lengths, all greedy
 """
 from __future__ import annotations
 import argparse
 import os
 import sys
 from tinyvllm.benchmark import commands
-from tinyvllm.benchmark.report import table, write_json
+from tinyvllm.benchmark.report import describe_workload, table, write_json
+from tinyvllm.benchmark.workloads import SAMPLING_MIXES
 from tinyvllm.config import EngineArgs
 
 
@@ -30,9 +33,9 @@ def common_parser() -> argparse.ArgumentParser:
   EngineArgs.add_cli_args(common.add_argument_group("engine"))
   out = common.add_argument_group("output and peers")
   out.add_argument("--json", metavar="FILE", help="write every metric, the configuration and machine facts here")
-  out.add_argument("--warmup", type=int, default=2, help="warmup runs of the workload (other tokens, same lengths); "
-                   "the engine captures a shape on its first call, the diffusion sampler on its second, "
-                   "so 2 leave nothing to compile")
+  out.add_argument("--warmup", type=int, default=2, help="warmup runs of the workload (other tokens, same lengths; "
+                   "serve: other lengths and sampling too, like earlier traffic); the engine captures a shape on its "
+                   "first call, the diffusion sampler on its second, so 2 leave nothing to compile")
   out.add_argument("--compare", nargs="*", default=[], choices=commands.PEERS, help="peers to measure as well")
   out.add_argument("--llama-cpp-bin", help="directory with llama-bench, llama-batched-bench, llama-server "
                                            "(default: $LLAMA_CPP_BIN)")
@@ -54,19 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-iters", type=int, default=10)
   p.set_defaults(func=commands.latency)
 
-  for name, func, help_text in (("throughput", commands.throughput, "offline: N requests at once"),
-                                ("serve", commands.serve, "an OpenAI-compatible server, streamed")):
+  # vLLM's random dataset; `serve` defaults to traffic that varies (lengths, sampling), `throughput` to fixed shapes
+  for name, func, help_text, range_ratio, mix in (
+      ("throughput", commands.throughput, "offline: N requests at once", 0.0, "greedy"),
+      ("serve", commands.serve, "an OpenAI-compatible server, streamed", 0.5, "mixed")):
     p = sub.add_parser(name, parents=common, help=help_text)
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths drawn from len × [1-r, 1+r]")
+    p.add_argument("--random-input-len", "--input-len", dest="input_len", type=int, default=128)
+    p.add_argument("--random-output-len", "--output-len", dest="output_len", type=int, default=128)
+    p.add_argument("--random-range-ratio", type=float, default=range_ratio,
+                   help="each request's lengths drawn uniformly from len × [1-r, 1+r]")
+    p.add_argument("--random-prefix-len", type=int, default=0, help="tokens every prompt starts with")
+    p.add_argument("--sampling-mix", choices=SAMPLING_MIXES, default=mix,
+                   help="mixed: mostly greedy, some temperature, top-p/top-k, logprobs, penalties (seeded per request)")
     p.set_defaults(func=func)
   p.add_argument("--base-url", help="a running server (default: start `python serve.py` here)")
   p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
   p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1: Poisson")
   p.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
   p.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for a started server")
+  p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
+                 help="also run the same requests through the engine in this process (not with --base-url)")
 
   p = sub.add_parser("prefix", parents=common, help="shared prefix + multi-turn chat, prefix cache on vs off")
   p.add_argument("--num-prompts", type=int, default=32, help="questions sharing one system prompt")
@@ -97,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
   engine_args = EngineArgs.from_cli_args(args)
   engine_args.max_model_len = engine_args.max_model_len or commands.workload_len(args)
   result = args.func(args, engine_args)
+  if "workload" in result: print(f"workload: {describe_workload(result['workload'])}")
   print(table(f"bench {args.benchmark}", result["headline"], result["columns"]))
   for name, column in result["columns"].items():
     if "skipped" in column or "error" in column: print(f"{name}: {column.get('skipped') or column.get('error')}")

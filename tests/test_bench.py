@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aiohttp import web
-from tinyvllm.benchmark import peers, serving
+from tinyvllm.benchmark import commands, peers, serving
 from tinyvllm.benchmark.metrics import RequestTiming, distribution, latency_metrics, serving_metrics
-from tinyvllm.benchmark.report import lookup, ratios, table
-from tinyvllm.benchmark.workloads import chat_requests, random_requests, shared_prefix_requests
+from tinyvllm.benchmark.report import describe_workload, lookup, ratios, table
+from tinyvllm.benchmark.workloads import chat_requests, random_requests, shared_prefix_requests, summary
+from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.config import SHAPES, EngineArgs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,24 @@ def test_random_requests_are_seeded_and_variants_share_lengths():
   assert a[0].prompt_token_ids != b[0].prompt_token_ids
 
 
+def test_random_requests_with_prefix_and_mixed_sampling():
+  a = random_requests(200, 40, 30, 1000, seed=5, range_ratio=0.5, prefix_len=16, sampling="mixed")
+  assert a == random_requests(200, 40, 30, 1000, seed=5, range_ratio=0.5, prefix_len=16, sampling="mixed")
+  assert a != random_requests(200, 40, 30, 1000, seed=6, range_ratio=0.5, prefix_len=16, sampling="mixed")
+  assert all(16 + 20 <= len(r.prompt_token_ids) <= 16 + 60 and 15 <= r.output_len <= 45 for r in a)
+  assert len({tuple(r.prompt_token_ids[:16]) for r in a}) == 1
+  assert len({len(r.prompt_token_ids) for r in a}) > 10 and len({r.output_len for r in a}) > 10
+  for r in a: SamplingParams(max_tokens=r.output_len, **r.sampling)       # every mix is a valid request
+  s = summary(a)
+  assert 70 <= s["greedy"] <= 130 and s["top_p"] and s["top_k"] and s["frequency_penalty"] and s["logprobs"]
+  assert all(1 <= r.sampling["logprobs"] <= 5 for r in a if "logprobs" in r.sampling)
+  assert all("seed" in r.sampling for r in a if r.sampling["temperature"] > 0)
+  assert s["prompt_len"]["min"] >= 36 and "200 requests" in describe_workload(s)
+  greedy = random_requests(200, 40, 30, 1000, seed=5, range_ratio=0.5, sampling="greedy")   # same lengths
+  assert all(r.sampling == {"temperature": 0.0} for r in greedy)
+  assert [r.output_len for r in greedy] == [r.output_len for r in a]
+
+
 def test_shared_prefix_and_chat():
   shared = shared_prefix_requests(4, 32, 8, 5, 1000)
   assert len({tuple(r.prompt_token_ids[:32]) for r in shared}) == 1
@@ -95,6 +114,27 @@ def test_arrival_offsets():
   offsets = serving.arrival_offsets(10, 4.0, seed=1)
   assert offsets == sorted(offsets) and offsets[-1] == pytest.approx(10 / 4.0)
   assert offsets == serving.arrival_offsets(10, 4.0, seed=1) != serving.arrival_offsets(10, 4.0, seed=2)
+  for burstiness in (1.0, 0.25):        # gamma gaps: mean 1/rate whatever the shape, coefficient of variation 1/√shape
+    gaps = np.diff([0.0, *serving.arrival_offsets(4000, 8.0, burstiness, seed=0)])
+    assert gaps.mean() == pytest.approx(1 / 8.0) and gaps.std() / gaps.mean() == pytest.approx(burstiness ** -0.5, 0.1)
+
+
+def test_serve_defaults_and_warmups_that_do_not_rehearse(bench):
+  args = bench.build_parser().parse_args(["serve", "--num-prompts", "32"])
+  assert (args.random_range_ratio, args.sampling_mix, args.request_rate) == (0.5, "mixed", float("inf"))
+  make = commands._serving_workload(args, 1000)
+  measured, warmup = make(0), make(1)
+  assert measured == random_requests(32, 128, 128, 1000, args.seed, 0.5, sampling="mixed")   # what offline runs
+  assert [r.output_len for r in warmup] != [r.output_len for r in measured]   # other shapes: no rehearsal
+
+
+def test_prometheus_value():
+  page = "# HELP tinyvllm:graph_builds_total Graphs.\n# TYPE tinyvllm:graph_builds_total counter\n" \
+         'tinyvllm:graph_builds_total{model_name="m",kind="decode"} 3\ntinyvllm:graph_builds_total{kind="prefill"} 4.0\n' \
+         "tinyvllm:graph_builds_totalx 9\nvllm:num_requests_running 1\n"
+  assert serving.prometheus_value(page, serving.GRAPH_BUILDS) == 7.0
+  assert serving.prometheus_value(page, "vllm:num_requests_running") == 1.0
+  assert serving.prometheus_value(page, "vllm:missing") is None
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -222,17 +262,31 @@ def test_smoke(bench, argv, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not (REPO / "serve.py").exists(), reason="serve.py is not there yet")
-def test_smoke_serve(bench, monkeypatch):
+def test_smoke_serve(bench, monkeypatch, tmp_path, capsys):
   """`serve` starts `python serve.py --load-format dummy --shape tiny` and streams from it; the server process
   registers the tiny shape before serve.py runs."""
   shim = f"import runpy, sys; from tinyvllm.config import SHAPES; SHAPES['tiny'] = {TINY!r}; " \
          "sys.argv = sys.argv[1:]; runpy.run_path('serve.py', run_name='__main__')"
   real_command = serving.serve_command
   monkeypatch.setattr(serving, "serve_command", lambda *a: [sys.executable, "-c", shim, *real_command(*a)[1:]])
-  result = bench.main(["serve", "--load-format", "dummy", "--shape", "tiny", "--max-num-seqs", "4", "--warmup", "0",
-                       "--num-prompts", "4", "--input-len", "8", "--output-len", "4"])
-  tinyvllm = result["columns"]["tinyvllm"]
-  assert (tinyvllm["completed"], tinyvllm["failed"], tinyvllm["total_output_tokens"]) == (4, 0, 16)
+  # greedy: on a CPU every new sampling configuration compiles kernels, which would take minutes here
+  bench.main(["serve", "--load-format", "dummy", "--shape", "tiny", "--max-num-seqs", "4", "--warmup", "0",
+              "--num-prompts", "6", "--random-input-len", "8", "--random-output-len", "4", "--random-prefix-len", "4",
+              "--request-rate", "20", "--sampling-mix", "greedy", "--json", str(tmp_path / "out.json")])
+  saved = json.loads((tmp_path / "out.json").read_text())
+  serve, offline = saved["columns"]["tinyvllm"], saved["columns"]["offline"]
+  workload = saved["workload"]
+  assert (serve["completed"], serve["failed"]) == (offline["completed"], 0) == (6, 0)
+  # the same requests both ways: varied lengths (range ratio 0.5 by default), forced to their length
+  assert serve["total_output_tokens"] == offline["total_output_tokens"] == 6 * workload["output_len"]["mean"]
+  assert serve["total_input_tokens"] == offline["total_input_tokens"] == 6 * workload["prompt_len"]["mean"]
+  assert workload["prompt_len"]["min"] >= 4 + 4 and workload["prompt_len"]["max"] <= 4 + 12
+  assert saved["ratios"]["tinyvllm/offline"]["output_throughput"] == \
+    pytest.approx(serve["output_throughput"] / offline["output_throughput"])
+  assert saved["options"]["request_rate"] == 20 and saved["options"]["random_range_ratio"] == 0.5
+  if "graph_builds" in serve:              # servers that count their graph builds
+    assert serve["graph_builds"] == serve["graph_builds_after"] - serve["graph_builds_before"] >= 0
+  assert "tinyvllm/offline" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

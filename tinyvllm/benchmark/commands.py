@@ -5,6 +5,8 @@ A result is what `--json` writes:
    "columns": {"tinyvllm": metrics, peer: metrics, ...}, "ratios": {"tinyvllm/peer": {metric: ratio}},
    "headline": [(label, metric path), ...]}          the rows of the printed table
 Peers run after tinyvllm has released its memory, on the very requests tinyvllm ran (same seed, same token ids).
+`serve` adds a column "offline": the same requests through the engine in this process, all submitted at once and
+warmed up on their own shapes (what `throughput` measures), so tinyvllm/offline is what serving them costs.
 """
 from __future__ import annotations
 import argparse
@@ -17,7 +19,7 @@ from tinygrad import Device
 from tinyvllm.benchmark import offline, peers, serving
 from tinyvllm.benchmark.diffusion import bench_diffusion
 from tinyvllm.benchmark.report import Row, machine_info, ratios
-from tinyvllm.benchmark.workloads import Workload, chat_requests, random_requests, shared_prefix_requests
+from tinyvllm.benchmark.workloads import Workload, chat_requests, random_requests, shared_prefix_requests, summary
 from tinyvllm.config import SHAPES, EngineArgs
 from tinyvllm.engine import LLMEngine
 from tinyvllm.llm import create_engine
@@ -38,6 +40,8 @@ SERVE_ROWS: list[Row] = [("completed", "completed"), ("failed", "failed"), *THRO
                          *((f"{name} {stat} (ms)", f"{key}_ms.{stat}") for name, key in
                            (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2EL", "e2el"))
                            for stat in ("mean", "p50", "p90", "p99"))]
+GRAPH_BUILD_ROWS: list[Row] = [("graphs built before", "graph_builds_before"), ("graphs built after", "graph_builds_after"),
+                               ("graphs built during the run", "graph_builds")]
 PREFIX_ROWS: list[Row] = [(f"{workload} {label}", f"{workload}.{path}") for workload in ("shared_prefix", "chat")
                           for label, path in (*THROUGHPUT_ROWS[:2], ("TTFT mean (ms)", "ttft_ms.mean"),
                                               ("prefix cache hit rate", "prefix_cache_hit_rate"))]
@@ -88,7 +92,7 @@ def workload_len(args: argparse.Namespace) -> int | None:
   if args.benchmark == "diffusion": return None        # text prompts, no KV pool: the model's context bounds them
   if args.benchmark == "prefix": return args.prefix_len + args.turns * (args.question_len + args.output_len)
   stretch = 1 + getattr(args, "random_range_ratio", 0.0)
-  return int(args.input_len * stretch) + int(args.output_len * stretch) + 1
+  return getattr(args, "random_prefix_len", 0) + int(args.input_len * stretch) + int(args.output_len * stretch) + 1
 
 
 def _peer_columns(args: argparse.Namespace, measurements: dict[str, Callable[[], dict]]) -> dict[str, dict]:
@@ -116,14 +120,27 @@ def latency(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
   return _result("latency", args, engine_args, {"tinyvllm": ours, **theirs}, LATENCY_ROWS)
 
 
-def _random_workload(args: argparse.Namespace, vocab: int) -> Workload:
-  return lambda variant: random_requests(args.num_prompts, args.input_len, args.output_len, vocab, args.seed,
-                                         args.random_range_ratio, variant)
+def _random_workload(args: argparse.Namespace, vocab: int, seed: int | None = None) -> Workload:
+  return lambda variant: random_requests(args.num_prompts, args.input_len, args.output_len, vocab,
+                                         args.seed if seed is None else seed, args.random_range_ratio, variant,
+                                         args.random_prefix_len, args.sampling_mix)
+
+
+def _serving_workload(args: argparse.Namespace, vocab: int) -> Workload:
+  """The measured requests as variant 0; warmups are other traffic from the same distribution (their own lengths
+  and sampling), not a rehearsal of the measured shapes: a server that compiles a graph per new shape on the
+  request path then pays for it in the measured run, as it would in service."""
+  measured = _random_workload(args, vocab)
+  return lambda variant: measured(0) if variant == 0 else _random_workload(args, vocab, args.seed + variant)(variant)
+
+
+def _offline_throughput(args: argparse.Namespace, engine_args: EngineArgs, make: Workload) -> dict:
+  return _measure_tinyvllm(engine_args, lambda engine: offline.throughput(engine, make, args.warmup))
 
 
 def throughput(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
   make = _random_workload(args, vocab_size(engine_args))
-  ours = _measure_tinyvllm(engine_args, lambda engine: offline.throughput(engine, make, args.warmup))
+  ours = _offline_throughput(args, engine_args, make)
   theirs = _peer_columns(args, {
     "llama.cpp": lambda: peers.llama_cpp_throughput(args.llama_cpp_bin, _gguf(engine_args), args.num_prompts,
                                                     args.input_len, args.output_len, args.threads,
@@ -134,7 +151,7 @@ def throughput(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
 
 
 def _serve_against(base_url: str, args: argparse.Namespace, vocab: int) -> dict:
-  return serving.benchmark(base_url, _random_workload(args, vocab), args.warmup, request_rate=args.request_rate,
+  return serving.benchmark(base_url, _serving_workload(args, vocab), args.warmup, request_rate=args.request_rate,
                            max_concurrency=args.max_concurrency, burstiness=args.burstiness, seed=args.seed)
 
 
@@ -145,8 +162,14 @@ def serve(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
     port = serving.free_port()
     with serving.launch_server(serving.serve_command(engine_args, port), port, args.ready_timeout) as url:
       ours = _serve_against(url, args, vocab)
+  # a server at --base-url may run other engine arguments, and holds the memory an engine here would need
+  same_offline = {"skipped": "the server at --base-url is not this process's engine"} if args.base_url else \
+    {"skipped": "--no-offline"} if not args.offline else \
+    _offline_throughput(args, engine_args, _random_workload(args, vocab))
   theirs = _peer_columns(args, {"llama.cpp": lambda: _serve_llama_server(args, engine_args, vocab)})
-  return _result("serve", args, engine_args, {"tinyvllm": ours, **theirs}, SERVE_ROWS)
+  rows = SERVE_ROWS + [row for row in GRAPH_BUILD_ROWS if row[1] in ours]
+  result = _result("serve", args, engine_args, {"tinyvllm": ours, "offline": same_offline, **theirs}, rows)
+  return result | {"workload": summary(_random_workload(args, vocab)(0))}
 
 
 def _serve_llama_server(args: argparse.Namespace, engine_args: EngineArgs, vocab: int) -> dict:
@@ -154,7 +177,7 @@ def _serve_llama_server(args: argparse.Namespace, engine_args: EngineArgs, vocab
   slots = args.max_concurrency or args.num_prompts
   port, server = serving.free_port(), peers.llama_cpp_tool(args.llama_cpp_bin, "llama-server")
   command = [str(server), "-m", str(_gguf(engine_args)), "--host", "127.0.0.1", "--port", str(port),
-             "-t", str(args.threads), "-np", str(slots), "-c", str(slots * (args.input_len * 2 + args.output_len * 2))]
+             "-t", str(args.threads), "-np", str(slots), "-c", str(slots * workload_len(args))]
   with serving.launch_server(command, port, args.ready_timeout, ready_path="/health") as url:
     return _serve_against(url, args, vocab) | {"command": " ".join(command)}
 

@@ -35,7 +35,7 @@ def run_requests(engine: LLMEngine, requests: list[Request], label: str = "") ->
 
   def submit(req: Request) -> None:
     # "delta" outputs: each step hands over only the new tokens, as a streaming client would see them
-    params = SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True, output_kind="delta")
+    params = SamplingParams(max_tokens=req.output_len, ignore_eos=True, output_kind="delta", **req.sampling)
     timing = RequestTiming(time.perf_counter(), prompt_tokens=len(req.prompt_token_ids))
     live[engine.add_request(req.prompt_token_ids, params)] = (req, timing, [])
 

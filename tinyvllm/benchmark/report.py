@@ -54,7 +54,8 @@ def lookup(metrics: dict, path: str) -> float | None:
   return metrics if isinstance(metrics, (int, float)) else None
 
 
-COUNTS = {"completed", "failed"}     # headline rows that are tallies, not speeds: no ratio
+# headline rows that are tallies, not speeds: no ratio
+COUNTS = {"completed", "failed", "graph_builds_before", "graph_builds_after", "graph_builds"}
 
 
 def ratios(columns: dict[str, dict], rows: list[Row]) -> dict[str, dict[str, float]]:
@@ -81,6 +82,14 @@ def table(title: str, rows: list[Row], columns: dict[str, dict]) -> str:
   fmt = lambda line: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
   rule = "=" * len(fmt(header))
   return "\n".join([f" {title} ".center(len(rule), "="), fmt(header), *map(fmt, body), rule])
+
+
+def describe_workload(summary: dict) -> str:
+  """One line from `workloads.summary`: `64 requests, prompt 64-192 tokens (mean 127), ..., 31 greedy, 3 logprobs`."""
+  lengths = [f"{name} {s['min']}-{s['max']} tokens (mean {s['mean']:.0f})"
+             for name, s in ((name, summary[f"{name}_len"]) for name in ("prompt", "output"))]
+  uses = [f"{count} {name}" for name, count in summary.items() if isinstance(count, int) and count and name != "requests"]
+  return ", ".join([f"{summary['requests']} requests", *lengths, *uses])
 
 
 def _cpu_model() -> str:

@@ -1,7 +1,7 @@
 """`serve`: an OpenAI-compatible server measured from outside, the way vLLM's `benchmark_serving` measures one.
 
-Each request is a streamed POST /v1/completions (`"stream": true`, prompt as token ids, `ignore_eos`, greedy). The
-client notes when it sent the request and when every server-sent-events chunk that carries `choices` arrived; the
+Each request is a streamed POST /v1/completions (`"stream": true`, prompt as token ids, `ignore_eos`, and the
+request's sampling fields: greedy, or a mix of temperature, top-p/top-k, logprobs and penalties). The client notes when it sent the request and when every server-sent-events chunk that carries `choices` arrived; the
 `usage` chunk at the end (`stream_options.include_usage`) gives the number of output tokens (without it, the number
 of chunks with text: one token each on llama-server). A request that errs, or ends without a single chunk, is
 *failed*. Those timestamps are all `metrics.py`
@@ -12,6 +12,10 @@ Requests go out either all at once (`request_rate=inf`) or as a Poisson process 
 
     rate 2/s:      ──R1──────R2──R3─────────R4──R5──────►  (seeded, rescaled so the last one leaves at n / rate)
     concurrency 2: R3 waits until R1 or R2 finished
+
+The server's own count of graphs it built (`tinyvllm:graph_builds_total` on GET /metrics, where it has one) is read
+before and after the measured run: a server that compiles a graph for every new batch shape does so on the request
+path, and the count says how often that happened while the client was timing it.
 
 `launch_server` starts `python serve.py` (or llama-server, as a peer) on 127.0.0.1 and waits until GET /health/ready
 (llama-server: /health) answers 200; any other server that speaks /v1/completions can be measured via `--base-url`.
@@ -55,7 +59,7 @@ def _sse_data(line: bytes) -> dict | None:
 
 
 async def send_request(session: aiohttp.ClientSession, url: str, model: str | None, req: Request) -> RequestTiming:
-  payload = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.output_len, "temperature": 0.0,
+  payload = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.output_len, **req.sampling,
              "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
   timing = RequestTiming(time.perf_counter(), prompt_tokens=len(req.prompt_token_ids))
   try:
@@ -115,18 +119,43 @@ async def run_serving(base_url: str, requests: list[Request], request_rate: floa
   return list(timings), duration
 
 
+GRAPH_BUILDS = "tinyvllm:graph_builds_total"
+
+
+def prometheus_value(text: str, name: str) -> float | None:
+  """The sum over label sets of metric `name` in a Prometheus text page; None when the page does not have it."""
+  values = [float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")]
+  return sum(values) if values else None
+
+
+def scrape(base_url: str, name: str) -> float | None:
+  """`name` from GET /metrics; None when the server has no such page or metric."""
+  async def get() -> str:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+      async with session.get(f"{base_url}/metrics") as response:
+        return await response.text() if response.status == 200 else ""
+  try: return prometheus_value(asyncio.run(get()), name)
+  except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError): return None
+
+
 def benchmark(base_url: str, make: Workload, warmup: int, **kwargs) -> dict:
-  """`make(variant)` builds the workload; variants 1..`warmup` run first with the same settings (so the server
-  compiles every shape the measured run needs), variant 0 is measured."""
+  """`make(variant)` builds the workload; variants 1..`warmup` run first with the same settings, variant 0 is
+  measured. Whether the warmups rehearse the measured shapes is up to `make`."""
   for i in range(warmup): asyncio.run(run_serving(base_url, make(i + 1), label=f"serve warmup {i + 1}", **kwargs))
+  builds_before = scrape(base_url, GRAPH_BUILDS)
   timings, duration = asyncio.run(run_serving(base_url, make(0), **kwargs))
+  builds_after = scrape(base_url, GRAPH_BUILDS)
   done = [t for t in timings if t.success]
   if done and all(len(t.chunk_times) == 1 < t.output_tokens for t in done):
     print("warning: the server sent each response in one chunk, so TTFT is the whole response and there is no ITL "
           "(a server without a tokenizer that streams only non-empty text does this)", file=sys.stderr)
   errors = sorted({t.error for t in timings if not t.success})
   for error in errors[:10]: print(f"failed request: {error}", file=sys.stderr)
-  return serving_metrics(timings, duration) | {"errors": errors[:10]}
+  builds = {} if builds_before is None or builds_after is None else \
+    {"graph_builds_before": builds_before, "graph_builds_after": builds_after,
+     "graph_builds": builds_after - builds_before}
+  return serving_metrics(timings, duration) | builds | {"errors": errors[:10]}
 
 
 def free_port() -> int:
