@@ -114,7 +114,7 @@ def test_arrival_offsets():
   offsets = serving.arrival_offsets(10, 4.0, seed=1)
   assert offsets == sorted(offsets) and offsets[-1] == pytest.approx(10 / 4.0)
   assert offsets == serving.arrival_offsets(10, 4.0, seed=1) != serving.arrival_offsets(10, 4.0, seed=2)
-  for burstiness in (1.0, 0.25):        # gamma gaps: mean 1/rate whatever the shape, coefficient of variation 1/√shape
+  for burstiness in (1.0, 0.25):        # gamma gaps: mean 1/rate for any shape, coefficient of variation 1/√shape
     gaps = np.diff([0.0, *serving.arrival_offsets(4000, 8.0, burstiness, seed=0)])
     assert gaps.mean() == pytest.approx(1 / 8.0) and gaps.std() / gaps.mean() == pytest.approx(burstiness ** -0.5, 0.1)
 
@@ -130,7 +130,8 @@ def test_serve_defaults_and_warmups_that_do_not_rehearse(bench):
 
 def test_prometheus_value():
   page = "# HELP tinyvllm:graph_builds_total Graphs.\n# TYPE tinyvllm:graph_builds_total counter\n" \
-         'tinyvllm:graph_builds_total{model_name="m",kind="decode"} 3\ntinyvllm:graph_builds_total{kind="prefill"} 4.0\n' \
+         'tinyvllm:graph_builds_total{model_name="m",kind="decode"} 3\n' \
+         'tinyvllm:graph_builds_total{kind="prefill"} 4.0\n' \
          "tinyvllm:graph_builds_totalx 9\nvllm:num_requests_running 1\n"
   assert serving.prometheus_value(page, serving.GRAPH_BUILDS) == 7.0
   assert serving.prometheus_value(page, "vllm:num_requests_running") == 1.0
@@ -271,15 +272,15 @@ def test_smoke_serve(bench, monkeypatch, tmp_path, capsys):
   monkeypatch.setattr(serving, "serve_command", lambda *a: [sys.executable, "-c", shim, *real_command(*a)[1:]])
   # greedy: on a CPU every new sampling configuration compiles kernels, which would take minutes here
   bench.main(["serve", "--load-format", "dummy", "--shape", "tiny", "--max-num-seqs", "4", "--warmup", "0",
-              "--num-prompts", "6", "--random-input-len", "8", "--random-output-len", "4", "--random-prefix-len", "4",
+              "--num-prompts", "4", "--random-input-len", "8", "--random-output-len", "4", "--random-prefix-len", "4",
               "--request-rate", "20", "--sampling-mix", "greedy", "--json", str(tmp_path / "out.json")])
   saved = json.loads((tmp_path / "out.json").read_text())
   serve, offline = saved["columns"]["tinyvllm"], saved["columns"]["offline"]
   workload = saved["workload"]
-  assert (serve["completed"], serve["failed"]) == (offline["completed"], 0) == (6, 0)
+  assert (serve["completed"], serve["failed"]) == (offline["completed"], 0) == (4, 0)
   # the same requests both ways: varied lengths (range ratio 0.5 by default), forced to their length
-  assert serve["total_output_tokens"] == offline["total_output_tokens"] == 6 * workload["output_len"]["mean"]
-  assert serve["total_input_tokens"] == offline["total_input_tokens"] == 6 * workload["prompt_len"]["mean"]
+  assert serve["total_output_tokens"] == offline["total_output_tokens"] == 4 * workload["output_len"]["mean"]
+  assert serve["total_input_tokens"] == offline["total_input_tokens"] == 4 * workload["prompt_len"]["mean"]
   assert workload["prompt_len"]["min"] >= 4 + 4 and workload["prompt_len"]["max"] <= 4 + 12
   assert saved["ratios"]["tinyvllm/offline"]["output_throughput"] == \
     pytest.approx(serve["output_throughput"] / offline["output_throughput"])

@@ -40,7 +40,8 @@ SERVE_ROWS: list[Row] = [("completed", "completed"), ("failed", "failed"), *THRO
                          *((f"{name} {stat} (ms)", f"{key}_ms.{stat}") for name, key in
                            (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2EL", "e2el"))
                            for stat in ("mean", "p50", "p90", "p99"))]
-GRAPH_BUILD_ROWS: list[Row] = [("graphs built before", "graph_builds_before"), ("graphs built after", "graph_builds_after"),
+GRAPH_BUILD_ROWS: list[Row] = [("graphs built before", "graph_builds_before"),
+                               ("graphs built after", "graph_builds_after"),
                                ("graphs built during the run", "graph_builds")]
 PREFIX_ROWS: list[Row] = [(f"{workload} {label}", f"{workload}.{path}") for workload in ("shared_prefix", "chat")
                           for label, path in (*THROUGHPUT_ROWS[:2], ("TTFT mean (ms)", "ttft_ms.mean"),

@@ -88,7 +88,8 @@ def describe_workload(summary: dict) -> str:
   """One line from `workloads.summary`: `64 requests, prompt 64-192 tokens (mean 127), ..., 31 greedy, 3 logprobs`."""
   lengths = [f"{name} {s['min']}-{s['max']} tokens (mean {s['mean']:.0f})"
              for name, s in ((name, summary[f"{name}_len"]) for name in ("prompt", "output"))]
-  uses = [f"{count} {name}" for name, count in summary.items() if isinstance(count, int) and count and name != "requests"]
+  uses = [f"{count} {name}" for name, count in summary.items()
+          if isinstance(count, int) and count and name != "requests"]
   return ", ".join([f"{summary['requests']} requests", *lengths, *uses])
 
 

@@ -1,11 +1,11 @@
 """`serve`: an OpenAI-compatible server measured from outside, the way vLLM's `benchmark_serving` measures one.
 
 Each request is a streamed POST /v1/completions (`"stream": true`, prompt as token ids, `ignore_eos`, and the
-request's sampling fields: greedy, or a mix of temperature, top-p/top-k, logprobs and penalties). The client notes when it sent the request and when every server-sent-events chunk that carries `choices` arrived; the
-`usage` chunk at the end (`stream_options.include_usage`) gives the number of output tokens (without it, the number
-of chunks with text: one token each on llama-server). A request that errs, or ends without a single chunk, is
-*failed*. Those timestamps are all `metrics.py`
-needs.
+request's sampling fields: greedy, or a mix of temperature, top-p/top-k, logprobs and penalties). The client notes
+when it sent the request and when every server-sent-events chunk that carries `choices` arrived; the `usage` chunk at
+the end (`stream_options.include_usage`) gives the number of output tokens (without it, the number of chunks with
+text: one token each on llama-server). A request that errs, or ends without a single chunk, is *failed*. Those
+timestamps are all `metrics.py` needs.
 
 Requests go out either all at once (`request_rate=inf`) or as a Poisson process of `request_rate` requests/s
 (gamma-distributed gaps with `burstiness` ≠ 1), optionally capped at `max_concurrency` requests in flight:
