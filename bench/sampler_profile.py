@@ -12,7 +12,7 @@ for name, p in SAMPLING_CONFIGS.items():
   rows = []
   for i in range(S):
     s = Sequence(str(i), rng.integers(0, V, 128).tolist(), p, seq_id=i); s.output_token_ids = rng.integers(0, V, 40).tolist(); rows.append(s)
-  plan, ints, floats = plan_and_pack(rows, 0, {2})
+  plan, ints, floats = plan_and_pack(rows, 0, {2}, max_adjusted=1024)
   logits = Tensor(rng.normal(size=(S, V)).astype(np.float32)).realize()
   args = (Tensor(ints).realize(), Tensor(floats).realize())
   sample(logits, unpack(*args, S, plan), plan).realize(); Device[Device.DEFAULT].synchronize()

@@ -105,9 +105,10 @@ def test_seeded_request_draws_the_same_tokens_alone_in_a_mixed_batch_and_when_pr
   assert seq.num_preemptions > 0 and done["seeded"] == alone
 
 
-def test_beam_searches_decode_graphs_only(monkeypatch):
-  """`--beam` applies to graphs of one token per row (they replay every step); a prefill chunk compiles without it.
-  The compile context is recorded instead of entered, so no search runs here."""
+def test_beam_searches_decode_sized_graphs_only(monkeypatch):
+  """`--beam` applies to model graphs of at most max_num_seqs tokens (decode steps, which replay every step); a step
+  with a long prompt chunk compiles without it. The compile context is recorded instead of entered, so no search
+  runs here."""
   import contextlib
   import tinyvllm.model_runner as model_runner
   seen: list[dict] = []
@@ -115,8 +116,7 @@ def test_beam_searches_decode_graphs_only(monkeypatch):
   engine = LLMEngine(EngineArgs(**TINY, beam=2))
   engine.add_request(list(range(1, 20)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
   while engine.has_unfinished_requests(): engine.step()
-  queries = [g.shape.Q for g in engine.runner.graphs.values()]
-  assert 1 in queries and any(q > 1 for q in queries)
+  assert sorted(shape.T for shape in engine.runner.models) == [1, 32]
   assert seen == [{}, {"BEAM": 2}, {"BEAM": 2}]                   # one prefill step, then two decode steps
 
 
@@ -205,3 +205,23 @@ def test_steps_prepared_while_the_last_one_runs_give_the_tokens_of_one_step_at_a
       assert tokens == tokens_1
       for step, step_1 in zip(logprobs or [], logprobs_1 or []):
         assert step.keys() == step_1.keys() and all(abs(step[t] - step_1[t]) < 1e-4 for t in step)
+
+
+def test_paged_attention_equals_the_gather_reference():
+  """The fast path (kernels that read the pool through the block tables) and the readable reference (a dense copy
+  of each token's context, then tinygrad's attention) give the same tokens and logprobs, with prompts chunked across
+  steps, decodes and prompt chunks in one batch, and contexts of different lengths."""
+  results = {}
+  for backend in ("paged", "gather"):
+    engine = LLMEngine(EngineArgs(**TINY, num_kv_blocks=40, attention_backend=backend))
+    for i in range(4):
+      params = SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_tokens=6, logprobs=3, ignore_eos=True)
+      engine.add_request([(7 * i + 5 * j) % 500 + 1 for j in range(7 + 13 * i)], params, request_id=str(i))
+    results[backend] = {o.request_id: o.outputs[0] for _ in range(100) if engine.has_unfinished_requests()
+                        for o in engine.step() if o.finished}
+  assert len(results["paged"]) == 4
+  for request_id, fast in results["paged"].items():
+    reference = results["gather"][request_id]
+    assert fast.token_ids == reference.token_ids
+    for a, b in zip(fast.logprobs, reference.logprobs):
+      assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)

@@ -1,13 +1,17 @@
-"""Paged decode attention against numpy: each row's query, rotated, attends over its context read through its block
-table (blocks out of order, a padding row pointing at the null block), grouped-query heads, contexts of different
-lengths ending mid-block, and a lone sequence with no padding row. Both kernels: the CPU's (a thread per sequence
-and head) and the GPU's (a thread block per sequence and KV head). A CPU has no thread blocks, so there the GPU's
+"""Paged attention against numpy: each token's query, rotated, attends over its sequence's context up to its own
+position, read through the sequence's block table (blocks out of order, tables narrower than the buffer that holds
+them, a padding token pointing at the null block): grouped-query heads, contexts of different lengths ending
+mid-block, several tokens of one sequence (a prompt chunk, causal), and a lone token. Three ways: the CPU's kernel
+(a thread per token and head), the GPU's (a thread block per token and KV head), and the readable reference (a
+dense copy of each token's context, then tinygrad's attention). A CPU has no thread blocks, so there the GPU's
 runs on tinygrad's CUDA emulator (`PYTHON::sm_80`), every thread and barrier as a GPU would run them; a GPU runs it
 natively as well."""
 import numpy as np
 import pytest
 from tinygrad import Context, Device, Tensor
-from tinyvllm.model.paged_attention import decode_attention
+from tinygrad import dtypes
+from tinyvllm.model.llama import apply_rope
+from tinyvllm.model.paged_attention import BlockTables, NewKV, attention, context_blocks, paged_attention, write_and_gather
 
 ON_GPU = Device[Device.DEFAULT].renderer.has_local
 
@@ -18,39 +22,52 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-@pytest.fixture(params=["cpu_kernel", "gpu_kernel_emulated"] + (["gpu_kernel"] if ON_GPU else []))
+@pytest.fixture(params=["cpu_kernel", "gpu_kernel_emulated", "reference"] + (["gpu_kernel"] if ON_GPU else []))
 def kernel(request):
-  """(device, whether to run the thread-block kernel)"""
+  """(device, which way: the thread-block kernel True, the CPU's False, the dense reference None)"""
   if request.param == "gpu_kernel_emulated":
     with Context(DEV=f"{Device.DEFAULT};PYTHON::sm_80"): yield "PYTHON", True
-  else: yield Device.DEFAULT, request.param == "gpu_kernel"
+  else: yield Device.DEFAULT, {"gpu_kernel": True, "cpu_kernel": False, "reference": None}[request.param]
 
 
-@pytest.mark.parametrize("H,KVH,D,block_size,lengths,padding_rows", [
-  (6, 2, 32, 4, [10, 3, 16], 1),       # 3 query heads a KV head, contexts ending mid-block and at a block's end
-  (4, 1, 64, 16, [150, 1, 129], 1),    # one KV head; past 4 warps × 32 tokens, so each warp takes a second chunk
-  (8, 8, 32, 16, [37], 0),             # a lone sequence (batch-1 decode), one query head a KV head
+@pytest.mark.parametrize("H,KVH,D,block_size,lengths,queries,padding", [
+  (6, 2, 32, 4, [10, 3, 16], [1, 1, 1], 1),   # 3 query heads a KV head, contexts ending mid-block and at a block's end
+  (4, 1, 64, 16, [150, 1, 129], [1, 1, 3], 1),  # past 4 warps × 32 tokens (a second chunk a warp); a 3-token chunk
+  (8, 8, 32, 16, [37], [1], 0),               # a lone token (batch-1 decode), one query head a KV head
+  (4, 2, 32, 4, [9, 20], [9, 5], 2),           # a whole prompt and a chunk of another: each token sees up to itself
 ])
-def test_decode_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, padding_rows):
+def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, queries, padding):
   device, thread_blocks = kernel
   rng = np.random.default_rng(0)
-  blocks_per_row = -(-max(lengths) // block_size)
-  S, num_blocks = len(lengths) + padding_rows, len(lengths) * blocks_per_row + 1   # block 0: the null block
+  blocks = -(-max(lengths) // block_size)
+  max_blocks, R = blocks + 3, len(lengths)                    # the buffer is wider than the step's tables
+  num_blocks = R * blocks + 1                                 # block 0: the null block
   k_pool, v_pool = (rng.normal(0, 1, (num_blocks * block_size, KVH, D)).astype(np.float32) for _ in range(2))
-  tables = np.zeros((S, blocks_per_row), np.int32)                           # padding rows: the null block
-  tables[:len(lengths)] = (1 + rng.permutation(num_blocks - 1)).reshape(len(lengths), blocks_per_row)
-  positions = np.array([n - 1 for n in lengths] + [0] * padding_rows, dtype=np.int32)  # keys 0..p visible
-  q = rng.normal(0, 2, (S, (H + 2 * KVH) * D)).astype(np.float32)        # a fused q|k|v row: q is the first H·D
-  angles = rng.uniform(0, 6.3, (S, D // 2)).astype(np.float32)
+  tables = (1 + rng.permutation(num_blocks - 1)).reshape(R, blocks).astype(np.int32)
+  rows = np.array([r for r, n in enumerate(queries) for _ in range(n)] + [0] * padding, np.int32)
+  positions = np.array([p for L, n in zip(lengths, queries) for p in range(L - n, L)] + [0] * padding, np.int32)
+  T = len(rows)
+  q = rng.normal(0, 2, (T, (H + 2 * KVH) * D)).astype(np.float32)        # a fused q|k|v row: q is the first H·D
+  angles = rng.uniform(0, 6.3, (T, D // 2)).astype(np.float32)
   on = lambda a: Tensor(a, device=device)
-  out = decode_attention(on(q), on(np.cos(angles)), on(np.sin(angles)), (on(k_pool), on(v_pool)), on(tables),
-                         on(positions.reshape(S, 1)), block_size, H, thread_blocks).numpy()
-  for s in range(len(lengths)):
-    slots = (tables[s, :, None] * block_size + np.arange(block_size)).reshape(-1)[:positions[s] + 1]
-    qs = rope(q[s, :H * D].reshape(H, D), np.cos(angles[s]), np.sin(angles[s]))
+  flat = np.zeros(R * max_blocks, np.int32)
+  flat[:R * blocks] = tables.reshape(-1)
+  bt = BlockTables(on(flat), on(rows), Tensor(context_blocks(max_blocks).bind(blocks), device=device).reshape(1)
+                   .cast(dtypes.int32), block_size, max_blocks)
+  cos, sin, pools = on(np.cos(angles)), on(np.sin(angles)), (on(k_pool), on(v_pool))
+  if thread_blocks is None:       # the reference: write nothing (the null slot), gather, tinygrad's attention
+    none = Tensor.zeros(1, KVH * D, device=device).contiguous()
+    k, v = write_and_gather(pools, NewKV(none, none, 0, 0, cos[:1], sin[:1]), on(np.zeros(1, np.int32)), bt)
+    rotated = apply_rope(on(q)[:, :H * D].reshape(T, H, D), cos, sin)
+    out = attention(rotated.reshape(T, 1, H, D), k, v, on(positions).reshape(T, 1)).reshape(T, H * D).numpy()
+  else: out = paged_attention(on(q), cos, sin, pools, bt, on(positions), H, thread_blocks).numpy()
+  for t in range(T - padding):
+    table = tables[rows[t]]
+    slots = (table[:, None] * block_size + np.arange(block_size)).reshape(-1)[:positions[t] + 1]
+    qs = rope(q[t, :H * D].reshape(H, D), np.cos(angles[t]), np.sin(angles[t]))
     k, v = k_pool[slots][:, np.arange(H) // (H // KVH)], v_pool[slots][:, np.arange(H) // (H // KVH)]  # [C, H, D]
     scores = np.einsum("hd,chd->hc", qs, k) / np.sqrt(D)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.einsum("hc,chd->hd", probs / probs.sum(-1, keepdims=True), v).reshape(-1)
-    np.testing.assert_allclose(out[s], expected, rtol=1e-4, atol=1e-5)
-  assert np.isfinite(out[len(lengths):]).all()
+    np.testing.assert_allclose(out[t], expected, rtol=1e-4, atol=1e-5)
+  assert np.isfinite(out[T - padding:]).all()

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 from tinygrad import Tensor
-from tinyvllm.sampler import FILTERS, _argmax, _kept, plan_and_pack, sample, unpack
+from tinyvllm.sampler import FILTERS, MAX_LOGPROBS, _argmax, _kept, plan_and_pack, plans, sample, unpack
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.sequence import Sequence
 
@@ -20,7 +20,7 @@ def draw(params: SamplingParams, n: int = 512, outputs: list[int] = (), logits: 
     rows.append(s)
   if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1:
     for s in rows: s.output_token_ids = list(outputs)    # ... unless penalties read the history
-  plan, ints, floats = plan_and_pack(rows, seed_base=0, stop_ids={11})
+  plan, ints, floats = plan_and_pack(rows, seed_base=0, stop_ids={11}, max_adjusted=256)
   out = sample(Tensor(np.tile(logits, (n, 1))), unpack(Tensor(ints), Tensor(floats), n, plan), plan).numpy()
   return out[:, 0].astype(int), out
 
@@ -74,15 +74,19 @@ def test_filters_keep_exactly_the_reference_sets_on_a_wide_vocabulary(filters):
     assert set(np.nonzero(got)[0]) == expected
 
 
-def test_the_plan_builds_only_the_filters_some_row_uses():
+def test_every_mix_of_parameters_gets_one_of_the_few_plans():
+  """A graph is captured per (rows, plan), so a new mix of sampling parameters must never make a new plan: the
+  cheapest of the fixed set that serves every row."""
   def plan(*params: SamplingParams):
-    return plan_and_pack([Sequence(str(i), [1, 2], p, seq_id=i) for i, p in enumerate(params)], 0, set())[0]
-  assert plan(SamplingParams(temperature=0.7, top_p=0.9)).filters == ("top_p",)
-  mixed = plan(SamplingParams(temperature=1, top_k=5), SamplingParams(temperature=0), SamplingParams(min_p=0.1))
-  assert (mixed.mode, mixed.filters) == ("filtered", ("top_k", "min_p"))
-  temperature_only = plan(SamplingParams(temperature=0.5))
-  assert (temperature_only.mode, temperature_only.filters) == ("random", ())
-  assert plan(SamplingParams(temperature=0, top_k=5)).mode == "greedy"     # a greedy row's filters are moot
+    return plan_and_pack([Sequence(str(i), [1, 2], p, seq_id=i) for i, p in enumerate(params)], 0, set(), 64)[0]
+  greedy, sampled, general = plans(64)
+  assert plan(SamplingParams(temperature=0), SamplingParams(temperature=0, top_k=5)) == greedy
+  assert plan(SamplingParams(temperature=0.7, top_p=0.9)) == plan(SamplingParams(temperature=1, top_k=5),
+                                                                   SamplingParams(min_p=0.1)) == sampled
+  for extra in (dict(logprobs=0), dict(logprobs=3), dict(frequency_penalty=0.5), dict(logit_bias={3: 1.0}),
+                dict(min_tokens=2)):
+    assert plan(SamplingParams(temperature=0), SamplingParams(temperature=0.5, **extra)) == general
+  assert plan(SamplingParams(prompt_logprobs=2)) == plans(64, prompt=True)[0]
 
 
 def test_one_reduction_argmax_matches_numpy_with_ties_and_infinities():
@@ -120,7 +124,8 @@ def test_penalties_bias_and_logprobs_equal_a_numpy_reference():
   logprobs = np.log(softmax(want / 0.5))
   assert np.allclose(out[:, 1], logprobs[tokens], atol=1e-3)
   top = np.argsort(-logprobs)[:3]
-  assert (out[:, 2:5].astype(int) == top).all() and np.allclose(out[:, 5:8], logprobs[top], atol=1e-3)
+  K = MAX_LOGPROBS                                    # the general plan returns that many; the engine keeps 3
+  assert (out[:, 2:5].astype(int) == top).all() and np.allclose(out[:, 2 + K:5 + K], logprobs[top], atol=1e-3)
 
 
 def test_min_tokens_bans_stop_tokens_until_enough_were_generated():

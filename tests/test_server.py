@@ -453,11 +453,36 @@ def test_load_32_streams_a_quarter_hang_up(live):
   assert request("GET", f"{live.url}/health")[0] == 200
 
 
+def test_no_graph_is_built_after_ready(live):
+  """Traffic the server has never seen (prompt lengths, contexts, batch mixes and sampling parameters new to it) runs
+  on the graphs captured before /health/ready: a capture on the request path would stall every stream for seconds."""
+  before = metrics(live.url)["tinyvllm:graph_builds_total"]
+  assert before > 0                                            # the warmup captured the set
+  tok = live.engine.engine.tokenizer
+  mixes = [GREEDY, {"temperature": 0.8, "seed": 1}, {"temperature": 1.0, "top_p": 0.7, "top_k": 9, "seed": 2},
+           {"min_p": 0.2, "seed": 3}, {"logprobs": 3, **GREEDY}, {"frequency_penalty": 0.5, "presence_penalty": 0.3},
+           {"repetition_penalty": 1.2, "logit_bias": {"17": 5.0}}, {"min_tokens": 4, "temperature": 0.5, "seed": 4},
+           {"prompt_logprobs": 2, **GREEDY}, {"n": 2, "temperature": 0.9, "seed": 5}, {"echo": True, "logprobs": 1}]
+
+  async def traffic() -> list[dict]:
+    async with aiohttp.ClientSession() as session:
+      async def one(i: int, params: dict) -> dict:
+        prompt = tok.decode([100 + (i * 37 + j * 11) % 5000 for j in range(3 + 23 * i)])     # 3 to 233 tokens
+        body = {"prompt": prompt, "max_tokens": 2 + i % 5, "ignore_eos": True, **params}
+        async with session.post(f"{live.url}/v1/completions", json=body) as resp: return await resp.json()
+      return await asyncio.gather(*(one(i, params) for i, params in enumerate(mixes)))
+
+  for reply in asyncio.run(traffic()): assert "choices" in reply, reply
+  wait_until_idle(live.url)
+  assert metrics(live.url)["tinyvllm:graph_builds_total"] == before
+
+
 def test_metrics_page_has_vllm_names(live):
   text = request("GET", f"{live.url}/metrics")[1]
   for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:prefix_cache_queries_total",
-               "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total"):
+               "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total", "tinyvllm:graph_builds_total",
+               "tinyvllm:graph_build_seconds_total"):
     assert f"# TYPE {name} " in text
   for name in ("vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds",
                "vllm:e2e_request_latency_seconds"):

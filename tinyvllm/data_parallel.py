@@ -94,9 +94,9 @@ class DataParallelEngine:
 
   def has_unfinished_requests(self) -> bool: return any(rank.busy for rank in self.ranks)
 
-  def warmup(self, all_batch_sizes: bool = False) -> float:
+  def warmup(self) -> float:
     """Every rank warms up at once (see LLMEngine.warmup); returns the slowest rank's seconds."""
-    for rank in self.ranks: rank.conn.send(("warmup", all_batch_sizes))
+    for rank in self.ranks: rank.conn.send(("warmup", None))
     return max(rank.receive()[1] for rank in self.ranks)
 
   def stats(self) -> EngineStats: return EngineStats.total([rank.stats for rank in self.ranks])
@@ -163,15 +163,14 @@ def _wait_without_spinning() -> None:
 
 
 def serve_rank(fd: int) -> None:
-  """One rank, in its own process (`fd`: its end of the socket pair): build the engine, warm it up, then apply
+  """One rank, in its own process (`fd`: its end of the socket pair): build the engine, then apply
   commands between steps and send back what each step made."""
   conn = Connection(fd)
   args, cores = conn.recv()
   if cores is not None: os.sched_setaffinity(0, cores)
   _wait_without_spinning()
   try:
-    engine = LLMEngine(args)
-    engine.warmup()                  # so that no rank makes its first client wait for compiles
+    engine = LLMEngine(args)         # a server warms it up (`warmup`) before it says it is ready
     conn.send(("ready", engine.model_config, engine.tokenizer, engine.max_model_len, engine.load_time))
     while True:
       while not engine.has_unfinished_requests() or conn.poll():      # idle: block until told something
@@ -181,7 +180,7 @@ def serve_rank(fd: int) -> None:
         elif command == "abort":
           engine.abort_request(arg)
           conn.send(("aborted", [], engine.stats()))
-        elif command == "warmup": conn.send(("warmed", engine.warmup(arg)))
+        elif command == "warmup": conn.send(("warmed", engine.warmup()))
         else: return                                                  # "stop"
       conn.send(("outputs", engine.step(), engine.stats()))
   except (EOFError, ConnectionError): return                          # the front process went away

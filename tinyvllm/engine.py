@@ -26,6 +26,7 @@ Everything below the engine is one idea each: `scheduler.py` (continuous batchin
 from __future__ import annotations
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from tinygrad import Device
 from tinygrad.helpers import DEV, Target
 from tinyvllm.block_manager import BlockManager
+from tinyvllm.capture import speed_up_capture
 from tinyvllm.config import SHAPES, EngineArgs
 from tinyvllm.detokenizer import update_text
 from tinyvllm.kernel_cache import keep_lowered_kernels_on_disk, share_kernel_cache_between_threads
@@ -43,6 +45,8 @@ from tinyvllm.model_runner import ModelRunner, PreparedStep, Sampled, StepResult
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.scheduler import Scheduler
 from tinyvllm.sequence import Sequence
+
+log = logging.getLogger("tinyvllm.engine")
 
 
 @dataclass
@@ -68,17 +72,21 @@ class RequestOutput:
 
 @dataclass
 class EngineStats:
-  """What /metrics shows of an engine: sequences running and waiting, the KV pool's share in use, preemptions."""
+  """What /metrics shows of an engine: sequences running and waiting, the KV pool's share in use, preemptions, and
+  the graphs it captured (and the seconds that took): all of them before it was ready, if all is well."""
   running: int = 0
   waiting: int = 0
   kv_cache_usage: float = 0.0
   preemptions: int = 0
+  graph_builds: int = 0
+  graph_build_seconds: float = 0.0
 
   @staticmethod
   def total(parts: list[EngineStats]) -> EngineStats:
     """Several engines' stats as one (their pools are the same size, so usage is the mean)."""
     return EngineStats(sum(p.running for p in parts), sum(p.waiting for p in parts),
-                       sum(p.kv_cache_usage for p in parts) / max(1, len(parts)), sum(p.preemptions for p in parts))
+                       sum(p.kv_cache_usage for p in parts) / max(1, len(parts)), sum(p.preemptions for p in parts),
+                       sum(p.graph_builds for p in parts), sum(p.graph_build_seconds for p in parts))
 
 
 @dataclass
@@ -107,6 +115,7 @@ class LLMEngine:
     self.args = args
     if args.device: DEV.value = Target(device=Device.canonicalize(args.device))   # tinygrad's default from now on
     keep_lowered_kernels_on_disk()
+    speed_up_capture()
     t0 = time.perf_counter()
     dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
       if args.load_format == "dummy" else None
@@ -126,7 +135,8 @@ class LLMEngine:
                                args.enable_chunked_prefill)
     stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
     self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
-                              args.seed, args.beam, paged_decode)
+                              self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
+                              args.beam, paged_decode)
     self.requests: dict[str, _Request] = {}
     self.in_flight: PreparedStep | None = None       # the step queued on the device, its tokens not read yet
     self._ids = itertools.count()
@@ -151,7 +161,10 @@ class LLMEngine:
     request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
     if request_id in self.requests: raise ValueError(f"request id {request_id!r} is already in use")
     params = params or SamplingParams()
-    token_ids = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
+    vocab_size = self.model_config.vocab_size
+    token_ids = tokenize_prompt(prompt, self.tokenizer, vocab_size)
+    for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+      if any(t >= vocab_size for t in ids): raise ValueError(f"{name}: token ids must be below the vocabulary size {vocab_size}")
     if len(token_ids) >= self.max_model_len:
       raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves no room "
                        "to generate")
@@ -175,16 +188,14 @@ class LLMEngine:
 
   def stats(self) -> EngineStats:
     return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
-                       self.scheduler.num_preemptions)
+                       self.scheduler.num_preemptions, self.runner.graph_builds, self.runner.graph_build_seconds)
 
-  def warmup(self, all_batch_sizes: bool = False) -> float:
-    """Compile the graphs a first request needs (a short prefill and batch-1 decode), or every decode batch
-    bucket up to max_num_seqs; returns the seconds it took. Call before serving traffic."""
-    t0 = time.perf_counter()
-    self.add_request([0] * 8, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), request_id="__warmup__")
-    while self.has_unfinished_requests(): self.step()
-    if all_batch_sizes: self.runner.warmup(self.args.max_num_seqs)
-    return time.perf_counter() - t0
+  def warmup(self) -> float:
+    """Capture every graph a step can need (model_runner.py: a bounded set), so that no request ever waits for one;
+    returns the seconds it took. Call before serving traffic."""
+    built, seconds = self.runner.warmup()
+    log.info("captured %d graphs in %.1f s", built, seconds)
+    return seconds
 
   # ---- the loop ---------------------------------------------------------------------------------------------
   def step(self) -> list[RequestOutput]:

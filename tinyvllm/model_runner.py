@@ -1,19 +1,33 @@
-"""Turns a scheduled step into fixed-shape device buffers and runs the model + sampler as one TinyJit graph.
+"""Turns a scheduled step into fixed-shape device buffers and runs it as two TinyJit graphs: the model, then the sampler.
 
 TinyJit records the kernels of a function (here on its first call: everything a graph reads is realized before) and
-afterwards replays them without Python, but only for the exact shapes it saw. A step's shape changes all the time
-(how many sequences, how many tokens each, how long their contexts are), so every shape is rounded up to a *bucket*:
+afterwards replays them without Python, but only for the exact shapes it saw, and capturing a graph costs seconds
+(on a 2-core CPU ~5-10 s for SmolLM2's 30 layers). A server cannot capture graphs while requests wait, so the
+runner has a *bounded, known set of graphs*, all captured by `warmup` before the server says it is ready:
 
-    S  sequences            → next power of two                 (padding rows: greedy, write to the null block)
-    Q  query tokens per row → 1 for decodes; prefill chunks → next power of two ≥ 16
-    NB block-table columns  → next power of two ≥ 4              (padding columns point at the null block)
+    a step's tokens, flattened:   [ decode A | decode B | chunk of C's prompt ........ | padding ]   T tokens
+                                      │          │                       │
+    their sequences' block tables:  row 0      row 1                   row 2      (R rows, `blocks` columns each)
+    logits come out for:            A          B                       C (its chunk's last token)   R rows
 
-and each (S, Q, NB, sampling plan) gets its own captured graph, compiled once. A step runs one graph for all the
-decoding rows (Q = 1, the common case) and one for the prefill chunks of each Q bucket (chunks of similar length
-share a graph, so the weights are read once for all of them, and a short prompt is never padded to a long one's
-length). Each graph owns its input buffers (tokens, positions, slots, ... as slices of three buffers), allocated
-when it is first used, refilled in place every step and read by the graph like its weights. A sequence that asked
-for prompt logprobs runs its prompt alone, in graphs that also return the logprobs of every position.
+    model graphs     one per T in 1, 2, 4, ... bucket(max_num_batched_tokens), returning R logits rows: T rounded
+                     up to a power of four, at most max_num_seqs rounded so; plus one at the largest T returning
+                     the logits of every position (prompt logprobs)
+    sampler graphs   one per (R, plan) for those R and the three plans of `sampler.plans` (greedy, sampled,
+                     general); plus the prompt-logprobs plan at the largest T
+
+so for a CPU's defaults (max_num_seqs 64, max_num_batched_tokens 256) 10 model graphs and 13 sampler graphs. What
+would otherwise multiply the count is kept out of the shapes:
+- the context length: the block tables are a flat buffer, row r at r * blocks, and `blocks` (the step's longest
+  context, in blocks) is a variable bound per step (`paged_attention.context_blocks`), so the attention kernels
+  loop over the blocks in use and one graph serves every context length up to max_model_len;
+- the mix of decodes and prompt chunks: every token of a step is one row of the same flat batch (each attends to
+  its own sequence's context through `rows`, the table row of each token), so one graph runs the whole step and
+  the weights are read once for all of it;
+- the sampling parameters: per-row values travel as inputs, and only three plans exist (sampler.py).
+Rows and tokens are padded up to their bucket (padding tokens write to the null block; padding rows sample
+greedily and are dropped). `graph_builds` counts captures; one after `warmup` is logged, as it means a request
+waited for it.
 
 A step is prepared (its inputs built on the host), launched (the inputs copied in, the graphs queued) and collected
 (its output read back) in three calls, so that the engine can prepare the next step while the device runs this one
@@ -25,6 +39,7 @@ graph on every call, which costs more Python per step than a small model's whole
 """
 from __future__ import annotations
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 import numpy as np
@@ -32,26 +47,27 @@ from tinygrad import Context, Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer
 from tinyvllm.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
-from tinyvllm.model.paged_attention import new_pool
-from tinyvllm.sampler import SamplingPlan, bucket, penalized, plan_and_pack, prompt_logprobs, sample, unpack
+from tinyvllm.model.paged_attention import BlockTables, context_blocks, new_pool
+from tinyvllm.sampler import plans, SamplingPlan, bucket, penalized, plan_and_pack, prompt_logprobs, sample, unpack
 from tinyvllm.scheduler import ScheduledSequence
 from tinyvllm.sequence import Sequence
 from tinyvllm.transfer import allocated, download, upload
 
+log = logging.getLogger("tinyvllm.runner")
+
 
 @dataclass(frozen=True)
-class Shape:
-  S: int
-  Q: int
-  NB: int
-  plan: SamplingPlan
+class ModelShape:
+  T: int                 # tokens computed
+  R: int                 # rows of logits returned (T when every position's are)
+  every: bool = False    # the logits of every position, for prompt logprobs
 
-  @property
-  def int_sizes(self) -> tuple[int, ...]:
-    # tokens, positions, slot_mapping, block_tables, logits_index, sampler's, next prompt tokens (prompt logprobs)
-    SQ = self.S * self.Q
-    return (SQ, SQ, SQ, self.S * self.NB, self.S, self.S * self.plan.num_adjusted,
-            SQ if self.plan.num_prompt_logprobs is not None else 0)
+
+@dataclass(frozen=True)
+class SamplerShape:
+  R: int                 # rows sampled (for prompt logprobs: 1, from a model graph of T logits rows)
+  plan: SamplingPlan
+  T: int = 0             # prompt logprobs: the positions whose logprobs come back
 
 
 @dataclass
@@ -63,10 +79,14 @@ class Sampled:
 
 @dataclass
 class _Group:
-  """The rows of one graph's run: the graph, its host inputs, and the decode rows whose token is still unknown."""
+  """The rows of one model + sampler run: the graphs, their host inputs, and the decode rows whose token is still
+  unknown."""
   rows: list[ScheduledSequence]
-  graph: _Graph
-  ints: np.ndarray
+  model: _ModelGraph
+  sampler: _SamplerGraph
+  ints: np.ndarray                 # the model's int inputs, packed (tables last, only the columns in use)
+  blocks: int                      # the step's context length in blocks: `context_blocks`' value
+  sampler_ints: np.ndarray
   floats: np.ndarray
   unknown_tokens: list[tuple[int, Sequence]]    # (index in ints, sequence): the token the step before is sampling
   output: np.ndarray | None = None
@@ -85,72 +105,88 @@ class StepResult:
   prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # for prompt positions start+1.. of the chunk computed
 
 
-class _Layout:
-  """Where inputs of `sizes` int32s sit in one buffer: each at a multiple of 16 (64 bytes), an empty one given 1."""
-  ALIGN = 16
-  def __init__(self, sizes: tuple[int, ...]):
-    self.sizes = sizes
-    slots = [-(-max(n, 1) // self.ALIGN) * self.ALIGN for n in sizes]
-    self.starts, self.total = [sum(slots[:i]) for i in range(len(slots))], sum(slots)
-    self._positions = np.concatenate([np.arange(start, start + n) for start, n in zip(self.starts, sizes)])
-
-  def pack(self, ints: np.ndarray) -> np.ndarray:
-    """The inputs, concatenated in `ints`, laid out in a buffer's worth of int32s."""
-    out = np.zeros(self.total, np.int32)
-    out[self._positions] = ints
-    return out
+def _aligned(n: int) -> int:
+  """Sizes of inputs sharing a buffer are rounded to 16 int32s (64 bytes): a kernel may read each with vector loads."""
+  return -(-max(n, 1) // 16) * 16
 
 
-class _Graph:
-  """One captured forward+sample for one Shape, with its persistent input buffers."""
-  def __init__(self, runner: ModelRunner, shape: Shape, num_floats: int):
+def _rows_bucket(n: int) -> int:
+  """Rows of logits come in powers of four (1, 4, 16, 64, 256): a sampler graph per row count and plan costs seconds
+  to capture, while a few extra rows of logits cost little."""
+  return 1 << -(-(n - 1).bit_length() // 2) * 2
+
+
+def _starts(shape: ModelShape) -> list[int]:
+  """Where a model graph's int inputs start in its buffer: tokens, positions, slots, rows, logits index, tables."""
+  return list(itertools.accumulate((_aligned(n) for n in (shape.T,) * 4 + (shape.R,)), initial=0))
+
+
+class _ModelGraph:
+  """One captured forward pass for one ModelShape, reading its inputs from one persistent int buffer:
+  tokens, positions, slots, rows [T] | logits index [R] | block tables [R * max_blocks], each 64-byte aligned."""
+  def __init__(self, runner: ModelRunner, shape: ModelShape):
     self.shape, self.runner = shape, runner
-    # The model's int inputs (the first five of int_sizes) live on each of its devices, filled from the host, the
-    # sampler's on the first device, where it runs: two int buffers and one float buffer, three copies a step, each
-    # input a slice of one of them, starting on a 64-byte boundary (a kernel may read it with vector loads).
-    devices, sizes = runner.devices, shape.int_sizes
-    self.layouts = [_Layout(sizes[:5]), _Layout(sizes[5:])]
-    int_bufs = [allocated((layout.total,), dtypes.int32, where)
-                for layout, where in zip(self.layouts, (devices, devices[0]))]
-    self.int_inputs = [buf[start:start + max(n, 1)] for buf, layout in zip(int_bufs, self.layouts)
-                       for start, n in zip(layout.starts, layout.sizes)]
-    self.floats = allocated((num_floats,), dtypes.float32, devices[0])
-    self.inputs = tuple(t.uop.buffer for t in (*int_bufs, self.floats))
-    # BEAM searches decode graphs only: they replay every step, while each prefill chunk length is a shape of its own,
-    # minutes of search on a GPU for a graph that may run once
-    self.compile_options = runner.compile_options if shape.Q == 1 else {}
-    self.output: Buffer | None = None      # the captured graph's output buffer, the same on every replay
-    # (_forward returns a contiguous tensor: a realized result may otherwise be a permuted view of its buffer)
-    # The input buffers are read by the graph as it reads the weights, not passed to it as arguments: they are the
-    # same buffers on every call, refilled in place, and an argument costs a parameter update of every kernel node
-    # that reads it at every replay (tables, positions and slots are read by every layer): 0.75 -> 0.51 ms a step
-    # of the tiny model on CPU.
-    self.jit = TinyJit(lambda: self._forward(*self.int_inputs, self.floats))
+    T, R = shape.T, shape.R
+    self.starts = _starts(shape)
+    self.table_start = self.starts[-1]
+    buf = allocated((self.table_start + R * runner.max_blocks,), dtypes.int32, runner.devices)
+    self.inputs = [buf[start:start + n] for start, n in zip(self.starts, (T, T, T, T, R))]
+    self.tables = buf[self.table_start:]
+    self.buffer = buf.uop.buffer
+    # BEAM searches the graphs of decode-sized steps only: they replay every step, while the long prompt-chunk
+    # steps are rarer and their search would take minutes on a GPU
+    self.compile_options = runner.compile_options if T <= runner.max_rows else {}
+    self.jit = TinyJit(self._forward)
     # captured on the first call, not the second: the weights, pools and inputs are all realized before it, so the
-    # plain run TinyJit makes first would only trace and compile the graph once more (~4 s on CPU, for every shape)
+    # plain run TinyJit makes first would only trace and compile the graph once more
     self.jit.cnt = 1
+    self.output: Tensor | None = None
 
-  def _forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, tables: Tensor, logits_index: Tensor,
-               sampler_ints: Tensor, next_tokens: Tensor, floats: Tensor) -> Tensor:
-    sh, model, kv = self.shape, self.runner.model, self.runner.kv_cache
-    batch = ForwardBatch(tokens.reshape(sh.S, sh.Q), positions.reshape(sh.S, sh.Q), slots,
-                         tables.reshape(sh.S, sh.NB), logits_index, self.runner.block_size, self.runner.paged_decode)
-    params = unpack(sampler_ints, floats, sh.S, sh.plan)
-    to_sampler = lambda logits: logits.to(self.runner.devices[0])   # from every device (tensor parallel) to the first
-    if sh.plan.num_prompt_logprobs is None:
-      return sample(to_sampler(model(batch, kv)), params, sh.plan).flatten().contiguous().realize()
-    every = model(batch, kv, every_position=True)                                     # [S * Q, vocab]
-    V = every.shape[1]
-    last = every.reshape(sh.S, sh.Q, V).gather(1, logits_index.reshape(sh.S, 1, 1).expand(sh.S, 1, V)).reshape(sh.S, V)
-    prompt = prompt_logprobs(to_sampler(every), next_tokens, params["temperature"], sh.plan.num_prompt_logprobs)
-    return sample(to_sampler(last), params, sh.plan).flatten().cat(prompt.flatten()).contiguous().realize()
+  def _forward(self, blocks: Tensor) -> Tensor:
+    tokens, positions, slots, rows, logits_index = self.inputs
+    runner, devices = self.runner, self.runner.devices
+    blocks_var = Tensor(blocks).reshape(1).cast(dtypes.int32)
+    if len(devices) > 1: blocks_var = blocks_var.shard(devices)
+    tables = BlockTables(self.tables, rows, blocks_var, runner.block_size, runner.max_blocks)
+    batch = ForwardBatch(tokens, positions, slots, tables, logits_index, runner.paged)
+    logits = runner.model(batch, runner.kv_cache, every_position=self.shape.every)
+    return logits.to(devices[0]).contiguous().realize()    # from every device (tensor parallel) to the first
 
-  def launch(self, ints: np.ndarray, floats: np.ndarray) -> None:
-    """Fill the inputs and queue the graph on the device; returns before the device is done."""
-    parts = np.split(ints, [sum(self.layouts[0].sizes)])          # the model's ints, the sampler's
-    packed = [layout.pack(part) for layout, part in zip(self.layouts, parts)]
-    for buf, src in zip(self.inputs, (*packed, floats)): upload(buf, src)
-    with Context(**self.compile_options): out = self.jit()   # compiles in here
+  def launch(self, ints: np.ndarray, blocks: int) -> Tensor:
+    """Fill the inputs (the tables' columns in use only) and queue the graph; returns its logits, not yet computed."""
+    upload(self.buffer, ints)
+    with Context(**self.compile_options):
+      self.output = self.jit(context_blocks(self.runner.max_blocks).bind(blocks))
+    return self.output
+
+
+class _SamplerGraph:
+  """One captured sampler for one SamplerShape: reads a model graph's logits (its argument) and its own inputs,
+  ints (adjusted token ids | last position, next prompt tokens) and floats (per-row parameters)."""
+  def __init__(self, runner: ModelRunner, shape: SamplerShape, num_floats: int, num_ints: int):
+    self.shape, self.runner = shape, runner
+    device = runner.devices[0]
+    self.ints = allocated((_aligned(num_ints),), dtypes.int32, device)
+    self.floats = allocated((num_floats,), dtypes.float32, device)
+    self.jit = TinyJit(self._sample)
+    self.jit.cnt = 1
+    self.output: Buffer | None = None
+
+  def _sample(self, logits: Tensor) -> Tensor:
+    R, plan = self.shape.R, self.shape.plan
+    U = R * plan.num_adjusted
+    params = unpack(self.ints[:max(U, 1)], self.floats, R, plan)
+    if plan.num_prompt_logprobs is None: return sample(logits, params, plan).flatten().contiguous().realize()
+    T, V = self.shape.T, logits.shape[1]
+    last, next_tokens = self.ints[U:U + 1], self.ints[U + 1:U + 1 + T]
+    row = logits.gather(0, last.reshape(1, 1).expand(1, V))
+    prompt = prompt_logprobs(logits, next_tokens, params["temperature"], plan.num_prompt_logprobs)
+    return sample(row, params, plan).flatten().cat(prompt.flatten()).contiguous().realize()
+
+  def launch(self, logits: Tensor, ints: np.ndarray, floats: np.ndarray) -> None:
+    upload(self.ints.uop.buffer, ints)
+    upload(self.floats.uop.buffer, floats)
+    out = self.jit(logits)
     if self.output is None: self.output = out.uop.buffer
 
   def read(self) -> np.ndarray:
@@ -160,33 +196,65 @@ class _Graph:
 
 class ModelRunner:
   def __init__(self, model: LlamaForCausalLM, devices: tuple[str, ...], num_blocks: int, block_size: int, kv_dtype,
-               stop_ids: set[int], seed: int = 0, beam: int = 0, paged_decode: bool = True):
+               stop_ids: set[int], max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+               seed: int = 0, beam: int = 0, paged: bool = True):
     """`devices`: the model's, more than one when tensor parallelism splits it; the KV pool is then split by KV head
     the same way, and the host's inputs and outputs stay on the first device. `beam`: tinygrad's kernel search width
-    for the decode graphs' kernels (0: tinygrad's own setting, its BEAM variable, off by default). `paged_decode`:
-    decoding rows attend straight from the pool (model/paged_attention.py) rather than from a gathered copy."""
+    for the decode-sized graphs' kernels (0: tinygrad's own setting, its BEAM variable, off by default). `paged`:
+    tokens attend straight from the pool (model/paged_attention.py) rather than from a dense copy of their context."""
     cfg = model.config
     self.model, self.block_size, self.seed, self.stop_ids, self.devices = model, block_size, seed, stop_ids, devices
-    self.paged_decode = paged_decode
+    self.paged, self.vocab_size = paged, cfg.vocab_size
     self.compile_options = {"BEAM": beam} if beam else {}
+    self.max_blocks = -(-max_model_len // block_size)
+    self.max_rows, self.max_tokens = _rows_bucket(max_num_seqs), bucket(max_num_batched_tokens)
+    self.max_adjusted = bucket(min(cfg.vocab_size, 2 * max_model_len), 16)
     self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
                            for _ in range(2)) for _ in range(cfg.num_layers)]
     Tensor.realize(*(pool for pools in self.kv_cache for pool in pools))
-    self.graphs: dict[Shape, _Graph] = {}
+    self.models: dict[ModelShape, _ModelGraph] = {}
+    self.samplers: dict[SamplerShape, _SamplerGraph] = {}
+    self.graph_builds, self.graph_build_seconds, self.ready = 0, 0.0, False
 
+  # ---- the bounded set of shapes -------------------------------------------------------------------------------
+  def model_shape(self, num_tokens: int, every: bool = False) -> ModelShape:
+    if every: return ModelShape(self.max_tokens, self.max_tokens, True)
+    T = bucket(num_tokens)
+    return ModelShape(T, min(_rows_bucket(T), self.max_rows))
+
+  def graph_set(self) -> tuple[list[ModelShape], list[SamplerShape]]:
+    """Every shape a step can take: what `warmup` captures."""
+    sizes = lambda top: [1 << i for i in range(top.bit_length())]
+    models = [self.model_shape(T) for T in sizes(self.max_tokens)] + [self.model_shape(0, every=True)]
+    samplers = [SamplerShape(R, plan) for R in sorted({shape.R for shape in models if not shape.every})
+                for plan in plans(self.max_adjusted)]
+    samplers += [SamplerShape(1, plans(self.max_adjusted, prompt=True)[-1], self.max_tokens)]
+    return models, samplers
+
+  def _model(self, shape: ModelShape) -> _ModelGraph:
+    if shape not in self.models: self.models[shape] = self._built(lambda: _ModelGraph(self, shape), shape)
+    return self.models[shape]
+
+  def _sampler(self, shape: SamplerShape, num_floats: int, num_ints: int) -> _SamplerGraph:
+    if shape not in self.samplers:
+      self.samplers[shape] = self._built(lambda: _SamplerGraph(self, shape, num_floats, num_ints), shape)
+    return self.samplers[shape]
+
+  def _built(self, make, shape):
+    self.graph_builds += 1
+    if self.ready: log.warning("graph built after warmup, on the request path: %s", shape)
+    return make()
+
+  # ---- a step --------------------------------------------------------------------------------------------------
   def prepare(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> PreparedStep:
     """The inputs of the forward passes that compute the scheduled tokens' K/V and sample the next token of every
-    sequence whose tokens are then all computed. Decoding rows run together as one batch; prefill chunks run batched
-    with the chunks of the same Q bucket. Needs no token of the step before: those are filled in by `launch`."""
-    is_decode = lambda s: s.num_new_tokens == 1 and not s.seq.wants_prompt_logprobs
-    decodes = [s for s in scheduled if is_decode(s)]
-    groups, prefills = ([decodes] if decodes else []), {}
-    for s in scheduled:
-      if is_decode(s): continue
-      if s.seq.wants_prompt_logprobs: groups.append([s])      # prompt logprobs come back for a row of its own
-      else: prefills.setdefault(bucket(s.num_new_tokens, 16), []).append(s)
-    groups += prefills.values()
-    return PreparedStep(scheduled, [self._prepare_group(group, block_manager, group is decodes) for group in groups])
+    sequence whose tokens are then all computed: all rows in one flat batch, except a sequence that asked for
+    prompt logprobs, which runs alone (its every position's logits come back). Needs no token of the step before:
+    those are filled in by `launch`."""
+    plain = [s for s in scheduled if not s.seq.wants_prompt_logprobs]
+    groups = [[s] for s in scheduled if s.seq.wants_prompt_logprobs]
+    if plain: groups.insert(0, plain)
+    return PreparedStep(scheduled, [self._prepare_group(group, block_manager) for group in groups])
 
   @staticmethod
   def can_run_ahead(step: PreparedStep) -> bool:
@@ -197,37 +265,72 @@ class ModelRunner:
   def launch(self, step: PreparedStep, before: StepResult | None = None) -> PreparedStep:
     """Queue the step's graphs on the device, with the tokens `before` sampled for its decode rows; returns while
     the device computes the last of them (the others are read back at once: two groups of one shape replay the
-    same graph, whose output buffer the second replay overwrites)."""
+    same graphs, whose output buffers the second replay overwrites)."""
     for i, group in enumerate(step.groups):
       for index, seq in group.unknown_tokens: group.ints[index] = before.sampled[seq].token
-      group.graph.launch(group.ints, group.floats)
-      if i < len(step.groups) - 1: group.output = group.graph.read()
+      logits = group.model.launch(group.ints, group.blocks)
+      group.sampler.launch(logits, group.sampler_ints, group.floats)
+      if i < len(step.groups) - 1: group.output = group.sampler.read()
     return step
 
   def collect(self, step: PreparedStep) -> StepResult:
     """Wait for a launched step; its sampled tokens (and prompt logprobs) on the host."""
     result = StepResult({}, {})
     for group in step.groups:
-      out, shape = group.graph.read() if group.output is None else group.output, group.graph.shape
-      sampled, prompt = out[:shape.S * shape.plan.output_width].reshape(shape.S, -1), out[shape.S * shape.plan.output_width:]
+      out, shape = group.sampler.read() if group.output is None else group.output, group.sampler.shape
+      width = shape.plan.output_width
+      sampled, prompt = out[:shape.R * width].reshape(shape.R, -1), out[shape.R * width:]
       for i, s in enumerate(group.rows):
         if s.samples: result.sampled[s.seq] = self._sampled(sampled[i], shape.plan)
-        if shape.plan.num_prompt_logprobs is not None:       # a row of its own that asked for them
-          result.prompt_logprobs[s.seq] = self._prompt_logprobs(s, prompt, shape)
+        if shape.plan.num_prompt_logprobs is not None:       # a group of its own that asked for them
+          result.prompt_logprobs[s.seq] = self._prompt_logprobs(s, prompt, shape.plan)
     return result
 
-  def _prepare_group(self, group: list[ScheduledSequence], bm: BlockManager, decoding: bool) -> _Group:
-    Q = 1 if decoding else bucket(max(s.num_new_tokens for s in group), 16)
-    NB = bucket(max(-(-(s.start + s.num_new_tokens) // self.block_size) for s in group), 4)
+  def _prepare_group(self, group: list[ScheduledSequence], bm: BlockManager) -> _Group:
+    every = group[0].seq.wants_prompt_logprobs
+    shape = self.model_shape(sum(s.num_new_tokens for s in group), every)
+    ints, blocks, unknown = self._model_inputs(group, shape, bm)
     rows: list[Sequence | None] = [s.seq for s in group]
-    rows += [None] * (bucket(len(group)) - len(group))
-    plan, sampler_ints, floats = plan_and_pack(rows, self.seed, self.stop_ids)
-    shape = Shape(len(rows), Q, NB, plan)
-    ints = np.concatenate([self._int_inputs(group, shape, bm), sampler_ints, self._next_prompt_tokens(group, shape)])
-    if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape, floats.size)
-    # a decode row's token is the first of its int inputs; it is unknown while the step before is sampling it
-    unknown = [(row, s.seq) for row, s in enumerate(group) if decoding and s.start == s.seq.num_known_tokens]
-    return _Group(group, self.graphs[shape], ints, floats, unknown)
+    R = 1 if every else shape.R
+    plan, adjusted_ids, floats = plan_and_pack(rows + [None] * (R - len(rows)), self.seed, self.stop_ids,
+                                               self.max_adjusted)
+    sampler_shape = SamplerShape(R, plan, shape.T if every else 0)
+    sampler_ints = adjusted_ids if not every else \
+      np.concatenate([adjusted_ids, [group[0].num_new_tokens - 1], self._next_prompt_tokens(group[0], shape.T)])
+    sampler = self._sampler(sampler_shape, floats.size, sampler_ints.size)
+    return _Group(group, self._model(shape), sampler, ints, blocks, sampler_ints.astype(np.int32), floats, unknown)
+
+  def _model_inputs(self, group: list[ScheduledSequence], shape: ModelShape, bm: BlockManager) \
+      -> tuple[np.ndarray, int, list[tuple[int, Sequence]]]:
+    """tokens, positions, slots, rows [T] | logits index [R] | block tables [R, blocks], packed as the graph's
+    buffer lays them out; the tables' width `blocks`; where the decode rows' still unknown tokens go. Built as
+    Python lists and turned into an array once: a numpy assignment per row and field costs ~1 ms a step at
+    batch 256."""
+    T, R, bs = shape.T, shape.R, self.block_size
+    blocks = max(-(-(s.start + s.num_new_tokens) // bs) for s in group)
+    null_slot = NULL_BLOCK * bs
+    tokens, positions, slots, rows, logits_index, tables, unknown = [], [], [], [], [], [], []
+    for row, s in enumerate(group):
+      seq, n, start = s.seq, s.num_new_tokens, s.start
+      P = len(seq.prompt_token_ids)
+      # a decode row's token is unknown while the step before is sampling it: filled in at launch
+      if start == seq.num_known_tokens: unknown.append((len(tokens), seq))
+      # slice prompt or output directly: seq.token_ids copies both lists, for every row of every step
+      new = seq.output_token_ids[start - P:start - P + n] if start >= P else \
+        seq.prompt_token_ids[start:start + n] if start + n <= P else seq.token_ids[start:start + n]
+      tokens += new + [0] * (n - len(new))
+      positions += range(start, start + n)
+      slots += [bm.slot(seq, p) for p in range(start, start + n)]
+      rows += [row] * n
+      logits_index.append(len(tokens) - 1)
+      tables += seq.block_table + [NULL_BLOCK] * (blocks - len(seq.block_table))
+    pad = T - len(tokens)                     # padding tokens: token 0 at the null block's slot, row 0's table
+    fields = [tokens + [0] * pad, positions + [0] * pad, slots + [null_slot] * pad, rows + [0] * pad,
+              logits_index + [0] * (R - len(logits_index))]
+    starts = _starts(shape)
+    out = np.zeros(starts[-1], np.int32)
+    for start, values in zip(starts, fields): out[start:start + len(values)] = values
+    return np.concatenate([out, np.array(tables, np.int32)]), blocks, unknown
 
   @staticmethod
   def _sampled(row: np.ndarray, plan: SamplingPlan) -> Sampled:
@@ -236,54 +339,47 @@ class ModelRunner:
     return Sampled(int(row[0]), float(row[1]), [(int(i), float(lp)) for i, lp in zip(row[2:2 + K], row[2 + K:])])
 
   @staticmethod
-  def _prompt_logprobs(s: ScheduledSequence, out: np.ndarray, shape: Shape) -> list[dict[int, float]]:
+  def _prompt_logprobs(s: ScheduledSequence, out: np.ndarray, plan: SamplingPlan) -> list[dict[int, float]]:
     """{next prompt token: logprob, top ids: logprobs} for each computed position that predicts a prompt token."""
-    seq, P = s.seq, shape.plan.num_prompt_logprobs
+    seq, P = s.seq, plan.num_prompt_logprobs
     n = min(s.num_new_tokens, len(seq.prompt_token_ids) - 1 - s.start)
-    rows = out.reshape(shape.S * shape.Q, -1)[:n]     # S is 1: prompt logprobs run in a row of their own
+    rows = out.reshape(-1, plan.prompt_output_width)[:n]
     targets = seq.prompt_token_ids[s.start + 1:][:n]
     top = seq.params.prompt_logprobs
     return [{t: float(r[0]), **{int(i): float(lp) for i, lp in zip(r[1:1 + top], r[1 + P:1 + P + top])}}
             for t, r in zip(targets, rows)]
 
-  def _next_prompt_tokens(self, group: list[ScheduledSequence], shape: Shape) -> np.ndarray:
+  @staticmethod
+  def _next_prompt_tokens(s: ScheduledSequence, T: int) -> np.ndarray:
     """For prompt logprobs: the prompt token that follows each computed position (0 past the prompt)."""
-    if shape.plan.num_prompt_logprobs is None: return np.zeros(0, np.int32)
-    targets = np.zeros((shape.S, shape.Q), np.int32)
-    for i, s in enumerate(group):
-      following = s.seq.prompt_token_ids[s.start + 1:][:s.num_new_tokens]
-      targets[i, :len(following)] = following
-    return targets.ravel()
+    targets = np.zeros(T, np.int32)
+    following = s.seq.prompt_token_ids[s.start + 1:][:s.num_new_tokens]
+    targets[:len(following)] = following
+    return targets
 
-  def _int_inputs(self, group: list[ScheduledSequence], shape: Shape, bm: BlockManager) -> np.ndarray:
-    """tokens, positions, slots [S, Q], block tables [S, NB], logits index [S], concatenated. Built as Python lists
-    and turned into arrays once: a numpy assignment per row and field cost 0.9 ms a step at batch 256."""
-    S, Q, NB = shape.S, shape.Q, shape.NB
-    null_slot, pad = NULL_BLOCK * self.block_size, [0] * Q
-    tokens, positions, slots, tables, logits_index = [], [], [], [], []
-    for seq, n, start in ((s.seq, s.num_new_tokens, s.start) for s in group):
-      P, table = len(seq.prompt_token_ids), seq.block_table
-      # slice prompt or output directly: seq.token_ids copies both lists, for every row of every step
-      new = seq.output_token_ids[start - P:start - P + n] if start >= P else \
-        seq.prompt_token_ids[start:start + n] if start + n <= P else seq.token_ids[start:start + n]
-      tokens += new + pad[len(new):]          # a token still being sampled is filled in at launch
-      positions += [*range(start, start + n)] + pad[n:]
-      slots += [bm.slot(seq, p) for p in range(start, start + n)] + [null_slot] * (Q - n)
-      tables += table + [NULL_BLOCK] * (NB - len(table))
-      logits_index.append(n - 1)
-    rows = S - len(group)                                     # padding rows: token 0 at the null block's slot
-    ints = [tokens, [0] * (rows * Q), positions, [0] * (rows * Q), slots, [null_slot] * (rows * Q),
-            tables, [NULL_BLOCK] * (rows * NB), logits_index, [0] * rows]
-    return np.fromiter(itertools.chain.from_iterable(ints), np.int32)
-
-  def warmup(self, max_num_seqs: int) -> float:
-    """Capture the greedy decode graph of every batch bucket at the shortest context; returns seconds spent."""
-    t0 = time.perf_counter()
-    for S in (1 << i for i in range(max_num_seqs.bit_length() + 1)):
-      if S > bucket(max_num_seqs): break
-      plan, sampler_ints, floats = plan_and_pack([None] * S, self.seed, self.stop_ids)
-      shape = Shape(S, 1, 4, plan)
-      if shape not in self.graphs: self.graphs[shape] = _Graph(self, shape, floats.size)
-      self.graphs[shape].launch(np.zeros(sum(shape.int_sizes), np.int32), floats)
-      self.graphs[shape].read()
-    return time.perf_counter() - t0
+  def warmup(self) -> tuple[int, float]:
+    """Capture every graph of `graph_set` (a no-op for those already captured), each run once on padding inputs;
+    from then on a capture is logged as a warning. Returns (graphs built, seconds)."""
+    t0, before = time.perf_counter(), self.graph_builds
+    models, samplers = self.graph_set()
+    logits: dict[int, Tensor] = {}
+    for shape in models:
+      graph = self._model(shape)
+      n = graph.table_start + shape.R
+      ints = np.zeros(n, np.int32)
+      ints[graph.starts[2]:graph.starts[2] + shape.T] = NULL_BLOCK * self.block_size       # slots
+      ints[graph.table_start:] = NULL_BLOCK
+      logits[shape.R if not shape.every else -shape.T] = graph.launch(ints, 1)
+      download(graph.output.uop.buffer)
+    for shape in samplers:
+      plan_rows = [None] * shape.R
+      _, ids, floats = plan_and_pack(plan_rows, self.seed, self.stop_ids, self.max_adjusted, shape.plan)
+      extra = [] if shape.plan.num_prompt_logprobs is None else [0] * (1 + shape.T)
+      ints = np.concatenate([ids, np.array(extra, np.int32)]).astype(np.int32)
+      graph = self._sampler(shape, floats.size, ints.size)
+      graph.launch(logits[-shape.T if shape.T else shape.R], ints, floats)
+      graph.read()
+    self.ready = True
+    seconds = time.perf_counter() - t0
+    self.graph_build_seconds += seconds
+    return self.graph_builds - before, seconds

@@ -32,7 +32,7 @@ from itertools import chain
 import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.uop.ops import UOp, KernelInfo
-from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.sampling_params import MAX_LOGPROBS, SamplingParams
 from tinyvllm.sequence import Sequence
 
 ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "step", "presence", "frequency", "repetition")
@@ -78,12 +78,12 @@ def _adjusts_logits(seq: Sequence) -> bool:
   return bool(p.logit_bias) or seq.num_output_tokens < p.min_tokens or penalized(p)
 
 
-def _pack_adjustments(rows: list[Sequence | None], stop_ids: set[int]) -> tuple[np.ndarray, np.ndarray]:
+def _pack_adjustments(rows: list[Sequence | None], stop_ids: set[int], U: int) -> tuple[np.ndarray, np.ndarray]:
   """Per row, the tokens its params touch, sorted and padded to U: ids [S, U] and [times generated, appears in
   prompt, additive bias] as [3, S, U]. Vectorized over the batch: per-row dicts cost 24 ms of host time per step at
   batch 64 with 128-token prompts."""
-  if not any(seq is not None and _adjusts_logits(seq) for seq in rows):         # the common case, in no time
-    return np.zeros((len(rows), 0), np.int32), np.zeros((len(ADJUST_FIELDS), len(rows), 0), np.float32)
+  if not U or not any(seq is not None and _adjusts_logits(seq) for seq in rows):
+    return np.zeros((len(rows), U), np.int32), np.zeros((len(ADJUST_FIELDS), len(rows), U), np.float32)
   generated, prompts, biased, bias_values = [], [], [], []
   for row, seq in enumerate(rows):
     if seq is None: continue
@@ -105,7 +105,7 @@ def _pack_adjustments(rows: list[Sequence | None], stop_ids: set[int]) -> tuple[
   key_row, token = keys >> 32, (keys & 0xFFFFFFFF).astype(np.int32)
   per_row = np.bincount(key_row, minlength=len(rows))
   start = np.cumsum(per_row) - per_row
-  U = bucket(int(per_row.max(initial=0)), 16)
+  assert per_row.max(initial=0) <= U, "more adjusted tokens in a row than the plan has room for"
   ids, extra = np.zeros((len(rows), U), np.int32), np.zeros((len(ADJUST_FIELDS), len(rows), U), np.float32)
   # padding repeats the row's first entry: duplicate writes of the same value are harmless
   first = start[has := per_row > 0]
@@ -121,19 +121,31 @@ def _stream(seq: Sequence, seed_base: int) -> int:
   return (p.seed + seq.index if p.seed is not None else seed_base + seq.seq_id) % (1 << 24)
 
 
-def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int]) -> tuple[SamplingPlan, np.ndarray, np.ndarray]:
-  """Host side: the plan for this batch, plus its int32 inputs (adjusted token ids) and float32 inputs."""
+GREEDY = SamplingPlan("greedy", (), 0, 0, False)
+SAMPLED = SamplingPlan("filtered", FILTERS, 0, 0, False)
+
+
+def plans(max_adjusted: int, prompt: bool = False) -> list[SamplingPlan]:
+  """The plans a batch can get, so that a graph per (rows, plan) is a known, bounded set: greedy; sampled (any
+  temperature and filters); general (anything else: logprobs, penalties, bias, min_tokens, with every filter, the
+  top MAX_LOGPROBS logprobs and room for `max_adjusted` adjusted tokens a row). With `prompt`: the plan of a
+  prompt that wants prompt logprobs."""
+  general = SamplingPlan("filtered", FILTERS, max_adjusted, MAX_LOGPROBS, True)
+  if prompt: return [SamplingPlan("filtered", FILTERS, max_adjusted, MAX_LOGPROBS, True, MAX_LOGPROBS)]
+  return [GREEDY, SAMPLED, general]
+
+
+def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int], max_adjusted: int,
+                  plan: SamplingPlan | None = None) -> tuple[SamplingPlan, np.ndarray, np.ndarray]:
+  """Host side: the plan for this batch (the cheapest of PLANS that serves every row, or `plan`), plus its int32
+  inputs (adjusted token ids) and float32 inputs."""
   live = [seq for seq in rows if seq is not None]
-  sampled = [s.params for s in live if not s.params.greedy]
-  in_use = {"top_k": any(p.top_k > 0 for p in sampled), "top_p": any(p.top_p < 1 for p in sampled),
-            "min_p": any(p.min_p > 0 for p in sampled)}
-  filters = tuple(name for name in FILTERS if in_use[name])
-  mode = "greedy" if not sampled else "filtered" if filters else "random"
-  ids, extra = _pack_adjustments(rows, stop_ids)
-  U = ids.shape[1]
-  K = max((s.params.logprobs or 0 for s in live), default=0)
-  P = max((s.params.prompt_logprobs for s in live if s.wants_prompt_logprobs), default=None)
-  plan = SamplingPlan(mode, filters, U, K, any(s.params.logprobs is not None for s in live), P)
+  if plan is None:
+    if any(s.wants_prompt_logprobs for s in live): plan = plans(max_adjusted, prompt=True)[0]
+    elif any(s.params.logprobs is not None or _adjusts_logits(s) for s in live): plan = plans(max_adjusted)[2]
+    elif any(not s.params.greedy for s in live): plan = SAMPLED
+    else: plan = GREEDY
+  ids, extra = _pack_adjustments(rows, stop_ids, plan.num_adjusted)
   # one tuple of ROW_FIELDS per row, made into an array once (a numpy store per field and row: 0.5 ms at batch 256)
   per_row = np.array([(0.0,) * len(ROW_FIELDS) if seq is None else
                       (seq.params.temperature, max(seq.params.top_k, 0), seq.params.top_p, seq.params.min_p,

@@ -13,10 +13,12 @@ from tinygrad.dtype import DType, _from_np_dtype, _to_np_dtype
 
 
 def upload(buf: Buffer | MultiBuffer, src: np.ndarray) -> None:
-  """Host array -> device buffer of the same size and dtype (each device's copy of a replicated one)."""
+  """Host array -> the start of a device buffer of the same dtype (each device's copy of a replicated one); a shorter
+  array fills the buffer's first bytes only."""
+  if not src.nbytes: return
   data = memoryview(np.ascontiguousarray(src)).cast("B")
   for b in buf.bufs if isinstance(buf, MultiBuffer) else [buf]:
-    assert src.nbytes == b.nbytes and src.dtype == _to_np_dtype(b.dtype), (src.dtype, src.nbytes, b)
+    assert src.nbytes <= b.nbytes and src.dtype == _to_np_dtype(b.dtype), (src.dtype, src.nbytes, b)
     b.allocator._copyin(b._buf, data)
 
 

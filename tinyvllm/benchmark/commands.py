@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from tinygrad import Device
@@ -58,9 +59,16 @@ def _result(name: str, args: argparse.Namespace, engine_args: EngineArgs, column
 
 
 def _measure_tinyvllm(engine_args: EngineArgs, measure: Callable[[LLMEngine], dict]) -> dict:
-  """`measure(engine)` on a fresh engine, which is dropped afterwards: the peers need its memory."""
+  """`measure(engine)` on a fresh engine, warmed up as a server warms up before it is ready (every graph a step can
+  need captured), and dropped afterwards: the peers need its memory."""
+  t0 = time.perf_counter()
   engine = create_engine(engine_args)
+  loaded = time.perf_counter()
+  if hasattr(engine, "warmup"): engine.warmup()
+  startup = {"load_s": loaded - t0, "graph_capture_s": time.perf_counter() - loaded,
+             "graphs": engine.stats().graph_builds}
   metrics = measure(engine)
+  metrics["startup"] = startup
   del engine
   gc.collect()
   return metrics

@@ -22,7 +22,7 @@ from tinygrad import Tensor, dtypes, nn
 from tinygrad.function import function
 from tinygrad.nn import RMSNorm
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.model.paged_attention import NewKV, write, write_and_gather, attention, decode_attention
+from tinyvllm.model.paged_attention import BlockTables, NewKV, write, write_and_gather, attention, paged_attention
 from tinyvllm.model.linear import linear
 from tinyvllm.model.quantized import PackedLinear, PackedWeight, matmul_t
 from tinyvllm.transfer import to_device
@@ -90,24 +90,23 @@ class Attention:
 
   def __call__(self, x: Tensor, norm: RMSNorm, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor],
                batch: "ForwardBatch") -> Tensor:
-    """x + attention(norm(x))"""
-    S, Q, _ = x.shape
+    """x + attention(norm(x)) for the step's T tokens, x: [T, hidden]"""
+    T, _ = x.shape
     H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
-    rows = x.reshape(S * Q, -1)
     if self.qkv_proj is None:
-      q, k, v = (project(proj, rows, norm) for proj in (self.q_proj, self.k_proj, self.v_proj))
+      q, k, v = (project(proj, x, norm) for proj in (self.q_proj, self.k_proj, self.v_proj))
       new = NewKV(k, v, 0, 0, cos, sin)
     else:
-      q = qkv = project(self.qkv_proj, rows, norm)                      # [T, (H + 2 KVH) D]; q is its first H D
+      q = qkv = project(self.qkv_proj, x, norm)                         # [T, (H + 2 KVH) D]; q is its first H D
       new = NewKV(qkv, qkv, H * D, (H + KVH) * D, cos, sin)
-    if Q == 1 and batch.paged_decode:
+    if batch.paged:
       kv = write(kv, new, batch.slot_mapping)
-      out = decode_attention(q, cos, sin, kv, batch.block_tables, batch.positions, batch.block_size, H)
+      out = paged_attention(q, cos, sin, kv, batch.tables, batch.positions, H)
     else:
-      k_ctx, v_ctx = write_and_gather(kv, new, batch.slot_mapping, batch.block_tables, batch.block_size)
-      q = apply_rope(q[:, :H * D].reshape(S * Q, H, D), cos, sin)
-      out = attention(q.reshape(S, Q, H, D), k_ctx, v_ctx, batch.positions)
-    return project(self.o_proj, out.reshape(S * Q, -1), residual=rows).reshape(x.shape)
+      k_ctx, v_ctx = write_and_gather(kv, new, batch.slot_mapping, batch.tables)
+      q = apply_rope(q[:, :H * D].reshape(T, H, D), cos, sin)
+      out = attention(q.reshape(T, 1, H, D), k_ctx, v_ctx, batch.positions.reshape(T, 1))
+    return project(self.o_proj, out.reshape(T, -1), residual=x)
 
 
 class MLP:
@@ -142,20 +141,25 @@ class DecoderLayer:
     # a tinygrad `function`: every layer has the same body (weights and caches become its parameters), so the
     # scheduler and code generator do their work once, not num_layers times
     @function(precompile=True, allow_implicit=True)
-    def run(x: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor, block_tables: Tensor, positions: Tensor) -> Tensor:
-      b = ForwardBatch(None, positions, slot_mapping, block_tables, None, batch.block_size, batch.paged_decode)
+    def run(x: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor, tables: Tensor, rows: Tensor,
+            blocks_var: Tensor, positions: Tensor) -> Tensor:
+      t = batch.tables
+      b = ForwardBatch(None, positions, slot_mapping, BlockTables(tables, rows, blocks_var, t.block_size, t.max_blocks),
+                       None, batch.paged)
       h = self.self_attn(x, self.input_layernorm, cos, sin, kv, b)
       return self.mlp(h, self.post_attention_layernorm).contiguous()
-    return run(x, cos, sin, batch.slot_mapping, batch.block_tables, batch.positions)
+    t = batch.tables
+    return run(x, cos, sin, batch.slot_mapping, t.tables, t.rows, t.blocks_var, batch.positions)
 
 
 class ForwardBatch:
-  """The device-side description of one forward pass: S sequences, each feeding Q query tokens (padded)."""
-  def __init__(self, tokens: Tensor, positions: Tensor, slot_mapping: Tensor, block_tables: Tensor,
-               logits_index: Tensor, block_size: int, paged_decode: bool):
-    self.tokens, self.positions, self.slot_mapping = tokens, positions, slot_mapping        # [S, Q], [S, Q], [S*Q]
-    self.block_tables, self.logits_index, self.block_size = block_tables, logits_index, block_size  # [S, NB], [S]
-    self.paged_decode = paged_decode    # Q = 1 rows attend straight from the pool (paged_attention.decode_attention)
+  """The device-side description of one forward pass: T tokens, from any number of sequences (decoding rows and
+  prompt chunks alike), and the R of them whose logits are wanted."""
+  def __init__(self, tokens: Tensor, positions: Tensor, slot_mapping: Tensor, tables: BlockTables,
+               logits_index: Tensor, paged: bool):
+    self.tokens, self.positions, self.slot_mapping = tokens, positions, slot_mapping     # [T] each
+    self.tables, self.logits_index = tables, logits_index                                # see BlockTables; [R]
+    self.paged = paged    # attend straight from the pool (paged_attention) rather than from a dense copy per token
 
 
 class LlamaModel:
@@ -184,16 +188,13 @@ class LlamaForCausalLM:
     return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
   def __call__(self, batch: ForwardBatch, kv_cache: list[tuple[Tensor, Tensor]], every_position: bool = False) -> Tensor:
-    """Returns the logits of one token per sequence, the one at `batch.logits_index`: [S, vocab]; with
-    `every_position`, the logits of all S × Q tokens (prompt logprobs need them): [S * Q, vocab]."""
-    S, Q = batch.tokens.shape
-    x = self.model.embed_tokens(batch.tokens)                                  # [S, Q, hidden]
-    flat_positions = batch.positions.reshape(S * Q)
+    """Returns the logits of the tokens at `batch.logits_index`: [R, vocab]; with `every_position`, the logits of
+    all T tokens (prompt logprobs need them): [T, vocab]."""
+    x = self.model.embed_tokens(batch.tokens)                                  # [T, hidden]
     dtype = x.dtype
-    cos, sin = self.rope_cos[flat_positions].cast(dtype), self.rope_sin[flat_positions].cast(dtype)
+    cos, sin = self.rope_cos[batch.positions].cast(dtype), self.rope_sin[batch.positions].cast(dtype)
     for layer, kv in zip(self.model.layers, kv_cache): x = layer(x, cos, sin, kv, batch)
-    if every_position: h = x.reshape(S * Q, -1)
-    else: h = x.gather(1, batch.logits_index.reshape(S, 1, 1).expand(S, 1, x.shape[-1])).reshape(S, -1)
+    h = x if every_position else x.gather(0, batch.logits_index.reshape(-1, 1).expand(-1, x.shape[1]))
     weight = self.output_weight()
     if isinstance(weight, PackedWeight): return matmul_t(self.model.norm(h), weight).cast(dtypes.float32)
     return linear(h, weight, norm=self.model.norm).cast(dtypes.float32)

@@ -80,14 +80,17 @@ def _write_kernel(k_cache: UOp, v_cache: UOp, k: UOp, v: UOp, cos: UOp, sin: UOp
     .end(t, h, j).sink(arg=KernelInfo(name="kv_write"))
 
 
-def _gather_kernel(k_out: UOp, v_out: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp) -> UOp:
-  """k_out[s, n, b, h, j] = k_blocks[tables[s, n], b, h, j], and the same for V -- copy each sequence's blocks, in
-  table order, into one dense run."""
-  s, n, b, h, j = (UOp.range(k_out.shape[i], i) for i in range(5))
-  block = _bounded(tables[s, n], k_blocks.shape[0])
-  return UOp.group(k_out[s, n, b, h, j].store(k_blocks[block, b, h, j]),
-                   v_out[s, n, b, h, j].store(v_blocks[block, b, h, j])) \
-    .end(s, n, b, h, j).sink(arg=KernelInfo(name="kv_gather"))
+def _gather_kernel(k_out: UOp, v_out: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp, _blocks: UOp,
+                   max_blocks: int) -> UOp:
+  """k_out[t, n, b, h, j] = k_blocks[block n of token t's table, b, h, j], and the same for V -- copy the blocks of
+  each token's sequence, in table order, into one dense run (blocks past the step's `context_blocks`: the null
+  block, hidden by the causal mask)."""
+  t, n, b, h, j = (UOp.range(k_out.shape[i], i) for i in range(5))
+  NB = context_blocks(max_blocks, kernel=True)
+  block = (n < NB).where(_bounded(tables[rows[t].cast(dtypes.weakint) * NB + n], k_blocks.shape[0]), 0)
+  return UOp.group(k_out[t, n, b, h, j].store(k_blocks[block, b, h, j]),
+                   v_out[t, n, b, h, j].store(v_blocks[block, b, h, j])) \
+    .end(t, n, b, h, j).sink(arg=KernelInfo(name="kv_gather"))
 
 
 LANES = 8   # partial sums per dot product
@@ -101,12 +104,13 @@ def _tree_sum(terms: list[UOp]) -> UOp:
   return terms[0]
 
 
-def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, positions: UOp) -> UOp:
+def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp,
+                   positions: UOp, _blocks: UOp, max_blocks: int) -> UOp:
   """out[s, head h] = softmax(rope(q[s, h]) · K_s) · V_s over the context of sequence s, read from the pool through
   its block table: one thread per (sequence, head) streams the context once, keeping a running max m, the sum l of
   exp(score − m) and the weighted sum of values, all rescaled when m grows (the "online softmax"). Each step of the
   loop takes a few tokens at once, so their dot products overlap and the rescaling is paid once per step."""
-  S, (num_blocks, block_size, KVH, D), NB = out.shape[0], k_blocks.shape, tables.shape[1]
+  S, (num_blocks, block_size, KVH, D), NB = out.shape[0], k_blocks.shape, context_blocks(max_blocks, kernel=True)
   H, half, n = out.shape[1] // D, D // 2, min(TOKENS_PER_STEP, block_size)
   s, h = UOp.range(S, 0), UOp.range(H, 1)
   x = [q[s, h * D + j].cast(dtypes.float) for j in range(D)]
@@ -117,10 +121,10 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
   M, L = D, D + 1                                  # the state: D value sums, then m and l
   state = UOp.placeholder((D + 2,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(s, h)
   state = state.after(UOp.group(*[state[i].store(-1e30 if i == M else 0.0) for i in range(D + 2)]))
-  step = UOp.range(NB * block_size // n, 2, AxisType.REDUCE)
+  step = UOp.range(NB * (block_size // n), 2, AxisType.REDUCE)
   tokens = [step * n + i for i in range(n)]
-  kvh, pos = h // (H // KVH), positions[s].cast(dtypes.weakint)
-  where = [(_bounded(tables[s, t // block_size], num_blocks), t % block_size) for t in tokens]
+  kvh, pos, table = h // (H // KVH), positions[s].cast(dtypes.weakint), rows[s].cast(dtypes.weakint) * NB
+  where = [(_bounded(tables[table + t // block_size], num_blocks), t % block_size) for t in tokens]
   # each dot product as LANES partial sums stored in registers: as one expression tinygrad renders it as a single
   # chain of D dependent adds
   part = UOp.placeholder((n, LANES), dtypes.float, slot=1, addrspace=AddrSpace.REG).after(step)
@@ -144,20 +148,21 @@ WARP = 32                  # threads of a warp (a SIMD group on Metal): a chunk 
 WARPS = 4                  # warps of the GPU kernel's thread block, each walking its own chunks
 
 
-def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp, tables: UOp, positions: UOp,
-                  block_size: int) -> UOp:
+def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp, tables: UOp, rows: UOp,
+                  positions: UOp, _blocks: UOp, block_size: int, max_blocks: int) -> UOp:
   """out[s, head kvh·G + g] = softmax(rope(q[s, that head]) · K_s) · V_s for the G query heads of KV head kvh, one
   thread block per (s, kvh): the GPU's decode attention. Warp w takes the chunks of 32 tokens w, w + WARPS, ... In
   each chunk, first lane i is token i: it reads the token's key and scores it against the G queries; then lane i
   owns D / 32 dimensions: it reads those of the chunk's 32 values (a warp reads a value row as one coalesced
   load) and adds them, weighted, to its running sums, rescaled when the running max grows. The scores, their
   exponentials and the tokens' pool slots pass from one role to the other through shared memory."""
-  S, (num_slots, KVH, D), C = q.shape[0], k_pool.shape, tables.shape[1] * block_size
+  NB = context_blocks(max_blocks, kernel=True)
+  S, (num_slots, KVH, D), C = q.shape[0], k_pool.shape, NB * block_size
   G, half, dims = out.shape[1] // D // KVH, D // 2, D // WARP     # dims: the value dimensions a lane owns
   threads = WARP * WARPS
   kvh, s, thread = UOp.special(KVH, "gidx0"), UOp.special(S, "gidx1"), UOp.special(threads, "lidx0")
   warp, lane = thread // WARP, thread % WARP
-  pos = positions[s].cast(dtypes.weakint)
+  pos, table = positions[s].cast(dtypes.weakint), rows[s].cast(dtypes.weakint) * NB
 
   def spread(n: int, axis: int) -> tuple[UOp, UOp]:
     """Thread j takes items j, j + threads, ... of n; past the end it repeats item n - 1, so its stores write what
@@ -178,13 +183,13 @@ def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp
   M, L, A = 0, G, 2 * G
   state = UOp.placeholder((G * (2 + dims),), dtypes.float, slot=0, addrspace=AddrSpace.REG)
   state = state.after(UOp.group(*[state[k].store(-1e30 if k < L else 0.0) for k in range(G * (2 + dims))]))
-  rnd = UOp.range(-(-C // threads), 0, AxisType.REDUCE)
+  rnd = UOp.range((C + threads - 1) // threads, 0, AxisType.REDUCE)
   chunk = rnd * WARPS + warp
   cur = state.after(rnd)
 
   # lane = token: its slot, its key, its G scores (−inf after the query's position)
   token = chunk * WARP + lane
-  slot = _bounded(tables[s, token.minimum(C - 1) // block_size], num_slots // block_size) * block_size \
+  slot = _bounded(tables[table + token.minimum(C - 1) // block_size], num_slots // block_size) * block_size \
     + token % block_size
   key = [k_pool[slot, kvh, j].cast(dtypes.float) for j in range(D)]
   query = queries.after(rnd)
@@ -234,21 +239,42 @@ def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple
   return allocate_split(Tensor.zeros, (num_slots, kv_heads, head_dim), 1, devices, dtype).contiguous()
 
 
-def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor, block_tables: Tensor,
-                     block_size: int) -> tuple[Tensor, Tensor]:
+@dataclass
+class BlockTables:
+  """Where each of a step's T tokens reads its context: `tables` holds the block tables of the step's sequences, row
+  r at [r * blocks, (r + 1) * blocks) (flat, so that only the columns in use travel to the device), and `rows[t]`
+  is the row of token t's sequence. `blocks`, the step's context length in blocks, is not a shape but a variable
+  bound per step (`context_blocks`): the kernels loop over that many blocks, so one captured graph serves every
+  context length up to `max_blocks`. The [1] tensor `blocks_var` carries the bound variable into the graph."""
+  tables: Tensor         # [R * max_blocks] int32, the first R * blocks in use
+  rows: Tensor           # [T] int32
+  blocks_var: Tensor     # [1]: Tensor(context_blocks(max_blocks).bind(blocks))
+  block_size: int
+  max_blocks: int
+
+
+def context_blocks(max_blocks: int, kernel: bool = False) -> UOp:
+  """The variable a step binds to its context length in blocks (inside a kernel, its kernel-side form)."""
+  return UOp.variable("context_blocks", 1, max_blocks, param=kernel)
+
+
+def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor, tables: BlockTables) \
+    -> tuple[Tensor, Tensor]:
   """Store the new K (rotated) and V of T tokens at `slot_mapping` ([T]) in their pools (each [num_slots, kv_heads,
-  head_dim]), then return every sequence's K and V context, each [S, num_table_blocks * block_size, kv_heads,
-  head_dim].
+  head_dim]), then return each token's K and V context, each [T, max_blocks * block_size, kv_heads, head_dim]: the
+  readable reference, one dense copy per token.
 
   Both kernels keep the KV heads as an axis of their own, so under tensor parallelism each device runs them on its
   own heads' slice of the pools, of `new` and of the output."""
   k_cache, v_cache = write(cache, new, slot_mapping)
   num_slots, kv_heads, head_dim = k_cache.shape
-  S, NB = block_tables.shape
-  dense = lambda: allocate_split(Tensor.empty, (S, NB, block_size, kv_heads, head_dim), 3, k_cache.device, k_cache.dtype)
-  as_blocks = lambda pool: pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim)
-  k, v = dense().custom_kernel(dense(), as_blocks(k_cache), as_blocks(v_cache), block_tables, fxn=_gather_kernel)[:2]
-  return k.reshape(S, NB * block_size, kv_heads, head_dim), v.reshape(S, NB * block_size, kv_heads, head_dim)
+  T, NB, bs = tables.rows.shape[0], tables.max_blocks, tables.block_size
+  dense = lambda: allocate_split(Tensor.empty, (T, NB, bs, kv_heads, head_dim), 3, k_cache.device, k_cache.dtype)
+  as_blocks = lambda pool: pool.reshape(num_slots // bs, bs, kv_heads, head_dim)
+  kernel = functools.partial(_gather_kernel, max_blocks=NB)
+  k, v = dense().custom_kernel(dense(), as_blocks(k_cache), as_blocks(v_cache), tables.tables, tables.rows,
+                               tables.blocks_var, fxn=kernel)[:2]
+  return k.reshape(T, NB * bs, kv_heads, head_dim), v.reshape(T, NB * bs, kv_heads, head_dim)
 
 
 def write(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
@@ -258,20 +284,24 @@ def write(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor) -> tup
   return tuple(k_cache.custom_kernel(v_cache, new.k, new.v, new.cos, new.sin, slot_mapping, fxn=write)[:2])
 
 
-def decode_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor], block_tables: Tensor,
-                     positions: Tensor, block_size: int, heads: int, thread_blocks: bool | None = None) -> Tensor:
-  """One query token per sequence (q: [S, width], its first heads·head_dim columns un-rotated) attending over its
-  context straight from the pools, no dense copy: [S, heads·head_dim]. `thread_blocks`: the GPU kernel, a thread
-  block per (sequence, KV head) (None: on devices that run threads in blocks, which is what a GPU is to tinygrad,
-  for head dims its lanes divide); else the CPU's, a thread per (sequence, head)."""
-  (num_slots, kv_heads, head_dim), S = cache[0].shape, q.shape[0]
+def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor], tables: BlockTables,
+                    positions: Tensor, heads: int, thread_blocks: bool | None = None) -> Tensor:
+  """Each query token (q: [T, width], its first heads·head_dim columns un-rotated) attending over its sequence's
+  context up to its own position, straight from the pools, no dense copy: [T, heads·head_dim]. A prompt chunk's
+  tokens are written to the pool first, so the chunk attends to itself causally through the same table.
+  `thread_blocks`: the GPU kernel, a thread block per (token, KV head) (None: on devices that run threads in
+  blocks, which is what a GPU is to tinygrad, for head dims its lanes divide); else the CPU's, a thread per
+  (token, head)."""
+  (num_slots, kv_heads, head_dim), T, bs = cache[0].shape, q.shape[0], tables.block_size
   if thread_blocks is None: thread_blocks = has_thread_blocks(q.device) and head_dim % WARP == 0
-  out = allocate_split(Tensor.empty, (S, heads * head_dim), 1, q.device, q.dtype)
+  out = allocate_split(Tensor.empty, (T, heads * head_dim), 1, q.device, q.dtype)
+  inputs = (tables.tables, tables.rows, positions.reshape(T), tables.blocks_var)
   if thread_blocks:
-    kernel = functools.partial(_block_kernel, block_size=block_size)
-    return out.custom_kernel(q, cos, sin, *cache, block_tables, positions.reshape(S), fxn=kernel)[0]
-  k_blocks, v_blocks = (pool.reshape(num_slots // block_size, block_size, kv_heads, head_dim) for pool in cache)
-  return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, block_tables, positions.reshape(S), fxn=_decode_kernel)[0]
+    kernel = functools.partial(_block_kernel, block_size=bs, max_blocks=tables.max_blocks)
+    return out.custom_kernel(q, cos, sin, *cache, *inputs, fxn=kernel)[0]
+  k_blocks, v_blocks = (pool.reshape(num_slots // bs, bs, kv_heads, head_dim) for pool in cache)
+  kernel = functools.partial(_decode_kernel, max_blocks=tables.max_blocks)
+  return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, fxn=kernel)[0]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor) -> Tensor:

@@ -112,7 +112,9 @@ class OpenAIServer:
     await warm_up(engine)
     self.engine = engine
     self._watchdog = asyncio.create_task(self._watch(engine))
-    log.info("model ready", extra={"model": self.config.served_model_names[0], "seconds": round(time.perf_counter() - t0, 2)})
+    stats = engine.engine.stats()
+    log.info("model ready", extra={"model": self.config.served_model_names[0], "seconds": round(time.perf_counter() - t0, 2),
+                                   "graphs": stats.graph_builds, "graph_seconds": round(stats.graph_build_seconds, 2)})
 
   async def drain(self, timeout: float) -> bool:
     """Refuse new generation requests and wait up to `timeout` s for those in flight; True if all finished."""
@@ -407,8 +409,10 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
 
 
 async def warm_up(engine: AsyncLLMEngine) -> None:
-  """One short greedy request, so that compiling the first kernels is not charged to the first client: its two
-  prompt tokens run as a prefill chunk, its second output token as a decode."""
+  """Capture every graph a step can need (model_runner.py: a bounded set), so that no client ever waits for one, then
+  one short greedy request through the whole path. The engine thread is idle until the first request is posted, so
+  the capture runs on a worker thread without racing it."""
+  if hasattr(engine.engine, "warmup"): await asyncio.to_thread(engine.engine.warmup)
   async for _ in engine.generate([0, 0], SamplingParams(max_tokens=2, temperature=0), f"warmup-{uuid.uuid4().hex}"): pass
 
 

@@ -95,7 +95,12 @@ class Metrics:
     for name, (help, value) in gauges.items(): lines += _header(name, "gauge", help) + [f"{name}{{{self.labels}}} {float(value)}"]
     preemptions = Counter("vllm:num_preemptions_total", "Cumulative number of preemptions from the engine.",
                           stats.preemptions)
+    builds = Counter("tinyvllm:graph_builds_total", "TinyJit graphs captured (all of them before ready, if all is "
+                     "well: one after ready made a request wait).", stats.graph_builds)
+    build_seconds = Counter("tinyvllm:graph_build_seconds_total", "Seconds spent capturing graphs.",
+                            stats.graph_build_seconds)
     for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits, preemptions,
+                   builds, build_seconds,
                    self.ttft, self.tpot, self.e2e):
       lines += metric.render(self.labels)
     return "\n".join(lines) + "\n"
