@@ -52,8 +52,8 @@ def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, q
   on = lambda a: Tensor(a, device=device)
   flat = np.zeros(R * max_blocks, np.int32)
   flat[:R * blocks] = tables.reshape(-1)
-  bt = BlockTables(on(flat), on(rows), Tensor(context_blocks(max_blocks).bind(blocks), device=device).reshape(1)
-                   .cast(dtypes.int32), block_size, max_blocks)
+  bound = Tensor.full((1,), context_blocks(max_blocks).bind(blocks), dtype=dtypes.int32, device=device)
+  bt = BlockTables(on(flat), on(rows), bound, block_size, max_blocks)
   cos, sin, pools = on(np.cos(angles)), on(np.sin(angles)), (on(k_pool), on(v_pool))
   if thread_blocks is None:       # the reference: write nothing (the null slot), gather, tinygrad's attention
     none = Tensor.zeros(1, KVH * D, device=device).contiguous()

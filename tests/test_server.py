@@ -76,7 +76,7 @@ class LiveServer:
     if self.engine is not None: self.load()
     return self
 
-  def load(self) -> None: self.run(self.server.load(lambda: self.engine))
+  def load(self) -> None: self.run(self.server.load(lambda: self.engine), timeout=900)   # captures every graph
 
   def __exit__(self, *exc) -> None:
     self.run(self.runner.cleanup())
@@ -462,7 +462,8 @@ def test_no_graph_is_built_after_ready(live):
   mixes = [GREEDY, {"temperature": 0.8, "seed": 1}, {"temperature": 1.0, "top_p": 0.7, "top_k": 9, "seed": 2},
            {"min_p": 0.2, "seed": 3}, {"logprobs": 3, **GREEDY}, {"frequency_penalty": 0.5, "presence_penalty": 0.3},
            {"repetition_penalty": 1.2, "logit_bias": {"17": 5.0}}, {"min_tokens": 4, "temperature": 0.5, "seed": 4},
-           {"prompt_logprobs": 2, **GREEDY}, {"n": 2, "temperature": 0.9, "seed": 5}, {"echo": True, "logprobs": 1}]
+           {"prompt_logprobs": 2, **GREEDY}, {"n": 2, "temperature": 0.9, "seed": 5},
+           {"stop": ["zz"], "logprobs": 1, "temperature": 0.3, "seed": 6}]
 
   async def traffic() -> list[dict]:
     async with aiohttp.ClientSession() as session:

@@ -145,7 +145,7 @@ class _ModelGraph:
   def _forward(self, blocks: Tensor) -> Tensor:
     tokens, positions, slots, rows, logits_index = self.inputs
     runner, devices = self.runner, self.runner.devices
-    blocks_var = Tensor(blocks).reshape(1).cast(dtypes.int32)
+    blocks_var = Tensor.full((1,), blocks, dtype=dtypes.int32, device=devices[0])
     if len(devices) > 1: blocks_var = blocks_var.shard(devices)
     tables = BlockTables(self.tables, rows, blocks_var, runner.block_size, runner.max_blocks)
     batch = ForwardBatch(tokens, positions, slots, tables, logits_index, runner.paged)

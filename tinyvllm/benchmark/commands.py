@@ -41,7 +41,7 @@ SERVE_ROWS: list[Row] = [("completed", "completed"), ("failed", "failed"), *THRO
                          *((f"{name} {stat} (ms)", f"{key}_ms.{stat}") for name, key in
                            (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2EL", "e2el"))
                            for stat in ("mean", "p50", "p90", "p99"))]
-GRAPH_BUILD_ROWS: list[Row] = [("graphs built before", "graph_builds_before"),
+GRAPH_BUILD_ROWS: list[Row] = [("server ready (s)", "server_ready_s"), ("graphs built before", "graph_builds_before"),
                                ("graphs built after", "graph_builds_after"),
                                ("graphs built during the run", "graph_builds")]
 PREFIX_ROWS: list[Row] = [(f"{workload} {label}", f"{workload}.{path}") for workload in ("shared_prefix", "chat")
@@ -168,9 +168,9 @@ def serve(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
   vocab = vocab_size(engine_args)
   if args.base_url: ours = _serve_against(args.base_url.rstrip("/"), args, vocab)
   else:
-    port = serving.free_port()
+    port, t0 = serving.free_port(), time.perf_counter()
     with serving.launch_server(serving.serve_command(engine_args, port), port, args.ready_timeout) as url:
-      ours = _serve_against(url, args, vocab)
+      ours = {"server_ready_s": time.perf_counter() - t0} | _serve_against(url, args, vocab)   # load + captures
   # a server at --base-url may run other engine arguments, and holds the memory an engine here would need
   same_offline = {"skipped": "the server at --base-url is not this process's engine"} if args.base_url else \
     {"skipped": "--no-offline"} if not args.offline else \

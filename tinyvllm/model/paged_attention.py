@@ -80,14 +80,21 @@ def _write_kernel(k_cache: UOp, v_cache: UOp, k: UOp, v: UOp, cos: UOp, sin: UOp
     .end(t, h, j).sink(arg=KernelInfo(name="kv_write"))
 
 
-def _gather_kernel(k_out: UOp, v_out: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp, _blocks: UOp,
+def _table_start(rows: UOp, t: UOp, blocks: UOp) -> UOp:
+  """Where token t's block table starts in the flat tables: its row times the step's width, `blocks[0]`. The width
+  is read from memory (it is also the bound variable that sets the kernels' loop lengths), so that every buffer a
+  kernel is given is one it reads: CUDA graphs refuse a kernel whose parameters include one it does not."""
+  return rows[t].cast(dtypes.weakint) * blocks[0].cast(dtypes.weakint)
+
+
+def _gather_kernel(k_out: UOp, v_out: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp, blocks: UOp,
                    max_blocks: int) -> UOp:
   """k_out[t, n, b, h, j] = k_blocks[block n of token t's table, b, h, j], and the same for V -- copy the blocks of
   each token's sequence, in table order, into one dense run (blocks past the step's `context_blocks`: the null
   block, hidden by the causal mask)."""
   t, n, b, h, j = (UOp.range(k_out.shape[i], i) for i in range(5))
   NB = context_blocks(max_blocks, kernel=True)
-  block = (n < NB).where(_bounded(tables[rows[t].cast(dtypes.weakint) * NB + n], k_blocks.shape[0]), 0)
+  block = (n < NB).where(_bounded(tables[_table_start(rows, t, blocks) + n], k_blocks.shape[0]), 0)
   return UOp.group(k_out[t, n, b, h, j].store(k_blocks[block, b, h, j]),
                    v_out[t, n, b, h, j].store(v_blocks[block, b, h, j])) \
     .end(t, n, b, h, j).sink(arg=KernelInfo(name="kv_gather"))
@@ -105,7 +112,7 @@ def _tree_sum(terms: list[UOp]) -> UOp:
 
 
 def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp,
-                   positions: UOp, _blocks: UOp, max_blocks: int) -> UOp:
+                   positions: UOp, blocks: UOp, max_blocks: int) -> UOp:
   """out[s, head h] = softmax(rope(q[s, h]) · K_s) · V_s over the context of sequence s, read from the pool through
   its block table: one thread per (sequence, head) streams the context once, keeping a running max m, the sum l of
   exp(score − m) and the weighted sum of values, all rescaled when m grows (the "online softmax"). Each step of the
@@ -123,7 +130,7 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
   state = state.after(UOp.group(*[state[i].store(-1e30 if i == M else 0.0) for i in range(D + 2)]))
   step = UOp.range(NB * (block_size // n), 2, AxisType.REDUCE)
   tokens = [step * n + i for i in range(n)]
-  kvh, pos, table = h // (H // KVH), positions[s].cast(dtypes.weakint), rows[s].cast(dtypes.weakint) * NB
+  kvh, pos, table = h // (H // KVH), positions[s].cast(dtypes.weakint), _table_start(rows, s, blocks)
   where = [(_bounded(tables[table + t // block_size], num_blocks), t % block_size) for t in tokens]
   # each dot product as LANES partial sums stored in registers: as one expression tinygrad renders it as a single
   # chain of D dependent adds
@@ -149,7 +156,7 @@ WARPS = 4                  # warps of the GPU kernel's thread block, each walkin
 
 
 def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp, tables: UOp, rows: UOp,
-                  positions: UOp, _blocks: UOp, block_size: int, max_blocks: int) -> UOp:
+                  positions: UOp, blocks: UOp, block_size: int, max_blocks: int) -> UOp:
   """out[s, head kvh·G + g] = softmax(rope(q[s, that head]) · K_s) · V_s for the G query heads of KV head kvh, one
   thread block per (s, kvh): the GPU's decode attention. Warp w takes the chunks of 32 tokens w, w + WARPS, ... In
   each chunk, first lane i is token i: it reads the token's key and scores it against the G queries; then lane i
@@ -162,7 +169,7 @@ def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp
   threads = WARP * WARPS
   kvh, s, thread = UOp.special(KVH, "gidx0"), UOp.special(S, "gidx1"), UOp.special(threads, "lidx0")
   warp, lane = thread // WARP, thread % WARP
-  pos, table = positions[s].cast(dtypes.weakint), rows[s].cast(dtypes.weakint) * NB
+  pos, table = positions[s].cast(dtypes.weakint), _table_start(rows, s, blocks)
 
   def spread(n: int, axis: int) -> tuple[UOp, UOp]:
     """Thread j takes items j, j + threads, ... of n; past the end it repeats item n - 1, so its stores write what
@@ -248,14 +255,16 @@ class BlockTables:
   context length up to `max_blocks`. The [1] tensor `blocks_var` carries the bound variable into the graph."""
   tables: Tensor         # [R * max_blocks] int32, the first R * blocks in use
   rows: Tensor           # [T] int32
-  blocks_var: Tensor     # [1]: Tensor(context_blocks(max_blocks).bind(blocks))
+  blocks_var: Tensor     # [1] int32: Tensor.full((1,), context_blocks(max_blocks).bind(blocks))
   block_size: int
   max_blocks: int
 
 
 def context_blocks(max_blocks: int, kernel: bool = False) -> UOp:
-  """The variable a step binds to its context length in blocks (inside a kernel, its kernel-side form)."""
-  return UOp.variable("context_blocks", 1, max_blocks, param=kernel)
+  """The variable a step binds to its context length in blocks (inside a kernel, its kernel-side form, as an index).
+  It is an int32: CUDA graphs take a kernel's variables as 32-bit parameters."""
+  var = UOp.variable("context_blocks", 1, max_blocks, dtype=dtypes.int32, param=kernel)
+  return var.cast(dtypes.weakint) if kernel else var
 
 
 def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor, tables: BlockTables) \
