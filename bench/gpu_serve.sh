@@ -9,7 +9,7 @@ export PYTHONPATH=/tmp/site:$PWD DEV=CUDA PYTHONUNBUFFERED=1
 SHAPE="--load-format dummy --shape llama-1b --max-model-len 1024"
 echo "=== serve, first pass to a freshly ready server"
 timeout 420 python bench.py serve $SHAPE --num-prompts 100 --random-input-len 256 --random-output-len 128 \
-  --random-range-ratio 0.5 --request-rate 20 --warmup 0 --json "$OUT/gpu-serve-llama-1b.json" 2>&1 | grep -v "^\s*$" | tail -40
+  --random-range-ratio 0.5 --request-rate 20 --warmup 0 --json "$OUT/gpu-h100-llama-1b-dummy-serve.json" 2>&1 | grep -v "^\s*$" | tail -40
 echo "=== warm start (the kernel cache of the run above)"
 timeout 120 python - <<'EOF' 2>&1 | tail -3
 import time
