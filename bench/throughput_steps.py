@@ -1,5 +1,6 @@
 """Where the throughput workload's time goes: N requests × (128 prompt, 128 output) submitted at once on one engine,
-a warm-up pass (captures every graph shape), then a measured pass timed per captured graph shape (S, Q, NB).
+a warm-up pass (captures every graph shape), then a measured pass timed per model graph (T tokens a step): its
+launch, its sampler's, and the wait for the sampled tokens.
 
     python bench/throughput_steps.py [N=32]
 """
@@ -23,20 +24,20 @@ def run_workload(engine: LLMEngine, n: int, seed: int) -> float:
 if __name__ == "__main__":
   N = int(sys.argv[1]) if len(sys.argv) > 1 else 32
   graph_time: collections.Counter = collections.Counter()
-  launch, read = model_runner._Graph.launch, model_runner._Graph.read
+  launch = model_runner.ModelRunner.launch
 
-  def timed(run):
-    def call(graph, *args):
-      start = time.perf_counter()
-      try: return run(graph, *args)
-      finally: graph_time[(graph.shape.S, graph.shape.Q, graph.shape.NB)] += time.perf_counter() - start
-    return call
+  def timed(runner, step, before=None):
+    start = time.perf_counter()
+    try: return launch(runner, step, before)
+    finally:
+      for group in step.groups: group.output = group.sampler.read()         # wait here: the step's own time
+      graph_time[step.groups[0].model.shape.T] += time.perf_counter() - start
 
   # one step at a time, so that a graph's time is its launch and the wait for its output
-  model_runner._Graph.launch, model_runner._Graph.read = timed(launch), timed(read)
+  model_runner.ModelRunner.launch = timed
   engine = LLMEngine(EngineArgs(async_scheduling=False))
   print(f"warm-up pass {run_workload(engine, N, 1):.1f} s")
   graph_time.clear()
   total = run_workload(engine, N, 2)
   print(f"measured pass {total:.1f} s, {N * 128 / total:.1f} output tok/s; in graphs {sum(graph_time.values()):.1f} s:")
-  for (S, Q, NB), t in graph_time.most_common(12): print(f"  S={S:3d} Q={Q:4d} NB={NB:3d}  {t:6.2f} s")
+  for T, t in graph_time.most_common(12): print(f"  T={T:4d}  {t:6.2f} s")

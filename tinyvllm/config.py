@@ -55,10 +55,10 @@ class EngineArgs:
   packed_weights: bool | None = None       # GGUF Q4_0/Q4_1/Q8_0 matrices stay packed; None: where it measured faster
   tensor_parallel_size: int = 1            # split heads and MLP across this many devices (model/tensor_parallel.py)
   data_parallel_size: int = 1              # this many engine processes, each with the whole model (data_parallel.py)
-  attention_backend: str = "paged"         # decoding rows' attention: "paged" (kernels read the pool through the
-                                           # block tables) or "gather" (copy each context out, then tinygrad's
-                                           # matmuls and softmax; prefill chunks always take it)
-  beam: int = 0                            # tinygrad's BEAM kernel search for the decode graphs (0: its BEAM variable,
+  attention_backend: str = "paged"         # "paged" (kernels read the pool through the block tables) or "gather"
+                                           # (the readable reference: copy each token's context out, then
+                                           # tinygrad's matmuls and softmax)
+  beam: int = 0                            # tinygrad's BEAM kernel search for decode-sized graphs (0: its BEAM variable,
                                            # off by default); 2 pays on GPUs: minutes per graph shape once, then cached
 
   @staticmethod
@@ -104,7 +104,7 @@ class EngineArgs:
     if self.dtype != "auto": return getattr(dtypes, self.dtype)
     return dtypes.float32 if self._on_cpu() else dtypes.float16
 
-  def paged_decode(self) -> bool:
+  def paged_attention(self) -> bool:
     if self.attention_backend not in ("paged", "gather"):
       raise ValueError(f"attention_backend must be 'paged' or 'gather', got {self.attention_backend!r}")
     return self.attention_backend == "paged"

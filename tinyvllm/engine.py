@@ -119,7 +119,7 @@ class LLMEngine:
     t0 = time.perf_counter()
     dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
       if args.load_format == "dummy" else None
-    devices, paged_decode = args.devices(), args.paged_decode()     # both check their arguments, before loading
+    devices, paged = args.devices(), args.paged_attention()     # both check their arguments, before loading
     self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg,
                                             args.keep_weights_packed(), devices)
     self.model_config = cfg = self.model.config
@@ -136,7 +136,7 @@ class LLMEngine:
     stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
     self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
                               self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
-                              args.beam, paged_decode)
+                              args.beam, paged)
     self.requests: dict[str, _Request] = {}
     self.in_flight: PreparedStep | None = None       # the step queued on the device, its tokens not read yet
     self._ids = itertools.count()

@@ -15,24 +15,26 @@ that *slot mapping* on the host for the tokens it feeds in a step; the model wri
 by RoPE on the way, so no kernel runs just for that) and then reads the context back through the table, in one of
 two ways:
 
-- gather: copy each sequence's blocks into a dense [S, context, heads, dim] tensor, then tinygrad's matmuls and
-  softmax (`attention`). Any number of query tokens per row: prefill chunks always take this path.
-- paged (decoding rows, one query token each): the kernels read the pool through the table and never make the
-  copy (`decode_attention`). Which kernel depends on the device:
+- paged (the default): the kernels read the pool through the table and never make a copy (`paged_attention`).
+  Every token of a step is one query, whether it decodes or belongs to a prompt chunk: a chunk's own K/V are
+  written first, so each of its tokens sees the ones before it through the same table and the causal mask is just
+  "keys up to my position". Which kernel depends on the device:
   - a CPU: one kernel streams the context once with an *online softmax*. It keeps the running maximum score m, the
     sum of exp(score − m) and the exp-weighted sum of values, and rescales both when m grows, so the scores never
-    need to be stored. One thread per (sequence, head) is plenty for a CPU's few cores.
-  - a GPU: a thread per (sequence, head) is far too few, so one *thread block* of 4 warps takes each (sequence,
-    KV head) and reads that head's context once for all the query heads that share it. Each warp walks its own
+    need to be stored. One thread per (token, head) is plenty for a CPU's few cores.
+  - a GPU: a thread per (token, head) is far too few, so one *thread block* of 4 warps takes each (token, KV
+    head) and reads that head's context once for all the query heads that share it. Each warp walks its own
     32-token chunks of the context with the same online softmax, and at the end the block merges its 4 warps'
     results with the same rescaling (flash decoding, split inside one block). Scores, probabilities and slots pass
     between a warp's lanes through shared memory, so no score ever goes to global memory. On an H200, at 256-token
-    contexts, a Llama-1B layer takes 84–92 µs at batch 256 (~1.5 TB/s of K and V) against 152 µs for session 17's
-    two passes (scores, tinygrad's softmax, values) and 254–268 µs gathered; at batch 1, 14–17 µs against 32–36
+    contexts, a Llama-1B layer takes 84–92 µs at batch 256 (~1.5 TB/s of K and V) against 152 µs for two passes
+    (scores, tinygrad's softmax, values) and 254–268 µs gathered; at batch 1, 14–17 µs against 32–36
     (bench/results/gpu-notes.md §16).
+- gather (the readable reference, `--attention-backend gather`): copy each token's context into a dense
+  [tokens, context, heads, dim] tensor, then tinygrad's matmuls and softmax (`attention`).
 
-All of these are a few lines of tinygrad UOps (`custom_kernel`), so they compile for every backend (CPU, CUDA,
-Metal) and run inside a TinyJit graph.
+A step's context length is not a shape: the kernels loop over `context_blocks`, a variable the step binds (see
+`BlockTables`), so one captured graph serves every context length.
 """
 from __future__ import annotations
 import functools, math
@@ -148,7 +150,7 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
                                 state[L].store(cur[L] * rescale + _tree_sum(p))).end(step))
   inv = state[L].reciprocal()
   return UOp.group(*[out[s, h * D + j].store((state[j] * inv).cast(out.dtype)) for j in range(D)]) \
-    .end(s, h).sink(arg=KernelInfo(name="decode_attention", opts_to_apply=()))
+    .end(s, h).sink(arg=KernelInfo(name="paged_attention", opts_to_apply=()))
 
 
 WARP = 32                  # threads of a warp (a SIMD group on Metal): a chunk of the context is one token a lane
@@ -237,7 +239,7 @@ def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp
   total = _tree_sum([merged[w, g, d] * scale_w[w] for w in range(WARPS)])
   norm = _tree_sum([merged[w, g, D + 1] * scale_w[w] for w in range(WARPS)])
   return out[s, (kvh * G + g) * D + d].store((total / norm).cast(out.dtype)).end(i) \
-    .sink(arg=KernelInfo(name="paged_decode_attention", opts_to_apply=()))
+    .sink(arg=KernelInfo(name="paged_attention_blocks", opts_to_apply=()))
 
 
 def new_pool(num_slots: int, kv_heads: int, head_dim: int, dtype, devices: tuple[str, ...]) -> Tensor:
