@@ -1,4 +1,4 @@
-"""Logits → next tokens, for every row of the batch at once, on the device, inside the model's TinyJit graph.
+"""Logits → next tokens, for every row of the batch at once, on the device, in a TinyJit graph of its own.
 
 Each row carries its own parameters as tensors (temperature, top_k, top_p, min_p, seed), so one kernel chain serves
 a batch that mixes greedy and sampled requests; nothing loops over sequences or over the vocabulary in Python.
@@ -22,9 +22,11 @@ log_softmax of the adjusted logits divided by the temperature (undivided for gre
 prompt token's logprob given the tokens before it) come from the logits of every position of a prefill chunk, scaled
 by the temperature the same way; penalties and bias, which depend on the output so far, do not apply to them.
 
-The graph that runs depends on a `SamplingPlan` (greedy only? which filters? how many adjusted tokens? how many top
-logprobs?), so a batch of plain greedy requests pays for none of this, and a batch that only asks for top-p skips
-the top-k search.
+The graph that runs depends on a `SamplingPlan`, one of three (`plans`): greedy (an argmax, nothing else), sampled
+(temperature and every filter) and general (also the top 20 logprobs and room for penalties and bias), so that a
+batch of plain greedy requests pays for none of this, and a new mix of parameters never needs a graph of its own:
+the runner captures one per plan and row count before serving (model_runner.py). A row that does not use a filter or
+a penalty gets parameters that make it a no-op.
 """
 from __future__ import annotations
 from dataclasses import dataclass
@@ -48,7 +50,7 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 @dataclass(frozen=True)
 class SamplingPlan:
-  mode: str             # "greedy" | "random" (temperature only) | "filtered" (top-k/top-p/min-p)
+  mode: str             # "greedy" | "filtered" (temperature and top-k/top-p/min-p)
   filters: tuple[str, ...]   # the filters some row of the batch uses, from FILTERS; () unless mode is "filtered"
   num_adjusted: int     # U: token slots per row for penalties/bias; 0 = none
   num_logprobs: int     # K: top logprobs returned per row; 0 = none
