@@ -140,7 +140,6 @@ class _ModelGraph:
     # captured on the first call, not the second: the weights, pools and inputs are all realized before it, so the
     # plain run TinyJit makes first would only trace and compile the graph once more
     self.jit.cnt = 1
-    self.output: Tensor | None = None
 
   def _forward(self, blocks: Tensor) -> Tensor:
     tokens, positions, slots, rows, logits_index = self.inputs
@@ -150,19 +149,21 @@ class _ModelGraph:
     tables = BlockTables(self.tables, rows, blocks_var, runner.block_size, runner.max_blocks)
     batch = ForwardBatch(tokens, positions, slots, tables, logits_index, runner.paged)
     logits = runner.model(batch, runner.kv_cache, every_position=self.shape.every)
-    return logits.to(devices[0]).contiguous().realize()    # from every device (tensor parallel) to the first
+    # into the buffer the sampler graphs of this row count read, on the first device (from every device, under
+    # tensor parallelism)
+    return runner.logits(self.shape.R).assign(logits.to(devices[0])).realize()
 
-  def launch(self, ints: np.ndarray, blocks: int) -> Tensor:
-    """Fill the inputs (the tables' columns in use only) and queue the graph; returns its logits, not yet computed."""
+  def launch(self, ints: np.ndarray, blocks: int) -> None:
+    """Fill the inputs (the tables' columns in use only) and queue the graph, which writes its logits into
+    `runner.logits(R)`."""
     upload(self.buffer, ints)
-    with Context(**self.compile_options):
-      self.output = self.jit(context_blocks(self.runner.max_blocks).bind(blocks))
-    return self.output
+    with Context(**self.compile_options): self.jit(context_blocks(self.runner.max_blocks).bind(blocks))
 
 
 class _SamplerGraph:
-  """One captured sampler for one SamplerShape: reads a model graph's logits (its argument) and its own inputs,
-  ints (adjusted token ids | last position, next prompt tokens) and floats (per-row parameters)."""
+  """One captured sampler for one SamplerShape: reads the logits the model graphs of its row count write, and its
+  own inputs, ints (adjusted token ids | last position, next prompt tokens) and floats (per-row parameters). None is
+  an argument of the graph: arguments cost a parameter update of every kernel that reads them at each replay."""
   def __init__(self, runner: ModelRunner, shape: SamplerShape, num_floats: int, num_ints: int):
     self.shape, self.runner = shape, runner
     device = runner.devices[0]
@@ -172,8 +173,9 @@ class _SamplerGraph:
     self.jit.cnt = 1
     self.output: Buffer | None = None
 
-  def _sample(self, logits: Tensor) -> Tensor:
+  def _sample(self) -> Tensor:
     R, plan = self.shape.R, self.shape.plan
+    logits = self.runner.logits(self.shape.T or R)
     U = R * plan.num_adjusted
     params = unpack(self.ints[:max(U, 1)], self.floats, R, plan)
     if plan.num_prompt_logprobs is None: return sample(logits, params, plan).flatten().contiguous().realize()
@@ -183,10 +185,10 @@ class _SamplerGraph:
     prompt = prompt_logprobs(logits, next_tokens, params["temperature"], plan.num_prompt_logprobs)
     return sample(row, params, plan).flatten().cat(prompt.flatten()).contiguous().realize()
 
-  def launch(self, logits: Tensor, ints: np.ndarray, floats: np.ndarray) -> None:
+  def launch(self, ints: np.ndarray, floats: np.ndarray) -> None:
     upload(self.ints.uop.buffer, ints)
     upload(self.floats.uop.buffer, floats)
-    out = self.jit(logits)
+    out = self.jit()
     if self.output is None: self.output = out.uop.buffer
 
   def read(self) -> np.ndarray:
@@ -212,9 +214,17 @@ class ModelRunner:
     self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
                            for _ in range(2)) for _ in range(cfg.num_layers)]
     Tensor.realize(*(pool for pools in self.kv_cache for pool in pools))
+    self.logits_buffers: dict[int, Tensor] = {}
     self.models: dict[ModelShape, _ModelGraph] = {}
     self.samplers: dict[SamplerShape, _SamplerGraph] = {}
     self.graph_builds, self.graph_build_seconds, self.ready = 0, 0.0, False
+
+  def logits(self, rows: int) -> Tensor:
+    """The [rows, vocab] float32 buffer on the first device that model graphs of `rows` logits rows write and
+    sampler graphs read."""
+    if rows not in self.logits_buffers:
+      self.logits_buffers[rows] = allocated((rows, self.vocab_size), dtypes.float32, self.devices[0])
+    return self.logits_buffers[rows]
 
   # ---- the bounded set of shapes -------------------------------------------------------------------------------
   def model_shape(self, num_tokens: int, every: bool = False) -> ModelShape:
@@ -268,8 +278,8 @@ class ModelRunner:
     same graphs, whose output buffers the second replay overwrites)."""
     for i, group in enumerate(step.groups):
       for index, seq in group.unknown_tokens: group.ints[index] = before.sampled[seq].token
-      logits = group.model.launch(group.ints, group.blocks)
-      group.sampler.launch(logits, group.sampler_ints, group.floats)
+      group.model.launch(group.ints, group.blocks)
+      group.sampler.launch(group.sampler_ints, group.floats)
       if i < len(step.groups) - 1: group.output = group.sampler.read()
     return step
 
@@ -362,22 +372,20 @@ class ModelRunner:
     from then on a capture is logged as a warning. Returns (graphs built, seconds)."""
     t0, before = time.perf_counter(), self.graph_builds
     models, samplers = self.graph_set()
-    logits: dict[int, Tensor] = {}
     for shape in models:
       graph = self._model(shape)
       n = graph.table_start + shape.R
       ints = np.zeros(n, np.int32)
       ints[graph.starts[2]:graph.starts[2] + shape.T] = NULL_BLOCK * self.block_size       # slots
       ints[graph.table_start:] = NULL_BLOCK
-      logits[shape.R if not shape.every else -shape.T] = graph.launch(ints, 1)
-      download(graph.output.uop.buffer)
+      graph.launch(ints, 1)
     for shape in samplers:
       plan_rows = [None] * shape.R
       _, ids, floats = plan_and_pack(plan_rows, self.seed, self.stop_ids, self.max_adjusted, shape.plan)
       extra = [] if shape.plan.num_prompt_logprobs is None else [0] * (1 + shape.T)
       ints = np.concatenate([ids, np.array(extra, np.int32)]).astype(np.int32)
       graph = self._sampler(shape, floats.size, ints.size)
-      graph.launch(logits[-shape.T if shape.T else shape.R], ints, floats)
+      graph.launch(ints, floats)
       graph.read()
     self.ready = True
     seconds = time.perf_counter() - t0

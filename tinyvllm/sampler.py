@@ -265,7 +265,9 @@ def _top(logprobs: Tensor, k: int) -> list[Tensor]:
     ids.append(best)
     values.append(value)
     logprobs = (vocab == best).where(-float("inf"), logprobs)
-  return [Tensor.cat(*ids, dim=1).float(), Tensor.cat(*values, dim=1)]
+  # each gathered by a kernel of its own: one kernel reading all 2k rounds' results (and the sampled token, and the
+  # prompt logprobs') takes more arguments than a CPU program may have
+  return [Tensor.cat(*ids, dim=1).float().contiguous(), Tensor.cat(*values, dim=1).contiguous()]
 
 
 def prompt_logprobs(logits: Tensor, next_tokens: Tensor, temperature: Tensor, num_top: int) -> Tensor:
