@@ -1,7 +1,7 @@
 """Sweep of the tensor-core kernel's tilings (model/tensor_core.py) on a GPU: µs and TFLOP/s of each Llama-1B matrix
 times `rows` rows of x, for every tiling of a grid, best first, and the one `tiling` picks. Timed as
 projection_kernels.py times `linear` (a TinyJit chain past the L2 cache, the split-K sum and the residual included).
-tensor_core.py's rule comes from this sweep (gpu-notes.md §15).
+tensor_core.py's rule comes from this sweep (docs/performance.md).
 
     DEV=CUDA python bench/tensor_core_sweep.py [rows] [matrix,matrix,...]
 """

@@ -17,7 +17,7 @@ trained here, with newlines and runs of spaces (indentation) kept as pieces and 
 a control symbol.
 
 Why PyTorch, in an engine built on tinygrad: this is a one-off job on a lent H100 with a few minutes to spend, and
-tinygrad 0.14's training kernels ran 30-80x slower than torch's there (bench/results/gpu-notes.md, section 9): the
+tinygrad 0.14's training kernels ran 30-80x slower than torch's there (docs/performance.md): the
 weight-gradient matmul [384, 16K] @ [16K, 1024] reached 5.9 TFLOP/s (28 with BEAM=2, after a minutes-long search)
 against torch's 164 in fp32 and 301 in bf16, and a whole tinygrad step took 0.63 s. Serving stays tinygrad: the
 network below is LLaDA's, written with LLaDA's own tensor names so its state dict *is* the checkpoint, and `check`

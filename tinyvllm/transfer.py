@@ -3,7 +3,7 @@ copy runs in the end), scheduling nothing.
 
 `Tensor(np_array)`, `Buffer.copy_from` and `Tensor.numpy` each schedule, lower and (on tinygrad's HCQ2 runtime)
 compile a small graph. Per step that cost 0.3 and 1.4 ms of Python on the H100 machine, longer than the whole step's
-kernels take at batch 1 of a small model (bench/results/gpu-notes.md); at load time, ~400 weights made that way took
+kernels take at batch 1 of a small model (docs/performance.md); at load time, ~400 weights made that way took
 5 s of a CPU start. Here a tensor is allocated empty and its bytes are written in place.
 """
 import numpy as np

@@ -126,7 +126,7 @@ class MLP:
     if self.gate_up_proj is None: gate, up = project(self.gate_proj, x, norm), project(self.up_proj, x, norm)
     else: gate, up = project(self.gate_up_proj, x, norm).chunk(2, dim=-1)
     # materialized: fused into down_proj's matmul, the activation is re-read through the strided halves of gate_up
-    # for every output tile (16 of a 33 ms batch-256 step on the H100, bench/results/gpu-notes.md)
+    # for every output tile (16 of a 33 ms batch-256 step on the H100, docs/performance.md)
     return project(self.down_proj, (gate.silu() * up).contiguous(), residual=x)
 
 

@@ -17,7 +17,7 @@ The tiling is given as tinygrad's own optimizer options (`Opt`), applied to a ke
 compiles for every backend with thread blocks (CUDA, Metal, AMD, ...); linear.py sends a CPU to tinygrad's matmul,
 which fuses the norm and the residual by itself.
 
-H100, Llama-1B's matrices, one row of x, fp16, GB/s of weights read (bench/results/gpu-notes.md §11):
+H100, Llama-1B's matrices, one row of x, fp16, GB/s of weights read (docs/performance.md):
 
                     q/k/v     o    gate/up   down   lm_head
     tinygrad          119   207       456    217     1390

@@ -29,7 +29,7 @@ two ways:
     between a warp's lanes through shared memory, so no score ever goes to global memory. On an H200, at 256-token
     contexts, a Llama-1B layer takes 84–92 µs at batch 256 (~1.5 TB/s of K and V) against 152 µs for two passes
     (scores, tinygrad's softmax, values) and 254–268 µs gathered; at batch 1, 14–17 µs against 32–36
-    (bench/results/gpu-notes.md §16).
+    (docs/performance.md).
 - gather (the readable reference, `--attention-backend gather`): copy each token's context into a dense
   [tokens, context, heads, dim] tensor, then tinygrad's matmuls and softmax (`attention`).
 

@@ -35,7 +35,7 @@ of x, 64 rows × 4 features per thread from 16 on):
 It is written with tinygrad's UOp API (`Tensor.custom_kernel`), so it compiles for every backend. On a GPU (a
 renderer with thread blocks) the same kernel gives each of a group's 16 features a thread of its own instead of a
 loop, so that a group's threads read 16 adjacent bytes. GPUs keep fp16 weights by default all the same: on the H100
-the packed kernel decodes SmolLM2 at 162 tok/s against fp16's 398 (bench/results/gpu-notes.md §10).
+the packed kernel decodes SmolLM2 at 162 tok/s against fp16's 398 (docs/performance.md).
 """
 from __future__ import annotations
 import functools

@@ -18,9 +18,9 @@ holding a few elements of each (its *fragments*). The kernel is the classic shar
     kernel adds the slices
 
 tinygrad's own tensor-core kernels load the fragments straight from global memory, which caps them at ~120 TFLOP/s
-on an H100 (bench/results/gpu-notes.md §12); this one is written out with the UOp API (thread indices, shared and
+on an H100 (docs/performance.md); this one is written out with the UOp API (thread indices, shared and
 register buffers, barriers, the mma op), so tinygrad only renders it. H200, 256 rows of x (a decode step at batch
-256), TFLOP/s with the split-K sum (bench/results/gpu-notes.md §15, where the tiling below comes from):
+256), TFLOP/s with the split-K sum (docs/performance.md, where the tiling below comes from):
 
                       q/k/v    gate/up   down   lm_head
     tinygrad's mma,     66        94       83       96
