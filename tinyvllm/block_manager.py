@@ -8,9 +8,15 @@ ceil(n / block_size) blocks, so a new block is taken only when the last one is f
 `max_tokens` a request might generate; when the pool runs dry the scheduler preempts someone instead.
 
 Blocks are reference counted because a block can be shared: the prefix cache (`radix_cache.py`) lends the blocks
-of a common prompt to every request that starts with it, and holds a reference of its own to every block it
-remembers. A block returns to the free list when its count drops to zero; blocks that only the prefix cache still
-references are handed out too, when the free list runs dry, by evicting them from the cache.
+of a common prompt to every request that starts with it. `ref_counts[b]` counts every holder of block b: each
+sequence with b in its block table, plus one for the cache if b is in it. So each usable block is
+
+    free      count 0                       on the free list
+    in use    count >= 1 (>= 2 if cached)   a sequence holds it (and maybe the cache)
+    idle      count 1, cached               only the cache holds it: evictable, handed out when the free list runs dry
+
+A cached block moves between in use and idle only here (`share`, `release`), and the cache is told each time
+(`lock`, `unlock`): it keeps its own count of what it could give up, so neither side ever searches the other.
 """
 from __future__ import annotations
 from collections import deque
@@ -25,15 +31,15 @@ class BlockManager:
     if num_blocks < 2: raise ValueError(f"the KV pool needs at least 2 blocks (one is reserved), got {num_blocks}")
     self.num_blocks, self.block_size = num_blocks, block_size
     self.free_blocks: deque[int] = deque(range(1, num_blocks))
-    self.ref_counts = [0] * num_blocks
-    self.prefix_cache = RadixCache(block_size, self.ref_counts) if enable_prefix_caching else None
+    self.ref_counts = [0] * num_blocks                # holders of each block: sequences, plus the cache's one
+    self.prefix_cache = RadixCache(block_size) if enable_prefix_caching else None
 
   @property
   def num_usable_blocks(self) -> int: return self.num_blocks - 1
   @property
   def num_free_blocks(self) -> int:
     """Blocks a sequence could get now: the free list plus what the prefix cache would give up."""
-    return len(self.free_blocks) + (len(self.prefix_cache.evictable()) if self.prefix_cache else 0)
+    return len(self.free_blocks) + (self.prefix_cache.num_evictable if self.prefix_cache else 0)
   @property
   def usage(self) -> float: return 1 - self.num_free_blocks / self.num_usable_blocks
 
@@ -42,18 +48,15 @@ class BlockManager:
     return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
   def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-    needed = self.blocks_needed(seq, num_tokens)
-    return needed <= len(self.free_blocks) or needed <= self.num_free_blocks   # the tree walk only when short
+    return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
 
   def allocate(self, seq: Sequence, num_tokens: int) -> None:
     needed = self.blocks_needed(seq, num_tokens)
     if needed > len(self.free_blocks) and self.prefix_cache:
-      # an eviction walks the whole tree, for one block or many: free 1/64 of the pool at once, so that a pool full
-      # of cached blocks under steady load walks it once per ~64 allocations, not at every one (64 walks of a
-      # 4k-block tree stalled a batch-256 step by 250 ms whenever the sequences crossed into a new block)
-      for block in self.prefix_cache.evict(max(needed - len(self.free_blocks), self.num_blocks // 64)):
-        self.release(block)
-    if needed > len(self.free_blocks): raise RuntimeError(f"KV pool exhausted: need {needed}, {len(self.free_blocks)} free")
+      # evict exactly the shortfall, least recently used first: dropping the cache's reference frees each block
+      for block in self.prefix_cache.evict(needed - len(self.free_blocks)): self.release(block)
+    if needed > len(self.free_blocks):
+      raise RuntimeError(f"KV pool exhausted: need {needed}, {len(self.free_blocks)} free")
     for _ in range(needed): seq.block_table.append(self._take())
 
   def reuse_cached_prefix(self, seq: Sequence) -> None:
@@ -79,12 +82,15 @@ class BlockManager:
     if not self.prefix_cache: return
     full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
     if only_new and full <= seq.num_blocks_in_cache: return
-    self.prefix_cache.insert(seq.token_ids, seq.block_table, full * self.block_size)
+    for b in self.prefix_cache.insert(seq.token_ids, seq.block_table, full * self.block_size):
+      self.ref_counts[b] += 1                             # the cache's own reference
     seq.num_blocks_in_cache = full
 
   def share(self, seq: Sequence, blocks: list[int]) -> None:
     """Give `seq` blocks that someone else already filled (a cached prefix); they are not copied, only counted."""
-    for b in blocks: self.ref_counts[b] += 1
+    for b in blocks:
+      self.ref_counts[b] += 1
+      if self.ref_counts[b] == 2 and self._cached(b): self.prefix_cache.lock(b)   # idle -> in use
     seq.block_table.extend(blocks)
 
   def free(self, seq: Sequence) -> None:
@@ -96,6 +102,9 @@ class BlockManager:
     assert self.ref_counts[block] > 0, f"block {block} released more often than taken"
     self.ref_counts[block] -= 1
     if self.ref_counts[block] == 0: self.free_blocks.append(block)
+    elif self.ref_counts[block] == 1 and self._cached(block): self.prefix_cache.unlock(block)   # in use -> idle
+
+  def _cached(self, block: int) -> bool: return self.prefix_cache is not None and block in self.prefix_cache
 
   def _take(self) -> int:
     block = self.free_blocks.popleft()
