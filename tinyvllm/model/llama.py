@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 import numpy as np
 from tinygrad import Tensor, dtypes, nn
-from tinygrad.function import function
 from tinygrad.nn import RMSNorm
 from tinyvllm.model.config import ModelConfig
+from tinyvllm.capture import SameBody
 from tinyvllm.model.paged_attention import BlockTables, NewKV, write, write_and_gather, attention, paged_attention
 from tinyvllm.model.linear import linear
 from tinyvllm.model.quantized import PackedLinear, PackedWeight, matmul_t
@@ -138,18 +138,8 @@ class DecoderLayer:
     self.mlp = MLP(cfg)
 
   def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: "ForwardBatch") -> Tensor:
-    # a tinygrad `function`: every layer has the same body (weights and caches become its parameters), so the
-    # scheduler and code generator do their work once, not num_layers times
-    @function(precompile=True, allow_implicit=True)
-    def run(x: Tensor, cos: Tensor, sin: Tensor, slot_mapping: Tensor, tables: Tensor, rows: Tensor,
-            blocks_var: Tensor, positions: Tensor) -> Tensor:
-      t = batch.tables
-      b = ForwardBatch(None, positions, slot_mapping, BlockTables(tables, rows, blocks_var, t.block_size, t.max_blocks),
-                       None, batch.paged)
-      h = self.self_attn(x, self.input_layernorm, cos, sin, kv, b)
-      return self.mlp(h, self.post_attention_layernorm).contiguous()
-    t = batch.tables
-    return run(x, cos, sin, batch.slot_mapping, t.tables, t.rows, t.blocks_var, batch.positions)
+    h = self.self_attn(x, self.input_layernorm, cos, sin, kv, batch)
+    return self.mlp(h, self.post_attention_layernorm).contiguous()
 
 
 class ForwardBatch:
@@ -160,6 +150,10 @@ class ForwardBatch:
     self.tokens, self.positions, self.slot_mapping = tokens, positions, slot_mapping     # [T] each
     self.tables, self.logits_index = tables, logits_index                                # see BlockTables; [R]
     self.paged = paged    # attend straight from the pool (paged_attention) rather than from a dense copy per token
+
+  def for_layers(self) -> ForwardBatch:
+    """What a decoder layer reads (not the token ids, not the logits index)."""
+    return ForwardBatch(None, self.positions, self.slot_mapping, self.tables, None, self.paged)
 
 
 class LlamaModel:
@@ -193,7 +187,10 @@ class LlamaForCausalLM:
     x = self.model.embed_tokens(batch.tokens)                                  # [T, hidden]
     dtype = x.dtype
     cos, sin = self.rope_cos[batch.positions].cast(dtype), self.rope_sin[batch.positions].cast(dtype)
-    for layer, kv in zip(self.model.layers, kv_cache): x = layer(x, cos, sin, kv, batch)
+    # every layer has the same body, only its weights and KV pool differ: traced once as a tinygrad function, so
+    # tracing, scheduling and code generation happen once, not num_layers times (capture.py)
+    run_layer, layer_batch = SameBody(DecoderLayer.__call__), batch.for_layers()
+    for layer, kv in zip(self.model.layers, kv_cache): x = run_layer(layer, x, cos, sin, kv, layer_batch)
     h = x if every_position else x.gather(0, batch.logits_index.reshape(-1, 1).expand(-1, x.shape[1]))
     weight = self.output_weight()
     if isinstance(weight, PackedWeight): return matmul_t(self.model.norm(h), weight).cast(dtypes.float32)

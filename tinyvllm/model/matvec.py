@@ -54,7 +54,7 @@ def matvec(x: Tensor, weight: Tensor, bias: Tensor | None = None, norm: RMSNorm 
   (N, K), lead = weight.shape, x.shape[:-1]
   rows = x.reshape(-1, K)
   extras = ([] if norm is None else [norm.weight]) + ([] if residual is None else [residual.reshape(-1, N)])
-  out = Tensor.empty(rows.shape[0], N, dtype=x.dtype, device=x.device)
+  out = Tensor.invalids(rows.shape[0], N, dtype=x.dtype, device=x.device)
   norm_eps = None if norm is None else norm.eps
   kernel = lambda *bufs: _matvec_kernel(*bufs, norm_eps=norm_eps, residual=residual is not None)
   y = out.custom_kernel(rows, weight, *extras, fxn=kernel)[0].reshape(*lead, N)

@@ -280,7 +280,7 @@ def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Ten
   k_cache, v_cache = write(cache, new, slot_mapping)
   num_slots, kv_heads, head_dim = k_cache.shape
   T, NB, bs = tables.rows.shape[0], tables.max_blocks, tables.block_size
-  dense = lambda: allocate_split(Tensor.empty, (T, NB, bs, kv_heads, head_dim), 3, k_cache.device, k_cache.dtype)
+  dense = lambda: allocate_split(Tensor.invalids, (T, NB, bs, kv_heads, head_dim), 3, k_cache.device, k_cache.dtype)
   as_blocks = lambda pool: pool.reshape(num_slots // bs, bs, kv_heads, head_dim)
   kernel = functools.partial(_gather_kernel, max_blocks=NB)
   k, v = dense().custom_kernel(dense(), as_blocks(k_cache), as_blocks(v_cache), tables.tables, tables.rows,
@@ -305,7 +305,7 @@ def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Te
   (token, head)."""
   (num_slots, kv_heads, head_dim), T, bs = cache[0].shape, q.shape[0], tables.block_size
   if thread_blocks is None: thread_blocks = has_thread_blocks(q.device) and head_dim % WARP == 0
-  out = allocate_split(Tensor.empty, (T, heads * head_dim), 1, q.device, q.dtype)
+  out = allocate_split(Tensor.invalids, (T, heads * head_dim), 1, q.device, q.dtype)
   inputs = (tables.tables, tables.rows, positions.reshape(T), tables.blocks_var)
   if thread_blocks:
     kernel = functools.partial(_block_kernel, block_size=bs, max_blocks=tables.max_blocks)

@@ -205,7 +205,7 @@ def _kernel_matmul(rows: Tensor, w: PackedWeight) -> Tensor:
   split = w.qs.uop.axis if isinstance(w.qs.device, tuple) else None
   partials = len(w.qs.device) if split == 1 else 1
   out_axis = {0: 1, 1: 0}.get(split)     # rows split: the output's columns; blocks split: the stacked partials
-  out = allocate_split(Tensor.empty, (partials * B, N), out_axis, w.qs.device, dtypes.float32)
+  out = allocate_split(Tensor.invalids, (partials * B, N), out_axis, w.qs.device, dtypes.float32)
   # Q4_1's minimums multiply each block's sum of x: summed here once for all output features
   minimums = () if w.m is None else (w.m, rows.reshape(B, -1, BLOCK).sum(-1))
   tile_rows = next(r for r in TILE_ROWS if B % r == 0)

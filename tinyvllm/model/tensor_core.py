@@ -78,7 +78,7 @@ def matmul(x: Tensor, weight: Tensor) -> Tensor:
   (N, K), lead = weight.shape, x.shape[:-1]
   rows = x.reshape(-1, K)
   t = tiling(rows.shape[0], N, K)
-  out = Tensor.empty(*((t.split,) if t.split > 1 else ()), rows.shape[0], N,
+  out = Tensor.invalids(*((t.split,) if t.split > 1 else ()), rows.shape[0], N,
                      dtype=dtypes.float if t.split > 1 else x.dtype, device=x.device)
   y = out.custom_kernel(rows, weight, fxn=lambda *bufs: _kernel(*bufs, t=t))[0]
   return (y.sum(0).cast(x.dtype) if t.split > 1 else y).reshape(*lead, N)
