@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 from tinygrad import Tensor
-from tinyvllm.sampler import FILTERS, MAX_LOGPROBS, _argmax, _kept, pack, plan_for, plans, sample, unpack
+from tinyvllm.sampler import FILTERS, MAX_LOGPROBS, _argmax, _kept, plan_and_pack, plans, sample, unpack
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.sequence import Sequence
 
@@ -20,9 +20,8 @@ def draw(params: SamplingParams, n: int = 512, outputs: list[int] = (), logits: 
     rows.append(s)
   if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1:
     for s in rows: s.output_token_ids = list(outputs)    # ... unless penalties read the history
-  plan = plan_for(rows, max_adjusted=256)
-  ints, floats = pack(rows, plan, seed_base=0, stop_ids={11})
-  out = sample(Tensor(np.tile(logits, (n, 1))), unpack(Tensor(ints), Tensor(floats), plan), plan).numpy()
+  plan, ints, floats = plan_and_pack(rows, seed_base=0, stop_ids={11}, max_adjusted=256)
+  out = sample(Tensor(np.tile(logits, (n, 1))), unpack(Tensor(ints), Tensor(floats), n, plan), plan).numpy()
   return out[:, 0].astype(int), out
 
 
@@ -79,7 +78,7 @@ def test_every_mix_of_parameters_gets_one_of_the_few_plans():
   """A graph is captured per (rows, plan), so a new mix of sampling parameters must never make a new plan: the
   cheapest of the fixed set that serves every row."""
   def plan(*params: SamplingParams):
-    return plan_for([Sequence(str(i), [1, 2], p, seq_id=i) for i, p in enumerate(params)], 64)
+    return plan_and_pack([Sequence(str(i), [1, 2], p, seq_id=i) for i, p in enumerate(params)], 0, set(), 64)[0]
   greedy, sampled, general = plans(64)
   assert plan(SamplingParams(temperature=0), SamplingParams(temperature=0, top_k=5)) == greedy
   assert plan(SamplingParams(temperature=0.7, top_p=0.9)) == plan(SamplingParams(temperature=1, top_k=5),

@@ -13,12 +13,10 @@ runner has a *bounded, known set of graphs*, all captured by `warmup` before the
     model graphs     one per T in 1, 2, 4, ... bucket(max_num_batched_tokens), returning R logits rows: T rounded
                      up to a power of four, at most max_num_seqs rounded so; plus one at the largest T returning
                      the logits of every position (prompt logprobs)
-    sampler graphs   for the greedy and the sampled plan of `sampler.plans`: one each, for any number of rows (a
-                     variable bound per launch: only the rows in use are sampled); for the general plan (logprobs,
-                     penalties, bias), whose scatter kernel takes fixed shapes only, one per R; plus the
-                     prompt-logprobs plan at the largest T
+    sampler graphs   one per (R, plan) for those R and the three plans of `sampler.plans` (greedy, sampled,
+                     general); plus the prompt-logprobs plan at the largest T
 
-so for a CPU's defaults (max_num_seqs 64, max_num_batched_tokens 256) 10 model graphs and 7 sampler graphs. What
+so for a CPU's defaults (max_num_seqs 64, max_num_batched_tokens 256) 10 model graphs and 13 sampler graphs. What
 would otherwise multiply the count is kept out of the shapes:
 - the context length: the block tables are a flat buffer, row r at r * blocks, and `blocks` (the step's longest
   context, in blocks) is a variable bound per step (`paged_attention.context_blocks`), so the attention kernels
@@ -45,13 +43,12 @@ import logging
 import time
 from dataclasses import dataclass
 import numpy as np
-from tinygrad import Context, Tensor, TinyJit, Variable, dtypes
+from tinygrad import Context, Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer
 from tinyvllm.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
 from tinyvllm.model.paged_attention import BlockTables, context_blocks, new_pool
-from tinyvllm.sampler import (SamplingPlan, bucket, pack, penalized, plan_for, plans, prompt_logprobs, row_width, sample,
-                              unpack)
+from tinyvllm.sampler import plans, SamplingPlan, bucket, penalized, plan_and_pack, prompt_logprobs, sample, unpack
 from tinyvllm.scheduler import ScheduledSequence
 from tinyvllm.sequence import Sequence
 from tinyvllm.transfer import allocated, download, upload
@@ -68,8 +65,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class SamplerShape:
-  R: int | None          # rows sampled (for prompt logprobs: 1, from a model graph of T logits rows); None: any
-                         # number, a variable bound at each launch
+  R: int                 # rows sampled (for prompt logprobs: 1, from a model graph of T logits rows)
   plan: SamplingPlan
   T: int = 0             # prompt logprobs: the positions whose logprobs come back
 
@@ -153,50 +149,47 @@ class _ModelGraph:
     tables = BlockTables(self.tables, rows, blocks_var, runner.block_size, runner.max_blocks)
     batch = ForwardBatch(tokens, positions, slots, tables, logits_index, runner.paged)
     logits = runner.model(batch, runner.kv_cache, every_position=self.shape.every)
-    # into the buffer the sampler graphs read, on the first device (from every device, under tensor parallelism)
-    return runner.logits_buffer[:self.shape.R].assign(logits.to(devices[0])).realize()
+    # into the buffer the sampler graphs of this row count read, on the first device (from every device, under
+    # tensor parallelism)
+    return runner.logits(self.shape.R).assign(logits.to(devices[0])).realize()
 
   def launch(self, ints: np.ndarray, blocks: int) -> None:
     """Fill the inputs (the tables' columns in use only) and queue the graph, which writes its logits into
-    the first R rows of `runner.logits_buffer`."""
+    `runner.logits(R)`."""
     upload(self.buffer, ints)
     with Context(**self.compile_options): self.jit(context_blocks(self.runner.max_blocks).bind(blocks))
 
 
 class _SamplerGraph:
-  """One captured sampler for one SamplerShape: reads the logits the model graphs write, and its own inputs, ints
-  (adjusted token ids [rows, U] | last position, next prompt tokens) and floats (a row of parameters per row), of
-  which a launch uploads the rows in use. Nothing else is an argument of the graph (arguments cost a parameter
-  update of every kernel that reads them at each replay) but the number of rows, where that is a variable."""
-  def __init__(self, runner: ModelRunner, shape: SamplerShape):
+  """One captured sampler for one SamplerShape: reads the logits the model graphs of its row count write, and its
+  own inputs, ints (adjusted token ids | last position, next prompt tokens) and floats (per-row parameters). None is
+  an argument of the graph: arguments cost a parameter update of every kernel that reads them at each replay."""
+  def __init__(self, runner: ModelRunner, shape: SamplerShape, num_floats: int, num_ints: int):
     self.shape, self.runner = shape, runner
-    self.capacity = runner.logits_rows if shape.R is None else shape.R
-    U, extra = shape.plan.num_adjusted, 0 if shape.plan.num_prompt_logprobs is None else 1 + shape.T
-    self.ints = allocated((_aligned(self.capacity * U + extra) or 1,), dtypes.int32, runner.devices[0])
-    self.floats = allocated((self.capacity, row_width(shape.plan)), dtypes.float32, runner.devices[0])
+    device = runner.devices[0]
+    self.ints = allocated((_aligned(num_ints),), dtypes.int32, device)
+    self.floats = allocated((num_floats,), dtypes.float32, device)
     self.jit = TinyJit(self._sample)
     self.jit.cnt = 1
     self.output: Buffer | None = None
 
-  def _sample(self, rows=None) -> Tensor:
-    plan, T, C = self.shape.plan, self.shape.T, self.capacity
-    S = self.shape.R if rows is None else rows
-    logits, U = self.runner.logits_buffer, plan.num_adjusted
-    params = unpack(self.ints[:C * U].reshape(C, U)[:S] if U else None, self.floats.shrink(((0, S), None)), plan)
-    if plan.num_prompt_logprobs is None: return sample(logits.shrink(((0, S), None)), params, plan).flatten().contiguous().realize()
-    last, next_tokens = self.ints[C * U:C * U + 1], self.ints[C * U + 1:C * U + 1 + T]
-    logits = logits[:T]
-    row = logits.gather(0, last.reshape(1, 1).expand(1, logits.shape[1]))
+  def _sample(self) -> Tensor:
+    R, plan = self.shape.R, self.shape.plan
+    logits = self.runner.logits(self.shape.T or R)
+    U = R * plan.num_adjusted
+    params = unpack(self.ints[:max(U, 1)], self.floats, R, plan)
+    if plan.num_prompt_logprobs is None: return sample(logits, params, plan).flatten().contiguous().realize()
+    T, V = self.shape.T, logits.shape[1]
+    last, next_tokens = self.ints[U:U + 1], self.ints[U + 1:U + 1 + T]
+    row = logits.gather(0, last.reshape(1, 1).expand(1, V))
     prompt = prompt_logprobs(logits, next_tokens, params["temperature"], plan.num_prompt_logprobs)
     return sample(row, params, plan).flatten().cat(prompt.flatten()).contiguous().realize()
 
   def launch(self, ints: np.ndarray, floats: np.ndarray) -> None:
-    """Upload the rows in use (`floats`' length) and queue the graph."""
     upload(self.ints.uop.buffer, ints)
     upload(self.floats.uop.buffer, floats)
-    rows = Variable("rows", 1, self.capacity).bind(floats.size // row_width(self.shape.plan))
-    out = self.jit() if self.shape.R is not None else self.jit(rows)
-    if self.output is None: self.output = out.uop.buf_uop.buffer
+    out = self.jit()
+    if self.output is None: self.output = out.uop.buffer
 
   def read(self) -> np.ndarray:
     """The last launch's output: waits for the device."""
@@ -221,12 +214,17 @@ class ModelRunner:
     self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
                            for _ in range(2)) for _ in range(cfg.num_layers)]
     Tensor.realize(*(pool for pools in self.kv_cache for pool in pools))
-    # the logits the model graphs write (R rows, or every position's) and the sampler graphs read
-    self.logits_rows = max(self.max_rows, self.max_tokens)
-    self.logits_buffer = allocated((self.logits_rows, cfg.vocab_size), dtypes.float32, devices[0])
+    self.logits_buffers: dict[int, Tensor] = {}
     self.models: dict[ModelShape, _ModelGraph] = {}
     self.samplers: dict[SamplerShape, _SamplerGraph] = {}
     self.graph_builds, self.graph_build_seconds, self.ready = 0, 0.0, False
+
+  def logits(self, rows: int) -> Tensor:
+    """The [rows, vocab] float32 buffer on the first device that model graphs of `rows` logits rows write and
+    sampler graphs read."""
+    if rows not in self.logits_buffers:
+      self.logits_buffers[rows] = allocated((rows, self.vocab_size), dtypes.float32, self.devices[0])
+    return self.logits_buffers[rows]
 
   # ---- the bounded set of shapes -------------------------------------------------------------------------------
   def model_shape(self, num_tokens: int, every: bool = False) -> ModelShape:
@@ -234,18 +232,12 @@ class ModelRunner:
     T = bucket(num_tokens)
     return ModelShape(T, min(_rows_bucket(T), self.max_rows))
 
-  @staticmethod
-  def sampler_shape(plan: SamplingPlan, R: int) -> SamplerShape:
-    """Rows are a variable, except for plans that adjust logits: their scatter kernel takes fixed shapes only."""
-    return SamplerShape(R if plan.num_adjusted else None, plan)
-
   def graph_set(self) -> tuple[list[ModelShape], list[SamplerShape]]:
     """Every shape a step can take: what `warmup` captures."""
     sizes = lambda top: [1 << i for i in range(top.bit_length())]
     models = [self.model_shape(T) for T in sizes(self.max_tokens)] + [self.model_shape(0, every=True)]
-    samplers = [self.sampler_shape(plan, R) for plan in plans(self.max_adjusted)
-                for R in sorted({shape.R for shape in models if not shape.every})]
-    samplers = list(dict.fromkeys(samplers))                                       # the variable-row ones once
+    samplers = [SamplerShape(R, plan) for R in sorted({shape.R for shape in models if not shape.every})
+                for plan in plans(self.max_adjusted)]
     samplers += [SamplerShape(1, plans(self.max_adjusted, prompt=True)[-1], self.max_tokens)]
     return models, samplers
 
@@ -253,8 +245,9 @@ class ModelRunner:
     if shape not in self.models: self.models[shape] = self._built(lambda: _ModelGraph(self, shape), shape)
     return self.models[shape]
 
-  def _sampler(self, shape: SamplerShape) -> _SamplerGraph:
-    if shape not in self.samplers: self.samplers[shape] = self._built(lambda: _SamplerGraph(self, shape), shape)
+  def _sampler(self, shape: SamplerShape, num_floats: int, num_ints: int) -> _SamplerGraph:
+    if shape not in self.samplers:
+      self.samplers[shape] = self._built(lambda: _SamplerGraph(self, shape, num_floats, num_ints), shape)
     return self.samplers[shape]
 
   def _built(self, make, shape):
@@ -296,8 +289,7 @@ class ModelRunner:
     for group in step.groups:
       out, shape = group.sampler.read() if group.output is None else group.output, group.sampler.shape
       width = shape.plan.output_width
-      R = shape.R or len(group.rows)
-      sampled, prompt = out[:R * width].reshape(R, -1), out[R * width:]
+      sampled, prompt = out[:shape.R * width].reshape(shape.R, -1), out[shape.R * width:]
       for i, s in enumerate(group.rows):
         if s.samples: result.sampled[s.seq] = self._sampled(sampled[i], shape.plan)
         if shape.plan.num_prompt_logprobs is not None:       # a group of its own that asked for them
@@ -308,18 +300,15 @@ class ModelRunner:
     every = group[0].seq.wants_prompt_logprobs
     shape = self.model_shape(sum(s.num_new_tokens for s in group), every)
     ints, blocks, unknown = self._model_inputs(group, shape, bm)
-    plan = plan_for([s.seq for s in group], self.max_adjusted)
-    sampler = self._sampler(SamplerShape(1, plan, shape.T) if every else self.sampler_shape(plan, shape.R))
-    sampler_ints, floats = self._sampler_inputs([s.seq for s in group], sampler.shape)
-    if every: sampler_ints = np.concatenate([sampler_ints, [group[0].num_new_tokens - 1],
-                                             self._next_prompt_tokens(group[0], shape.T)])
+    rows: list[Sequence | None] = [s.seq for s in group]
+    R = 1 if every else shape.R
+    plan, adjusted_ids, floats = plan_and_pack(rows + [None] * (R - len(rows)), self.seed, self.stop_ids,
+                                               self.max_adjusted)
+    sampler_shape = SamplerShape(R, plan, shape.T if every else 0)
+    sampler_ints = adjusted_ids if not every else \
+      np.concatenate([adjusted_ids, [group[0].num_new_tokens - 1], self._next_prompt_tokens(group[0], shape.T)])
+    sampler = self._sampler(sampler_shape, floats.size, sampler_ints.size)
     return _Group(group, self._model(shape), sampler, ints, blocks, sampler_ints.astype(np.int32), floats, unknown)
-
-  def _sampler_inputs(self, rows: list[Sequence | None], shape: SamplerShape) -> tuple[np.ndarray, np.ndarray]:
-    """The sampler's rows, padded to its fixed row count (padding rows sample greedily and are dropped)."""
-    rows = rows + [None] * ((shape.R or 0) - len(rows))
-    ids, floats = pack(rows, shape.plan, self.seed, self.stop_ids)
-    return ids.ravel(), floats.ravel()
 
   def _model_inputs(self, group: list[ScheduledSequence], shape: ModelShape, bm: BlockManager) \
       -> tuple[np.ndarray, int, list[tuple[int, Sequence]]]:
@@ -391,9 +380,11 @@ class ModelRunner:
       ints[graph.table_start:] = NULL_BLOCK
       graph.launch(ints, 1)
     for shape in samplers:
-      ints, floats = self._sampler_inputs([None], shape)
-      if shape.plan.num_prompt_logprobs is not None: ints = np.concatenate([ints, np.zeros(1 + shape.T, np.int32)])
-      graph = self._sampler(shape)
+      plan_rows = [None] * shape.R
+      _, ids, floats = plan_and_pack(plan_rows, self.seed, self.stop_ids, self.max_adjusted, shape.plan)
+      extra = [] if shape.plan.num_prompt_logprobs is None else [0] * (1 + shape.T)
+      ints = np.concatenate([ids, np.array(extra, np.int32)]).astype(np.int32)
+      graph = self._sampler(shape, floats.size, ints.size)
       graph.launch(ints, floats)
       graph.read()
     self.ready = True

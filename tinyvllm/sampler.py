@@ -25,8 +25,7 @@ by the temperature the same way; penalties and bias, which depend on the output 
 The graph that runs depends on a `SamplingPlan`, one of three (`plans`): greedy (an argmax, nothing else), sampled
 (temperature and every filter) and general (also the top 20 logprobs and room for penalties and bias), so that a
 batch of plain greedy requests pays for none of this, and a new mix of parameters never needs a graph of its own:
-the runner captures them before serving (model_runner.py: for the two plans without penalties one graph serves any
-number of rows). A row that does not use a filter or
+the runner captures one per plan and row count before serving (model_runner.py). A row that does not use a filter or
 a penalty gets parameters that make it a no-op.
 """
 from __future__ import annotations
@@ -138,22 +137,16 @@ def plans(max_adjusted: int, prompt: bool = False) -> list[SamplingPlan]:
   return [GREEDY, SAMPLED, general]
 
 
-def plan_for(rows: list[Sequence], max_adjusted: int) -> SamplingPlan:
-  """The cheapest plan of `plans` that serves every row."""
-  if any(s.wants_prompt_logprobs for s in rows): return plans(max_adjusted, prompt=True)[0]
-  if any(s.params.logprobs is not None or _adjusts_logits(s) for s in rows): return plans(max_adjusted)[2]
-  return SAMPLED if any(not s.params.greedy for s in rows) else GREEDY
-
-
-def row_width(plan: SamplingPlan) -> int:
-  """Floats a row of `pack`'s output takes: its ROW_FIELDS, then ADJUST_FIELDS' U values each."""
-  return len(ROW_FIELDS) + len(ADJUST_FIELDS) * plan.num_adjusted
-
-
-def pack(rows: list[Sequence | None], plan: SamplingPlan, seed_base: int, stop_ids: set[int]) \
-    -> tuple[np.ndarray, np.ndarray]:
-  """Host side: the plan's inputs, a row each (so that the rows in use are a prefix of any larger buffer): int32
-  adjusted token ids [rows, U] and float32 parameters [rows, row_width(plan)]."""
+def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int], max_adjusted: int,
+                  plan: SamplingPlan | None = None) -> tuple[SamplingPlan, np.ndarray, np.ndarray]:
+  """Host side: the plan for this batch (the cheapest of PLANS that serves every row, or `plan`), plus its int32
+  inputs (adjusted token ids) and float32 inputs."""
+  live = [seq for seq in rows if seq is not None]
+  if plan is None:
+    if any(s.wants_prompt_logprobs for s in live): plan = plans(max_adjusted, prompt=True)[0]
+    elif any(s.params.logprobs is not None or _adjusts_logits(s) for s in live): plan = plans(max_adjusted)[2]
+    elif any(not s.params.greedy for s in live): plan = SAMPLED
+    else: plan = GREEDY
   ids, extra = _pack_adjustments(rows, stop_ids, plan.num_adjusted)
   # one tuple of ROW_FIELDS per row, made into an array once (a numpy store per field and row: 0.5 ms at batch 256)
   per_row = np.array([(0.0,) * len(ROW_FIELDS) if seq is None else
@@ -161,15 +154,16 @@ def pack(rows: list[Sequence | None], plan: SamplingPlan, seed_base: int, stop_i
                        _stream(seq, seed_base), seq.num_output_tokens, seq.params.presence_penalty,
                        seq.params.frequency_penalty, seq.params.repetition_penalty) for seq in rows],
                      np.float32).reshape(len(rows), len(ROW_FIELDS))
-  return ids, np.concatenate([per_row, extra.transpose(1, 0, 2).reshape(len(rows), -1)], axis=1)
+  floats = np.concatenate([per_row.T.ravel(), extra.ravel()])
+  return plan, ids.ravel(), floats
 
 
-def unpack(ints: Tensor, floats: Tensor, plan: SamplingPlan) -> dict[str, Tensor]:
-  """Device side: `pack`'s rows, ints [S, U] and floats [S, row_width], back into named [S, 1] and [S, U] tensors
-  (S may be a variable)."""
-  U, base = plan.num_adjusted, len(ROW_FIELDS)
-  out = {name: floats[:, i:i + 1] for i, name in enumerate(ROW_FIELDS)}
-  if U: out.update({name: floats[:, base + j * U:base + (j + 1) * U] for j, name in enumerate(ADJUST_FIELDS)}, ids=ints)
+def unpack(ints: Tensor, floats: Tensor, S: int, plan: SamplingPlan) -> dict[str, Tensor]:
+  """Device side: split the packed inputs back into named [S] and [S, U] tensors."""
+  U = plan.num_adjusted
+  rows, adjust = floats[:S * len(ROW_FIELDS)], floats[S * len(ROW_FIELDS):]
+  out = {name: t.reshape(S, 1) for name, t in zip(ROW_FIELDS, rows.split(S))}
+  if U: out.update({name: t.reshape(S, U) for name, t in zip(ADJUST_FIELDS, adjust.split(S * U))}, ids=ints.reshape(S, U))
   return out
 
 
