@@ -11,6 +11,7 @@ import openai
 import pytest
 from tinyvllm import EngineArgs, LLMEngine, SamplingParams
 from tinyvllm.data_parallel import DataParallelEngine
+from tinyvllm.interface import Engine
 from tinyvllm.llm import create_engine
 
 TINY = dict(load_format="dummy", shape="tiny", block_size=4, max_model_len=64, max_num_batched_tokens=32,
@@ -41,6 +42,7 @@ def test_two_ranks_give_each_request_the_tokens_of_one_engine(dp):
   requests["sampled"] = (prompt(), SamplingParams(temperature=0.8, seed=3, max_tokens=8, ignore_eos=True))
   requests["n=2"] = (prompt(), SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True))
   expected = run(LLMEngine(EngineArgs(**TINY)), requests)
+  assert isinstance(dp, Engine)                                # what the server needs of an engine (interface.py)
   for request_id, (prompt_ids, params) in requests.items(): dp.add_request(prompt_ids, params, request_id)
   assert all(rank.live for rank in dp.ranks)                  # both ranks were given requests
   assert run(dp, {}) == expected

@@ -35,6 +35,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tinyvllm.config import SHAPES, EngineArgs
 from tinyvllm.engine import AsyncLLMEngine, CompletionOutput, LLMEngine, RequestOutput
+from tinyvllm.interface import Engine, EngineStats
 from tinyvllm.model.gguf import read_gguf_metadata
 from tinyvllm.model.loader import default_model_path
 from tinyvllm.model.tokenizer import Tokenizer
@@ -149,6 +150,10 @@ def client(live: LiveServer) -> openai.OpenAI: return live.client()
 
 
 # ---- request parsing (no server) ------------------------------------------------------------------------------------
+def test_the_engine_has_what_the_server_needs(engine):
+  assert isinstance(engine.engine, Engine)                      # interface.py; test_interface.py checks the methods
+
+
 def test_completion_body_maps_onto_sampling_params(engine):
   tok = engine.engine.tokenizer
   body = {"prompt": "Hi", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "n": 2,
@@ -646,10 +651,15 @@ def test_watchdog_fails_requests_behind_a_stuck_step(engine, monkeypatch):
     assert s.client().completions.create(model="tiny", prompt="x", max_tokens=2, **GREEDY).usage.completion_tokens == 2
 
 
+class Dying:
+  """An engine whose first step raises."""
+  tokenizer, model_config, max_model_len = None, None, 0
+  def stats(self) -> EngineStats: return EngineStats()
+  def has_unfinished_requests(self) -> bool: return True
+  def step(self): raise RuntimeError("kernel fault")
+
+
 def test_liveness_fails_when_the_engine_thread_died():
-  class Dying:                                                # an engine whose first step raises
-    def has_unfinished_requests(self) -> bool: return True
-    def step(self): raise RuntimeError("kernel fault")
   dead = AsyncLLMEngine(Dying())
   dead._thread.join(5)
   with LiveServer(ServerConfig(["tiny"]), None) as s:
@@ -657,6 +667,59 @@ def test_liveness_fails_when_the_engine_thread_died():
     for path in ("/health/live", "/health", "/health/ready"):
       status, body = request("GET", s.url + path)
       assert (status, body["status"]) == (503, "dead")
+
+
+def test_call_runs_on_the_engine_thread(engine):
+  """`call` is how the event loop gets anything else done with the engine: on its thread, the result (or the
+  exception) coming back; on an engine whose loop died it raises at once instead of waiting forever."""
+  assert asyncio.run(engine.call(lambda e: (threading.get_ident(), e))) == (engine._thread.ident, engine.engine)
+  with pytest.raises(ZeroDivisionError): asyncio.run(engine.call(lambda e: 1 / 0))
+  assert engine.alive                                         # the caller's error, not the engine's
+  dead = AsyncLLMEngine(Dying())
+  dead._thread.join(5)
+  with pytest.raises(RuntimeError, match="kernel fault"): asyncio.run(dead.call(lambda e: 0))
+
+
+class Watched:
+  """Stands in for an object and records the threads that use it."""
+  def __init__(self, target, threads: set[int]): self._target, self._threads = target, threads
+
+  def __getattr__(self, name: str):
+    self._threads.add(threading.get_ident())
+    return getattr(self._target, name)
+
+
+def test_only_the_engine_thread_touches_the_engine(engine, monkeypatch):
+  """Loading, then /metrics, the health checks and the ops endpoints polled while requests stream: the engine's state
+  (its stats and its scheduler's queues) is read on the engine thread only. The server reads the `stats` that thread
+  published after its latest step, and that snapshot follows the load: it shows requests running, then none."""
+  threads: set[int] = set()
+  stats = engine.engine.stats
+  def recorded_stats() -> EngineStats:
+    threads.add(threading.get_ident())
+    return stats()
+  monkeypatch.setattr(engine.engine, "stats", recorded_stats)
+  monkeypatch.setattr(engine.engine, "scheduler", Watched(engine.engine.scheduler, threads))
+  slow_steps(monkeypatch, engine, 0.005)
+  with LiveServer(ServerConfig(["tiny"]), engine) as s:
+    async def scenario() -> float:
+      async with aiohttp.ClientSession() as session:
+        body = {"max_tokens": 24, "ignore_eos": True, **GREEDY}
+        streams = [asyncio.create_task(read_stream(session, f"{s.url}/v1/completions", {**body, "prompt": f"Story {i}:"}))
+                   for i in range(6)]
+        busiest = 0.0
+        while not all(task.done() for task in streams):
+          async with session.get(f"{s.url}/metrics") as r: text = await r.text()
+          busiest = max(busiest, float(re.search(r"^vllm:num_requests_running\{.*\} (\S+)$", text, re.M)[1]))
+          for path in ("/health", "/health/ready", "/v1/models"):
+            async with session.get(s.url + path) as r: assert r.status == 200
+          async with session.post(f"{s.url}/tokenize", json={"prompt": "hi"}) as r: assert r.status == 200
+          await asyncio.sleep(0.005)
+        for events in await asyncio.gather(*streams): assert events[-1] == "[DONE]"
+        return busiest
+    assert asyncio.run(scenario()) == MAX_NUM_SEQS                 # the snapshot followed the engine
+    wait_until_idle(s.url)
+  assert threads == {engine._thread.ident}
 
 
 def test_drain_limit_ends_streams_with_an_error_and_done(engine, monkeypatch):

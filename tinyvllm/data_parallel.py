@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from tinyvllm.config import EngineArgs
-from tinyvllm.engine import EngineStats, LLMEngine, RequestOutput, _Request
+from tinyvllm.engine import LLMEngine, request_stats
+from tinyvllm.interface import EngineStats, Request, RequestOutput
 
 POLL_SECONDS = 0.0001      # how often a rank's Python thread looks whether tinygrad's worker has finished
 STEP_WAIT_SECONDS = 0.01   # longest `step` waits for the ranks: new requests get in at least this often
@@ -39,7 +40,7 @@ class _Rank:
   process: subprocess.Popen
   conn: Connection
   live: dict[str, int] = field(default_factory=dict)     # request id → its number of sequences
-  unsent: list[_Request] = field(default_factory=list)     # admitted since the last step
+  unsent: list[Request] = field(default_factory=list)      # admitted since the last step
   aborts_unanswered: int = 0                               # each abort is answered with the rank's stats after it
   stats: EngineStats = field(default_factory=EngineStats)
 
@@ -55,7 +56,7 @@ class _Rank:
 
 
 class DataParallelEngine:
-  """The LLMEngine interface (add_request, step, abort_request, ...) over `data_parallel_size` engine processes."""
+  """The engine interface (`Engine` in interface.py, and add_request) over `data_parallel_size` engine processes."""
   def __init__(self, args: EngineArgs):
     self.args, self.ranks = args, []
     try:
@@ -67,30 +68,31 @@ class DataParallelEngine:
       raise
     _, self.model_config, self.tokenizer, self.max_model_len = ready[0][:4]
     self.load_time = max(message[4] for message in ready)
+    self.requests: dict[str, _Rank] = {}          # request id → the rank that holds it
     self._ids = itertools.count()
 
   # ---- requests in -------------------------------------------------------------------------------------------
   # The same intake as one engine: prompts are tokenized and validated here, so a bad request fails in the caller and
-  # never reaches a rank. It reads self.requests (ids in use), tokenizer, model_config and max_model_len.
+  # never reaches a rank. It reads self.requests (ids in use: a dict, so that the check is one atomic lookup from
+  # whichever thread calls it), tokenizer, model_config and max_model_len.
   add_request, make_request = LLMEngine.add_request, LLMEngine.make_request
 
-  @property
-  def requests(self) -> set[str]: return {request_id for rank in self.ranks for request_id in rank.live}
-
-  def admit(self, request: _Request) -> str:
+  def admit(self, request: Request) -> str:
     rank = min(self.ranks, key=lambda r: sum(r.live.values()))
+    self.requests[request.request_id] = rank
     rank.live[request.request_id] = len(request.seqs)
     rank.unsent.append(request)
     return request.request_id
 
   def abort_request(self, request_id: str) -> None:
-    for rank in self.ranks:
-      if rank.live.pop(request_id, None) is None: continue
-      unsent = [request for request in rank.unsent if request.request_id != request_id]
-      if len(unsent) < len(rank.unsent): rank.unsent = unsent          # the rank never heard of it
-      else:
-        rank.conn.send(("abort", request_id))
-        rank.aborts_unanswered += 1
+    rank = self.requests.pop(request_id, None)
+    if rank is None: return
+    del rank.live[request_id]
+    unsent = [request for request in rank.unsent if request.request_id != request_id]
+    if len(unsent) < len(rank.unsent): rank.unsent = unsent            # the rank never heard of it
+    else:
+      rank.conn.send(("abort", request_id))
+      rank.aborts_unanswered += 1
 
   def has_unfinished_requests(self) -> bool: return any(rank.busy for rank in self.ranks)
 
@@ -99,7 +101,9 @@ class DataParallelEngine:
     for rank in self.ranks: rank.conn.send(("warmup", None))
     return max(rank.receive()[1] for rank in self.ranks)
 
-  def stats(self) -> EngineStats: return EngineStats.total([rank.stats for rank in self.ranks])
+  def stats(self) -> EngineStats:
+    """The ranks' stats as of the messages they last sent, summed; each counts requests (engine.request_stats)."""
+    return EngineStats.total([rank.stats for rank in self.ranks])
 
   # ---- the loop ---------------------------------------------------------------------------------------------
   def step(self) -> list[RequestOutput]:
@@ -117,7 +121,7 @@ class DataParallelEngine:
         rank.aborts_unanswered -= kind == "aborted"
         for out in produced:
           if out.request_id not in rank.live: continue                   # aborted after the rank produced it
-          if out.finished: del rank.live[out.request_id]
+          if out.finished: del rank.live[out.request_id], self.requests[out.request_id]
           outputs.append(out)
     return outputs
 
@@ -179,10 +183,10 @@ def serve_rank(fd: int) -> None:
           for request in arg: engine.admit(request)
         elif command == "abort":
           engine.abort_request(arg)
-          conn.send(("aborted", [], engine.stats()))
+          conn.send(("aborted", [], request_stats(engine)))
         elif command == "warmup": conn.send(("warmed", engine.warmup()))
         else: return                                                  # "stop"
-      conn.send(("outputs", engine.step(), engine.stats()))
+      conn.send(("outputs", engine.step(), request_stats(engine)))
   except (EOFError, ConnectionError): return                          # the front process went away
   except BaseException as e:  # noqa: BLE001 -- the front raises it for every request instead of hanging
     conn.send(("error", repr(e)))

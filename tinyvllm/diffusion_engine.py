@@ -1,5 +1,5 @@
-"""The engine for diffusion LMs: the same interface as `LLMEngine` (add_request / step / abort_request /
-has_unfinished_requests, RequestOutputs out), so `LLM.generate` and the server drive it unchanged.
+"""The engine for diffusion LMs: the same interface as `LLMEngine` (`Engine` in interface.py, and add_request;
+RequestOutputs out), so `LLM.generate` and the server drive it unchanged.
 
     add_request ──► Denoiser (prompt + gen_length masks)
     step():  the first max_num_seqs unfinished sequences ──► one batched forward pass (diffusion.denoise_step)
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from tinyvllm.config import EngineArgs
 from tinyvllm.diffusion import Denoiser, DiffusionParams, denoise_step
-from tinyvllm.engine import CompletionOutput, EngineStats, RequestOutput, tokenize_prompt
+from tinyvllm.engine import tokenize_prompt
+from tinyvllm.interface import CompletionOutput, EngineStats, RequestOutput
 from tinyvllm.model.llada import is_diffusion_checkpoint, load_diffusion_model
 from tinyvllm.model.loader import resolve
 from tinyvllm.sampling_params import SamplingParams
@@ -35,7 +36,8 @@ def wants_diffusion(model: str | None) -> bool:
 
 
 @dataclass
-class _Request:
+class DiffusionRequest:
+  """A request as DiffusionEngine holds it: its prompt, sampling parameters and n denoisers (one per choice)."""
   request_id: str
   prompt: str | None
   prompt_token_ids: list[int]
@@ -58,7 +60,7 @@ class DiffusionEngine:
     self.max_model_len = min(args.max_model_len or self.model_config.max_position_embeddings,
                              self.model_config.max_position_embeddings)
     self.use_cache = args.enable_prefix_caching
-    self.requests: dict[str, _Request] = {}
+    self.requests: dict[str, DiffusionRequest] = {}
     self._ids, self._seeds = itertools.count(), itertools.count()
     self.model_calls = 0                            # batched forward passes, for benchmarks
 
@@ -67,12 +69,12 @@ class DiffusionEngine:
                   request_id: str | None = None) -> str:
     return self.admit(self.make_request(prompt, params, request_id))
 
-  def admit(self, request: _Request) -> str:
+  def admit(self, request: DiffusionRequest) -> str:
     self.requests[request.request_id] = request
     return request.request_id
 
   def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                   request_id: str | None = None) -> _Request:
+                   request_id: str | None = None) -> DiffusionRequest:
     """Tokenize and validate (ValueError for the user); the engine's state is untouched until `admit`."""
     params = params or SamplingParams()
     request_id = request_id if request_id is not None else str(next(self._ids))
@@ -88,11 +90,15 @@ class DiffusionEngine:
     seed = params.seed if params.seed is not None else self.args.seed * 1_000_003 + next(self._seeds)
     seqs = [Denoiser(token_ids, DiffusionParams(**{**dp.__dict__, "seed": seed + i}), self.model.config.mask_token_id,
                      stop_ids) for i in range(params.n)]
-    return _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, seqs, params)
+    return DiffusionRequest(request_id, prompt if isinstance(prompt, str) else None, token_ids, seqs, params)
 
   def abort_request(self, request_id: str) -> None: self.requests.pop(request_id, None)
 
   def has_unfinished_requests(self) -> bool: return bool(self.requests)
+
+  def warmup(self) -> float:
+    """Nothing is captured ahead: diffusion.py compiles a graph per batch shape when it first meets it. Returns 0."""
+    return 0.0
 
   def stats(self) -> EngineStats:
     """No KV pool and no preemption here: every unfinished sequence runs at each step, up to max_num_seqs."""
@@ -116,7 +122,7 @@ class DiffusionEngine:
       if out.finished: del self.requests[request.request_id]
     return outputs
 
-  def _output(self, request: _Request) -> RequestOutput | None:
+  def _output(self, request: DiffusionRequest) -> RequestOutput | None:
     """Committed tokens so far, as the request's `output_kind` asks (see LLMEngine._output)."""
     finished = all(s.finished for s in request.seqs)
     kind = request.sampling.output_kind

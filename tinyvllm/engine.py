@@ -21,22 +21,26 @@ sampler needs the previous tokens' values on the host (penalties count them) is 
 Everything below the engine is one idea each: `scheduler.py` (continuous batching, chunked prefill, preemption),
 `block_manager.py` (the paged KV pool), `model_runner.py` (buckets + TinyJit), `sampler.py`, `model/` (the network).
 `AsyncLLMEngine` runs the same loop in a background thread and hands each request's progress to an asyncio queue;
-`data_parallel.py` runs N engines in processes of their own behind this same interface.
+`data_parallel.py` runs N engines in processes of their own behind this same interface (`Engine`, interface.py).
 """
 from __future__ import annotations
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TypeVar
 from tinygrad import Device
 from tinygrad.helpers import DEV, Target
 from tinyvllm.block_manager import BlockManager
 from tinyvllm.capture import speed_up_capture
 from tinyvllm.config import SHAPES, EngineArgs
 from tinyvllm.detokenizer import update_text
+from tinyvllm.interface import CompletionOutput, Engine, EngineStats, Request, RequestOutput
 from tinyvllm.kernel_cache import keep_lowered_kernels_on_disk, share_kernel_cache_between_threads
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
@@ -47,55 +51,6 @@ from tinyvllm.scheduler import Scheduler
 from tinyvllm.sequence import Sequence
 
 log = logging.getLogger("tinyvllm.engine")
-
-
-@dataclass
-class CompletionOutput:
-  index: int
-  text: str                                   # everything generated so far (streaming sends the growth)
-  token_ids: list[int]
-  finish_reason: str | None = None            # "stop" | "length" | "abort"
-  logprobs: list[dict[int, float]] | None = None   # per token: the chosen id and the top-N alternatives
-
-
-@dataclass
-class RequestOutput:
-  request_id: str
-  prompt: str | None
-  prompt_token_ids: list[int]
-  outputs: list[CompletionOutput]
-  finished: bool = False
-  metrics: dict = field(default_factory=dict)
-  num_cached_tokens: int = 0                   # prompt tokens served from the prefix cache
-  prompt_logprobs: list[dict[int, float] | None] | None = None   # per prompt token (None for the first), when asked
-
-
-@dataclass
-class EngineStats:
-  """What /metrics shows of an engine: sequences running and waiting, the KV pool's share in use, preemptions, and
-  the graphs it captured (and the seconds that took): all of them before it was ready, if all is well."""
-  running: int = 0
-  waiting: int = 0
-  kv_cache_usage: float = 0.0
-  preemptions: int = 0
-  graph_builds: int = 0
-  graph_build_seconds: float = 0.0
-
-  @staticmethod
-  def total(parts: list[EngineStats]) -> EngineStats:
-    """Several engines' stats as one (their pools are the same size, so usage is the mean)."""
-    return EngineStats(sum(p.running for p in parts), sum(p.waiting for p in parts),
-                       sum(p.kv_cache_usage for p in parts) / max(1, len(parts)), sum(p.preemptions for p in parts),
-                       sum(p.graph_builds for p in parts), sum(p.graph_build_seconds for p in parts))
-
-
-@dataclass
-class _Request:
-  request_id: str
-  prompt: str | None
-  seqs: list[Sequence]
-  arrival_time: float = field(default_factory=time.monotonic)
-  first_token_time: float | None = None
 
 
 def tokenize_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_size: int) -> list[int]:
@@ -137,7 +92,7 @@ class LLMEngine:
     self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
                               self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
                               args.beam, paged)
-    self.requests: dict[str, _Request] = {}
+    self.requests: dict[str, Request] = {}
     self.in_flight: PreparedStep | None = None       # the step queued on the device, its tokens not read yet
     self._ids = itertools.count()
 
@@ -156,7 +111,7 @@ class LLMEngine:
     return self.admit(self.make_request(prompt, params, request_id))
 
   def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                   request_id: str | None = None) -> _Request:
+                   request_id: str | None = None) -> Request:
     """Tokenize and validate (raises ValueError with a message for the user); does not touch the engine's state."""
     request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
     if request_id in self.requests: raise ValueError(f"request id {request_id!r} is already in use")
@@ -171,9 +126,9 @@ class LLMEngine:
     room = self.max_model_len - len(token_ids)
     limit = room if params.max_tokens is None else min(room, params.max_tokens)
     seqs = [Sequence(request_id, token_ids, params, index, limit) for index in range(params.n)]
-    return _Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
+    return Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
 
-  def admit(self, request: _Request) -> str:
+  def admit(self, request: Request) -> str:
     self.requests[request.request_id] = request
     for seq in request.seqs: self.scheduler.add(seq)
     return request.request_id
@@ -226,7 +181,7 @@ class LLMEngine:
 
   def _finish(self, step: PreparedStep, result: StepResult) -> list[RequestOutput]:
     now = time.monotonic()
-    touched: dict[str, _Request] = {}
+    touched: dict[str, Request] = {}
     for item in step.scheduled:
       seq = item.seq
       if seq in result.sampled: seq.num_pending_tokens -= 1
@@ -262,7 +217,7 @@ class LLMEngine:
     if n_out >= seq.max_output_tokens: return "length"                   # max_tokens, or max_model_len
     return None
 
-  def _output(self, request: _Request) -> RequestOutput | None:
+  def _output(self, request: Request) -> RequestOutput | None:
     """The request after this step, as its `output_kind` asks: everything so far, only what is new, or nothing
     until it is finished. (Copying every sequence's whole output each step costs 2 ms a step at batch 256.)"""
     finished = all(s.is_finished for s in request.seqs)
@@ -283,50 +238,99 @@ def _completion(index: int, seq: Sequence, delta: bool) -> CompletionOutput:
                           seq.output_logprobs[tokens:] if seq.params.logprobs is not None else None)
 
 
+def request_stats(engine: Engine) -> EngineStats:
+  """`engine.stats()` with requests counted instead of sequences, as vLLM's gauges count them: a request with n=4
+  runs as four sequences but is one request. DataParallelEngine's ranks count this way themselves; DiffusionEngine
+  counts sequences."""
+  stats = engine.stats()
+  if not isinstance(engine, LLMEngine): return stats
+  running = {seq.request_id for seq in engine.scheduler.running}
+  waiting = {seq.request_id for seq in engine.scheduler.waiting} - running
+  return replace(stats, running=len(running), waiting=len(waiting))
+
+
+T = TypeVar("T")
+
+
 class AsyncLLMEngine:
   """The engine loop on a background thread; `generate` is an async iterator of a request's RequestOutputs.
 
-  Only the engine thread touches the engine's state: new requests and aborts are posted to its inbox and applied
-  between two steps, so the event loop never waits for a step to finish."""
-  def __init__(self, engine: LLMEngine):
+  One rule keeps the two threads apart: only the engine thread touches the engine. The event loop posts work to its
+  inbox and reads what it publishes:
+
+      event loop ──inbox: add, abort, call──► engine thread: publish, apply the inbox, step(), publish, ...
+                 ◄──each request's outputs, on that request's asyncio queue──┘
+                 ◄──stats and step_started, replaced as the thread goes──┘
+
+  New requests and aborts are applied between two steps, so the event loop never waits for a step to finish, and
+  `call` runs anything else there (the server's warmup). Before each turn of the loop, that is after every step and
+  before the thread waits for work when idle, it publishes `stats`: an EngineStats, replaced and never changed in
+  place, that /metrics reads. While a step runs, `step_started` says since when, for a watchdog.
+
+  Two exceptions: the engine's fixed attributes (tokenizer, model_config, max_model_len), copied here, may be read
+  from any thread; and `generate` calls `make_request` on the event loop, which only reads the engine, so that
+  tokenizing a prompt takes no time from the steps."""
+  def __init__(self, engine: Engine):
     share_kernel_cache_between_threads()
     self.engine = engine
-    self.error: BaseException | None = None          # set if the engine loop died; every request then fails
+    self.tokenizer, self.model_config, self.max_model_len = engine.tokenizer, engine.model_config, engine.max_model_len
+    # written by the engine thread only, read by any
+    self.stats = EngineStats()                       # request_stats(engine) after the latest step
     self.step_started: float | None = None           # time.monotonic() when the running step began; None when idle
+    self.error: BaseException | None = None          # set if the engine loop died; every request then fails
     self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
     self._outboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+    self._lock = threading.Lock()      # work is posted either before the loop dies (then failed by it) or refused
     self._thread = threading.Thread(target=self._loop, daemon=True, name="tinyvllm-engine")
     self._thread.start()
 
+  # ---- the engine thread --------------------------------------------------------------------------------------
   def _loop(self) -> None:
     try:
       while True:
+        self.stats = request_stats(self.engine)       # publish: the state after the last step
         self._apply_inbox(wait=not self.engine.has_unfinished_requests())
         self.step_started = time.monotonic()          # a watchdog reads it: a step that never returns shows here
         for out in self.engine.step(): self._deliver(out.request_id, out)
         self.step_started = None
     except BaseException as e:  # noqa: BLE001 -- hand the failure to every waiting client instead of hanging them
-      self.error = e
+      with self._lock: self.error = e
       for request_id in list(self._outboxes): self._deliver(request_id, e)
+      while not self._inbox.empty():                 # calls posted before it died: their callers are waiting
+        kind, item = self._inbox.get()
+        if kind != "call": continue
+        _, done = item
+        if done.set_running_or_notify_cancel(): done.set_exception(e)
 
   def _apply_inbox(self, wait: bool) -> None:
+    """Apply what the event loop posted; with `wait` (nothing to step), block until something comes."""
     while wait or not self._inbox.empty():
       kind, item = self._inbox.get()
       if kind == "add": self.engine.admit(item)
-      else: self.engine.abort_request(item)
+      elif kind == "abort": self.engine.abort_request(item)
+      else:                                           # "call": (fn, the future its caller awaits)
+        fn, done = item
+        if not done.set_running_or_notify_cancel(): continue     # the caller went away
+        try: done.set_result(fn(self.engine))
+        except Exception as e: done.set_exception(e)  # noqa: BLE001 -- the caller's error, not the engine's
       wait = False
 
   def _deliver(self, request_id: str, item) -> None:
     loop, outbox = self._outboxes.get(request_id, (None, None))
     if outbox is not None: loop.call_soon_threadsafe(outbox.put_nowait, item)
 
+  # ---- the event loop -----------------------------------------------------------------------------------------
+  def _post(self, kind: str, item: object) -> None:
+    with self._lock:
+      if self.error is not None: raise RuntimeError(f"the engine stopped: {self.error!r}")
+      self._inbox.put((kind, item))
+
   async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str):
-    if self.error is not None: raise RuntimeError(f"the engine stopped: {self.error!r}")
     request = self.engine.make_request(prompt, params, request_id)      # ValueError here: the caller's 400
     outbox: asyncio.Queue = asyncio.Queue()
     self._outboxes[request_id] = (asyncio.get_running_loop(), outbox)
-    self._inbox.put(("add", request))
     try:
+      self._post("add", request)
       while True:
         out = await outbox.get()
         if isinstance(out, BaseException): raise RuntimeError(f"the engine stopped: {out!r}") from out
@@ -337,6 +341,12 @@ class AsyncLLMEngine:
       self.abort(request_id)      # a no-op when it finished; frees everything when the client went away
 
   def abort(self, request_id: str) -> None: self._inbox.put(("abort", request_id))
+
+  async def call(self, fn: Callable[[Engine], T]) -> T:
+    """`fn(engine)` on the engine thread, between two steps; returns its result or raises its exception here."""
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+    self._post("call", (fn, done))
+    return await asyncio.wrap_future(done)
 
   @property
   def alive(self) -> bool: return self._thread.is_alive()

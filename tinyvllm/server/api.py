@@ -4,9 +4,13 @@
            ◄──JSON / SSE chunks──  Generation  ◄──RequestOutput (text so far)──┘
 
 The model computes on the engine's own thread, so the event loop keeps answering health checks, metrics and new
-requests while a step runs. Each prompt of an HTTP request becomes one engine request whose outputs its handler
-awaits. When the client hangs up, aiohttp cancels the handler; the cancellation lands in the engine request's
-generator, whose `finally` aborts it, and its KV blocks go back to the pool right away.
+requests while a step runs. Only that thread touches the engine: the handlers post requests, aborts and the warmup
+to `AsyncLLMEngine`, and read only what it publishes after each step (`stats` for /metrics, `step_started` for the
+watchdog) and the model's fixed facts (tokenizer, model_config, max_model_len).
+
+Each prompt of an HTTP request becomes one engine request whose outputs its handler awaits. When the client hangs
+up, aiohttp cancels the handler; the cancellation lands in the engine request's generator, whose `finally` aborts
+it, and its KV blocks go back to the pool right away.
 
 A server's life: live (it answers) → ready (the model is loaded and warmed, /health/ready says 200) → draining
 (SIGTERM or SIGINT: new generation requests get 503 while those in flight finish, up to a drain timeout; streams still
@@ -39,10 +43,11 @@ from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import TypeVar
 from aiohttp import web
-from tinyvllm.engine import AsyncLLMEngine, EngineStats
+from tinyvllm.engine import AsyncLLMEngine
+from tinyvllm.interface import EngineStats
 from tinyvllm.sampling_params import MAX_N, SamplingParams
 from tinyvllm.server.limits import RateLimiter
-from tinyvllm.server.metrics import CONTENT_TYPE, Metrics, RequestMetrics, request_stats
+from tinyvllm.server.metrics import CONTENT_TYPE, Metrics, RequestMetrics
 from tinyvllm.server.protocol import (APIError, GenerationRequest, bad_request, chat_prompt, completion_prompts, field,
                                       list_field, parse_chat, parse_completion, parse_json)
 from tinyvllm.server.responses import ChatFormat, CompletionFormat, Generation, ResponseFormat
@@ -112,7 +117,7 @@ class OpenAIServer:
     await warm_up(engine)
     self.engine = engine
     self._watchdog = asyncio.create_task(self._watch(engine))
-    stats = engine.engine.stats()
+    stats = engine.stats                             # as the engine thread published it after the warmup
     log.info("model ready", extra={"model": self.config.served_model_names[0], "seconds": round(time.perf_counter() - t0, 2),
                                    "graphs": stats.graph_builds, "graph_seconds": round(stats.graph_build_seconds, 2)})
 
@@ -273,18 +278,18 @@ class OpenAIServer:
     return web.json_response({"status": status}, status=200 if status == "ready" else 503)
 
   async def prometheus(self, request: web.Request) -> web.Response:
-    text = self.metrics.render(request_stats(self.engine.engine) if self.engine else EngineStats())
+    text = self.metrics.render(self.engine.stats if self.engine else EngineStats())    # as of the latest step
     return web.Response(text=text, headers={"Content-Type": CONTENT_TYPE})
 
   async def models(self, request: web.Request) -> web.Response:
-    engine = self._ready_engine().engine
+    engine = self._ready_engine()
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "tinyvllm", "max_model_len": engine.max_model_len}
             for name in self.config.served_model_names]
     return web.json_response({"object": "list", "data": data})
 
   async def tokenize(self, request: web.Request) -> web.Response:
     """{"prompt": text} or {"messages": [...]} → {"tokens": [...], "count": n, "max_model_len": m}."""
-    engine = self._ready_engine().engine
+    engine = self._ready_engine()
     body = await self._body(request)
     self._model_name(field(body, "model", str))
     if "messages" in body: ids = chat_prompt(body, engine.tokenizer)
@@ -293,7 +298,7 @@ class OpenAIServer:
     return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
   async def detokenize(self, request: web.Request) -> web.Response:
-    engine = self._ready_engine().engine
+    engine = self._ready_engine()
     body = await self._body(request)
     self._model_name(field(body, "model", str))
     ids = list_field(body, "tokens", int)
@@ -314,9 +319,8 @@ class OpenAIServer:
     engine = self._ready_engine()
     body = await self._body(request)
     model = self._model_name(field(body, "model", str))
-    req = parse(body, engine.engine.tokenizer, engine.engine.max_model_len, engine.engine.model_config.vocab_size,
-                self.config.max_n)
-    gen = Generation(fmt, req, f"{fmt.id_prefix}-{uuid.uuid4().hex}", model, engine.engine.tokenizer)
+    req = parse(body, engine.tokenizer, engine.max_model_len, engine.model_config.vocab_size, self.config.max_n)
+    gen = Generation(fmt, req, f"{fmt.id_prefix}-{uuid.uuid4().hex}", model, engine.tokenizer)
     with self._admit():
       stats = self.metrics.request(gen.prompt_tokens)
       try:
@@ -410,9 +414,9 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
 
 async def warm_up(engine: AsyncLLMEngine) -> None:
   """Capture every graph a step can need (model_runner.py: a bounded set), so that no client ever waits for one, then
-  one short greedy request through the whole path. The engine thread is idle until the first request is posted, so
-  the capture runs on a worker thread without racing it."""
-  if hasattr(engine.engine, "warmup"): await asyncio.to_thread(engine.engine.warmup)
+  one short greedy request through the whole path. The capture runs on the engine thread, as everything that touches
+  the engine does; the event loop stays free meanwhile."""
+  await engine.call(lambda e: e.warmup())
   async for _ in engine.generate([0, 0], SamplingParams(max_tokens=2, temperature=0), f"warmup-{uuid.uuid4().hex}"): pass
 
 

@@ -21,8 +21,8 @@ Dashboards built for vLLM work unchanged because the names, types and buckets ma
 from __future__ import annotations
 import bisect
 import time
-from dataclasses import dataclass, field, replace
-from tinyvllm.engine import EngineStats, LLMEngine
+from dataclasses import dataclass, field
+from tinyvllm.interface import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -70,7 +70,8 @@ class Histogram:
 
 
 class Metrics:
-  """Counters and histograms the server updates per request; gauges are read from the engine at scrape time."""
+  """Counters and histograms the server updates per request; gauges are the EngineStats that the engine thread
+  published last (AsyncLLMEngine.stats), read at scrape time."""
   def __init__(self, model_name: str):
     escaped = model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     self.labels = f'model_name="{escaped}"'
@@ -104,20 +105,6 @@ class Metrics:
                    self.ttft, self.tpot, self.e2e):
       lines += metric.render(self.labels)
     return "\n".join(lines) + "\n"
-
-
-def request_stats(engine: LLMEngine) -> EngineStats:
-  """The engine's stats with requests counted instead of sequences (a request with n=4 runs as four), as vLLM counts
-  them. Read while the engine thread may change its queues: a copy that raced a change is taken again. Engines
-  without a scheduler of their own (data-parallel ranks) report what they report."""
-  if not hasattr(engine, "scheduler"): return engine.stats()
-  for _ in range(10):
-    try:
-      running = {s.request_id for s in list(engine.scheduler.running)}
-      waiting = {s.request_id for s in list(engine.scheduler.waiting)} - running
-      return replace(engine.stats(), running=len(running), waiting=len(waiting))
-    except RuntimeError: continue                        # "deque mutated during iteration"
-  return engine.stats()
 
 
 class RequestMetrics:

@@ -20,7 +20,7 @@ Both endpoints share all of this; `CompletionFormat` and `ChatFormat` differ onl
 from __future__ import annotations
 import time
 from dataclasses import dataclass, field
-from tinyvllm.engine import CompletionOutput, RequestOutput
+from tinyvllm.interface import CompletionOutput, RequestOutput
 from tinyvllm.model.tokenizer import Tokenizer
 from tinyvllm.server.protocol import GenerationRequest
 
