@@ -225,3 +225,30 @@ def test_paged_attention_equals_the_gather_reference():
     assert fast.token_ids == reference.token_ids
     for a, b in zip(fast.logprobs, reference.logprobs):
       assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+
+
+def test_fast_kernels_equal_the_reference_kernels():
+  """The same tiny model through the fast kernels (attention straight from the pool, RoPE applied inside the KV write
+  and the attention kernels, q/k/v read in place from one projection's output) and through `kernels="reference"`
+  (tinygrad's plain operations: RoPE, norms and residuals of their own, a dense copy of each context): the same
+  tokens and logprobs, with prompts chunked across steps, decodes and prompt chunks in one batch, and contexts of
+  different lengths. Both load unpacked weights, so both have the same random ones."""
+  results = {}
+  for kernels in ("fast", "reference"):
+    engine = LLMEngine(EngineArgs(**TINY, num_kv_blocks=40, kernels=kernels, packed_weights=False))
+    for i in range(4):
+      params = SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_tokens=6, logprobs=3, ignore_eos=True)
+      engine.add_request([(11 * i + 3 * j) % 500 + 1 for j in range(5 + 11 * i)], params, request_id=str(i))
+    results[kernels] = {o.request_id: o.outputs[0] for _ in range(100) if engine.has_unfinished_requests()
+                        for o in engine.step() if o.finished}
+  assert len(results["fast"]) == 4
+  for request_id, fast in results["fast"].items():
+    reference = results["reference"][request_id]
+    assert fast.token_ids == reference.token_ids
+    for a, b in zip(fast.logprobs, reference.logprobs):
+      assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+
+
+def test_reference_kernels_refuse_packed_weights_and_unknown_kernels():
+  with pytest.raises(ValueError, match="unpacked"): LLMEngine(EngineArgs(**TINY, kernels="reference", packed_weights=True))
+  with pytest.raises(ValueError, match="kernels"): LLMEngine(EngineArgs(**TINY, kernels="fastest"))

@@ -68,3 +68,24 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
   from tinyvllm import LLM
   (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
   with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"): LLM(str(tmp_path))
+
+
+def test_fast_kernels_equal_the_reference_kernels(smollm2, reference):
+  """The real SmolLM2 through the fast kernels (the session's engine: packed weights on a CPU, attention straight
+  from the pool, RoPE inside the KV write and the attention kernel, norms and residuals inside a GPU's matvec) and
+  through `kernels="reference"` (tinygrad's plain operations on the unpacked weights): the same greedy tokens, and
+  the same logprobs up to float rounding, on a 42-token prompt whose first 8 tokens are far from any near-tie."""
+  from tinyvllm import LLM
+  case = next(c for c in reference["greedy"] if c["name"] == "chat")
+  n = 8
+  assert near_tie_prefix(case["top2_margins"], threshold=0.5) >= n
+  prompt, params = {"prompt_token_ids": case["prompt_ids"]}, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
+                                                                            logprobs=5)
+  fast = smollm2.generate(prompt, params)[0].outputs[0]
+  plain = LLM(kernels="reference", max_model_len=128, max_num_seqs=1, max_num_batched_tokens=64,
+              enable_prefix_caching=False).generate(prompt, params)[0].outputs[0]
+  assert fast.token_ids == plain.token_ids == case["output_ids"][:n]
+  tolerance = 1e-3 if smollm2.engine.args.compute_dtype().itemsize == 4 else 5e-2
+  for step, (a, b) in enumerate(zip(fast.logprobs, plain.logprobs)):
+    assert a.keys() == b.keys(), step
+    assert all(abs(a[t] - b[t]) < tolerance for t in a), (step, a, b)

@@ -71,3 +71,31 @@ def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, q
     expected = np.einsum("hc,chd->hd", probs / probs.sum(-1, keepdims=True), v).reshape(-1)
     np.testing.assert_allclose(out[t], expected, rtol=1e-4, atol=1e-5)
   assert np.isfinite(out[T - padding:]).all()
+
+
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+def test_store_kv_rotates_k_and_reads_it_in_place_from_a_fused_projection(kernels):
+  """`store_kv(kv, rope(k), v, slots)` with k and v split from one q|k|v output puts rotated K and V at their slots
+  and nothing anywhere else. The fast way is one kernel, reading k and v where they are and rotating K on the way;
+  the reference rotates K with tinygrad's operations first, a kernel of its own."""
+  from tinygrad import GlobalCounters
+  from tinyvllm.model.linear import use_kernels
+  from tinyvllm.model.paged_attention import rope as rotated, store_kv
+  rng = np.random.default_rng(1)
+  T, H, KVH, D, num_slots = 3, 4, 2, 16, 10
+  qkv = rng.normal(0, 1, (T, (H + 2 * KVH) * D)).astype(np.float32)
+  angles = rng.uniform(0, 6.3, (T, D // 2)).astype(np.float32)
+  slots = np.array([7, 2, 5], np.int32)
+  fused, cos, sin, on_device = (Tensor(a).realize() for a in (qkv, np.cos(angles), np.sin(angles), slots))
+  pools = tuple(Tensor.zeros(num_slots, KVH, D).contiguous().realize() for _ in range(2))
+  q, k, v = fused.split([H * D, KVH * D, KVH * D], dim=-1)
+  GlobalCounters.reset()
+  with use_kernels(kernels): k_pool, v_pool = store_kv(pools, rotated(k, cos, sin), v, on_device)
+  Tensor.realize(k_pool, v_pool)
+  assert GlobalCounters.kernel_count == (1 if kernels == "fast" else 2)
+  k_pool, v_pool = k_pool.numpy(), v_pool.numpy()
+  want_k, want_v = np.zeros((num_slots, KVH, D), np.float32), np.zeros((num_slots, KVH, D), np.float32)
+  want_k[slots] = rope(qkv[:, H * D:(H + KVH) * D].reshape(T, KVH, D), np.cos(angles)[:, None], np.sin(angles)[:, None])
+  want_v[slots] = qkv[:, (H + KVH) * D:].reshape(T, KVH, D)
+  np.testing.assert_allclose(k_pool, want_k, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(v_pool, want_v)

@@ -58,6 +58,9 @@ class EngineArgs:
   attention_backend: str = "paged"         # "paged" (kernels read the pool through the block tables) or "gather"
                                            # (the readable reference: copy each token's context out, then
                                            # tinygrad's matmuls and softmax)
+  kernels: str = "fast"                    # "fast" or "reference": tinygrad's plain operations throughout, the
+                                           # readable forward pass the fast kernels are tested against (implies
+                                           # attention_backend="gather" and unpacked weights; model/linear.py)
   beam: int = 0                            # tinygrad's BEAM kernel search for decode-sized graphs (0: its BEAM variable,
                                            # off by default); 2 pays on GPUs: minutes per graph shape once, then cached
 
@@ -107,8 +110,16 @@ class EngineArgs:
   def paged_attention(self) -> bool:
     if self.attention_backend not in ("paged", "gather"):
       raise ValueError(f"attention_backend must be 'paged' or 'gather', got {self.attention_backend!r}")
-    return self.attention_backend == "paged"
+    return self.attention_backend == "paged" and not self.reference_kernels()
+
+  def reference_kernels(self) -> bool:
+    if self.kernels not in ("fast", "reference"):
+      raise ValueError(f"kernels must be 'fast' or 'reference', got {self.kernels!r}")
+    return self.kernels == "reference"
 
   def keep_weights_packed(self) -> bool:
+    if self.reference_kernels():
+      if self.packed_weights: raise ValueError("kernels='reference' multiplies unpacked weights: drop packed_weights")
+      return False
     if self.packed_weights is not None: return self.packed_weights
     return self._on_cpu()

@@ -77,6 +77,7 @@ class LLMEngine:
     devices, paged = args.devices(), args.paged_attention()     # both check their arguments, before loading
     self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg,
                                             args.keep_weights_packed(), devices)
+    self.model.kernels = args.kernels
     self.model_config = cfg = self.model.config
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)

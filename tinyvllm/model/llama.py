@@ -12,6 +12,12 @@
 - q/k/v and gate/up are each one projection (`fuse_projections`; the loader stacks their matrices): one matmul
   kernel reads x once instead of three or two times. A model split across devices (tensor_parallel.py) stays unfused.
 
+Each step of a layer is one call, in the order above, and the kernel that runs it is chosen where it is defined,
+not here: the projections in linear.py (a GPU's matvec kernel takes the norm before it and the residual after it
+into the kernel that streams W; `norm(x)` is therefore a lazy `Normed`), RoPE, the KV write and attention in
+paged_attention.py (`rope` leaves the rotation to the kernel that reads q or K). With `kernels="reference"`
+(`--kernels reference`) the same code runs on tinygrad's plain operations: what the fast kernels are tested against.
+
 Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`), so a safetensors checkpoint loads
 as is and a GGUF one after `gguf.gguf_to_hf_state_dict`.
 """
@@ -19,21 +25,25 @@ from __future__ import annotations
 import math
 import numpy as np
 from tinygrad import Tensor, dtypes, nn
-from tinygrad.nn import RMSNorm
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.capture import SameBody
-from tinyvllm.model.paged_attention import BlockTables, NewKV, write, write_and_gather, attention, paged_attention
-from tinyvllm.model.linear import linear
-from tinyvllm.model.quantized import PackedLinear, PackedWeight, matmul_t
+from tinyvllm.model.linear import Normed, RMSNorm, linear, use_kernels
+from tinyvllm.model.paged_attention import BlockTables, attend, rope, store_kv
+from tinyvllm.model.paged_attention import apply_rope  # noqa: F401  (llada.py's attention rotates with it too)
+from tinyvllm.model.quantized import PackedLinear, PackedWeight
 from tinyvllm.transfer import to_device
 
 
 class Linear(nn.Linear):
   """nn.Linear whose weights are placeholders until the loader fills them: nn.Linear's random initialisation would
-  build a graph for every matrix only to throw it away (1.6 s of a CPU start for SmolLM2)."""
+  build a graph for every matrix only to throw it away (1.6 s of a CPU start for SmolLM2). Called as `proj(x)`,
+  `proj(norm(x))` or `proj(x, residual=r)` (r + proj(x)): linear.py picks the kernel."""
   def __init__(self, in_features: int, out_features: int, bias: bool = True):
     self.weight = Tensor.empty(out_features, in_features)
     self.bias = Tensor.empty(out_features) if bias else None
+
+  def __call__(self, x: Tensor | Normed, residual: Tensor | None = None) -> Tensor:
+    return linear(x, self.weight, self.bias, residual=residual)
 
 
 class Embedding(nn.Embedding):
@@ -42,14 +52,6 @@ class Embedding(nn.Embedding):
 
 
 Projection = Linear | PackedLinear
-
-
-def project(proj: Projection, x: Tensor, norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
-  """norm(x) @ proj.weight.T + bias (+ residual): the norm and the residual travel with the projection, so that a
-  one-row projection on a GPU runs as one kernel that streams the weight (linear.py)."""
-  if isinstance(proj, Linear): return linear(x, proj.weight, proj.bias, norm, residual)
-  y = proj(x if norm is None else norm(x))
-  return y if residual is None else residual + y
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -66,14 +68,6 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
   return inv_freq
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-  """x: [T, heads, head_dim]; cos/sin: [T, head_dim/2]."""
-  half = x.shape[-1] // 2
-  x1, x2 = x[..., :half], x[..., half:]
-  cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
-
-
 class Attention:
   def __init__(self, cfg: ModelConfig):
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -88,25 +82,22 @@ class Attention:
                            bias=self.q_proj.bias is not None)
     del self.q_proj, self.k_proj, self.v_proj
 
-  def __call__(self, x: Tensor, norm: RMSNorm, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor],
-               batch: "ForwardBatch") -> Tensor:
+  def __call__(self, x: Tensor, norm: nn.RMSNorm, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor],
+               batch: ForwardBatch) -> Tensor:
     """x + attention(norm(x)) for the step's T tokens, x: [T, hidden]"""
-    T, _ = x.shape
+    h = norm(x)                                       # RMSNorm (taken inside the projection's kernel where it can be)
+    q, k, v = self.qkv(h)                             # [T, H·D], [T, KVH·D], [T, KVH·D]
+    q, k = rope(q, cos, sin), rope(k, cos, sin)       # RoPE: rotated by the kernels that read them
+    kv = store_kv(kv, k, v, batch.slot_mapping)       # this step's K and V into the paged pool
+    o = attend(q, kv, batch)                          # each token over its sequence's context: [T, H·D]
+    return self.o_proj(o, residual=x)                 # x + o_proj(o)
+
+  def qkv(self, h: Tensor | Normed) -> list[Tensor]:
+    """q_proj(h), k_proj(h), v_proj(h): one projection whose columns are [q | k | v], or three where tensor
+    parallelism keeps them apart."""
+    if self.qkv_proj is None: return [self.q_proj(h), self.k_proj(h), self.v_proj(h)]
     H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
-    if self.qkv_proj is None:
-      q, k, v = (project(proj, x, norm) for proj in (self.q_proj, self.k_proj, self.v_proj))
-      new = NewKV(k, v, 0, 0, cos, sin)
-    else:
-      q = qkv = project(self.qkv_proj, x, norm)                         # [T, (H + 2 KVH) D]; q is its first H D
-      new = NewKV(qkv, qkv, H * D, (H + KVH) * D, cos, sin)
-    if batch.paged:
-      kv = write(kv, new, batch.slot_mapping)
-      out = paged_attention(q, cos, sin, kv, batch.tables, batch.positions, H)
-    else:
-      k_ctx, v_ctx = write_and_gather(kv, new, batch.slot_mapping, batch.tables)
-      q = apply_rope(q[:, :H * D].reshape(T, H, D), cos, sin)
-      out = attention(q.reshape(T, 1, H, D), k_ctx, v_ctx, batch.positions.reshape(T, 1))
-    return project(self.o_proj, out.reshape(T, -1), residual=x)
+    return self.qkv_proj(h).split([H * D, KVH * D, KVH * D], dim=-1)
 
 
 class MLP:
@@ -121,13 +112,18 @@ class MLP:
     self.gate_up_proj = Linear(K, 2 * N, bias=False)
     del self.gate_proj, self.up_proj
 
-  def __call__(self, x: Tensor, norm: RMSNorm) -> Tensor:
-    """x + mlp(norm(x))"""
-    if self.gate_up_proj is None: gate, up = project(self.gate_proj, x, norm), project(self.up_proj, x, norm)
-    else: gate, up = project(self.gate_up_proj, x, norm).chunk(2, dim=-1)
+  def __call__(self, x: Tensor, norm: nn.RMSNorm) -> Tensor:
+    """x + mlp(norm(x)), the SwiGLU MLP: x + down(silu(gate(h)) * up(h))"""
+    h = norm(x)                                       # RMSNorm (taken inside the projection's kernel where it can be)
+    gate, up = self.gate_up(h)                        # [T, intermediate] each
     # materialized: fused into down_proj's matmul, the activation is re-read through the strided halves of gate_up
     # for every output tile (16 of a 33 ms batch-256 step on the H100, docs/performance.md)
-    return project(self.down_proj, (gate.silu() * up).contiguous(), residual=x)
+    return self.down_proj((gate.silu() * up).contiguous(), residual=x)      # x + down(silu(gate) * up)
+
+  def gate_up(self, h: Tensor | Normed) -> list[Tensor]:
+    """gate_proj(h), up_proj(h): one projection whose columns are [gate | up], or two."""
+    if self.gate_up_proj is None: return [self.gate_proj(h), self.up_proj(h)]
+    return self.gate_up_proj(h).chunk(2, dim=-1)
 
 
 class DecoderLayer:
@@ -137,9 +133,9 @@ class DecoderLayer:
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.mlp = MLP(cfg)
 
-  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: "ForwardBatch") -> Tensor:
-    h = self.self_attn(x, self.input_layernorm, cos, sin, kv, batch)
-    return self.mlp(h, self.post_attention_layernorm).contiguous()
+  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: ForwardBatch) -> Tensor:
+    x = self.self_attn(x, self.input_layernorm, cos, sin, kv, batch)     # x + attention(norm(x))
+    return self.mlp(x, self.post_attention_layernorm).contiguous()       # x + mlp(norm(x))
 
 
 class ForwardBatch:
@@ -170,6 +166,7 @@ class LlamaForCausalLM:
     if not cfg.tie_word_embeddings: self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
     angles = np.outer(np.arange(cfg.max_position_embeddings), rope_frequencies(cfg))
     self.rope_cos, self.rope_sin = to_device(np.cos(angles).astype(np.float32)), to_device(np.sin(angles).astype(np.float32))
+    self.kernels = "fast"     # or "reference": tinygrad's plain operations throughout (linear.py)
 
   def fuse_projections(self) -> None:
     """Replace q/k/v and gate/up of every layer by one projection each, `qkv_proj` and `gate_up_proj`, before the
@@ -184,6 +181,9 @@ class LlamaForCausalLM:
   def __call__(self, batch: ForwardBatch, kv_cache: list[tuple[Tensor, Tensor]], every_position: bool = False) -> Tensor:
     """Returns the logits of the tokens at `batch.logits_index`: [R, vocab]; with `every_position`, the logits of
     all T tokens (prompt logprobs need them): [T, vocab]."""
+    with use_kernels(self.kernels): return self.forward(batch, kv_cache, every_position)
+
+  def forward(self, batch: ForwardBatch, kv_cache: list[tuple[Tensor, Tensor]], every_position: bool) -> Tensor:
     x = self.model.embed_tokens(batch.tokens)                                  # [T, hidden]
     dtype = x.dtype
     cos, sin = self.rope_cos[batch.positions].cast(dtype), self.rope_sin[batch.positions].cast(dtype)
@@ -192,6 +192,4 @@ class LlamaForCausalLM:
     run_layer, layer_batch = SameBody(DecoderLayer.__call__), batch.for_layers()
     for layer, kv in zip(self.model.layers, kv_cache): x = run_layer(layer, x, cos, sin, kv, layer_batch)
     h = x if every_position else x.gather(0, batch.logits_index.reshape(-1, 1).expand(-1, x.shape[1]))
-    weight = self.output_weight()
-    if isinstance(weight, PackedWeight): return matmul_t(self.model.norm(h), weight).cast(dtypes.float32)
-    return linear(h, weight, norm=self.model.norm).cast(dtypes.float32)
+    return linear(self.model.norm(h), self.output_weight()).cast(dtypes.float32)      # lm_head(norm(h))

@@ -11,9 +11,14 @@ its *block table*, that grows by one block each time its last block fills up.
     block 3 [A0  A1  A2 ...             A15]
 
 Token `p` of a sequence lives in slot `table[p // block_size] * block_size + p % block_size`. The engine computes
-that *slot mapping* on the host for the tokens it feeds in a step; the model writes their new K/V there (rotating K
-by RoPE on the way, so no kernel runs just for that) and then reads the context back through the table, in one of
-two ways:
+that *slot mapping* on the host for the tokens it feeds in a step. A layer makes three calls here:
+
+    q, k = rope(q, cos, sin), rope(k, cos, sin)    RoPE, as `Rotated` values: the kernel that reads one rotates it
+                                                   as it loads it, so no kernel runs just for that
+    kv = store_kv(kv, k, v, slot_mapping)          the step's new K (rotated) and V into their slots
+    o = attend(q, kv, batch)                       each token over its context, read back through the table
+
+`attend` reads the context in one of two ways:
 
 - paged (the default): the kernels read the pool through the table and never make a copy (`paged_attention`).
   Every token of a step is one query, whether it decodes or belongs to a prompt chunk: a chunk's own K/V are
@@ -30,8 +35,9 @@ two ways:
     contexts, a Llama-1B layer takes 84–92 µs at batch 256 (~1.5 TB/s of K and V) against 152 µs for two passes
     (scores, tinygrad's softmax, values) and 254–268 µs gathered; at batch 1, 14–17 µs against 32–36
     (docs/performance.md).
-- gather (the readable reference, `--attention-backend gather`): copy each token's context into a dense
-  [tokens, context, heads, dim] tensor, then tinygrad's matmuls and softmax (`attention`).
+- gather (the readable reference, `--attention-backend gather`; `--kernels reference` uses it too, with q and K
+  rotated by tinygrad's operations, `apply_rope`): copy each token's context into a dense [tokens, context, heads,
+  dim] tensor, then tinygrad's matmuls and softmax (`attention`).
 
 A step's context length is not a shape: the kernels loop over `context_blocks`, a variable the step binds (see
 `BlockTables`), so one captured graph serves every context length.
@@ -39,11 +45,14 @@ A step's context length is not a shape: the kernels loop over `context_blocks`, 
 from __future__ import annotations
 import functools, math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import AddrSpace
-from tinygrad.uop.ops import AxisType, UOp, KernelInfo
+from tinygrad.uop.ops import AxisType, Ops, UOp, KernelInfo
+from tinyvllm.model.linear import reference_kernels
 from tinyvllm.model.matvec import has_thread_blocks
 from tinyvllm.model.tensor_parallel import allocate_split
+if TYPE_CHECKING: from tinyvllm.model.llama import ForwardBatch
 
 
 def _bounded(index: UOp, size: int) -> UOp:
@@ -52,31 +61,62 @@ def _bounded(index: UOp, size: int) -> UOp:
   return index.cast(dtypes.weakint).maximum(0).minimum(size - 1)
 
 
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+  """RoPE in tinygrad's operations: x [T, heads, head_dim], each head's pairs (j, j + head_dim/2) rotated by its
+  token's angles, cos/sin [T, head_dim/2]."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half], x[..., half:]
+  cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+
+@dataclass
+class Rotated:
+  """rope(x), not computed yet: x [T, heads·head_dim] and each token's cos/sin [T, head_dim/2]. The kernel that reads
+  it rotates each pair as it loads it (the KV write for K, paged attention for q); `tensor()` computes it with
+  tinygrad's operations."""
+  x: Tensor
+  cos: Tensor
+  sin: Tensor
+
+  def tensor(self) -> Tensor:
+    T, head_dim = self.x.shape[0], 2 * self.cos.shape[-1]
+    return apply_rope(self.x.reshape(T, -1, head_dim), self.cos, self.sin).reshape(T, -1)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Rotated:
+  """x [T, heads·head_dim] rotated by each token's position (RoPE), left to the kernel that reads it."""
+  return Rotated(x, cos, sin)
+
+
 @dataclass
 class NewKV:
   """This step's keys and values as the projection left them: columns of 2-D outputs [T, width], K from column
-  `k_col` of `k` and V from `v_col` of `v` (one fused q|k|v output passed twice, or k and v alone), K not yet
-  rotated. The write kernel applies RoPE to K as it stores it, so neither needs a kernel of its own first."""
+  `k_col` of `k` and V from `v_col` of `v` (one fused q|k|v output passed twice, or k and v alone). With cos/sin,
+  K is not rotated yet and the write kernel applies RoPE as it stores it, so neither needs a kernel of its own
+  first; without, K is stored as it is."""
   k: Tensor
   v: Tensor
   k_col: int
   v_col: int
-  cos: Tensor     # [T, head_dim / 2], this step's rotation of each token
-  sin: Tensor
+  cos: Tensor | None = None     # [T, head_dim / 2], this step's rotation of each token
+  sin: Tensor | None = None
 
 
-def _write_kernel(k_cache: UOp, v_cache: UOp, k: UOp, v: UOp, cos: UOp, sin: UOp, slots: UOp, k_col: int,
-                  v_col: int) -> UOp:
+def _write_kernel(k_cache: UOp, v_cache: UOp, k: UOp, v: UOp, *rotation_and_slots: UOp, k_col: int, v_col: int) -> UOp:
   """k_cache[slots[t], h] = rope(k[t, head h]), v_cache[slots[t], h] = v[t, head h] -- a scatter that touches only
   the written rows, not the whole pool. RoPE rotates the pairs (j, j + half) of each head, so each thread writes
-  both."""
+  both. `rotation_and_slots`: cos, sin, slots, or slots alone for a K that is stored as it is."""
+  *rotation, slots = rotation_and_slots
   T, (_, KVH, D) = slots.shape[0], k_cache.shape
   half = D // 2
   t, h, j = UOp.range(T, 0), UOp.range(KVH, 1), UOp.range(half, 2)
   slot = _bounded(slots[t], k_cache.shape[0])
   k1, k2 = k[t, k_col + h * D + j], k[t, k_col + h * D + j + half]
-  c, s = cos[t, j], sin[t, j]
-  return UOp.group(k_cache[slot, h, j].store(k1 * c - k2 * s), k_cache[slot, h, j + half].store(k2 * c + k1 * s),
+  if rotation:
+    c, s = rotation[0][t, j], rotation[1][t, j]
+    k1, k2 = k1 * c - k2 * s, k2 * c + k1 * s
+  return UOp.group(k_cache[slot, h, j].store(k1), k_cache[slot, h, j + half].store(k2),
                    v_cache[slot, h, j].store(v[t, v_col + h * D + j]),
                    v_cache[slot, h, j + half].store(v[t, v_col + h * D + j + half])) \
     .end(t, h, j).sink(arg=KernelInfo(name="kv_write"))
@@ -114,7 +154,7 @@ def _tree_sum(terms: list[UOp]) -> UOp:
 
 
 def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp,
-                   positions: UOp, blocks: UOp, max_blocks: int) -> UOp:
+                   positions: UOp, blocks: UOp, max_blocks: int, q_col: int) -> UOp:
   """out[s, head h] = softmax(rope(q[s, h]) · K_s) · V_s over the context of sequence s, read from the pool through
   its block table: one thread per (sequence, head) streams the context once, keeping a running max m, the sum l of
   exp(score − m) and the weighted sum of values, all rescaled when m grows (the "online softmax"). Each step of the
@@ -122,7 +162,7 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
   S, (num_blocks, block_size, KVH, D), NB = out.shape[0], k_blocks.shape, context_blocks(max_blocks, kernel=True)
   H, half, n = out.shape[1] // D, D // 2, min(TOKENS_PER_STEP, block_size)
   s, h = UOp.range(S, 0), UOp.range(H, 1)
-  x = [q[s, h * D + j].cast(dtypes.float) for j in range(D)]
+  x = [q[s, q_col + h * D + j].cast(dtypes.float) for j in range(D)]
   c, sn = [cos[s, j] for j in range(half)], [sin[s, j] for j in range(half)]
   scale = D ** -0.5 * LOG2E
   rq = [(x[j] * c[j] - x[j + half] * sn[j]) * scale for j in range(half)] + \
@@ -158,7 +198,7 @@ WARPS = 4                  # warps of the GPU kernel's thread block, each walkin
 
 
 def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp, tables: UOp, rows: UOp,
-                  positions: UOp, blocks: UOp, block_size: int, max_blocks: int) -> UOp:
+                  positions: UOp, blocks: UOp, block_size: int, max_blocks: int, q_col: int) -> UOp:
   """out[s, head kvh·G + g] = softmax(rope(q[s, that head]) · K_s) · V_s for the G query heads of KV head kvh, one
   thread block per (s, kvh): the GPU's decode attention. Warp w takes the chunks of 32 tokens w, w + WARPS, ... In
   each chunk, first lane i is token i: it reads the token's key and scores it against the G queries; then lane i
@@ -182,7 +222,8 @@ def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp
   # the G queries, rotated and scaled (in log2 units: the exponentials are exp2), into shared memory
   i, item = spread(G * half, 10)
   g, j = item // half, item % half                        # RoPE rotates the dimensions (j, j + half) together
-  x1, x2 = q[s, (kvh * G + g) * D + j].cast(dtypes.float), q[s, (kvh * G + g) * D + j + half].cast(dtypes.float)
+  at = q_col + (kvh * G + g) * D + j
+  x1, x2 = q[s, at].cast(dtypes.float), q[s, at + half].cast(dtypes.float)
   c, sn, scale = cos[s, j].cast(dtypes.float), sin[s, j].cast(dtypes.float), D ** -0.5 * LOG2E
   queries = UOp.placeholder((G * D,), dtypes.float, slot=0, addrspace=AddrSpace.LOCAL)
   queries = queries.after(UOp.barrier(UOp.group(queries[g * D + j].store((x1 * c - x2 * sn) * scale),
@@ -269,15 +310,61 @@ def context_blocks(max_blocks: int, kernel: bool = False) -> UOp:
   return var.cast(dtypes.weakint) if kernel else var
 
 
-def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor, tables: BlockTables) \
+def store_kv(cache: tuple[Tensor, Tensor], k: Tensor | Rotated, v: Tensor, slot_mapping: Tensor) \
     -> tuple[Tensor, Tensor]:
-  """Store the new K (rotated) and V of T tokens at `slot_mapping` ([T]) in their pools (each [num_slots, kv_heads,
-  head_dim]), then return each token's K and V context, each [T, max_blocks * block_size, kv_heads, head_dim]: the
-  readable reference, one dense copy per token.
+  """Store this step's keys and values (each [T, kv_heads·head_dim]; k usually `rope(k)`) at `slot_mapping` ([T]) in
+  their pools (each [num_slots, kv_heads, head_dim]); returns the pools, written. The write kernel rotates K as it
+  stores it (the reference kernels rotate it with tinygrad's operations first), and reads k and v where the
+  projection left them, columns of one q|k|v output."""
+  if isinstance(k, Rotated) and reference_kernels(): k = k.tensor()      # rotated here, then stored as it is
+  k, rotation = (k.x, (k.cos, k.sin)) if isinstance(k, Rotated) else (k, ())
+  (k, k_col), (v, v_col) = _columns(k), _columns(v)
+  return write(cache, NewKV(k, v, k_col, v_col, *rotation), slot_mapping)
 
-  Both kernels keep the KV heads as an axis of their own, so under tensor parallelism each device runs them on its
-  own heads' slice of the pools, of `new` and of the output."""
-  k_cache, v_cache = write(cache, new, slot_mapping)
+
+def attend(q: Rotated, cache: tuple[Tensor, Tensor], batch: ForwardBatch) -> Tensor:
+  """Each of the step's T tokens, its query `rope(q)` ([T, heads·head_dim]), attending over its sequence's context
+  up to its own position, read from the pools through `batch.tables`: [T, heads·head_dim]. With `batch.paged` the
+  kernels read the pools in place and rotate q as they load it (`paged_attention`); otherwise, and with the
+  reference kernels, the readable way: q rotated by tinygrad, a dense copy of each token's context (`gather`),
+  tinygrad's `attention`."""
+  T, head_dim = q.x.shape[0], cache[0].shape[-1]
+  heads = q.x.shape[1] // head_dim
+  if batch.paged and not reference_kernels():
+    q_src, q_col = _columns(q.x)
+    return paged_attention(q_src, q.cos, q.sin, cache, batch.tables, batch.positions, heads, q_col=q_col)
+  k, v = gather(cache, batch.tables)
+  return attention(q.tensor().reshape(T, 1, heads, head_dim), k, v, batch.positions.reshape(T, 1)).reshape(T, -1)
+
+
+def _columns(t: Tensor) -> tuple[Tensor, int]:
+  """A column slice of a 2-D tensor (q, k or v split from one q|k|v output) as the whole tensor and the slice's
+  first column: a kernel given those reads the slice in place, where given the slice tinygrad first copies it out
+  with a kernel of its own. Any other tensor is its own whole, from column 0."""
+  u = t.uop
+  if u.op is Ops.SHRINK and len(u.src[0].shape) == 2:
+    (first_row, _), (first_column, _) = u.marg          # (start, size) on each axis
+    if first_row == 0: return Tensor(u.src[0]), first_column
+  return t, 0
+
+
+def write(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
+  """Store the new K (rotated on the way when `new` has cos/sin) and V of T tokens at `slot_mapping` ([T]) in their
+  pools; returns the pools."""
+  k_cache, v_cache = cache
+  rotation = () if new.cos is None else (new.cos, new.sin)
+  write = functools.partial(_write_kernel, k_col=new.k_col, v_col=new.v_col)
+  return tuple(k_cache.custom_kernel(v_cache, new.k, new.v, *rotation, slot_mapping, fxn=write)[:2])
+
+
+def gather(cache: tuple[Tensor, Tensor], tables: BlockTables) -> tuple[Tensor, Tensor]:
+  """Each of the step's T tokens' K and V context, copied out of the pools (each [num_slots, kv_heads, head_dim])
+  through its block table: each [T, max_blocks * block_size, kv_heads, head_dim], the readable reference's one
+  dense copy per token.
+
+  The kernel keeps the KV heads as an axis of their own, so under tensor parallelism each device runs it on its own
+  heads' slice of the pools and of the output."""
+  k_cache, v_cache = cache
   num_slots, kv_heads, head_dim = k_cache.shape
   T, NB, bs = tables.rows.shape[0], tables.max_blocks, tables.block_size
   dense = lambda: allocate_split(Tensor.invalids, (T, NB, bs, kv_heads, head_dim), 3, k_cache.device, k_cache.dtype)
@@ -288,18 +375,17 @@ def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Ten
   return k.reshape(T, NB * bs, kv_heads, head_dim), v.reshape(T, NB * bs, kv_heads, head_dim)
 
 
-def write(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
-  """Store the new K (rotated) and V of T tokens at `slot_mapping` ([T]) in their pools; returns the pools."""
-  k_cache, v_cache = cache
-  write = functools.partial(_write_kernel, k_col=new.k_col, v_col=new.v_col)
-  return tuple(k_cache.custom_kernel(v_cache, new.k, new.v, new.cos, new.sin, slot_mapping, fxn=write)[:2])
+def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Tensor, tables: BlockTables) \
+    -> tuple[Tensor, Tensor]:
+  """`write`, then `gather`."""
+  return gather(write(cache, new, slot_mapping), tables)
 
 
 def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor], tables: BlockTables,
-                    positions: Tensor, heads: int, thread_blocks: bool | None = None) -> Tensor:
-  """Each query token (q: [T, width], its first heads·head_dim columns un-rotated) attending over its sequence's
-  context up to its own position, straight from the pools, no dense copy: [T, heads·head_dim]. A prompt chunk's
-  tokens are written to the pool first, so the chunk attends to itself causally through the same table.
+                    positions: Tensor, heads: int, thread_blocks: bool | None = None, q_col: int = 0) -> Tensor:
+  """Each query token (q: [T, width], heads·head_dim columns from `q_col` on, un-rotated) attending over its
+  sequence's context up to its own position, straight from the pools, no dense copy: [T, heads·head_dim]. A prompt
+  chunk's tokens are written to the pool first, so the chunk attends to itself causally through the same table.
   `thread_blocks`: the GPU kernel, a thread block per (token, KV head) (None: on devices that run threads in
   blocks, which is what a GPU is to tinygrad, for head dims its lanes divide); else the CPU's, a thread per
   (token, head)."""
@@ -308,10 +394,10 @@ def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Te
   out = allocate_split(Tensor.invalids, (T, heads * head_dim), 1, q.device, q.dtype)
   inputs = (tables.tables, tables.rows, positions.reshape(T), tables.blocks_var)
   if thread_blocks:
-    kernel = functools.partial(_block_kernel, block_size=bs, max_blocks=tables.max_blocks)
+    kernel = functools.partial(_block_kernel, block_size=bs, max_blocks=tables.max_blocks, q_col=q_col)
     return out.custom_kernel(q, cos, sin, *cache, *inputs, fxn=kernel)[0]
   k_blocks, v_blocks = (pool.reshape(num_slots // bs, bs, kv_heads, head_dim) for pool in cache)
-  kernel = functools.partial(_decode_kernel, max_blocks=tables.max_blocks)
+  kernel = functools.partial(_decode_kernel, max_blocks=tables.max_blocks, q_col=q_col)
   return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, fxn=kernel)[0]
 
 

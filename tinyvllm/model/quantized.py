@@ -219,17 +219,12 @@ def _features_in_threads(device: str | tuple[str, ...]) -> bool:
   return has_thread_blocks(device)
 
 
-def matmul_t(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
-  """x @ weight.T for a plain or a packed weight."""
-  return packed_matmul(x, weight) if isinstance(weight, PackedWeight) else x @ weight.T
-
-
 class PackedLinear:
-  """nn.Linear's interface over a packed weight."""
+  """The model's Linear (llama.py) over a packed weight: `proj(x)`, `proj(norm(x))`, `proj(x, residual=r)`."""
   def __init__(self, weight: PackedWeight, bias: Tensor | None = None): self.weight, self.bias = weight, bias
-  def __call__(self, x: Tensor) -> Tensor:
-    y = packed_matmul(x, self.weight)
-    return y if self.bias is None else y + self.bias
+  def __call__(self, x, residual: Tensor | None = None) -> Tensor:
+    from tinyvllm.model.linear import linear     # linear.py imports this module
+    return linear(x, self.weight, self.bias, residual=residual)
 
 
 class PackedEmbedding:
