@@ -6,7 +6,7 @@ of x: random GGUF blocks, a TinyJit-captured matmul, the median of 15 calls. Pin
 import sys, time
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit
-from tinyvllm.data_parallel import _wait_without_spinning
+from tinyvllm.tinygrad_internals import wait_without_spinning
 from tinyvllm.model.quantized import PackedWeight, packed_matmul
 
 SHAPES = [("Q4_1", 960, 576, "qkv_proj"), ("Q4_1", 576, 576, "o_proj"), ("Q4_1", 3072, 576, "gate_up_proj"),
@@ -35,7 +35,7 @@ def seconds_per_call(w: PackedWeight, x: Tensor) -> float:
 
 
 if __name__ == "__main__":
-  _wait_without_spinning()      # the timing thread must not take the core from tinygrad's worker
+  wait_without_spinning()      # the timing thread must not take the core from tinygrad's worker
   rows = [int(r) for r in (sys.argv[1] if len(sys.argv) > 1 else "1,4,16,64,256").split(",")]
   rng = np.random.default_rng(0)
   print(f"{'matrix':>24} " + " ".join(f"{r:>7}" for r in rows) + "   rows of x: GFLOP/s")

@@ -1,4 +1,4 @@
-"""kernel_cache.py: a kernel lowered in one process is read back from tinygrad's disk cache in the next, not lowered
+"""tinygrad_internals.py (the kernel cache): a kernel lowered in one process is read back from tinygrad's disk cache in the next, not lowered
 again (the code generator's work that tinygrad itself caches in memory only)."""
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 LOWER_ONE_KERNEL = """
 import tinyvllm
 from tinygrad import Device, Tensor, codegen
-from tinyvllm.kernel_cache import keep_lowered_kernels_on_disk
+from tinyvllm.tinygrad_internals import keep_lowered_kernels_on_disk
 keep_lowered_kernels_on_disk()
 Device[Device.DEFAULT]                  # opening the device lowers its own runtime programs, outside any cache
 lowered, lower = [], codegen.do_to_program

@@ -9,7 +9,7 @@ it was given; nothing is shared between ranks, so N ranks decode N batches at on
 `--data-parallel-size`. On GPUs rank r takes the devices after rank r-1's (CUDA:0, CUDA:1, ...). On a CPU it is how
 tinyvllm uses more than one core: tinygrad runs a device's kernels on one worker thread, so one engine keeps one
 core busy however many the machine has. Each rank is pinned to its share of the cores, and there its Python thread
-must not spin while it waits for tinygrad's worker (see `_wait_without_spinning`), or the two would share one core.
+must not spin while it waits for tinygrad's worker (see `wait_without_spinning`), or the two would share one core.
 
 A request stays on its rank from start to end; the routing knows only how many sequences each rank holds, so prompts
 that share a prefix only hit the prefix cache of the rank they land on. Requests reach their rank together, at the
@@ -23,14 +23,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from tinyvllm.tinygrad_internals import wait_without_spinning
 from tinyvllm.config import EngineArgs
 from tinyvllm.engine import LLMEngine, request_stats
 from tinyvllm.interface import EngineStats, Request, RequestOutput
 
-POLL_SECONDS = 0.0001      # how often a rank's Python thread looks whether tinygrad's worker has finished
 STEP_WAIT_SECONDS = 0.01   # longest `step` waits for the ranks: new requests get in at least this often
 
 
@@ -155,24 +154,13 @@ def _share_cores(n: int) -> list[set[int] | None]:
   return [set(cores[len(cores) * r // n:len(cores) * (r + 1) // n]) for r in range(n)]
 
 
-def _wait_without_spinning() -> None:
-  """tinygrad's queue runtime (HCQ2) waits for its device thread in a busy loop. On a rank pinned to one core that
-  loop takes turns with the very thread it waits for; polling with short sleeps leaves the core to the worker
-  (two ranks × 16 requests, one core each: 46.8 + 47.0 output tok/s). Backends without HCQ2 are not touched."""
-  from tinygrad.runtime.support.hcq2 import HCQ2Compiled
-
-  def wait_sleeping(self, signal, value: int, timeout: int | None = None) -> None:
-    while signal[0] < value: time.sleep(POLL_SECONDS)
-  HCQ2Compiled._wait_signal = wait_sleeping
-
-
 def serve_rank(fd: int) -> None:
   """One rank, in its own process (`fd`: its end of the socket pair): build the engine, then apply
   commands between steps and send back what each step made."""
   conn = Connection(fd)
   args, cores = conn.recv()
   if cores is not None: os.sched_setaffinity(0, cores)
-  _wait_without_spinning()
+  wait_without_spinning()
   try:
     engine = LLMEngine(args)         # a server warms it up (`warmup`) before it says it is ready
     conn.send(("ready", engine.model_config, engine.tokenizer, engine.max_model_len, engine.load_time))

@@ -37,11 +37,9 @@ from typing import TypeVar
 from tinygrad import Device
 from tinygrad.helpers import DEV, Target
 from tinyvllm.block_manager import BlockManager
-from tinyvllm.capture import speed_up_capture
 from tinyvllm.config import SHAPES, EngineArgs
 from tinyvllm.detokenizer import update_text
 from tinyvllm.interface import CompletionOutput, Engine, EngineStats, Request, RequestOutput
-from tinyvllm.kernel_cache import keep_lowered_kernels_on_disk, share_kernel_cache_between_threads
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
 from tinyvllm.model.tokenizer import Tokenizer
@@ -49,6 +47,8 @@ from tinyvllm.model_runner import ModelRunner, PreparedStep, Sampled, StepResult
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.scheduler import Scheduler
 from tinyvllm.sequence import Sequence
+from tinyvllm.tinygrad_internals import (keep_lowered_kernels_on_disk, share_kernel_cache_between_threads,
+                                         speed_up_capture)
 
 log = logging.getLogger("tinyvllm.engine")
 

@@ -34,8 +34,8 @@ A step is prepared (its inputs built on the host), launched (the inputs copied i
 (engine.py: async scheduling). What a prepared step cannot know yet, the tokens the step before it is sampling, is
 written into its inputs at launch.
 
-Host <-> device copies go straight through the device's allocator (transfer.py): tinygrad's own copies schedule a
-graph on every call, which costs more Python per step than a small model's whole step takes on a GPU.
+Host <-> device copies go straight through the device's allocator (tinygrad_internals.py): tinygrad's own copies
+schedule a graph on every call, which costs more Python per step than a small model's whole step takes on a GPU.
 """
 from __future__ import annotations
 import itertools
@@ -51,7 +51,7 @@ from tinyvllm.model.paged_attention import BlockTables, context_blocks, new_pool
 from tinyvllm.sampler import plans, SamplingPlan, bucket, penalized, plan_and_pack, prompt_logprobs, sample, unpack
 from tinyvllm.scheduler import ScheduledSequence
 from tinyvllm.sequence import Sequence
-from tinyvllm.transfer import allocated, download, upload
+from tinyvllm.tinygrad_internals import allocated, download, upload
 
 log = logging.getLogger("tinyvllm.runner")
 

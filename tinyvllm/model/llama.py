@@ -26,12 +26,11 @@ import math
 import numpy as np
 from tinygrad import Tensor, dtypes, nn
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.capture import SameBody
 from tinyvllm.model.linear import Normed, RMSNorm, linear, use_kernels
 from tinyvllm.model.paged_attention import BlockTables, attend, rope, store_kv
 from tinyvllm.model.paged_attention import apply_rope  # noqa: F401  (llada.py's attention rotates with it too)
 from tinyvllm.model.quantized import PackedLinear, PackedWeight
-from tinyvllm.transfer import to_device
+from tinyvllm.tinygrad_internals import SameBody, to_device
 
 
 class Linear(nn.Linear):
@@ -188,7 +187,7 @@ class LlamaForCausalLM:
     dtype = x.dtype
     cos, sin = self.rope_cos[batch.positions].cast(dtype), self.rope_sin[batch.positions].cast(dtype)
     # every layer has the same body, only its weights and KV pool differ: traced once as a tinygrad function, so
-    # tracing, scheduling and code generation happen once, not num_layers times (capture.py)
+    # tracing, scheduling and code generation happen once, not num_layers times (tinygrad_internals.py)
     run_layer, layer_batch = SameBody(DecoderLayer.__call__), batch.for_layers()
     for layer, kv in zip(self.model.layers, kv_cache): x = run_layer(layer, x, cos, sin, kv, layer_batch)
     h = x if every_position else x.gather(0, batch.logits_index.reshape(-1, 1).expand(-1, x.shape[1]))

