@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 from tinyvllm.config import EngineArgs
-from tinyvllm.engine import AsyncLLMEngine
+from tinyvllm.async_engine import AsyncLLMEngine
 from tinyvllm.llm import create_engine
 from tinyvllm.model.loader import DEFAULT_MODEL_FILE
 from tinyvllm.sampling_params import MAX_N

@@ -34,7 +34,8 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tinyvllm.config import SHAPES, EngineArgs
-from tinyvllm.engine import AsyncLLMEngine, CompletionOutput, LLMEngine, RequestOutput
+from tinyvllm.async_engine import AsyncLLMEngine
+from tinyvllm.engine import CompletionOutput, LLMEngine, RequestOutput
 from tinyvllm.interface import Engine, EngineStats
 from tinyvllm.model.gguf import read_gguf_metadata
 from tinyvllm.model.loader import default_model_path

@@ -8,6 +8,7 @@ os.environ.setdefault("HCQ2", "1")
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.llm import LLM
 from tinyvllm.config import EngineArgs
-from tinyvllm.engine import LLMEngine, AsyncLLMEngine, RequestOutput, CompletionOutput
+from tinyvllm.engine import LLMEngine, RequestOutput, CompletionOutput
+from tinyvllm.async_engine import AsyncLLMEngine
 
 __all__ = ["LLM", "SamplingParams", "EngineArgs", "LLMEngine", "AsyncLLMEngine", "RequestOutput", "CompletionOutput"]

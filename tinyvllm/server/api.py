@@ -43,7 +43,7 @@ from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import TypeVar
 from aiohttp import web
-from tinyvllm.engine import AsyncLLMEngine
+from tinyvllm.async_engine import AsyncLLMEngine
 from tinyvllm.interface import EngineStats
 from tinyvllm.sampling_params import MAX_N, SamplingParams
 from tinyvllm.server.limits import RateLimiter
