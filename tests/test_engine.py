@@ -207,46 +207,41 @@ def test_steps_prepared_while_the_last_one_runs_give_the_tokens_of_one_step_at_a
         assert step.keys() == step_1.keys() and all(abs(step[t] - step_1[t]) < 1e-4 for t in step)
 
 
+def _mixed_batch(prompt_step: int, length_step: int, **engine_args) -> dict:
+  """Four requests (greedy and seeded sampling, logprobs, prompts of different lengths chunked across steps) run to
+  the end in one engine: their finished outputs by request id."""
+  engine = LLMEngine(EngineArgs(**TINY, num_kv_blocks=40, **engine_args))
+  for i in range(4):
+    params = SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_tokens=6, logprobs=3, ignore_eos=True)
+    prompt = [(prompt_step * i + 5 * j) % 500 + 1 for j in range(7 + length_step * i)]
+    engine.add_request(prompt, params, request_id=str(i))
+  return {o.request_id: o.outputs[0] for _ in range(100) if engine.has_unfinished_requests()
+          for o in engine.step() if o.finished}
+
+
+def _assert_same_tokens_and_logprobs(fast: dict, reference: dict) -> None:
+  assert len(fast) == 4
+  for request_id, out in fast.items():
+    assert out.token_ids == reference[request_id].token_ids
+    for a, b in zip(out.logprobs, reference[request_id].logprobs):
+      assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+
+
 def test_paged_attention_equals_the_gather_reference():
   """The fast path (kernels that read the pool through the block tables) and the readable reference (a dense copy
   of each token's context, then tinygrad's attention) give the same tokens and logprobs, with prompts chunked across
   steps, decodes and prompt chunks in one batch, and contexts of different lengths."""
-  results = {}
-  for backend in ("paged", "gather"):
-    engine = LLMEngine(EngineArgs(**TINY, num_kv_blocks=40, attention_backend=backend))
-    for i in range(4):
-      params = SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_tokens=6, logprobs=3, ignore_eos=True)
-      engine.add_request([(7 * i + 5 * j) % 500 + 1 for j in range(7 + 13 * i)], params, request_id=str(i))
-    results[backend] = {o.request_id: o.outputs[0] for _ in range(100) if engine.has_unfinished_requests()
-                        for o in engine.step() if o.finished}
-  assert len(results["paged"]) == 4
-  for request_id, fast in results["paged"].items():
-    reference = results["gather"][request_id]
-    assert fast.token_ids == reference.token_ids
-    for a, b in zip(fast.logprobs, reference.logprobs):
-      assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+  _assert_same_tokens_and_logprobs(_mixed_batch(7, 13, attention_backend="paged"),
+                                   _mixed_batch(7, 13, attention_backend="gather"))
 
 
 def test_fast_kernels_equal_the_reference_kernels():
   """The same tiny model through the fast kernels (attention straight from the pool, RoPE applied inside the KV write
   and the attention kernels, q/k/v read in place from one projection's output) and through `kernels="reference"`
   (tinygrad's plain operations: RoPE, norms and residuals of their own, a dense copy of each context): the same
-  tokens and logprobs, with prompts chunked across steps, decodes and prompt chunks in one batch, and contexts of
-  different lengths. Both load unpacked weights, so both have the same random ones."""
-  results = {}
-  for kernels in ("fast", "reference"):
-    engine = LLMEngine(EngineArgs(**TINY, num_kv_blocks=40, kernels=kernels, packed_weights=False))
-    for i in range(4):
-      params = SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_tokens=6, logprobs=3, ignore_eos=True)
-      engine.add_request([(11 * i + 3 * j) % 500 + 1 for j in range(5 + 11 * i)], params, request_id=str(i))
-    results[kernels] = {o.request_id: o.outputs[0] for _ in range(100) if engine.has_unfinished_requests()
-                        for o in engine.step() if o.finished}
-  assert len(results["fast"]) == 4
-  for request_id, fast in results["fast"].items():
-    reference = results["reference"][request_id]
-    assert fast.token_ids == reference.token_ids
-    for a, b in zip(fast.logprobs, reference.logprobs):
-      assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+  tokens and logprobs. Both load unpacked weights, so both have the same random ones."""
+  _assert_same_tokens_and_logprobs(_mixed_batch(11, 11, kernels="fast", packed_weights=False),
+                                   _mixed_batch(11, 11, kernels="reference", packed_weights=False))
 
 
 def test_reference_kernels_refuse_packed_weights_and_unknown_kernels():
