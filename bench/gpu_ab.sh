@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Paged vs gathered decode attention on a GPU (session 10): batch-1 latency of two shapes and a batch-256 decode step
+# Paged vs gathered decode attention on a GPU: batch-1 latency of two shapes and a batch-256 decode step
 # profile, each with --attention-backend paged and gather. usage (on the device machine, with .whl carried):
 #   OUT=/some/dir bash bench/gpu_ab.sh
 pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1

@@ -3,7 +3,7 @@
 # (HF transformers measured in the same call) and with flag B, batch-1 latency of two shapes with each, then a
 # per-kernel profile of A's batch-256 decode step. usage (on the device machine, with .whl carried):
 #   OUT=/some/dir bash bench/gpu_flag_ab.sh "--attention-backend paged" "--attention-backend gather"
-# (session 17 measured async scheduling with "--async-scheduling" "--no-async-scheduling")
+# (e.g. async scheduling: "--async-scheduling" "--no-async-scheduling")
 A=$1 B=$2
 pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARN | tail -1
 export PYTHONPATH=/tmp/site:$PWD DEV=CUDA PYTHONUNBUFFERED=1

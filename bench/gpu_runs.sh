@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of one device call (issues 5, 11, 14): each benchmark writes its JSON under $OUT.
+# The GPU measurements of one device call: each benchmark writes its JSON under $OUT.
 # usage (on the device machine): OUT=/some/dir bash bench/gpu_runs.sh
 set -u
 export DEV=CUDA PYTHONUNBUFFERED=1

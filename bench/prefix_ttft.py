@@ -1,5 +1,5 @@
 """Time to first token of a 1,500-token prompt whose first 1,480 tokens were served before, vs a fresh one
-(issue 4's measurement). Graphs are warmed first so neither side pays compilation. Usage: python bench/prefix_ttft.py"""
+(a long prompt whose start was served before). Graphs are warmed first so neither side pays compilation. Usage: python bench/prefix_ttft.py"""
 import json
 import sys
 import time

@@ -2,7 +2,7 @@
 and BEAM=2) and through tinyvllm's matvec kernel (model/matvec.py), fp16. Each is timed as a TinyJit chain in which
 every product adds to the previous one (so the kernels run one after another, as in a decode step) over enough
 copies of the weight to miss the L2 cache. (On a CPU `matvec.linear` is tinygrad's matmul: the last column repeats
-the first.) Session 14's H100 figures: docs/performance.md (taken with the same chains).
+the first.) The H100 figures: docs/performance.md (taken with the same chains).
 
     DEV=CUDA python bench/projection_kernels.py [rows] [matrix,matrix,...] [default,beam2,tinyvllm]
 """

@@ -1,4 +1,4 @@
-"""Start-up: seconds from `LLM(...)` to the first generated token, the measure of issues 13 and 14. Run it twice:
+"""Start-up: seconds from `LLM(...)` to the first generated token. Run it twice:
 the first run with an empty tinygrad cache is the cold start (CACHEDB=/tmp/empty.db), the second the warm one.
 
     python bench/start_time.py [engine args as key=value ...]     e.g. load_format=dummy shape=llama-1b
