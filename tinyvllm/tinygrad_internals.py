@@ -188,7 +188,8 @@ class SameBody:
     self.reuse = True
 
   def __call__(self, *args) -> Tensor:
-    inputs = dedup([u for t in get_state_dict(args, tensor_type=(Tensor, UOp)).values() if (u := t._uop).device is not None])
+    tensors = get_state_dict(args, tensor_type=(Tensor, UOp)).values()
+    inputs = dedup([u for t in tensors if (u := t._uop).device is not None])
     key = tuple((u.shape, u.dtype, u.device) for u in inputs)
     if self.reuse and self.traced.get(key, 0) >= 2: body, implicit = self.bodies[key]
     else:
