@@ -215,13 +215,24 @@ def test_bad_json_and_chat_bodies(engine):
 
 # ---- response shaping (no server) -----------------------------------------------------------------------------------
 def test_deltas_are_the_growth_of_the_text():
-  choice = Choice(0)
+  choice, tokenizer = Choice(0), object()      # (a stand-in: only logprobs would read the tokenizer)
   steps = [("Hel", [1], None), ("Hel", [1, 2], None), ("Hello", [1, 2, 3], None), ("Hello!", [1, 2, 3, 4], "stop")]
-  deltas = [choice.advance(CompletionOutput(0, text, ids, reason), None) for text, ids, reason in steps]
+  deltas = [choice.advance(CompletionOutput(0, text, ids, reason), tokenizer) for text, ids, reason in steps]
   assert [d and d.text for d in deltas] == ["Hel", None, "lo", "!"]       # a token that added no text sends nothing
   assert deltas[0].first and not deltas[2].first and deltas[3].finish_reason == "stop"
+  assert all(d is None or d.token_ids is None for d in deltas)
   assert choice.num_tokens == 4
-  assert choice.advance(CompletionOutput(0, "Hello!", [1, 2, 3, 4], "stop"), None) is None   # finished: reported once
+  assert choice.advance(CompletionOutput(0, "Hello!", [1, 2, 3, 4], "stop"), tokenizer) is None   # reported once
+
+
+def test_without_a_tokenizer_every_token_streams_as_its_id():
+  choice = Choice(0)
+  steps = [([7], None), ([7, 8, 9], None), ([7, 8, 9], None), ([7, 8, 9, 4], "length")]
+  deltas = [choice.advance(CompletionOutput(0, "", ids, reason), None) for ids, reason in steps]
+  assert [d and d.token_ids for d in deltas] == [[7], [8, 9], None, [4]]
+  chunk = CompletionFormat().chunk_choice(0, deltas[1])
+  assert chunk["token_ids"] == [8, 9] and chunk["text"] == ""
+  assert ChatFormat().chunk_choice(0, deltas[3])["token_ids"] == [4]
 
 
 def test_logprobs_in_both_formats(engine):

@@ -68,6 +68,7 @@ class Delta:
   logprob_offset: int                          # characters of token text before them (OpenAI's text_offset)
   finish_reason: str | None
   first: bool
+  token_ids: list[int] | None = None           # a model without a tokenizer has no text: its new token ids instead
 
 
 @dataclass
@@ -81,14 +82,16 @@ class Choice:
   logprob_chars: int = 0
 
   def advance(self, out: CompletionOutput, tokenizer: Tokenizer | None) -> Delta | None:
-    """What is new in `out` since the last call, or None when there is nothing to send."""
+    """What is new in `out` since the last call, or None when there is nothing to send. Without a tokenizer (random
+    weights, `--load-format dummy`) every new token is news: its id goes out, so a stream still streams."""
     if self.finish_reason is not None: return None       # with n > 1, finished choices keep being reported
     new_text = out.text[len(self.text):]
+    new_ids = out.token_ids[self.num_tokens:] if tokenizer is None else None
     new_logprobs = None if out.logprobs is None else \
       position_logprobs(tokenizer, out.token_ids[self.num_tokens:], out.logprobs[self.num_tokens:])
     self.num_tokens = len(out.token_ids)
-    if not (new_text or new_logprobs or out.finish_reason): return None
-    delta = Delta(new_text, new_logprobs, self.logprob_chars, out.finish_reason, first=not self.started)
+    if not (new_text or new_ids or new_logprobs or out.finish_reason): return None
+    delta = Delta(new_text, new_logprobs, self.logprob_chars, out.finish_reason, first=not self.started, token_ids=new_ids)
     self.text, self.finish_reason, self.started = self.text + new_text, out.finish_reason, True
     if new_logprobs is not None:
       self.logprobs = (self.logprobs or []) + new_logprobs
@@ -115,8 +118,8 @@ class CompletionFormat:
     return choice if prompt_logprobs is None else {**choice, "prompt_logprobs": prompt_logprobs}
 
   def chunk_choice(self, index: int, d: Delta) -> dict:
-    return {"index": index, "text": d.text, "logprobs": self.logprobs(d.logprobs, d.logprob_offset),
-            "finish_reason": d.finish_reason}
+    return _with_ids({"index": index, "text": d.text, "logprobs": self.logprobs(d.logprobs, d.logprob_offset),
+                      "finish_reason": d.finish_reason}, d)
 
 
 class ChatFormat:
@@ -137,7 +140,13 @@ class ChatFormat:
 
   def chunk_choice(self, index: int, d: Delta) -> dict:
     delta = {"role": "assistant", "content": d.text} if d.first else {"content": d.text}
-    return {"index": index, "delta": delta, "logprobs": self.logprobs(d.logprobs), "finish_reason": d.finish_reason}
+    return _with_ids({"index": index, "delta": delta, "logprobs": self.logprobs(d.logprobs),
+                      "finish_reason": d.finish_reason}, d)
+
+
+def _with_ids(choice: dict, d: Delta) -> dict:
+  """A streamed choice of a model without a tokenizer carries its new tokens as `token_ids` (vLLM's field name)."""
+  return choice if d.token_ids is None else {**choice, "token_ids": d.token_ids}
 
 
 ResponseFormat = CompletionFormat | ChatFormat
