@@ -69,7 +69,8 @@ def served_model_names(args: argparse.Namespace) -> list[str]:
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
-  max_in_flight = None if args.max_queue_size is None else args.max_num_seqs + args.max_queue_size
+  max_num_seqs = EngineArgs.from_cli_args(args).sized_for_device().max_num_seqs
+  max_in_flight = None if args.max_queue_size is None else max_num_seqs + args.max_queue_size
   return ServerConfig(served_model_names(args), args.api_key, max_in_flight, args.request_timeout, args.rate_limit,
                       args.max_n, args.engine_iteration_timeout, args.header_timeout, args.body_timeout,
                       args.allowed_origins, args.allowed_methods, args.allowed_headers, args.root_path,

@@ -64,6 +64,28 @@ def test_requests_that_can_never_fit_are_rejected_clearly(engine):
   with pytest.raises(ValueError, match="cannot hold one sequence"): LLMEngine(EngineArgs(**TINY, num_kv_blocks=8))
 
 
+def test_defaults_fit_the_device():
+  cpu, gpu = EngineArgs(device="CPU").sized_for_device(), EngineArgs(device="CUDA").sized_for_device()
+  assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (64, 256)
+  assert (gpu.max_num_seqs, gpu.max_num_batched_tokens) == (256, 2048)
+  assert EngineArgs(device="CUDA", max_num_seqs=8).sized_for_device().max_num_seqs == 8      # set: kept
+  GiB = 2**30      # a GPU's pool takes what gpu_memory_utilization leaves of its memory after weights and scratch
+  assert EngineArgs().kv_cache_bytes((70 * GiB, 80 * GiB), scratch=2 * GiB) == 0.9 * 80 * GiB - 10 * GiB - 2 * GiB
+  assert EngineArgs(gpu_memory_utilization=0.5).kv_cache_bytes((70 * GiB, 80 * GiB), 2 * GiB) == 28 * GiB
+  assert EngineArgs(kv_cache_memory_gb=3).kv_cache_bytes((70 * GiB, 80 * GiB), 2 * GiB) == 3 * GiB
+  assert EngineArgs().kv_cache_bytes(None, 2 * GiB) == GiB                                    # a CPU
+  with pytest.raises(ValueError, match="gpu_memory_utilization"):
+    EngineArgs(gpu_memory_utilization=1.5).kv_cache_bytes((70 * GiB, 80 * GiB), 0)
+
+
+def test_unset_max_model_len_is_what_the_pool_holds():
+  args = {**TINY, "max_model_len": None}      # the tiny shape's context: 1,024 positions, more than 16 blocks of 4
+  engine = LLMEngine(EngineArgs(**args, num_kv_blocks=17))
+  assert engine.max_model_len == 16 * 4
+  with pytest.raises(ValueError, match="cannot hold one sequence"):
+    LLMEngine(EngineArgs(**{**args, "max_model_len": 128}, num_kv_blocks=17))     # asked for: refused, not shrunk
+
+
 def generate(engine: LLMEngine, prompt: list[int], params: SamplingParams):
   engine.add_request(prompt, params, request_id="one")
   while engine.has_unfinished_requests():

@@ -51,7 +51,7 @@ class DiffusionRequest:
 class DiffusionEngine:
   def __init__(self, args: EngineArgs):
     t0 = time.perf_counter()
-    self.args = args
+    self.args = args = args.sized_for_device()
     if args.tensor_parallel_size > 1: raise ValueError("diffusion models run on one device: tensor_parallel_size=1")
     path = DEFAULT_DIFFUSION_MODEL if args.model in (None, *DIFFUSION_ALIASES) else resolve(args.model)
     self.model, self.tokenizer = load_diffusion_model(path, args.compute_dtype())

@@ -37,11 +37,11 @@ from tinyvllm.interface import CompletionOutput, Engine, EngineStats, Request, R
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
 from tinyvllm.model.tokenizer import Tokenizer
-from tinyvllm.model_runner import ModelRunner, PreparedStep, Sampled, StepResult
+from tinyvllm.model_runner import ModelRunner, PreparedStep, Sampled, StepResult, scratch_bytes
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.scheduler import Scheduler
 from tinyvllm.sequence import Sequence
-from tinyvllm.tinygrad_internals import keep_lowered_kernels_on_disk, speed_up_capture
+from tinyvllm.tinygrad_internals import device_memory, keep_lowered_kernels_on_disk, speed_up_capture
 
 log = logging.getLogger("tinyvllm.engine")
 
@@ -60,7 +60,7 @@ def tokenize_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_
 
 class LLMEngine:
   def __init__(self, args: EngineArgs):
-    self.args = args
+    self.args = args = args.sized_for_device()
     if args.device: DEV.value = Target(device=Device.canonicalize(args.device))   # tinygrad's default from now on
     keep_lowered_kernels_on_disk()
     speed_up_capture()
@@ -75,6 +75,9 @@ class LLMEngine:
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     num_blocks = args.num_kv_blocks or self._blocks_for_budget(cfg)
+    if args.max_model_len is None and (num_blocks - 1) * args.block_size < self.max_model_len:
+      self.max_model_len = (num_blocks - 1) * args.block_size        # unset: as long as the pool holds
+      log.warning(f"max_model_len {self.max_model_len}: what the KV pool holds, less than the model's context")
     if (num_blocks - 1) * args.block_size < self.max_model_len:
       raise ValueError(f"the KV pool ({num_blocks - 1} blocks × {args.block_size} tokens) cannot hold one sequence "
                        f"of max_model_len={self.max_model_len}: raise num_kv_blocks/kv_cache_memory_gb or lower "
@@ -95,7 +98,8 @@ class LLMEngine:
     kv_heads_per_device = cfg.num_kv_heads // self.args.tensor_parallel_size
     bytes_per_block = 2 * cfg.num_layers * self.args.block_size * kv_heads_per_device * cfg.head_dim * \
       self.args.compute_dtype().itemsize
-    budget_blocks = int(self.args.kv_cache_memory_gb * 2**30 // bytes_per_block)
+    scratch = scratch_bytes(cfg, self.args.max_num_batched_tokens, self.args.compute_dtype())
+    budget_blocks = self.args.kv_cache_bytes(device_memory(self.args.devices()[0]), scratch) // bytes_per_block
     # never more than every sequence at full length could use
     return 1 + min(budget_blocks, self.args.max_num_seqs * -(-self.max_model_len // self.args.block_size))
 

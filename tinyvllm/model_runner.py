@@ -116,6 +116,15 @@ def _rows_bucket(n: int) -> int:
   return 1 << -(-(n - 1).bit_length() // 2) * 2
 
 
+def scratch_bytes(cfg, max_num_batched_tokens: int, dtype) -> int:
+  """A generous estimate of the device memory the graphs take besides the weights and the KV pool, which a GPU's
+  pool leaves free: each model graph's activations for its T tokens (the T of all graphs sum to twice the largest)
+  and the float32 logits, with their log-softmax, of the prompt-logprobs graph's every position."""
+  T = bucket(max_num_batched_tokens)
+  per_token = (3 * cfg.intermediate_size + 4 * cfg.hidden_size + 2 * cfg.num_heads * cfg.head_dim) * dtype.itemsize
+  return 2 * T * per_token + 2 * T * cfg.vocab_size * 4
+
+
 def _starts(shape: ModelShape) -> list[int]:
   """Where a model graph's int inputs start in its buffer: tokens, positions, slots, rows, logits index, tables."""
   return list(itertools.accumulate((_aligned(n) for n in (shape.T,) * 4 + (shape.R,)), initial=0))

@@ -6,6 +6,7 @@
     graph capture             SameBody (each decoder layer traced once); tinygrad's `function` and cost estimates
                               made linear instead of quadratic
     data-parallel ranks       wait_without_spinning: tinygrad's device thread gets the core it waits for
+    device memory             device_memory: a GPU's free and total bytes, which size the KV pool
 
 ## Host <-> device copies
 
@@ -57,6 +58,7 @@ set, numbered in the same order.
 """
 from __future__ import annotations
 import collections
+import ctypes
 import functools
 import hashlib
 import importlib
@@ -230,3 +232,20 @@ def wait_without_spinning() -> None:
   def wait_sleeping(self, signal, value: int, timeout: int | None = None) -> None:
     while signal[0] < value: time.sleep(POLL_SECONDS)
   HCQ2Compiled._wait_signal = wait_sleeping
+
+
+# ---- device memory -------------------------------------------------------------------------------------------------
+
+def device_memory(device: str) -> tuple[int, int] | None:
+  """(free, total) bytes of a GPU's memory, asked of its driver (tinygrad has no public call for it); None where the
+  backend does not say (a CPU: its KV pool has a fixed budget, RAM is shared with everything else)."""
+  kind, dev = device.split(":")[0], Device[device]
+  if kind == "CUDA":
+    from tinygrad.runtime.autogen import cuda
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    cuda.cuCtxSetCurrent(dev.context)
+    return (free.value, total.value) if cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0 else None
+  if kind == "METAL":      # unified memory: the share the OS lets the GPU keep resident
+    total = dev.sysdevice.recommendedMaxWorkingSetSize()
+    return total - dev.sysdevice.currentAllocatedSize(), total
+  return None
