@@ -11,7 +11,7 @@
 Every engine argument is an option (--load-format dummy --shape llama-1b: random weights, no files); --max-model-len
 defaults to the longest sequence the workload makes. `--compare` adds peers measured right after tinyvllm on the same
 machine and prints tinyvllm/peer ratios; `--json FILE` writes every number with the configuration and machine facts.
-Metric definitions: tinyvllm/benchmark/metrics.py.
+Metric definitions: tinyvllm/benchmarks/metrics.py.
 
   python bench.py latency --input-len 128 --output-len 32 --compare llama.cpp tinygrad.llm --llama-cpp-bin BIN
   python bench.py throughput --load-format dummy --shape llama-1b --num-prompts 256 --json out.json
@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from tinyvllm.benchmark import commands
-from tinyvllm.benchmark.report import describe_workload, table, write_json
-from tinyvllm.benchmark.workloads import SAMPLING_MIXES
-from tinyvllm.config import EngineArgs
+from tinyvllm.benchmarks import commands
+from tinyvllm.benchmarks.report import describe_workload, table, write_json
+from tinyvllm.benchmarks.workloads import SAMPLING_MIXES
+from tinyvllm.engine_args import EngineArgs
 
 
 def common_parser() -> argparse.ArgumentParser:

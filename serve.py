@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from tinyvllm.config import EngineArgs
+from tinyvllm.engine_args import EngineArgs
 from tinyvllm.async_engine import AsyncLLMEngine
 from tinyvllm.llm import create_engine
 from tinyvllm.model.loader import DEFAULT_MODEL_FILE

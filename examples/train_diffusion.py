@@ -1,4 +1,4 @@
-"""Train the small LLaDA-architecture model that tinyvllm ships (tinyvllm/models/llada-django).
+"""Train the small LLaDA-architecture model that tinyvllm ships (tinyvllm/diffusion/llada-django).
 
 The masked-diffusion objective (LLaDA, eq. 3): for each training window draw t ~ U(eps, 1), replace every token by
 [MASK] with probability t, and train the network to predict the masked tokens from everything else (attention is
@@ -303,7 +303,7 @@ def check(a: argparse.Namespace) -> None:
   difference, on validation windows with a masking ratio of 0.5."""
   import torch
   from tinygrad import Tensor
-  from tinyvllm.model.llada import load_diffusion_model
+  from tinyvllm.diffusion.llada import load_diffusion_model
   config = json.loads((a.model / "config.json").read_text())
   net = build_network(config)
   net.load_state_dict(read_weights(a.model, torch))

@@ -1,4 +1,4 @@
-"""Tests for bench.py and tinyvllm.benchmark: the metric definitions on made-up timestamps, the workloads, the
+"""Tests for bench.py and tinyvllm.benchmarks: the metric definitions on made-up timestamps, the workloads, the
 streaming client against a fake server with known chunks, the peers' output parsers, and a smoke run of every
 subcommand on a tiny random model."""
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aiohttp import web
-from tinyvllm.benchmark import commands, peers, serving
-from tinyvllm.benchmark.metrics import RequestTiming, distribution, latency_metrics, serving_metrics
-from tinyvllm.benchmark.report import describe_workload, lookup, ratios, table
-from tinyvllm.benchmark.workloads import chat_requests, random_requests, shared_prefix_requests, summary
+from tinyvllm.benchmarks import commands, peers, serving
+from tinyvllm.benchmarks.metrics import RequestTiming, distribution, latency_metrics, serving_metrics
+from tinyvllm.benchmarks.report import describe_workload, lookup, ratios, table
+from tinyvllm.benchmarks.workloads import chat_requests, random_requests, shared_prefix_requests, summary
 from tinyvllm.sampling_params import SamplingParams
-from tinyvllm.config import SHAPES, EngineArgs
+from tinyvllm.engine_args import SHAPES, EngineArgs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,7 +266,7 @@ def test_smoke(bench, argv, tmp_path, capsys):
 def test_smoke_serve(bench, monkeypatch, tmp_path, capsys):
   """`serve` starts `python serve.py --load-format dummy --shape tiny` and streams from it; the server process
   registers the tiny shape before serve.py runs."""
-  shim = f"import runpy, sys; from tinyvllm.config import SHAPES; SHAPES['tiny'] = {TINY!r}; " \
+  shim = f"import runpy, sys; from tinyvllm.engine_args import SHAPES; SHAPES['tiny'] = {TINY!r}; " \
          "sys.argv = sys.argv[1:]; runpy.run_path('serve.py', run_name='__main__')"
   real_command = serving.serve_command
   monkeypatch.setattr(serving, "serve_command", lambda *a: [sys.executable, "-c", shim, *real_command(*a)[1:]])
@@ -295,8 +295,8 @@ def tiny_llada(tmp_path_factory) -> Path:
   """A random LLaDA checkpoint with the shipped model's layout and tokenizer, one layer of width 32."""
   from safetensors.numpy import save_file
   from tinygrad.nn.state import get_state_dict
-  from tinyvllm.diffusion_engine import DEFAULT_DIFFUSION_MODEL
-  from tinyvllm.model.llada import DiffusionConfig, MaskedDiffusionLM, to_llada_layout
+  from tinyvllm.diffusion.engine import DEFAULT_DIFFUSION_MODEL
+  from tinyvllm.diffusion.llada import DiffusionConfig, MaskedDiffusionLM, to_llada_layout
   path = tmp_path_factory.mktemp("tiny-llada")
   config = json.loads((DEFAULT_DIFFUSION_MODEL / "config.json").read_text()) | \
     dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden_size=64)

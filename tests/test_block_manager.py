@@ -1,9 +1,9 @@
 """The block manager's contract: incremental allocation, reference counts, and nothing ever lost."""
 import random
 import pytest
-from tinyvllm.block_manager import BlockManager, NULL_BLOCK
+from tinyvllm.engine.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.sampling_params import SamplingParams
-from tinyvllm.sequence import Sequence
+from tinyvllm.engine.sequence import Sequence
 
 
 def seq(n_tokens: int = 1) -> Sequence: return Sequence("r", list(range(n_tokens)), SamplingParams())

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 from tinyvllm import EngineArgs, LLMEngine, SamplingParams
-from tinyvllm.data_parallel import DataParallelEngine
-from tinyvllm.interface import Engine
+from tinyvllm.parallel.data_parallel import DataParallelEngine
+from tinyvllm.engine.protocol import Engine
 from tinyvllm.llm import create_engine
 
 TINY = dict(load_format="dummy", shape="tiny", block_size=4, max_model_len=64, max_num_batched_tokens=32,
@@ -42,7 +42,7 @@ def test_two_ranks_give_each_request_the_tokens_of_one_engine(dp):
   requests["sampled"] = (prompt(), SamplingParams(temperature=0.8, seed=3, max_tokens=8, ignore_eos=True))
   requests["n=2"] = (prompt(), SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True))
   expected = run(LLMEngine(EngineArgs(**TINY)), requests)
-  assert isinstance(dp, Engine)                                # what the server needs of an engine (interface.py)
+  assert isinstance(dp, Engine)                                # what the server needs of an engine (engine/protocol.py)
   for request_id, (prompt_ids, params) in requests.items(): dp.add_request(prompt_ids, params, request_id)
   assert all(rank.live for rank in dp.ranks)                  # both ranks were given requests
   assert run(dp, {}) == expected
@@ -69,7 +69,7 @@ def test_abort_reaches_the_rank_and_nothing_more_comes_back(dp):
 
 
 def test_requests_reach_their_ranks_together_at_the_next_step(dp):
-  """Sent with the step, all of them at once, so a rank schedules them as one engine would (data_parallel.py); one
+  """Sent with the step, all of them at once, so a rank schedules them as one engine would (parallel/data_parallel.py); one
   aborted before that step never reaches its rank."""
   for i in range(4): dp.add_request([1, 2, 3 + i], SamplingParams(max_tokens=3, ignore_eos=True), request_id=f"r{i}")
   dp.abort_request("r3")

@@ -1,11 +1,11 @@
 """Streamed text only grows, never shows half a character or half a stop string (SmolLM2's real tokenizer)."""
 import pytest
-from tinyvllm.detokenizer import update_text
-from tinyvllm.model.gguf import read_gguf_metadata
+from tinyvllm.formats.detokenizer import update_text
+from tinyvllm.formats.gguf import read_gguf_metadata
 from tinyvllm.model.loader import default_model_path
-from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.sampling_params import SamplingParams
-from tinyvllm.sequence import Sequence
+from tinyvllm.engine.sequence import Sequence
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import pytest
 from tinygrad import Tensor, dtypes
-from tinyvllm.benchmark.diffusion import log_likelihood
-from tinyvllm.config import EngineArgs
-from tinyvllm.diffusion import Denoiser, DiffusionParams, denoise_step, generate
-from tinyvllm.diffusion_engine import DEFAULT_DIFFUSION_MODEL, DiffusionEngine, wants_diffusion
-from tinyvllm.interface import Engine
-from tinyvllm.model.llada import MaskedDiffusionLM, is_diffusion_checkpoint, load_diffusion_model
+from tinyvllm.benchmarks.diffusion import log_likelihood
+from tinyvllm.engine_args import EngineArgs
+from tinyvllm.diffusion.sampler import Denoiser, DiffusionParams, denoise_step, generate
+from tinyvllm.diffusion.engine import DEFAULT_DIFFUSION_MODEL, DiffusionEngine, wants_diffusion
+from tinyvllm.engine.protocol import Engine
+from tinyvllm.diffusion.llada import MaskedDiffusionLM, is_diffusion_checkpoint, load_diffusion_model
 from tinyvllm.sampling_params import SamplingParams
 
 VOCAB, MASK = 4096, 3                      # the shipped tokenizer's size and its <|mdm_mask|> id
@@ -207,7 +207,7 @@ def test_engine_batches_requests_and_streams_blocks(tiny_dir, tiny):
     params.append(sp)
   ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
   assert (engine.stats().running, engine.stats().waiting) == (2, 0)       # what the server's /metrics shows
-  assert isinstance(engine, Engine)                     # everything else the server needs of an engine (interface.py)
+  assert isinstance(engine, Engine)                     # everything else the server needs of an engine (engine/protocol.py)
   streamed: dict[str, list] = {i: [] for i in ids}
   steps = 0
   while engine.has_unfinished_requests():

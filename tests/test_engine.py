@@ -132,7 +132,7 @@ def test_beam_searches_decode_sized_graphs_only(monkeypatch):
   with a long prompt chunk compiles without it. The compile context is recorded instead of entered, so no search
   runs here."""
   import contextlib
-  import tinyvllm.model_runner as model_runner
+  import tinyvllm.runner.model_runner as model_runner
   seen: list[dict] = []
   monkeypatch.setattr(model_runner, "Context", lambda **options: seen.append(options) or contextlib.nullcontext())
   engine = LLMEngine(EngineArgs(**TINY, beam=2))

@@ -1,4 +1,4 @@
-"""Tests for tinyvllm.model.gguf (GGUF reading, dequantization, HF mapping) and the converter.
+"""Tests for tinyvllm.formats.gguf (GGUF reading, dequantization, HF mapping) and the converter.
 
 Reference data in tests/data was made by llama.cpp's `gguf` package (see
 make_gguf_vectors.py); the real-model tests use the SmolLM2-135M Q4_1 GGUF that the
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tinyvllm.model.convert import main as convert_main
-from tinyvllm.model.gguf import (
+from tinyvllm.formats.convert import main as convert_main
+from tinyvllm.formats.gguf import (
     SUPPORTED_TYPES,
     GGUFError,
     GGUFTensor,

@@ -1,14 +1,14 @@
-"""The engine interface (interface.py): LLMEngine, DiffusionEngine and DataParallelEngine each have every method of
+"""The engine interface (engine/protocol.py): LLMEngine, DiffusionEngine and DataParallelEngine each have every method of
 the `Engine` protocol, with the protocol's parameters. Checked on the classes, so nothing is loaded here; the
 attributes, set when an engine is built, are checked on the engines that test_server.py, test_diffusion.py and
 test_data_parallel.py build (`isinstance(engine, Engine)`)."""
 from __future__ import annotations
 import inspect
 import pytest
-from tinyvllm.data_parallel import DataParallelEngine
-from tinyvllm.diffusion_engine import DiffusionEngine
-from tinyvllm.engine import LLMEngine
-from tinyvllm.interface import Engine, Request
+from tinyvllm.parallel.data_parallel import DataParallelEngine
+from tinyvllm.diffusion.engine import DiffusionEngine
+from tinyvllm.engine.engine import LLMEngine
+from tinyvllm.engine.protocol import Engine, Request
 from tinyvllm.sampling_params import SamplingParams
 
 METHODS = sorted(name for name, member in vars(Engine).items() if inspect.isfunction(member) and not name.startswith("_"))

@@ -1,4 +1,4 @@
-"""The matvec kernel (GPUs' one-row projections, model/matvec.py) against numpy: the plain product, with the RMSNorm
+"""The matvec kernel (GPUs' one-row projections, kernels/matvec.py) against numpy: the plain product, with the RMSNorm
 taken inside, with the residual added, with a bias; and a whole model decoding through it. On a CPU it is run
 untiled (the tiling needs thread blocks); a GPU runs it tiled (`DEV=CUDA pytest tests/test_matvec.py`)."""
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.nn import RMSNorm
 from tinyvllm import LLM, SamplingParams
-from tinyvllm.model import matvec
-from tinyvllm.model.linear import linear
+from tinyvllm.kernels import matvec
+from tinyvllm.kernels.linear import linear
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def test_prompt_longer_than_context_is_rejected(smollm2):
 def test_hugging_face_directory_of_the_same_weights_gives_the_same_tokens(tmp_path_factory, reference):
   """The safetensors loading path, on the real weights: convert the GGUF, load the directory, decode greedily."""
   from tinyvllm import LLM
-  from tinyvllm.model.convert import convert
+  from tinyvllm.formats.convert import convert
   from tinyvllm.model.loader import default_model_path
   out = tmp_path_factory.mktemp("smollm2-hf")
   convert(default_model_path(), out, max_shard_size=200 * 2**20)   # two shards + index

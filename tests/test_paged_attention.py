@@ -11,7 +11,7 @@ import pytest
 from tinygrad import Context, Device, Tensor
 from tinygrad import dtypes
 from tinyvllm.model.llama import apply_rope
-from tinyvllm.model.paged_attention import BlockTables, NewKV, attention, context_blocks, paged_attention, write_and_gather
+from tinyvllm.kernels.paged_attention import BlockTables, NewKV, attention, context_blocks, paged_attention, write_and_gather
 
 ON_GPU = Device[Device.DEFAULT].renderer.has_local
 
@@ -79,8 +79,8 @@ def test_store_kv_rotates_k_and_reads_it_in_place_from_a_fused_projection(kernel
   and nothing anywhere else. The fast way is one kernel, reading k and v where they are and rotating K on the way;
   the reference rotates K with tinygrad's operations first, a kernel of its own."""
   from tinygrad import GlobalCounters
-  from tinyvllm.model.linear import use_kernels
-  from tinyvllm.model.paged_attention import rope as rotated, store_kv
+  from tinyvllm.kernels.linear import use_kernels
+  from tinyvllm.kernels.paged_attention import rope as rotated, store_kv
   rng = np.random.default_rng(1)
   T, H, KVH, D, num_slots = 3, 4, 2, 16, 10
   qkv = rng.normal(0, 1, (T, (H + 2 * KVH) * D)).astype(np.float32)

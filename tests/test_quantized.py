@@ -4,10 +4,10 @@ the real SmolLM2 matrices. (Greedy tokens of the packed model against Hugging Fa
 import numpy as np
 import pytest
 from tinygrad import Tensor
-from tinyvllm.model.gguf import GGUFTensor, read_gguf
+from tinyvllm.formats.gguf import GGUFTensor, read_gguf
 from tinyvllm.model.loader import default_model_path, stack_checkpoint
-from tinyvllm.model import quantized
-from tinyvllm.model.quantized import PackedWeight, packed_matmul
+from tinyvllm.kernels import quantized
+from tinyvllm.kernels.quantized import PackedWeight, packed_matmul
 
 TYPES = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}   # GGML type id, bytes per block of 32
 

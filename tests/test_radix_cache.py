@@ -3,9 +3,9 @@ leaves, exactly as many as asked, never a block in use), and that the tree and t
 who owns a block or how many could be evicted."""
 import random
 from collections import Counter
-from tinyvllm.block_manager import BlockManager
+from tinyvllm.engine.block_manager import BlockManager
 from tinyvllm.sampling_params import SamplingParams
-from tinyvllm.sequence import Sequence
+from tinyvllm.engine.sequence import Sequence
 
 BS = 4
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 from tinygrad import Tensor
-from tinyvllm.sampler import FILTERS, MAX_LOGPROBS, _argmax, _kept, plan_and_pack, plans, sample, unpack
+from tinyvllm.runner.sampler import FILTERS, MAX_LOGPROBS, _argmax, _kept, plan_and_pack, plans, sample, unpack
 from tinyvllm.sampling_params import SamplingParams
-from tinyvllm.sequence import Sequence
+from tinyvllm.engine.sequence import Sequence
 
 V = 12
 LOGITS = np.random.default_rng(0).normal(0, 1.5, V).astype(np.float32)

@@ -1,8 +1,8 @@
 """The scheduler's policy, on plain integers: decodes first, chunked prefill, preemption, continuous batching."""
-from tinyvllm.block_manager import BlockManager
+from tinyvllm.engine.block_manager import BlockManager
 from tinyvllm.sampling_params import SamplingParams
-from tinyvllm.scheduler import Scheduler
-from tinyvllm.sequence import Sequence, SequenceStatus
+from tinyvllm.engine.scheduler import Scheduler
+from tinyvllm.engine.sequence import Sequence, SequenceStatus
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, budget=16, chunked=True):

@@ -33,13 +33,13 @@ import openai
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from tinyvllm.config import SHAPES, EngineArgs
+from tinyvllm.engine_args import SHAPES, EngineArgs
 from tinyvllm.async_engine import AsyncLLMEngine
-from tinyvllm.engine import CompletionOutput, LLMEngine, RequestOutput
-from tinyvllm.interface import Engine, EngineStats
-from tinyvllm.model.gguf import read_gguf_metadata
+from tinyvllm.engine.engine import CompletionOutput, LLMEngine, RequestOutput
+from tinyvllm.engine.protocol import Engine, EngineStats
+from tinyvllm.formats.gguf import read_gguf_metadata
 from tinyvllm.model.loader import default_model_path
-from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.server import OpenAIServer, ServerConfig, serve, start
 from tinyvllm.server.limits import RateLimiter
@@ -152,7 +152,7 @@ def client(live: LiveServer) -> openai.OpenAI: return live.client()
 
 # ---- request parsing (no server) ------------------------------------------------------------------------------------
 def test_the_engine_has_what_the_server_needs(engine):
-  assert isinstance(engine.engine, Engine)                      # interface.py; test_interface.py checks the methods
+  assert isinstance(engine.engine, Engine)                      # engine/protocol.py; test_interface.py checks the methods
 
 
 def test_completion_body_maps_onto_sampling_params(engine):

@@ -1,4 +1,4 @@
-"""The tensor-core kernel (GPUs' many-row projections, model/tensor_core.py): its sums against numpy, whole and split
+"""The tensor-core kernel (GPUs' many-row projections, kernels/tensor_core.py): its sums against numpy, whole and split
 along K, one step of K and many; the tilings it picks; and on a GPU, a whole model's logprobs through it.
 
 A CPU has no mma instruction: there the kernel runs on tinygrad's CUDA emulator (the PYTHON device as an sm_80,
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from tinygrad import Context, Device, Tensor, dtypes
 from tinyvllm import LLM, SamplingParams
-from tinyvllm.model import tensor_core
-from tinyvllm.model.linear import linear
-from tinyvllm.model.tensor_core import Tiling
+from tinyvllm.kernels import tensor_core
+from tinyvllm.kernels.linear import linear
+from tinyvllm.kernels.tensor_core import Tiling
 
 ON_GPU = Device[Device.DEFAULT].renderer.has_local
 

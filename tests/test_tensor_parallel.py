@@ -1,4 +1,4 @@
-"""Tensor parallelism (model/tensor_parallel.py) on several CPU devices ("CPU", "CPU:1", ...): a model split N ways
+"""Tensor parallelism (parallel/tensor_parallel.py) on several CPU devices ("CPU", "CPU:1", ...): a model split N ways
 computes what the unsplit model computes, so it decodes the same greedy tokens with the same logprobs."""
 import pytest
 from tinyvllm import LLM, EngineArgs, SamplingParams
@@ -13,7 +13,7 @@ BLOCK_BYTES = 2 * 2 * 4 * 2 * 16 * EngineArgs(**TINY).compute_dtype().itemsize
 
 @pytest.mark.parametrize("packed", [False, True], ids=["float", "packed-q4_1"])
 def test_two_way_split_of_the_tiny_model_gives_the_same_tokens_and_logprobs(packed):
-  """Float weights, and packed ones (quantized.py: each device runs the packed matmul kernel on its share of the
+  """Float weights, and packed ones (kernels/quantized.py: each device runs the packed matmul kernel on its share of the
   rows, or of the blocks, summing the partial outputs across devices)."""
   prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 1 for j in range(n)]} for i, n in enumerate((3, 21))]
   params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=2) for n in (7, 5)]

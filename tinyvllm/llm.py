@@ -1,11 +1,11 @@
 """The offline API, named as in vLLM: `LLM(model).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 import dataclasses
-from tinyvllm.config import EngineArgs
-from tinyvllm.data_parallel import DataParallelEngine
-from tinyvllm.diffusion_engine import DiffusionEngine, wants_diffusion
-from tinyvllm.engine import LLMEngine, RequestOutput
-from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.engine_args import EngineArgs
+from tinyvllm.parallel.data_parallel import DataParallelEngine
+from tinyvllm.diffusion.engine import DiffusionEngine, wants_diffusion
+from tinyvllm.engine.engine import LLMEngine, RequestOutput
+from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.sampling_params import SamplingParams
 
 Prompt = str | dict     # a string, or {"prompt_token_ids": [...]}

@@ -55,7 +55,7 @@ class SamplingParams:
   prompt_logprobs: int | None = None          # the prompt's own tokens' logprobs (+ top-N) at each prompt position
   output_kind: str = "cumulative"             # what each step's RequestOutput holds: "cumulative" (all so far),
                                               # "delta" (what is new) or "final_only" (one output, at the end)
-  # diffusion LLMs only (see diffusion.py); max_tokens is the generated length
+  # diffusion LLMs only (see diffusion/sampler.py); max_tokens is the generated length
   diffusion_steps: int | None = None          # denoising steps in all; None: one per generated token
   block_length: int | None = None             # tokens generated per semi-autoregressive block; None: min(32, max_tokens)
   remasking: str = "low_confidence"           # which masked positions to commit each step: "low_confidence" | "random"

@@ -10,12 +10,13 @@
 - Grouped-query attention (GQA): several query heads share one K/V head, shrinking the KV cache by that factor.
 - SwiGLU: down(silu(gate(x)) * up(x)).
 - q/k/v and gate/up are each one projection (`fuse_projections`; the loader stacks their matrices): one matmul
-  kernel reads x once instead of three or two times. A model split across devices (tensor_parallel.py) stays unfused.
+  kernel reads x once instead of three or two times. A model split across devices (parallel/tensor_parallel.py) stays
+  unfused.
 
 Each step of a layer is one call, in the order above, and the kernel that runs it is chosen where it is defined,
-not here: the projections in linear.py (a GPU's matvec kernel takes the norm before it and the residual after it
+not here: the projections in kernels/linear.py (a GPU's matvec kernel takes the norm before it and the residual after it
 into the kernel that streams W; `norm(x)` is therefore a lazy `Normed`), RoPE, the KV write and attention in
-paged_attention.py (`rope` leaves the rotation to the kernel that reads q or K). With `kernels="reference"`
+kernels/paged_attention.py (`rope` leaves the rotation to the kernel that reads q or K). With `kernels="reference"`
 (`--kernels reference`) the same code runs on tinygrad's plain operations: what the fast kernels are tested against.
 
 Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`), so a safetensors checkpoint loads
@@ -26,17 +27,17 @@ import math
 import numpy as np
 from tinygrad import Tensor, dtypes, nn
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.model.linear import Normed, RMSNorm, linear, use_kernels
-from tinyvllm.model.paged_attention import BlockTables, attend, rope, store_kv
-from tinyvllm.model.paged_attention import apply_rope  # noqa: F401  (llada.py's attention rotates with it too)
-from tinyvllm.model.quantized import PackedLinear, PackedWeight
+from tinyvllm.kernels.linear import Normed, RMSNorm, linear, use_kernels
+from tinyvllm.kernels.paged_attention import BlockTables, attend, rope, store_kv
+from tinyvllm.kernels.paged_attention import apply_rope  # noqa: F401  (diffusion/llada.py rotates with it too)
+from tinyvllm.kernels.quantized import PackedLinear, PackedWeight
 from tinyvllm.tinygrad_internals import SameBody, to_device
 
 
 class Linear(nn.Linear):
   """nn.Linear whose weights are placeholders until the loader fills them: nn.Linear's random initialisation would
   build a graph for every matrix only to throw it away (1.6 s of a CPU start for SmolLM2). Called as `proj(x)`,
-  `proj(norm(x))` or `proj(x, residual=r)` (r + proj(x)): linear.py picks the kernel."""
+  `proj(norm(x))` or `proj(x, residual=r)` (r + proj(x)): kernels/linear.py picks the kernel."""
   def __init__(self, in_features: int, out_features: int, bias: bool = True):
     self.weight = Tensor.empty(out_features, in_features)
     self.bias = Tensor.empty(out_features) if bias else None
@@ -165,7 +166,7 @@ class LlamaForCausalLM:
     if not cfg.tie_word_embeddings: self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
     angles = np.outer(np.arange(cfg.max_position_embeddings), rope_frequencies(cfg))
     self.rope_cos, self.rope_sin = to_device(np.cos(angles).astype(np.float32)), to_device(np.sin(angles).astype(np.float32))
-    self.kernels = "fast"     # or "reference": tinygrad's plain operations throughout (linear.py)
+    self.kernels = "fast"     # or "reference": tinygrad's plain operations throughout (kernels/linear.py)
 
   def fuse_projections(self) -> None:
     """Replace q/k/v and gate/up of every layer by one projection each, `qkv_proj` and `gate_up_proj`, before the

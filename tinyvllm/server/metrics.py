@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
-from tinyvllm.interface import EngineStats
+from tinyvllm.engine.protocol import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

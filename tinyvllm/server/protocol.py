@@ -25,7 +25,7 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any
-from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, SamplingParams
 
 MAX_JSON_DEPTH = 32

@@ -12,7 +12,7 @@ stream with a literal `[DONE]`:
 
 The engine reports each choice's whole text so far; a chunk carries only what is new since the previous one (the
 *delta*). That text only ever grows at its end: the engine holds back half a UTF-8 character and the possible start
-of a stop string until they are resolved (see tinyvllm/detokenizer.py), so a delta never has to be taken back.
+of a stop string until they are resolved (see tinyvllm/formats/detokenizer.py), so a delta never has to be taken back.
 
 Both endpoints share all of this; `CompletionFormat` and `ChatFormat` differ only in how a choice is wrapped
 (`"text"` versus `"message"`/`"delta"`) and how log-probabilities are laid out.
@@ -20,8 +20,8 @@ Both endpoints share all of this; `CompletionFormat` and `ChatFormat` differ onl
 from __future__ import annotations
 import time
 from dataclasses import dataclass, field
-from tinyvllm.interface import CompletionOutput, RequestOutput
-from tinyvllm.model.tokenizer import Tokenizer
+from tinyvllm.engine.protocol import CompletionOutput, RequestOutput
+from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.server.protocol import GenerationRequest
 
 # ---- log-probabilities ----------------------------------------------------------------------------------------------

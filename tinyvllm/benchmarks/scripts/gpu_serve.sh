@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Real traffic on a GPU, in one device call, with no tuning flags (random Llama-1B weights): the start of an engine
+# with an empty kernel cache and again with the cache it left (load + every graph captured, the device memory in use
+# after); then `bench.py serve` starts a fresh server and sends it 100 requests at 20 requests/s (Poisson), prompts
+# 128-384 tokens, outputs 64-192, mixed sampling, with the offline throughput of the same requests in this process;
+# then the same requests all at once.
+#   OUT=/some/dir bash tinyvllm/benchmarks/scripts/gpu_serve.sh  (on the device machine, with .whl carried)
+pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARN | tail -1
+export PYTHONPATH=/tmp/site:$PWD DEV=CUDA PYTHONUNBUFFERED=1 CACHEDB=/tmp/serve-cache.db
+rm -f $CACHEDB
+SHAPE="--load-format dummy --shape llama-1b"
+for start in cold warm; do
+  echo "=== $start start"
+  timeout 200 python - <<'PY' 2>&1 | grep -v "^\s*$" | tail -4
+import time
+t0 = time.perf_counter()
+from tinyvllm import EngineArgs, LLMEngine
+from tinyvllm.tinygrad_internals import device_memory
+engine = LLMEngine(EngineArgs(load_format="dummy", shape="llama-1b"))
+loaded = time.perf_counter()
+engine.warmup()
+free, total = device_memory(engine.args.devices()[0])
+print(f"load {loaded - t0:.1f} s (import included), {engine.stats().graph_builds} graphs captured in "
+      f"{time.perf_counter() - loaded:.1f} s, ready after {time.perf_counter() - t0:.1f} s; max_model_len "
+      f"{engine.max_model_len}, {engine.block_manager.num_usable_blocks} KV blocks, device memory in use "
+      f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB")
+PY
+done
+for rate in 20 inf; do
+  echo "=== serve, request rate $rate, a freshly ready server"
+  timeout 300 python bench.py serve $SHAPE --num-prompts 100 --random-input-len 256 --random-output-len 128 \
+    --random-range-ratio 0.5 --request-rate $rate --warmup 0 --json "$OUT/gpu-h100-llama-1b-dummy-serve-rate$rate.json" \
+    2>&1 | grep -v "^\s*$" | tail -32
+done

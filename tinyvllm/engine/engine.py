@@ -1,0 +1,250 @@
+"""The engine: one loop that turns requests into tokens. Read `LLMEngine.step` top to bottom to see all of it.
+
+    add_request ──► scheduler.waiting
+    step():  schedule ──► model_runner.prepare ──► launch ──► collect ──► append sampled tokens ──► check stops
+             (who, how many tokens)  (inputs)   (forward + sample)       (+ detokenize)          (free finished)
+
+*Async scheduling*: a GPU computes a step in a few milliseconds, and the host's share of it, scheduling a batch of
+256 sequences, packing its inputs, appending tokens and building outputs, takes as long again in Python. So
+`step()` overlaps the two. While the device runs step k, the host schedules step k+1 and packs its inputs, the
+tokens step k is sampling being the only thing it cannot know yet: each sequence counts that token as *pending*
+(it has a slot and a position, just no value). Once step k's tokens are read back, they are written into step
+k+1's inputs, step k+1 is queued, and only then are step k's tokens appended, its stops checked and its outputs
+built, while the device runs step k+1:
+
+    host:    prepare k+1 │ read k │ launch k+1 │ finish k: append, stop, outputs │ prepare k+2 │ read k+1 │ ...
+    device:  ──── step k ────────────┤─────────── step k+1 ────────────────────────────────────┤── step k+2
+
+A sequence that stops at step k was scheduled into step k+1 anyway; that row's token is dropped. A step whose
+sampler needs the previous tokens' values on the host (penalties count them) is prepared only after they arrive.
+
+Everything below the engine is one idea each: `scheduler.py` (continuous batching, chunked prefill, preemption),
+`block_manager.py` (the paged KV pool), `runner/model_runner.py` (buckets + TinyJit), `runner/sampler.py`, `model/`
+(the network).
+`AsyncLLMEngine` (async_engine.py) runs the same loop in a background thread for the server;
+`parallel/data_parallel.py` runs N engines in processes of their own behind this same interface (`Engine`,
+engine/protocol.py).
+"""
+from __future__ import annotations
+import itertools
+import logging
+import time
+from dataclasses import replace
+from tinygrad import Device
+from tinygrad.helpers import DEV, Target
+from tinyvllm.engine.block_manager import BlockManager
+from tinyvllm.engine_args import SHAPES, EngineArgs
+from tinyvllm.formats.detokenizer import update_text
+from tinyvllm.engine.protocol import CompletionOutput, Engine, EngineStats, Request, RequestOutput
+from tinyvllm.model.config import ModelConfig
+from tinyvllm.model.loader import load_model
+from tinyvllm.formats.tokenizer import Tokenizer
+from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, StepResult, scratch_bytes
+from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.engine.scheduler import Scheduler
+from tinyvllm.engine.sequence import Sequence
+from tinyvllm.tinygrad_internals import device_memory, keep_lowered_kernels_on_disk, speed_up_capture
+
+log = logging.getLogger("tinyvllm.engine")
+
+
+def tokenize_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_size: int) -> list[int]:
+  """A prompt (text or token ids) as validated token ids; ValueError with a message for the user."""
+  if isinstance(prompt, str):
+    if tokenizer is None: raise ValueError("this model has no tokenizer: pass prompt token ids")
+    token_ids = tokenizer.encode(prompt)
+  else: token_ids = list(prompt)
+  if not token_ids: raise ValueError("the prompt is empty")
+  if not all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids):
+    raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+  return token_ids
+
+
+class LLMEngine:
+  def __init__(self, args: EngineArgs):
+    self.args = args = args.sized_for_device()
+    if args.device: DEV.value = Target(device=Device.canonicalize(args.device))   # tinygrad's default from now on
+    keep_lowered_kernels_on_disk()
+    speed_up_capture()
+    t0 = time.perf_counter()
+    dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
+      if args.load_format == "dummy" else None
+    devices, paged = args.devices(), args.paged_attention()     # both check their arguments, before loading
+    self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg,
+                                            args.keep_weights_packed(), devices)
+    self.model.kernels = args.kernels
+    self.model_config = cfg = self.model.config
+    self.load_time = time.perf_counter() - t0
+    self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    num_blocks = args.num_kv_blocks or self._blocks_for_budget(cfg)
+    if args.max_model_len is None and (num_blocks - 1) * args.block_size < self.max_model_len:
+      self.max_model_len = (num_blocks - 1) * args.block_size        # unset: as long as the pool holds
+      log.warning(f"max_model_len {self.max_model_len}: what the KV pool holds, less than the model's context")
+    if (num_blocks - 1) * args.block_size < self.max_model_len:
+      raise ValueError(f"the KV pool ({num_blocks - 1} blocks × {args.block_size} tokens) cannot hold one sequence "
+                       f"of max_model_len={self.max_model_len}: raise num_kv_blocks/kv_cache_memory_gb or lower "
+                       f"max_model_len")
+    self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+    self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
+                               args.enable_chunked_prefill)
+    stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
+    self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
+                              self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
+                              args.beam, paged)
+    self.requests: dict[str, Request] = {}
+    self.in_flight: PreparedStep | None = None       # the step queued on the device, its tokens not read yet
+    self._ids = itertools.count()
+
+  def _blocks_for_budget(self, cfg: ModelConfig) -> int:
+    # the budget is per device, as in vLLM: split N ways by tensor parallelism, each device holds 1/N of every block
+    kv_heads_per_device = cfg.num_kv_heads // self.args.tensor_parallel_size
+    bytes_per_block = 2 * cfg.num_layers * self.args.block_size * kv_heads_per_device * cfg.head_dim * \
+      self.args.compute_dtype().itemsize
+    scratch = scratch_bytes(cfg, self.args.max_num_batched_tokens, self.args.compute_dtype())
+    budget_blocks = self.args.kv_cache_bytes(device_memory(self.args.devices()[0]), scratch) // bytes_per_block
+    # never more than every sequence at full length could use
+    return 1 + min(budget_blocks, self.args.max_num_seqs * -(-self.max_model_len // self.args.block_size))
+
+  # ---- requests in -------------------------------------------------------------------------------------------
+  def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                  request_id: str | None = None) -> str:
+    return self.admit(self.make_request(prompt, params, request_id))
+
+  def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                   request_id: str | None = None) -> Request:
+    """Tokenize and validate (raises ValueError with a message for the user); does not touch the engine's state."""
+    request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+    if request_id in self.requests: raise ValueError(f"request id {request_id!r} is already in use")
+    params = params or SamplingParams()
+    vocab_size = self.model_config.vocab_size
+    token_ids = tokenize_prompt(prompt, self.tokenizer, vocab_size)
+    for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+      if any(t >= vocab_size for t in ids): raise ValueError(f"{name}: token ids must be below the vocabulary size {vocab_size}")
+    if len(token_ids) >= self.max_model_len:
+      raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves no room "
+                       "to generate")
+    room = self.max_model_len - len(token_ids)
+    limit = room if params.max_tokens is None else min(room, params.max_tokens)
+    seqs = [Sequence(request_id, token_ids, params, index, limit) for index in range(params.n)]
+    return Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
+
+  def admit(self, request: Request) -> str:
+    self.requests[request.request_id] = request
+    for seq in request.seqs: self.scheduler.add(seq)
+    return request.request_id
+
+  def abort_request(self, request_id: str) -> None:
+    request = self.requests.pop(request_id, None)
+    if request is None: return
+    for seq in request.seqs:
+      if not seq.is_finished: self.scheduler.finish(seq, "abort")
+
+  def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished() or self.in_flight is not None
+
+  def stats(self) -> EngineStats:
+    return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
+                       self.scheduler.num_preemptions, self.runner.graph_builds, self.runner.graph_build_seconds)
+
+  def warmup(self) -> float:
+    """Capture every graph a step can need (runner/model_runner.py: a bounded set), so that no request ever waits for
+    one;
+    returns the seconds it took. Call before serving traffic."""
+    built, seconds = self.runner.warmup()
+    log.info("captured %d graphs in %.1f s", built, seconds)
+    return seconds
+
+  # ---- the loop ---------------------------------------------------------------------------------------------
+  def step(self) -> list[RequestOutput]:
+    """One step's tokens. While the device computes them the host schedules the next step and builds its inputs;
+    once they are read back, it queues that step and only then appends them, checks stops and builds outputs: the
+    device waits for the host only while a step's inputs are copied in."""
+    if self.in_flight is None: self.in_flight = self._launch(self._prepare())
+    if self.in_flight is None: return []                                  # nothing could be scheduled
+    step = self.in_flight
+    ahead = self._prepare() if self.args.async_scheduling and self.runner.can_run_ahead(step) else None
+    result = self.runner.collect(step)                                    # waits for the device
+    self.in_flight = self._launch(ahead, result)
+    return self._finish(step, result)
+
+  def _prepare(self) -> PreparedStep | None:
+    scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
+    if not scheduled: return None
+    step = self.runner.prepare(scheduled, self.block_manager)             # graph inputs
+    for item in scheduled:
+      seq = item.seq
+      if item.samples: seq.num_pending_tokens += 1                         # its next token is on the way
+      seq.num_computed_tokens += item.num_new_tokens
+      self.block_manager.cache_computed_blocks(seq)                       # full blocks join the prefix cache
+    return step
+
+  def _launch(self, step: PreparedStep | None, before: StepResult | None = None) -> PreparedStep | None:
+    return None if step is None else self.runner.launch(step, before)    # forward pass + sampling, queued
+
+  def _finish(self, step: PreparedStep, result: StepResult) -> list[RequestOutput]:
+    now = time.monotonic()
+    touched: dict[str, Request] = {}
+    for item in step.scheduled:
+      seq = item.seq
+      if seq in result.sampled: seq.num_pending_tokens -= 1
+      request = self.requests.get(seq.request_id)
+      if request is None or seq.is_finished: continue                    # stopped or aborted while this step ran
+      touched[request.request_id] = request
+      if seq in result.prompt_logprobs:
+        start = item.start + 1
+        seq.prompt_logprobs[start:start + len(result.prompt_logprobs[seq])] = result.prompt_logprobs[seq]
+      if seq not in result.sampled: continue                                # a prefill chunk, not the last one
+      self._append(seq, result.sampled[seq])
+      request.first_token_time = request.first_token_time or now
+      reason = self._stop_reason(seq)
+      if self.tokenizer and update_text(seq, self.tokenizer, finished=reason is not None): reason = "stop"
+      if reason: self.scheduler.finish(seq, reason)                         # its blocks go back to the pool
+    outputs = [out for r in touched.values() if (out := self._output(r)) is not None]
+    for out in outputs:
+      if out.finished: del self.requests[out.request_id]
+    return outputs
+
+  @staticmethod
+  def _append(seq: Sequence, sampled: Sampled) -> None:
+    seq.output_token_ids.append(sampled.token)
+    if seq.params.logprobs is not None:
+      top = dict(sampled.top_logprobs[:seq.params.logprobs])
+      seq.output_logprobs.append({sampled.token: sampled.logprob, **top})
+
+  def _stop_reason(self, seq: Sequence) -> str | None:
+    p, token, n_out = seq.params, seq.output_token_ids[-1], len(seq.output_token_ids)
+    stop_ids = set(p.stop_token_ids)
+    if not p.ignore_eos and self.tokenizer is not None: stop_ids |= self.tokenizer.stop_ids
+    if token in stop_ids and n_out > p.min_tokens: return "stop"
+    if n_out >= seq.max_output_tokens: return "length"                   # max_tokens, or max_model_len
+    return None
+
+  def _output(self, request: Request) -> RequestOutput | None:
+    """The request after this step, as its `output_kind` asks: everything so far, only what is new, or nothing
+    until it is finished. (Copying every sequence's whole output each step costs 2 ms a step at batch 256.)"""
+    finished = all(s.is_finished for s in request.seqs)
+    kind = request.seqs[0].params.output_kind
+    if kind == "final_only" and not finished: return None
+    outs = [_completion(i, seq, delta=kind == "delta") for i, seq in enumerate(request.seqs)]
+    metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
+    first = request.seqs[0]
+    return RequestOutput(request.request_id, request.prompt, first.prompt_token_ids, outs, finished, metrics,
+                         max(s.num_cached_tokens for s in request.seqs),
+                         list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None)
+
+
+def _completion(index: int, seq: Sequence, delta: bool) -> CompletionOutput:
+  tokens, chars = (seq.num_returned_tokens, seq.num_returned_chars) if delta else (0, 0)
+  if delta: seq.num_returned_tokens, seq.num_returned_chars = len(seq.output_token_ids), len(seq.output_text)
+  return CompletionOutput(index, seq.output_text[chars:], seq.output_token_ids[tokens:], seq.finish_reason,
+                          seq.output_logprobs[tokens:] if seq.params.logprobs is not None else None)
+
+
+def request_stats(engine: Engine) -> EngineStats:
+  """`engine.stats()` with requests counted instead of sequences, as vLLM's gauges count them: a request with n=4
+  runs as four sequences but is one request. DataParallelEngine's ranks count this way themselves; DiffusionEngine
+  counts sequences."""
+  stats = engine.stats()
+  if not isinstance(engine, LLMEngine): return stats
+  running = {seq.request_id for seq in engine.scheduler.running}
+  waiting = {seq.request_id for seq in engine.scheduler.waiting} - running
+  return replace(stats, running=len(running), waiting=len(waiting))

@@ -1,0 +1,116 @@
+"""Who runs this step, and how many of their tokens: continuous batching with chunked prefill and preemption.
+
+Every step has a budget of `max_num_batched_tokens` tokens and `max_num_seqs` sequences. The scheduler spends it in
+this order:
+
+  1. running sequences that are decoding (one token each): their users are waiting for the next word;
+  2. running sequences still in the middle of their prompt: the next chunk of it;
+  3. waiting sequences, first come first served: as much of the prompt as the remaining budget allows.
+
+    step k:   [A·][B·][C·][D·]  [E: prompt tokens 0..123]            budget 128: 4 decodes + a 124-token chunk
+    step k+1: [A·][B·][C·][D·]  [E: prompt tokens 124..247]          E's 4k-token prompt never stalls A..D
+
+That is *chunked prefill*: a long prompt is cut into chunks that ride along with the decodes instead of blocking
+them for a whole prefill. Requests join (step 3) and leave (when finished) between any two steps: *continuous
+batching*. When the KV pool has no block for a running sequence, the newest running sequence is *preempted*: its
+blocks are freed and it goes back to the front of the waiting queue, to be recomputed from its tokens later
+(prompt and everything it generated so far), which gives the same tokens it would have produced anyway.
+"""
+from __future__ import annotations
+from collections import deque
+from dataclasses import dataclass, field
+from tinyvllm.engine.block_manager import BlockManager
+from tinyvllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+  seq: Sequence
+  num_new_tokens: int          # computed this step, starting at `start`
+  start: int                   # seq.num_computed_tokens when it was scheduled
+  samples: bool = field(init=False)   # the step reaches the sequence's last token: its logits give the next one
+
+  def __post_init__(self) -> None: self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+  def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+               enable_chunked_prefill: bool = True):
+    self.block_manager = block_manager
+    self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+    self.enable_chunked_prefill = enable_chunked_prefill
+    self.waiting: deque[Sequence] = deque()
+    self.running: list[Sequence] = []
+    self.num_preemptions = 0
+
+  def add(self, seq: Sequence) -> None: self.waiting.append(seq)
+
+  def has_unfinished(self) -> bool: return bool(self.waiting or self.running)
+
+  def schedule(self) -> list[ScheduledSequence]:
+    budget = self.max_num_batched_tokens
+    scheduled: list[ScheduledSequence] = []
+    preemptions_before = self.num_preemptions
+    # decodes first; a sequence whose last token is being sampled needs nothing more
+    unscheduled = sorted((s for s in self.running if not s.has_all_tokens), key=lambda s: s.num_uncomputed_tokens > 1)
+    while unscheduled and budget > 0:
+      seq = unscheduled.pop(0)
+      n = self._chunk(seq, budget)
+      if n == 0: continue
+      if not self._make_room(seq, n, unscheduled): continue      # seq itself was preempted
+      self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+      scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
+      budget -= n
+    # after a preemption the pool is tight: admitting newcomers would only preempt again
+    while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+           and self.num_preemptions == preemptions_before):
+      seq = self.waiting[0]
+      if self._sibling_prefilling(seq): break     # wait to share its prompt blocks instead of computing them again
+      self.block_manager.reuse_cached_prefix(seq)
+      n = self._chunk(seq, budget)
+      if n == 0 or not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+        self.block_manager.free(seq)              # give the borrowed prefix back; try again next step
+        seq.num_computed_tokens = 0
+        break
+      self.waiting.popleft()
+      self.block_manager.record_prefix_lookup(seq)
+      self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+      seq.status = SequenceStatus.RUNNING
+      self.running.append(seq)
+      scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
+      budget -= n
+    return scheduled
+
+  def _sibling_prefilling(self, seq: Sequence) -> bool:
+    """True while another completion of the same request (n > 1) is still computing the shared prompt."""
+    return any(s.request_id == seq.request_id and s.num_computed_tokens < len(s.prompt_token_ids) for s in self.running)
+
+  def _chunk(self, seq: Sequence, budget: int) -> int:
+    """Tokens of `seq` to compute this step: all that are left if they fit, else a chunk (or none, unchunked)."""
+    if seq.num_uncomputed_tokens <= budget: return seq.num_uncomputed_tokens
+    return budget if self.enable_chunked_prefill else 0
+
+  def _make_room(self, seq: Sequence, num_new_tokens: int, unscheduled: list[Sequence]) -> bool:
+    """Preempt the newest not-yet-scheduled running sequences until `seq` can grow by `num_new_tokens`;
+    False if none is left to preempt but `seq` itself."""
+    while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new_tokens):
+      victim = max(unscheduled + [seq], key=lambda s: s.arrival_time)
+      self.preempt(victim)
+      if victim is seq: return False
+      unscheduled.remove(victim)
+    return True
+
+  def preempt(self, seq: Sequence) -> None:
+    self.running.remove(seq)
+    self.block_manager.free(seq)
+    seq.num_computed_tokens = 0
+    seq.num_preemptions += 1
+    seq.status = SequenceStatus.WAITING
+    self.waiting.appendleft(seq)
+    self.num_preemptions += 1
+
+  def finish(self, seq: Sequence, reason: str) -> None:
+    if seq in self.running: self.running.remove(seq)
+    elif seq in self.waiting: self.waiting.remove(seq)
+    self.block_manager.free(seq)
+    seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason

@@ -1,0 +1,74 @@
+"""A request as the engine sees it: token ids, how many of them already have K/V in the cache, and the blocks holding it.
+
+One idea makes prefill, decode, chunked prefill and recompute-after-preemption the same thing: a sequence has
+`len(token_ids)` tokens of which the first `num_computed_tokens` have K/V in the cache. Each step the scheduler picks
+how many of the rest to compute (all of a short prompt, a chunk of a long one, or the single newest token while
+decoding). When the computed count reaches the token count, the step's logits give the next token.
+
+With async scheduling (engine.py) the next step is scheduled before that token reaches the host: it counts as
+*pending* (`num_pending_tokens`), part of `num_tokens` (it has a position and a slot) but not yet of
+`output_token_ids` (it has no value), so `num_known_tokens` can be one less than `num_tokens`.
+"""
+from __future__ import annotations
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from tinyvllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+  WAITING = "waiting"
+  RUNNING = "running"
+  FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+  request_id: str
+  prompt_token_ids: list[int]
+  params: SamplingParams
+  index: int = 0                        # which of the request's n completions (a seeded request's n differ by it)
+  max_output_tokens: int | None = None  # max_tokens, capped by the room max_model_len leaves (None: no limit)
+  arrival_time: float = field(default_factory=time.monotonic)
+  seq_id: int = field(default_factory=lambda: next(_ids))
+  output_token_ids: list[int] = field(default_factory=list)
+  output_text: str = ""                 # detokenized output that is safe to show (see formats/detokenizer.py)
+  output_logprobs: list[dict[int, float]] = field(default_factory=list)   # per output token, when asked for
+  prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])  # the first has no context
+  num_computed_tokens: int = 0
+  num_pending_tokens: int = 0           # sampled by a step still running on the device, not yet in output_token_ids
+  num_cached_tokens: int = 0            # of those, reused from the prefix cache at admission
+  block_table: list[int] = field(default_factory=list)
+  num_blocks_in_cache: int = 0          # of its blocks, how many it has put in the prefix cache
+  status: SequenceStatus = SequenceStatus.WAITING
+  finish_reason: str | None = None      # "stop" | "length" | "abort"
+  num_preemptions: int = 0
+  num_returned_tokens: int = 0          # "delta" outputs: how much of the output earlier outputs carried
+  num_returned_chars: int = 0
+
+  @property
+  def token_ids(self) -> list[int]: return self.prompt_token_ids + self.output_token_ids
+  @property
+  def num_tokens(self) -> int: return len(self.prompt_token_ids) + self.num_output_tokens
+  @property
+  def num_known_tokens(self) -> int: return len(self.prompt_token_ids) + len(self.output_token_ids)
+  @property
+  def num_output_tokens(self) -> int:
+    """Generated tokens, counting the one a running step is still sampling."""
+    return len(self.output_token_ids) + self.num_pending_tokens
+  @property
+  def has_all_tokens(self) -> bool:
+    """Every token it may generate is generated or being sampled: nothing is left to compute."""
+    return self.max_output_tokens is not None and self.num_output_tokens >= self.max_output_tokens
+  @property
+  def num_uncomputed_tokens(self) -> int: return self.num_tokens - self.num_computed_tokens
+  @property
+  def wants_prompt_logprobs(self) -> bool:
+    """Asked for prompt logprobs and some are still missing (they come from the logits of the prompt positions)."""
+    return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
+  @property
+  def is_finished(self) -> bool: return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,1 @@
+"""The fast kernels, each tested against the readable path in model/llama.py (`kernels="reference"`)."""

@@ -1,0 +1,404 @@
+"""Turns a scheduled step into fixed-shape device buffers and runs it as two TinyJit graphs: the model, then the sampler.
+
+TinyJit records the kernels of a function (here on its first call: everything a graph reads is realized before) and
+afterwards replays them without Python, but only for the exact shapes it saw, and capturing a graph costs seconds
+(on a 2-core CPU ~5-10 s for SmolLM2's 30 layers). A server cannot capture graphs while requests wait, so the
+runner has a *bounded, known set of graphs*, all captured by `warmup` before the server says it is ready:
+
+    a step's tokens, flattened:   [ decode A | decode B | chunk of C's prompt ........ | padding ]   T tokens
+                                      │          │                       │
+    their sequences' block tables:  row 0      row 1                   row 2      (R rows, `blocks` columns each)
+    logits come out for:            A          B                       C (its chunk's last token)   R rows
+
+    model graphs     one per T in 1, 2, 4, ... bucket(max_num_batched_tokens), returning R logits rows: T rounded
+                     up to a power of four, at most max_num_seqs rounded so; plus one at the largest T returning
+                     the logits of every position (prompt logprobs)
+    sampler graphs   one per (R, plan) for those R and the three plans of `sampler.plans` (greedy, sampled,
+                     general); plus the prompt-logprobs plan at the largest T
+
+so for a CPU's defaults (max_num_seqs 64, max_num_batched_tokens 256) 10 model graphs and 13 sampler graphs. What
+would otherwise multiply the count is kept out of the shapes:
+- the context length: the block tables are a flat buffer, row r at r * blocks, and `blocks` (the step's longest
+  context, in blocks) is a variable bound per step (`paged_attention.context_blocks`), so the attention kernels
+  loop over the blocks in use and one graph serves every context length up to max_model_len;
+- the mix of decodes and prompt chunks: every token of a step is one row of the same flat batch (each attends to
+  its own sequence's context through `rows`, the table row of each token), so one graph runs the whole step and
+  the weights are read once for all of it;
+- the sampling parameters: per-row values travel as inputs, and only three plans exist (sampler.py).
+Rows and tokens are padded up to their bucket (padding tokens write to the null block; padding rows sample
+greedily and are dropped). `graph_builds` counts captures; one after `warmup` is logged, as it means a request
+waited for it.
+
+A step is prepared (its inputs built on the host), launched (the inputs copied in, the graphs queued) and collected
+(its output read back) in three calls, so that the engine can prepare the next step while the device runs this one
+(engine/engine.py: async scheduling). What a prepared step cannot know yet, the tokens the step before it is sampling,
+is
+written into its inputs at launch.
+
+Host <-> device copies go straight through the device's allocator (tinygrad_internals.py): tinygrad's own copies
+schedule a graph on every call, which costs more Python per step than a small model's whole step takes on a GPU.
+"""
+from __future__ import annotations
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+import numpy as np
+from tinygrad import Context, Tensor, TinyJit, dtypes
+from tinygrad.device import Buffer
+from tinyvllm.engine.block_manager import BlockManager, NULL_BLOCK
+from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
+from tinyvllm.kernels.paged_attention import BlockTables, context_blocks, new_pool
+from tinyvllm.runner.sampler import (plans, SamplingPlan, bucket, penalized, plan_and_pack, prompt_logprobs, sample,
+                                     unpack)
+from tinyvllm.engine.scheduler import ScheduledSequence
+from tinyvllm.engine.sequence import Sequence
+from tinyvllm.tinygrad_internals import allocated, download, upload
+
+log = logging.getLogger("tinyvllm.runner")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+  T: int                 # tokens computed
+  R: int                 # rows of logits returned (T when every position's are)
+  every: bool = False    # the logits of every position, for prompt logprobs
+
+
+@dataclass(frozen=True)
+class SamplerShape:
+  R: int                 # rows sampled (for prompt logprobs: 1, from a model graph of T logits rows)
+  plan: SamplingPlan
+  T: int = 0             # prompt logprobs: the positions whose logprobs come back
+
+
+@dataclass
+class Sampled:
+  token: int
+  logprob: float | None = None
+  top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class _Group:
+  """The rows of one model + sampler run: the graphs, their host inputs, and the decode rows whose token is still
+  unknown."""
+  rows: list[ScheduledSequence]
+  model: _ModelGraph
+  sampler: _SamplerGraph
+  ints: np.ndarray                 # the model's int inputs, packed (tables last, only the columns in use)
+  blocks: int                      # the step's context length in blocks: `context_blocks`' value
+  sampler_ints: np.ndarray
+  floats: np.ndarray
+  unknown_tokens: list[tuple[int, Sequence]]    # (index in ints, sequence): the token the step before is sampling
+  output: np.ndarray | None = None
+
+
+@dataclass
+class PreparedStep:
+  """A scheduled step turned into graph inputs, not yet on the device."""
+  scheduled: list[ScheduledSequence]
+  groups: list[_Group]
+
+
+@dataclass
+class StepResult:
+  sampled: dict[Sequence, Sampled]                       # the next token of every sequence that reached its end
+  prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # for prompt positions start+1.. of the chunk computed
+
+
+def _aligned(n: int) -> int:
+  """Sizes of inputs sharing a buffer are rounded to 16 int32s (64 bytes): a kernel may read each with vector loads."""
+  return -(-max(n, 1) // 16) * 16
+
+
+def _rows_bucket(n: int) -> int:
+  """Rows of logits come in powers of four (1, 4, 16, 64, 256): a sampler graph per row count and plan costs seconds
+  to capture, while a few extra rows of logits cost little."""
+  return 1 << -(-(n - 1).bit_length() // 2) * 2
+
+
+def scratch_bytes(cfg, max_num_batched_tokens: int, dtype) -> int:
+  """A generous estimate of the device memory the graphs take besides the weights and the KV pool, which a GPU's
+  pool leaves free: each model graph's activations for its T tokens (the T of all graphs sum to twice the largest)
+  and the float32 logits, with their log-softmax, of the prompt-logprobs graph's every position."""
+  T = bucket(max_num_batched_tokens)
+  per_token = (3 * cfg.intermediate_size + 4 * cfg.hidden_size + 2 * cfg.num_heads * cfg.head_dim) * dtype.itemsize
+  return 2 * T * per_token + 2 * T * cfg.vocab_size * 4
+
+
+def _starts(shape: ModelShape) -> list[int]:
+  """Where a model graph's int inputs start in its buffer: tokens, positions, slots, rows, logits index, tables."""
+  return list(itertools.accumulate((_aligned(n) for n in (shape.T,) * 4 + (shape.R,)), initial=0))
+
+
+class _ModelGraph:
+  """One captured forward pass for one ModelShape, reading its inputs from one persistent int buffer:
+  tokens, positions, slots, rows [T] | logits index [R] | block tables [R * max_blocks], each 64-byte aligned."""
+  def __init__(self, runner: ModelRunner, shape: ModelShape):
+    self.shape, self.runner = shape, runner
+    T, R = shape.T, shape.R
+    self.starts = _starts(shape)
+    self.table_start = self.starts[-1]
+    buf = allocated((self.table_start + R * runner.max_blocks,), dtypes.int32, runner.devices)
+    self.inputs = [buf[start:start + n] for start, n in zip(self.starts, (T, T, T, T, R))]
+    self.tables = buf[self.table_start:]
+    self.buffer = buf.uop.buffer
+    # BEAM searches the graphs of decode-sized steps only: they replay every step, while the long prompt-chunk
+    # steps are rarer and their search would take minutes on a GPU
+    self.compile_options = runner.compile_options if T <= runner.max_rows else {}
+    self.jit = TinyJit(self._forward)
+    # captured on the first call, not the second: the weights, pools and inputs are all realized before it, so the
+    # plain run TinyJit makes first would only trace and compile the graph once more
+    self.jit.cnt = 1
+
+  def _forward(self, blocks: Tensor) -> Tensor:
+    tokens, positions, slots, rows, logits_index = self.inputs
+    runner, devices = self.runner, self.runner.devices
+    blocks_var = Tensor.full((1,), blocks, dtype=dtypes.int32, device=devices[0])
+    if len(devices) > 1: blocks_var = blocks_var.shard(devices)
+    tables = BlockTables(self.tables, rows, blocks_var, runner.block_size, runner.max_blocks)
+    batch = ForwardBatch(tokens, positions, slots, tables, logits_index, runner.paged)
+    logits = runner.model(batch, runner.kv_cache, every_position=self.shape.every)
+    # into the buffer the sampler graphs of this row count read, on the first device (from every device, under
+    # tensor parallelism)
+    return runner.logits(self.shape.R).assign(logits.to(devices[0])).realize()
+
+  def launch(self, ints: np.ndarray, blocks: int) -> None:
+    """Fill the inputs (the tables' columns in use only) and queue the graph, which writes its logits into
+    `runner.logits(R)`."""
+    upload(self.buffer, ints)
+    with Context(**self.compile_options): self.jit(context_blocks(self.runner.max_blocks).bind(blocks))
+
+
+class _SamplerGraph:
+  """One captured sampler for one SamplerShape: reads the logits the model graphs of its row count write, and its
+  own inputs, ints (adjusted token ids | last position, next prompt tokens) and floats (per-row parameters). None is
+  an argument of the graph: arguments cost a parameter update of every kernel that reads them at each replay."""
+  def __init__(self, runner: ModelRunner, shape: SamplerShape, num_floats: int, num_ints: int):
+    self.shape, self.runner = shape, runner
+    device = runner.devices[0]
+    self.ints = allocated((_aligned(num_ints),), dtypes.int32, device)
+    self.floats = allocated((num_floats,), dtypes.float32, device)
+    self.jit = TinyJit(self._sample)
+    self.jit.cnt = 1
+    self.output: Buffer | None = None
+
+  def _sample(self) -> Tensor:
+    R, plan = self.shape.R, self.shape.plan
+    logits = self.runner.logits(self.shape.T or R)
+    U = R * plan.num_adjusted
+    params = unpack(self.ints[:max(U, 1)], self.floats, R, plan)
+    if plan.num_prompt_logprobs is None: return sample(logits, params, plan).flatten().contiguous().realize()
+    T, V = self.shape.T, logits.shape[1]
+    last, next_tokens = self.ints[U:U + 1], self.ints[U + 1:U + 1 + T]
+    row = logits.gather(0, last.reshape(1, 1).expand(1, V))
+    prompt = prompt_logprobs(logits, next_tokens, params["temperature"], plan.num_prompt_logprobs)
+    return sample(row, params, plan).flatten().cat(prompt.flatten()).contiguous().realize()
+
+  def launch(self, ints: np.ndarray, floats: np.ndarray) -> None:
+    upload(self.ints.uop.buffer, ints)
+    upload(self.floats.uop.buffer, floats)
+    out = self.jit()
+    if self.output is None: self.output = out.uop.buffer
+
+  def read(self) -> np.ndarray:
+    """The last launch's output: waits for the device."""
+    return download(self.output)
+
+
+class ModelRunner:
+  def __init__(self, model: LlamaForCausalLM, devices: tuple[str, ...], num_blocks: int, block_size: int, kv_dtype,
+               stop_ids: set[int], max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+               seed: int = 0, beam: int = 0, paged: bool = True):
+    """`devices`: the model's, more than one when tensor parallelism splits it; the KV pool is then split by KV head
+    the same way, and the host's inputs and outputs stay on the first device. `beam`: tinygrad's kernel search width
+    for the decode-sized graphs' kernels (0: tinygrad's own setting, its BEAM variable, off by default). `paged`:
+    tokens attend straight from the pool (kernels/paged_attention.py) rather than from a dense copy of their context."""
+    cfg = model.config
+    self.model, self.block_size, self.seed, self.stop_ids, self.devices = model, block_size, seed, stop_ids, devices
+    self.paged, self.vocab_size = paged, cfg.vocab_size
+    self.compile_options = {"BEAM": beam} if beam else {}
+    self.max_blocks = -(-max_model_len // block_size)
+    self.max_rows, self.max_tokens = _rows_bucket(max_num_seqs), bucket(max_num_batched_tokens)
+    self.max_adjusted = bucket(min(cfg.vocab_size, 2 * max_model_len), 16)
+    self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
+                           for _ in range(2)) for _ in range(cfg.num_layers)]
+    Tensor.realize(*(pool for pools in self.kv_cache for pool in pools))
+    self.logits_buffers: dict[int, Tensor] = {}
+    self.models: dict[ModelShape, _ModelGraph] = {}
+    self.samplers: dict[SamplerShape, _SamplerGraph] = {}
+    self.graph_builds, self.graph_build_seconds, self.ready = 0, 0.0, False
+
+  def logits(self, rows: int) -> Tensor:
+    """The [rows, vocab] float32 buffer on the first device that model graphs of `rows` logits rows write and
+    sampler graphs read."""
+    if rows not in self.logits_buffers:
+      self.logits_buffers[rows] = allocated((rows, self.vocab_size), dtypes.float32, self.devices[0])
+    return self.logits_buffers[rows]
+
+  # ---- the bounded set of shapes -------------------------------------------------------------------------------
+  def model_shape(self, num_tokens: int, every: bool = False) -> ModelShape:
+    if every: return ModelShape(self.max_tokens, self.max_tokens, True)
+    T = bucket(num_tokens)
+    return ModelShape(T, min(_rows_bucket(T), self.max_rows))
+
+  def graph_set(self) -> tuple[list[ModelShape], list[SamplerShape]]:
+    """Every shape a step can take: what `warmup` captures."""
+    sizes = lambda top: [1 << i for i in range(top.bit_length())]
+    models = [self.model_shape(T) for T in sizes(self.max_tokens)] + [self.model_shape(0, every=True)]
+    samplers = [SamplerShape(R, plan) for R in sorted({shape.R for shape in models if not shape.every})
+                for plan in plans(self.max_adjusted)]
+    samplers += [SamplerShape(1, plans(self.max_adjusted, prompt=True)[-1], self.max_tokens)]
+    return models, samplers
+
+  def _model(self, shape: ModelShape) -> _ModelGraph:
+    if shape not in self.models: self.models[shape] = self._built(lambda: _ModelGraph(self, shape), shape)
+    return self.models[shape]
+
+  def _sampler(self, shape: SamplerShape, num_floats: int, num_ints: int) -> _SamplerGraph:
+    if shape not in self.samplers:
+      self.samplers[shape] = self._built(lambda: _SamplerGraph(self, shape, num_floats, num_ints), shape)
+    return self.samplers[shape]
+
+  def _built(self, make, shape):
+    self.graph_builds += 1
+    if self.ready: log.warning("graph built after warmup, on the request path: %s", shape)
+    return make()
+
+  # ---- a step --------------------------------------------------------------------------------------------------
+  def prepare(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> PreparedStep:
+    """The inputs of the forward passes that compute the scheduled tokens' K/V and sample the next token of every
+    sequence whose tokens are then all computed: all rows in one flat batch, except a sequence that asked for
+    prompt logprobs, which runs alone (its every position's logits come back). Needs no token of the step before:
+    those are filled in by `launch`."""
+    plain = [s for s in scheduled if not s.seq.wants_prompt_logprobs]
+    groups = [[s] for s in scheduled if s.seq.wants_prompt_logprobs]
+    if plain: groups.insert(0, plain)
+    return PreparedStep(scheduled, [self._prepare_group(group, block_manager) for group in groups])
+
+  @staticmethod
+  def can_run_ahead(step: PreparedStep) -> bool:
+    """Whether the next step may be prepared before this one's tokens reach the host: no sampler may need them
+    before `launch` (penalties count the tokens generated), and no prompt logprobs may still be on their way."""
+    return not any(s.samples and (penalized(s.seq.params) or s.seq.wants_prompt_logprobs) for s in step.scheduled)
+
+  def launch(self, step: PreparedStep, before: StepResult | None = None) -> PreparedStep:
+    """Queue the step's graphs on the device, with the tokens `before` sampled for its decode rows; returns while
+    the device computes the last of them (the others are read back at once: two groups of one shape replay the
+    same graphs, whose output buffers the second replay overwrites)."""
+    for i, group in enumerate(step.groups):
+      for index, seq in group.unknown_tokens: group.ints[index] = before.sampled[seq].token
+      group.model.launch(group.ints, group.blocks)
+      group.sampler.launch(group.sampler_ints, group.floats)
+      if i < len(step.groups) - 1: group.output = group.sampler.read()
+    return step
+
+  def collect(self, step: PreparedStep) -> StepResult:
+    """Wait for a launched step; its sampled tokens (and prompt logprobs) on the host."""
+    result = StepResult({}, {})
+    for group in step.groups:
+      out, shape = group.sampler.read() if group.output is None else group.output, group.sampler.shape
+      width = shape.plan.output_width
+      sampled, prompt = out[:shape.R * width].reshape(shape.R, -1), out[shape.R * width:]
+      for i, s in enumerate(group.rows):
+        if s.samples: result.sampled[s.seq] = self._sampled(sampled[i], shape.plan)
+        if shape.plan.num_prompt_logprobs is not None:       # a group of its own that asked for them
+          result.prompt_logprobs[s.seq] = self._prompt_logprobs(s, prompt, shape.plan)
+    return result
+
+  def _prepare_group(self, group: list[ScheduledSequence], bm: BlockManager) -> _Group:
+    every = group[0].seq.wants_prompt_logprobs
+    shape = self.model_shape(sum(s.num_new_tokens for s in group), every)
+    ints, blocks, unknown = self._model_inputs(group, shape, bm)
+    rows: list[Sequence | None] = [s.seq for s in group]
+    R = 1 if every else shape.R
+    plan, adjusted_ids, floats = plan_and_pack(rows + [None] * (R - len(rows)), self.seed, self.stop_ids,
+                                               self.max_adjusted)
+    sampler_shape = SamplerShape(R, plan, shape.T if every else 0)
+    sampler_ints = adjusted_ids if not every else \
+      np.concatenate([adjusted_ids, [group[0].num_new_tokens - 1], self._next_prompt_tokens(group[0], shape.T)])
+    sampler = self._sampler(sampler_shape, floats.size, sampler_ints.size)
+    return _Group(group, self._model(shape), sampler, ints, blocks, sampler_ints.astype(np.int32), floats, unknown)
+
+  def _model_inputs(self, group: list[ScheduledSequence], shape: ModelShape, bm: BlockManager) \
+      -> tuple[np.ndarray, int, list[tuple[int, Sequence]]]:
+    """tokens, positions, slots, rows [T] | logits index [R] | block tables [R, blocks], packed as the graph's
+    buffer lays them out; the tables' width `blocks`; where the decode rows' still unknown tokens go. Built as
+    Python lists and turned into an array once: a numpy assignment per row and field costs ~1 ms a step at
+    batch 256."""
+    T, R, bs = shape.T, shape.R, self.block_size
+    blocks = max(-(-(s.start + s.num_new_tokens) // bs) for s in group)
+    null_slot = NULL_BLOCK * bs
+    tokens, positions, slots, rows, logits_index, tables, unknown = [], [], [], [], [], [], []
+    for row, s in enumerate(group):
+      seq, n, start = s.seq, s.num_new_tokens, s.start
+      P = len(seq.prompt_token_ids)
+      # a decode row's token is unknown while the step before is sampling it: filled in at launch
+      if start == seq.num_known_tokens: unknown.append((len(tokens), seq))
+      # slice prompt or output directly: seq.token_ids copies both lists, for every row of every step
+      new = seq.output_token_ids[start - P:start - P + n] if start >= P else \
+        seq.prompt_token_ids[start:start + n] if start + n <= P else seq.token_ids[start:start + n]
+      tokens += new + [0] * (n - len(new))
+      positions += range(start, start + n)
+      slots += [bm.slot(seq, p) for p in range(start, start + n)]
+      rows += [row] * n
+      logits_index.append(len(tokens) - 1)
+      tables += seq.block_table + [NULL_BLOCK] * (blocks - len(seq.block_table))
+    pad = T - len(tokens)                     # padding tokens: token 0 at the null block's slot, row 0's table
+    fields = [tokens + [0] * pad, positions + [0] * pad, slots + [null_slot] * pad, rows + [0] * pad,
+              logits_index + [0] * (R - len(logits_index))]
+    starts = _starts(shape)
+    out = np.zeros(starts[-1], np.int32)
+    for start, values in zip(starts, fields): out[start:start + len(values)] = values
+    return np.concatenate([out, np.array(tables, np.int32)]), blocks, unknown
+
+  @staticmethod
+  def _sampled(row: np.ndarray, plan: SamplingPlan) -> Sampled:
+    if not plan.want_logprobs: return Sampled(int(row[0]))
+    K = plan.num_logprobs
+    return Sampled(int(row[0]), float(row[1]), [(int(i), float(lp)) for i, lp in zip(row[2:2 + K], row[2 + K:])])
+
+  @staticmethod
+  def _prompt_logprobs(s: ScheduledSequence, out: np.ndarray, plan: SamplingPlan) -> list[dict[int, float]]:
+    """{next prompt token: logprob, top ids: logprobs} for each computed position that predicts a prompt token."""
+    seq, P = s.seq, plan.num_prompt_logprobs
+    n = min(s.num_new_tokens, len(seq.prompt_token_ids) - 1 - s.start)
+    rows = out.reshape(-1, plan.prompt_output_width)[:n]
+    targets = seq.prompt_token_ids[s.start + 1:][:n]
+    top = seq.params.prompt_logprobs
+    return [{t: float(r[0]), **{int(i): float(lp) for i, lp in zip(r[1:1 + top], r[1 + P:1 + P + top])}}
+            for t, r in zip(targets, rows)]
+
+  @staticmethod
+  def _next_prompt_tokens(s: ScheduledSequence, T: int) -> np.ndarray:
+    """For prompt logprobs: the prompt token that follows each computed position (0 past the prompt)."""
+    targets = np.zeros(T, np.int32)
+    following = s.seq.prompt_token_ids[s.start + 1:][:s.num_new_tokens]
+    targets[:len(following)] = following
+    return targets
+
+  def warmup(self) -> tuple[int, float]:
+    """Capture every graph of `graph_set` (a no-op for those already captured), each run once on padding inputs;
+    from then on a capture is logged as a warning. Returns (graphs built, seconds)."""
+    t0, before = time.perf_counter(), self.graph_builds
+    models, samplers = self.graph_set()
+    for shape in models:
+      graph = self._model(shape)
+      n = graph.table_start + shape.R
+      ints = np.zeros(n, np.int32)
+      ints[graph.starts[2]:graph.starts[2] + shape.T] = NULL_BLOCK * self.block_size       # slots
+      ints[graph.table_start:] = NULL_BLOCK
+      graph.launch(ints, 1)
+    for shape in samplers:
+      plan_rows = [None] * shape.R
+      _, ids, floats = plan_and_pack(plan_rows, self.seed, self.stop_ids, self.max_adjusted, shape.plan)
+      extra = [] if shape.plan.num_prompt_logprobs is None else [0] * (1 + shape.T)
+      ints = np.concatenate([ids, np.array(extra, np.int32)]).astype(np.int32)
+      graph = self._sampler(shape, floats.size, ints.size)
+      graph.launch(ints, floats)
+      graph.read()
+    self.ready = True
+    seconds = time.perf_counter() - t0
+    self.graph_build_seconds += seconds
+    return self.graph_builds - before, seconds
