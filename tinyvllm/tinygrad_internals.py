@@ -63,6 +63,7 @@ import ctypes
 import functools
 import hashlib
 import importlib
+import logging
 import sqlite3
 import time
 from dataclasses import replace
@@ -240,13 +241,18 @@ def wait_without_spinning() -> None:
 def device_memory(device: str) -> tuple[int, int] | None:
   """(free, total) bytes of a GPU's memory, asked of its driver (tinygrad has no public call for it); None where the
   backend does not say (a CPU: its KV pool has a fixed budget, RAM is shared with everything else)."""
-  kind, dev = device.split(":")[0], Device[device]
-  if kind == "CUDA":
-    from tinygrad.runtime.autogen import cuda
-    free, total = ctypes.c_size_t(), ctypes.c_size_t()
-    cuda.cuCtxSetCurrent(dev.context)
-    return (free.value, total.value) if cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0 else None
-  if kind == "METAL":      # unified memory: the share the OS lets the GPU keep resident
-    total = dev.sysdevice.recommendedMaxWorkingSetSize()
+  kind = device.split(":")[0]
+  if kind not in ("CUDA", "METAL"): return None
+  try:
+    dev = Device[device]
+    if kind == "CUDA":
+      from tinygrad.runtime.autogen import cuda
+      free, total = ctypes.c_size_t(), ctypes.c_size_t()
+      cuda.cuCtxSetCurrent(dev.context)
+      return (free.value, total.value) if cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0 else None
+    total = dev.sysdevice.recommendedMaxWorkingSetSize()     # Metal, unified memory: what the GPU may keep resident
     return total - dev.sysdevice.currentAllocatedSize(), total
-  return None
+  except Exception as e:   # a driver binding that differs: the engine falls back to a fixed pool, and says so
+    logging.getLogger("tinyvllm").warning("%s: free device memory unknown (%s): a 1 GB KV pool unless "
+                                          "--kv-cache-memory-gb is set", device, e)
+    return None
