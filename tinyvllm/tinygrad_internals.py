@@ -7,6 +7,8 @@
                               made linear instead of quadratic
     data-parallel ranks       wait_without_spinning: tinygrad's device thread gets the core it waits for
     device memory             device_memory: a GPU's free and total bytes, which size the KV pool
+    captured graphs on disk   keep_graphs_loadable, dump_graph / load_graph: a later start loads what an earlier
+                              one captured
 
 ## Host <-> device copies
 
@@ -56,6 +58,24 @@ One other change, to tinygrad's own `function`: after tracing, it renumbers the 
 before reading ("invalid outputs") and, for each node of the body, recomputed that whole set to test whether the
 node is in it: quadratic in the body's size (~40 % of a capture on SmolLM2). Computed once, the result is the same
 set, numbered in the same order.
+
+## Captured graphs on disk
+
+Even with every kernel in tinygrad's disk cache, capturing a graph traces, schedules and lowers it again: ~80 s for
+a 2-core CPU's 23 graphs of SmolLM2. A captured TinyJit can be pickled (its linear program of compiled kernels), but
+pickling copies every buffer it reads, weights and KV pool included. Here the buffers that outlive the graph are
+pickled by name and looked up again when the graph is loaded; of the rest, the graph's scratch arena is made anew
+and any other buffer travels with its contents.
+
+    capture ──► program ──(queue runtime)──► submitter          stored: the program, buffers by name
+    start   ──► stored program ──(queue runtime)──► submitter   the submitter is built here, for this process
+
+On tinygrad's queue runtime (HCQ2: the CPU here) the last stage of a capture builds a command-buffer submitter that
+holds the capturing process's addresses, so what is stored is the program before it, and a loading process builds
+its own submitter. Buffers and placeholders in the program are told apart by tinygrad's unique numbers; a loaded
+program's are shifted past every number the loading process has used. SmolLM2's 23 graphs load in ~48 s where they
+take ~81 s to capture (the submitters are the rest); tests/test_stored_graphs.py checks that a second process loads
+every graph and samples the first one's tokens.
 """
 from __future__ import annotations
 import collections
@@ -63,16 +83,21 @@ import ctypes
 import functools
 import hashlib
 import importlib
+import io
+import itertools
 import logging
+import pickle
 import sqlite3
 import time
 from dataclasses import replace
 from typing import Callable
 import numpy as np
-from tinygrad import Device, Tensor, codegen, helpers
+from tinygrad import Device, Tensor, TinyJit, codegen, helpers
 from tinygrad.device import Buffer, MultiBuffer
-from tinygrad.dtype import DType, _from_np_dtype, _to_np_dtype
+from tinygrad.dtype import DType, _from_np_dtype, _to_np_dtype, dtypes
 from tinygrad.engine import realize
+from tinygrad.engine import jit
+from tinygrad.engine.jit import _TinyJit
 from tinygrad.helpers import Context, dedup
 from tinygrad.nn.state import get_state_dict
 from tinygrad.renderer import Estimates
@@ -256,3 +281,76 @@ def device_memory(device: str) -> tuple[int, int] | None:
     logging.getLogger("tinyvllm").warning("%s: free device memory unknown (%s): a 1 GB KV pool unless "
                                           "--kv-cache-memory-gb is set", device, e)
     return None
+
+
+# ---- captured graphs on disk ---------------------------------------------------------------------------------------
+
+GRAPH_TABLE = "tinyvllm_graphs"
+_before_queues: dict[bytes, tuple[UOp, bool]] = {}     # a JIT's compiled program → its form before hcq_compile
+
+
+def keep_graphs_loadable() -> None:
+  """Remember, for each graph TinyJit captures, its program before tinygrad's queue runtime (HCQ2) built the command
+  buffer submitter for it: that submitter holds this process's addresses, so a graph stored for another process
+  is stored in the form before (once per process)."""
+  if not hasattr(realize, "hcq_compile") or getattr(realize.hcq_compile, "remembers", False): return
+  hcq_compile = realize.hcq_compile
+
+  def remembering(linear: UOp, input_uops, profile: bool) -> UOp:
+    out = hcq_compile(linear, input_uops, profile)
+    if input_uops is None: _before_queues[out.key] = (linear, profile)     # a TinyJit capture (jit_lower)
+    return out
+  remembering.remembers = True
+  realize.hcq_compile = remembering
+
+
+def dump_graph(jit: TinyJit, names: dict[int, str]) -> bytes:
+  """A captured TinyJit as bytes; `names`: id(Buffer) → name, for every buffer that is not the graph's own."""
+  class Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+      if not isinstance(obj, Buffer): return None
+      if id(obj) in names: return ("named", names[id(obj)])
+      if obj._base is not None: return None                 # a view: pickled with its base, which is looked up
+      if obj.dtype == dtypes.int8: return ("scratch", id(obj), obj.device, obj.size, obj.dtype)    # the memory arena
+      return ("data", id(obj), obj.device, obj.size, obj.dtype, download(obj).tobytes())
+  c = jit.captured
+  before = _before_queues.pop(c._linear.key, None)
+  graph = ("queued", *before) if before is not None else ("linked", c._linear, None)
+  out = io.BytesIO()
+  Pickler(out).dump((next(UOp.unique_num), graph, c.ret, c.expected_names, c.expected_input_info))
+  return out.getvalue()                                 # every unique number in the graph is below the first
+
+
+def load_graph(data: bytes, buffers: dict[str, Buffer]) -> TinyJit:
+  """`dump_graph`'s bytes as a TinyJit that replays at once; `buffers`: name → this process's buffer."""
+  made: dict[int, Buffer] = {}
+
+  class Unpickler(pickle.Unpickler):
+    def persistent_load(self, pid):
+      if pid[0] == "named": return buffers[pid[1]]
+      if pid[1] not in made:
+        made[pid[1]] = buf = Buffer(*pid[2:5])        # allocated when the graph is linked, as it would be here
+        if pid[0] == "data": upload(buf.ensure_allocated(), np.frombuffer(bytearray(pid[5]), _to_np_dtype(buf.dtype)))
+      return made[pid[1]]
+
+    def find_class(self, module, name):
+      return _renumbered_uop if (module, name) == ("tinygrad.uop.ops", "UOp") else super().find_class(module, name)
+
+  # The graph's buffers and placeholders are told apart by unique numbers, counted in the capturing process; shifted
+  # past every number this process has used, in their order, they meet none of its own (else two buffers would be
+  # taken for one, and two graphs would share command buffers once linked).
+  offset = next(UOp.unique_num)
+  def _renumbered_uop(op, dtype=None, src=(), arg=None, tag=None, metadata=None, *buffer):
+    if op is Ops.BUFFER or (op is Ops.PARAM and tag is not None and arg.slot != 0):   # slot 0: the device's own
+      arg = replace(arg, slot=arg.slot + offset)
+    return UOp(op, dtype, src, arg, tag, metadata, *buffer)
+  numbers, (form, linear, profile), ret, expected_names, expected_input_info = Unpickler(io.BytesIO(data)).load()
+  UOp.unique_num = itertools.count(offset + numbers)
+  if form == "queued":               # the submitter built here, as jit_lower does after compile_linear
+    linear = realize.hcq_compile(linear, None, profile)
+    if helpers.JIT < 2: linear = jit.graph_split_rewrite(linear, max_batch_size=helpers.JIT_BATCH_SIZE.value)
+  return _TinyJit(None, jit.CapturedJit(ret, linear, expected_names, expected_input_info))
+
+
+def stored_graph(key: str) -> bytes | None: return helpers.diskcache_get(GRAPH_TABLE, key)
+def store_graph(key: str, data: bytes) -> None: helpers.diskcache_put(GRAPH_TABLE, key, data)

@@ -43,7 +43,8 @@ from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, Ste
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import Sequence
-from tinyvllm.tinygrad_internals import device_memory, keep_lowered_kernels_on_disk, speed_up_capture
+from tinyvllm.tinygrad_internals import (device_memory, keep_graphs_loadable, keep_lowered_kernels_on_disk,
+                                         speed_up_capture)
 
 log = logging.getLogger("tinyvllm.engine")
 
@@ -65,6 +66,7 @@ class LLMEngine:
     self.args = args = args.sized_for_device()
     if args.device: DEV.value = Target(device=Device.canonicalize(args.device))   # tinygrad's default from now on
     keep_lowered_kernels_on_disk()
+    keep_graphs_loadable()
     speed_up_capture()
     t0 = time.perf_counter()
     dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
@@ -150,7 +152,8 @@ class LLMEngine:
     one;
     returns the seconds it took. Call before serving traffic."""
     built, seconds = self.runner.warmup()
-    log.info("captured %d graphs in %.1f s", built, seconds)
+    log.info("%d graphs ready in %.1f s: %d captured, %d loaded from the cache", built + self.runner.graph_loads,
+             seconds, built, self.runner.graph_loads)
     return seconds
 
   # ---- the loop ---------------------------------------------------------------------------------------------

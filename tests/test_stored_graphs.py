@@ -1,0 +1,39 @@
+"""Captured graphs kept in tinygrad's cache db: a second process loads what the first one captured, and its tokens are
+the first one's (greedy and seeded sampled, with logprobs), with no graph captured at all."""
+import json
+import os
+import subprocess
+import sys
+
+RUN = """
+import json
+from tinyvllm import EngineArgs, LLMEngine, SamplingParams
+engine = LLMEngine(EngineArgs(load_format="dummy", shape="tiny", max_model_len=128, max_num_batched_tokens=16,
+                              max_num_seqs=4, kv_cache_memory_gb=0.01))
+engine.warmup()
+greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=8, logprobs=2, ignore_eos=True)
+engine.add_request(list(range(100, 140)), greedy, request_id="long")
+engine.add_request(list(range(300, 305)), greedy, request_id="short")
+engine.add_request(list(range(200, 230)), sampled, request_id="sampled")
+tokens = {}
+while engine.has_unfinished_requests():
+  for out in engine.step():
+    if out.finished: tokens[out.request_id] = out.outputs[0].token_ids
+print(json.dumps({"tokens": tokens, "builds": engine.runner.graph_builds, "loads": engine.runner.graph_loads}))
+"""
+
+
+def run(cache_db: str) -> dict:
+  env = {**os.environ, "CACHEDB": cache_db}
+  out = subprocess.run([sys.executable, "-c", RUN], env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_the_graphs_and_gets_the_same_tokens(tmp_path):
+  db = str(tmp_path / "cache.db")
+  first, second = run(db), run(db)
+  assert first["builds"] > 0 and first["loads"] == 0
+  assert second["builds"] == 0 and second["loads"] == first["builds"]
+  assert second["tokens"] == first["tokens"] and len(first["tokens"]) == 3
