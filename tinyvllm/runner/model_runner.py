@@ -46,6 +46,7 @@ import hashlib
 import importlib.metadata
 import itertools
 import logging
+import os
 import pathlib
 import time
 from dataclasses import dataclass
@@ -315,7 +316,9 @@ class ModelRunner:
     """What decides a captured graph: tinyvllm's code, tinygrad's version and settings, the shape, the model's
     configuration and kernels, the devices, and the size and type of every named buffer (the logits buffers, which
     come and go with the graphs of their row count, follow from the shape)."""
-    settings = sorted((name, repr(var.value)) for name, var in ContextVar._cache.items())
+    # tinygrad's settings as the environment sets them (its ContextVars are many more in a process that imports more
+    # of tinygrad: a server's and a script's keys would differ)
+    settings = sorted((name, repr(var.value)) for name, var in ContextVar._cache.items() if name in os.environ)
     facts = (_source_digest(), importlib.metadata.version("tinygrad"), settings, shape, self.model.config,
              self.model.kernels, self.paged, self.compile_options, self.devices,
              [(name, b.device, b.size, b.dtype) for name, b in names.items() if not name.startswith("logits")])

@@ -11,7 +11,7 @@ rm -f $CACHEDB
 SHAPE="--load-format dummy --shape llama-1b"
 for start in cold warm; do
   echo "=== $start start"
-  timeout 200 python - <<'PY' 2>&1 | grep -v "^\s*$" | tail -4
+  timeout 200 python - <<'PY' 2>&1 | grep -v "^\s*$\|Exception ignored\|^Traceback\|^  File\|^TypeError" | tail -4
 import time
 t0 = time.perf_counter()
 from tinyvllm import EngineArgs, LLMEngine
@@ -28,7 +28,8 @@ PY
 done
 for rate in 20 inf; do
   echo "=== serve, request rate $rate, a freshly ready server"
+  name=$([ $rate = inf ] && echo serve-all-at-once || echo serve)
   timeout 300 python bench.py serve $SHAPE --num-prompts 100 --random-input-len 256 --random-output-len 128 \
-    --random-range-ratio 0.5 --request-rate $rate --warmup 0 --json "$OUT/gpu-h100-llama-1b-dummy-serve-rate$rate.json" \
-    2>&1 | grep -v "^\s*$" | tail -32
+    --random-range-ratio 0.5 --request-rate $rate --warmup 0 --json "$OUT/gpu-h100-llama-1b-dummy-$name.json" \
+    2>&1 | grep -v "^\s*$\|Exception ignored\|^Traceback\|^  File\|^TypeError" | tail -32
 done
