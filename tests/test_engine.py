@@ -70,7 +70,10 @@ def test_defaults_fit_the_device():
   assert (gpu.max_num_seqs, gpu.max_num_batched_tokens) == (256, 2048)
   assert EngineArgs(device="CUDA", max_num_seqs=8).sized_for_device().max_num_seqs == 8      # set: kept
   GiB = 2**30      # a GPU's pool takes what gpu_memory_utilization leaves of its memory after weights and scratch
-  assert EngineArgs().kv_cache_bytes((70 * GiB, 80 * GiB), scratch=2 * GiB) == 0.9 * 80 * GiB - 10 * GiB - 2 * GiB
+  assert EngineArgs().kv_cache_bytes((70 * GiB, 80 * GiB), scratch=2 * GiB) == 60 * GiB      # 0.9 × 80 - 10 - 2
+  # in whole 256 MiB: free memory that differs by a few MB between two starts gives the same pool (and graphs)
+  assert EngineArgs().kv_cache_bytes((70 * GiB - 3 * 2**20, 80 * GiB), 2 * GiB) == 60 * GiB - 2**28
+  assert EngineArgs().kv_cache_bytes((70 * GiB - 5 * 2**20, 80 * GiB), 2 * GiB) == 60 * GiB - 2**28
   assert EngineArgs(gpu_memory_utilization=0.5).kv_cache_bytes((70 * GiB, 80 * GiB), 2 * GiB) == 28 * GiB
   assert EngineArgs(kv_cache_memory_gb=3).kv_cache_bytes((70 * GiB, 80 * GiB), 2 * GiB) == 3 * GiB
   assert EngineArgs().kv_cache_bytes(None, 2 * GiB) == GiB                                    # a CPU

@@ -125,7 +125,8 @@ class EngineArgs:
     if not 0 < self.gpu_memory_utilization <= 1:
       raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
     free, total = memory
-    return max(0, int(self.gpu_memory_utilization * total) - (total - free) - scratch)
+    budget = max(0, int(self.gpu_memory_utilization * total) - (total - free) - scratch)
+    return budget // 2**28 * 2**28   # whole 256 MiB: a restart sizes the same pool, so it loads its stored graphs
 
   def compute_dtype(self) -> DType:
     if self.dtype != "auto": return getattr(dtypes, self.dtype)
