@@ -304,8 +304,9 @@ def keep_graphs_loadable() -> None:
   realize.hcq_compile = remembering
 
 
-def dump_graph(jit: TinyJit, names: dict[int, str]) -> bytes:
-  """A captured TinyJit as bytes; `names`: id(Buffer) → name, for every buffer that is not the graph's own."""
+def dump_graph(jit: TinyJit, names: dict[int, str]) -> bytes | None:
+  """A captured TinyJit as bytes (None if it cannot be loaded elsewhere); `names`: id(Buffer) → name, for every
+  buffer that is not the graph's own."""
   class Pickler(pickle.Pickler):
     def persistent_id(self, obj):
       if not isinstance(obj, Buffer): return None
@@ -315,6 +316,7 @@ def dump_graph(jit: TinyJit, names: dict[int, str]) -> bytes:
       return ("data", id(obj), obj.device, obj.size, obj.dtype, download(obj).tobytes())
   c = jit.captured
   before = _before_queues.pop(c._linear.key, None)
+  if before is None and hasattr(realize, "hcq_compile"): return None     # its submitter only runs in this process
   graph = ("queued", *before) if before is not None else ("linked", c._linear, None)
   out = io.BytesIO()
   Pickler(out).dump((next(UOp.unique_num), graph, c.ret, c.expected_names, c.expected_input_info))
@@ -350,6 +352,11 @@ def load_graph(data: bytes, buffers: dict[str, Buffer]) -> TinyJit:
     linear = realize.hcq_compile(linear, None, profile)
     if helpers.JIT < 2: linear = jit.graph_split_rewrite(linear, max_batch_size=helpers.JIT_BATCH_SIZE.value)
   return _TinyJit(None, jit.CapturedJit(ret, linear, expected_names, expected_input_info))
+
+
+def forget_captures() -> None:
+  """Drop the programs kept for graphs captured so far (once stored, or never to be)."""
+  _before_queues.clear()
 
 
 def stored_graph(key: str) -> bytes | None: return helpers.diskcache_get(GRAPH_TABLE, key)

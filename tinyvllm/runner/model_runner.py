@@ -62,8 +62,8 @@ from tinyvllm.runner.sampler import (plans, SamplingPlan, bucket, penalized, pla
                                      unpack)
 from tinyvllm.engine.scheduler import ScheduledSequence
 from tinyvllm.engine.sequence import Sequence
-from tinyvllm.tinygrad_internals import (allocated, download, dump_graph, load_graph, store_graph, stored_graph,
-                                         upload)
+from tinyvllm.tinygrad_internals import (allocated, download, dump_graph, forget_captures, load_graph, store_graph,
+                                         stored_graph, upload)
 
 log = logging.getLogger("tinyvllm.runner")
 
@@ -329,8 +329,10 @@ class ModelRunner:
     """Put the graphs captured so far into the cache db, for the next start."""
     for key, graph in self.unstored:
       if graph.jit.captured is None: continue
-      store_graph(key, dump_graph(graph.jit, {id(b): name for name, b in self._buffer_names(graph).items()}))
+      data = dump_graph(graph.jit, {id(b): name for name, b in self._buffer_names(graph).items()})
+      if data is not None: store_graph(key, data)
     self.unstored = [(k, g) for k, g in self.unstored if g.jit.captured is None]
+    forget_captures()
 
   # ---- a step --------------------------------------------------------------------------------------------------
   def prepare(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> PreparedStep:
