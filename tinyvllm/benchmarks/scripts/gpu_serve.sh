@@ -10,21 +10,7 @@ export PYTHONPATH=/tmp/site:$PWD DEV=CUDA PYTHONUNBUFFERED=1 CACHEDB=/tmp/serve-
 rm -f $CACHEDB
 SHAPE="--load-format dummy --shape llama-1b"
 for start in cold warm; do
-  echo "=== $start start"
-  timeout 200 python - <<'PY' 2>&1 | grep -v "^\s*$\|Exception ignored\|^Traceback\|^  File\|^TypeError" | tail -4
-import time
-t0 = time.perf_counter()
-from tinyvllm import EngineArgs, LLMEngine
-from tinyvllm.tinygrad_internals import device_memory
-engine = LLMEngine(EngineArgs(load_format="dummy", shape="llama-1b"))
-loaded = time.perf_counter()
-engine.warmup()
-free, total = device_memory(engine.args.devices()[0])
-print(f"load {loaded - t0:.1f} s (import included), {engine.stats().graph_builds} graphs captured in "
-      f"{time.perf_counter() - loaded:.1f} s, ready after {time.perf_counter() - t0:.1f} s; max_model_len "
-      f"{engine.max_model_len}, {engine.block_manager.num_usable_blocks} KV blocks, device memory in use "
-      f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB")
-PY
+  echo "=== $start start: $(timeout 260 python tinyvllm/benchmarks/scripts/engine_start.py load_format=dummy shape=llama-1b 2>&1 | grep "^load" | tail -1)"
 done
 for rate in 20 inf; do
   echo "=== serve, request rate $rate, a freshly ready server"
