@@ -29,7 +29,7 @@ Rows and tokens are padded up to their bucket (padding tokens write to the null 
 greedily and are dropped). `graph_builds` counts captures; one after `warmup` is logged, as it means a request
 waited for it. A captured graph is stored in tinygrad's cache db, and a later start with the same code, model
 shapes and settings loads it instead of capturing it again (tinygrad_internals.py; SmolLM2's 23 on a 2-core CPU:
-~48 s instead of ~81 s); `graph_loads` counts those.
+~45 s instead of ~85 s); `graph_loads` counts those.
 
 A step is prepared (its inputs built on the host), launched (the inputs copied in, the graphs queued) and collected
 (its output read back) in three calls, so that the engine can prepare the next step while the device runs this one
