@@ -44,7 +44,7 @@ from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import Sequence
 from tinyvllm.tinygrad_internals import (device_memory, keep_graphs_loadable, keep_lowered_kernels_on_disk,
-                                         speed_up_capture)
+                                         share_kernel_cache_between_threads, speed_up_capture)
 
 log = logging.getLogger("tinyvllm.engine")
 
@@ -65,6 +65,7 @@ class LLMEngine:
   def __init__(self, args: EngineArgs):
     self.args = args = args.sized_for_device()
     if args.device: DEV.value = Target(device=Device.canonicalize(args.device))   # tinygrad's default from now on
+    share_kernel_cache_between_threads()     # a server builds the engine on a loader thread, then steps it on another
     keep_lowered_kernels_on_disk()
     keep_graphs_loadable()
     speed_up_capture()
