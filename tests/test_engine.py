@@ -89,6 +89,23 @@ def test_unset_max_model_len_is_what_the_pool_holds():
     LLMEngine(EngineArgs(**{**args, "max_model_len": 128}, num_kv_blocks=17))     # asked for: refused, not shrunk
 
 
+def test_an_engine_built_on_another_thread_than_the_one_that_opened_the_kernel_cache():
+  # serve.py sizes its queue from the device on the main thread (which may open tinygrad's cache db there), then
+  # builds the engine on a loader thread
+  import threading
+  from tinygrad import helpers
+  helpers._db_connection = None
+  helpers.db_connection()                         # a plain connection, opened on this thread
+  errors = []
+  def build():
+    try: LLMEngine(EngineArgs(**TINY, num_kv_blocks=17)).warmup()
+    except Exception as e: errors.append(e)
+  thread = threading.Thread(target=build)
+  thread.start()
+  thread.join()
+  assert errors == []
+
+
 def generate(engine: LLMEngine, prompt: list[int], params: SamplingParams):
   engine.add_request(prompt, params, request_id="one")
   while engine.has_unfinished_requests():

@@ -63,9 +63,9 @@ def tokenize_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_
 
 class LLMEngine:
   def __init__(self, args: EngineArgs):
+    share_kernel_cache_between_threads()     # a server builds the engine on a loader thread, then steps it on another
     self.args = args = args.sized_for_device()
     if args.device: DEV.value = Target(device=Device.canonicalize(args.device))   # tinygrad's default from now on
-    share_kernel_cache_between_threads()     # a server builds the engine on a loader thread, then steps it on another
     keep_lowered_kernels_on_disk()
     keep_graphs_loadable()
     speed_up_capture()
