@@ -146,7 +146,8 @@ class LLMEngine:
 
   def stats(self) -> EngineStats:
     return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
-                       self.scheduler.num_preemptions, self.runner.graph_builds, self.runner.graph_build_seconds)
+                       self.scheduler.num_preemptions, self.runner.graph_builds, self.runner.graph_build_seconds,
+                       self.runner.graph_loads)
 
   def warmup(self) -> float:
     """Capture every graph a step can need (runner/model_runner.py: a bounded set), so that no request ever waits for

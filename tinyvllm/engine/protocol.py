@@ -46,7 +46,8 @@ class RequestOutput:
 @dataclass(frozen=True)
 class EngineStats:
   """What /metrics shows of an engine: sequences running and waiting, the KV pool's share in use, preemptions, and
-  the graphs it captured (and the seconds that took): all of them before it was ready, if all is well. Frozen: a
+  the graphs it captured (and the seconds that took) or loaded from an earlier process's store: all of them before it
+  was ready, if all is well. Frozen: a
   value one thread can hand to another, never changed after it is made."""
   running: int = 0
   waiting: int = 0
@@ -54,13 +55,15 @@ class EngineStats:
   preemptions: int = 0
   graph_builds: int = 0
   graph_build_seconds: float = 0.0
+  graph_loads: int = 0
 
   @staticmethod
   def total(parts: list[EngineStats]) -> EngineStats:
     """Several engines' stats as one (their pools are the same size, so usage is the mean)."""
     return EngineStats(sum(p.running for p in parts), sum(p.waiting for p in parts),
                        sum(p.kv_cache_usage for p in parts) / max(1, len(parts)), sum(p.preemptions for p in parts),
-                       sum(p.graph_builds for p in parts), sum(p.graph_build_seconds for p in parts))
+                       sum(p.graph_builds for p in parts), sum(p.graph_build_seconds for p in parts),
+                       sum(p.graph_loads for p in parts))
 
 
 @dataclass

@@ -119,7 +119,8 @@ class OpenAIServer:
     self._watchdog = asyncio.create_task(self._watch(engine))
     stats = engine.stats                             # as the engine thread published it after the warmup
     log.info("model ready", extra={"model": self.config.served_model_names[0], "seconds": round(time.perf_counter() - t0, 2),
-                                   "graphs": stats.graph_builds, "graph_seconds": round(stats.graph_build_seconds, 2)})
+                                   "graphs": stats.graph_builds, "graph_seconds": round(stats.graph_build_seconds, 2),
+                                   "graphs_loaded": stats.graph_loads})
 
   async def drain(self, timeout: float) -> bool:
     """Refuse new generation requests and wait up to `timeout` s for those in flight; True if all finished."""

@@ -100,8 +100,10 @@ class Metrics:
                      "well: one after ready made a request wait).", stats.graph_builds)
     build_seconds = Counter("tinyvllm:graph_build_seconds_total", "Seconds spent capturing graphs.",
                             stats.graph_build_seconds)
+    loads = Counter("tinyvllm:graph_loads_total", "TinyJit graphs loaded from the store an earlier process with the "
+                    "same code, model and shapes left (instead of captured).", stats.graph_loads)
     for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits, preemptions,
-                   builds, build_seconds,
+                   builds, build_seconds, loads,
                    self.ttft, self.tpot, self.e2e):
       lines += metric.render(self.labels)
     return "\n".join(lines) + "\n"
