@@ -74,7 +74,7 @@ On tinygrad's queue runtime (HCQ2: the CPU here) the last stage of a capture bui
 holds the capturing process's addresses, so what is stored is the program before it, and a loading process builds
 its own submitter. Buffers and placeholders in the program are told apart by tinygrad's unique numbers; a loaded
 program's are shifted past every number the loading process has used. SmolLM2's 23 graphs load in ~45 s where they
-take ~85 s to capture (the submitters are the rest); tests/test_stored_graphs.py checks that a second process loads
+take ~85 s to capture (the submitters are the rest); tests/runner/test_stored_graphs.py checks that a second process loads
 every graph and samples the first one's tokens.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Make the GGUF test vectors in tests/data with llama.cpp's own `gguf` Python package.
 
 tinyvllm does not depend on `gguf`; this script only produces reference data
-that tests/test_gguf.py checks our reader and dequantizers against. Run it in a
+that tests/formats/test_gguf.py checks our reader and dequantizers against. Run it in a
 throwaway virtual environment:
 
     python -m venv /tmp/ggufvenv && /tmp/ggufvenv/bin/pip install gguf numpy

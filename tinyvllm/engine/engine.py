@@ -4,19 +4,8 @@
     step():  schedule ──► model_runner.prepare ──► launch ──► collect ──► append sampled tokens ──► check stops
              (who, how many tokens)  (inputs)   (forward + sample)       (+ detokenize)          (free finished)
 
-*Async scheduling*: a GPU computes a step in a few milliseconds, and the host's share of it, scheduling a batch of
-256 sequences, packing its inputs, appending tokens and building outputs, takes as long again in Python. So
-`step()` overlaps the two. While the device runs step k, the host schedules step k+1 and packs its inputs, the
-tokens step k is sampling being the only thing it cannot know yet: each sequence counts that token as *pending*
-(it has a slot and a position, just no value). Once step k's tokens are read back, they are written into step
-k+1's inputs, step k+1 is queued, and only then are step k's tokens appended, its stops checked and its outputs
-built, while the device runs step k+1:
-
-    host:    prepare k+1 │ read k │ launch k+1 │ finish k: append, stop, outputs │ prepare k+2 │ read k+1 │ ...
-    device:  ──── step k ────────────┤─────────── step k+1 ────────────────────────────────────┤── step k+2
-
-A sequence that stops at step k was scheduled into step k+1 anyway; that row's token is dropped. A step whose
-sampler needs the previous tokens' values on the host (penalties count them) is prepared only after they arrive.
+`engine/overlap.py` runs the same three parts interleaved with the device (async scheduling, on by default): the
+host schedules and packs step k+1 while the device computes step k. Read this file's plain `step` first.
 
 Everything below the engine is one idea each: `scheduler.py` (continuous batching, chunked prefill, preemption),
 `block_manager.py` (the paged KV pool), `runner/model_runner.py` (buckets + TinyJit), `runner/sampler.py`, `model/`
@@ -39,6 +28,7 @@ from tinyvllm.engine.protocol import CompletionOutput, Engine, EngineStats, Requ
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
 from tinyvllm.formats.tokenizer import Tokenizer
+from tinyvllm.engine.overlap import Overlap
 from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, StepResult, scratch_bytes
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine.scheduler import Scheduler
@@ -95,7 +85,7 @@ class LLMEngine:
                               self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
                               args.beam, paged)
     self.requests: dict[str, Request] = {}
-    self.in_flight: PreparedStep | None = None       # the step queued on the device, its tokens not read yet
+    self.overlap = Overlap(self) if args.async_scheduling else None
     self._ids = itertools.count()
 
   def _blocks_for_budget(self, cfg: ModelConfig) -> int:
@@ -142,7 +132,8 @@ class LLMEngine:
     for seq in request.seqs:
       if not seq.is_finished: self.scheduler.finish(seq, "abort")
 
-  def has_unfinished_requests(self) -> bool: return self.scheduler.has_unfinished() or self.in_flight is not None
+  def has_unfinished_requests(self) -> bool:
+    return self.scheduler.has_unfinished() or (self.overlap is not None and self.overlap.in_flight is not None)
 
   def stats(self) -> EngineStats:
     return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
@@ -160,37 +151,28 @@ class LLMEngine:
 
   # ---- the loop ---------------------------------------------------------------------------------------------
   def step(self) -> list[RequestOutput]:
-    """One step's tokens. While the device computes them the host schedules the next step and builds its inputs;
-    once they are read back, it queues that step and only then appends them, checks stops and builds outputs: the
-    device waits for the host only while a step's inputs are copied in."""
-    if self.in_flight is None: self.in_flight = self._launch(self._prepare())
-    if self.in_flight is None: return []                                  # nothing could be scheduled
-    step = self.in_flight
-    ahead = self._prepare() if self.args.async_scheduling and self.runner.can_run_ahead(step) else None
-    result = self.runner.collect(step)                                    # waits for the device
-    self.in_flight = self._launch(ahead, result)
-    return self._finish(step, result)
+    """One step: schedule who runs and how many tokens each, run the forward pass and the sampler, then append the
+    sampled tokens, check stops and build outputs. (With async scheduling, overlap.py runs the same three parts so
+    that the host's work hides behind the device's.)"""
+    if self.overlap: return self.overlap.step()
+    step = self.prepare()
+    if step is None: return []                                            # nothing could be scheduled
+    return self.finish(step, self.runner.collect(self.runner.launch(step)))
 
-  def _prepare(self) -> PreparedStep | None:
+  def prepare(self) -> PreparedStep | None:
     scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
     if not scheduled: return None
     step = self.runner.prepare(scheduled, self.block_manager)             # graph inputs
     for item in scheduled:
-      seq = item.seq
-      if item.samples: seq.num_pending_tokens += 1                         # its next token is on the way
-      seq.num_computed_tokens += item.num_new_tokens
-      self.block_manager.cache_computed_blocks(seq)                       # full blocks join the prefix cache
+      item.seq.num_computed_tokens += item.num_new_tokens
+      self.block_manager.cache_computed_blocks(item.seq)                  # full blocks join the prefix cache
     return step
 
-  def _launch(self, step: PreparedStep | None, before: StepResult | None = None) -> PreparedStep | None:
-    return None if step is None else self.runner.launch(step, before)    # forward pass + sampling, queued
-
-  def _finish(self, step: PreparedStep, result: StepResult) -> list[RequestOutput]:
+  def finish(self, step: PreparedStep, result: StepResult) -> list[RequestOutput]:
     now = time.monotonic()
     touched: dict[str, Request] = {}
     for item in step.scheduled:
       seq = item.seq
-      if seq in result.sampled: seq.num_pending_tokens -= 1
       request = self.requests.get(seq.request_id)
       if request is None or seq.is_finished: continue                    # stopped or aborted while this step ran
       touched[request.request_id] = request

@@ -81,7 +81,7 @@ RequestT = TypeVar("RequestT")    # the engine's own request record: what its ma
 
 @runtime_checkable
 class Engine(Protocol[RequestT]):
-  """The members of an engine that `AsyncLLMEngine` and the server use (tests/test_interface.py checks that the three
+  """The members of an engine that `AsyncLLMEngine` and the server use (tests/engine/test_interface.py checks that the three
   engines have them, with the same parameters).
 
   Threads: the attributes are fixed once the engine is built, so any thread may read them. `make_request` only reads

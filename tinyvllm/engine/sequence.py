@@ -5,7 +5,7 @@ One idea makes prefill, decode, chunked prefill and recompute-after-preemption t
 how many of the rest to compute (all of a short prompt, a chunk of a long one, or the single newest token while
 decoding). When the computed count reaches the token count, the step's logits give the next token.
 
-With async scheduling (engine.py) the next step is scheduled before that token reaches the host: it counts as
+With async scheduling (engine/overlap.py) the next step is scheduled before that token reaches the host: it counts as
 *pending* (`num_pending_tokens`), part of `num_tokens` (it has a position and a slot) but not yet of
 `output_token_ids` (it has no value), so `num_known_tokens` can be one less than `num_tokens`.
 """

@@ -1,6 +1,6 @@
 """The matvec kernel (GPUs' one-row projections, kernels/matvec.py) against numpy: the plain product, with the RMSNorm
 taken inside, with the residual added, with a bias; and a whole model decoding through it. On a CPU it is run
-untiled (the tiling needs thread blocks); a GPU runs it tiled (`DEV=CUDA pytest tests/test_matvec.py`)."""
+untiled (the tiling needs thread blocks); a GPU runs it tiled (`DEV=CUDA pytest tests/kernels/test_matvec.py`)."""
 import numpy as np
 import pytest
 from tinygrad import Device, Tensor, dtypes

@@ -3,7 +3,7 @@ along K, one step of K and many; the tilings it picks; and on a GPU, a whole mod
 
 A CPU has no mma instruction: there the kernel runs on tinygrad's CUDA emulator (the PYTHON device as an sm_80,
 bfloat16, since the emulator has no half on this Python), which executes the kernel's every thread, barrier and mma
-fragment as a GPU would. A GPU runs it natively as well (`DEV=CUDA pytest tests/test_tensor_core.py`)."""
+fragment as a GPU would. A GPU runs it natively as well (`DEV=CUDA pytest tests/kernels/test_tensor_core.py`)."""
 import numpy as np
 import pytest
 from tinygrad import Context, Device, Tensor, dtypes

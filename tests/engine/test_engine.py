@@ -216,11 +216,11 @@ def run_mixed_workload(async_scheduling: bool) -> tuple[dict[str, list], int]:
   request's (token ids, logprobs) per completion and how many steps were prepared while the one before still ran."""
   engine = LLMEngine(EngineArgs(**{**TINY, "enable_prefix_caching": True, "max_num_seqs": 6}, num_kv_blocks=30,
                                 async_scheduling=async_scheduling))
-  prepare, ahead = engine._prepare, [0]
+  prepare, ahead = engine.prepare, [0]
   def counted():
-    ahead[0] += engine.in_flight is not None
+    ahead[0] += engine.overlap is not None and engine.overlap.in_flight is not None
     return prepare()
-  engine._prepare = counted
+  engine.prepare = counted
   shared = list(range(20, 32))
   for i in range(20):
     prompt = (shared if i % 3 == 0 else []) + [(7 * i + j) % 500 + 1 for j in range(3 + (5 * i) % 30)]

@@ -863,7 +863,7 @@ def live_timeouts(engine):
 
 
 def test_served_model_name_is_the_file_stem():
-  spec = importlib.util.spec_from_file_location("serve", Path(__file__).parent.parent / "serve.py")
+  spec = importlib.util.spec_from_file_location("serve", Path(__file__).parents[2] / "serve.py")
   serve_cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(serve_cli)
   args = serve_cli.parse_args(["--model", "models/SmolLM2-135M-Instruct.Q8_0.gguf"])

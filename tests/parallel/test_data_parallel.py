@@ -104,7 +104,7 @@ def test_serve_with_two_ranks_answers_like_llm_generate(smollm2, tmp_path):
   prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The three primary colors are"]
   expected = [o.outputs[0].text for o in smollm2.generate(prompts, SamplingParams(temperature=0, max_tokens=12))]
   port = 18000 + random.Random().randrange(1000)
-  server = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "serve.py"), "--data-parallel-size", "2", "--port", str(port),
+  server = subprocess.Popen([sys.executable, str(Path(__file__).parents[2] / "serve.py"), "--data-parallel-size", "2", "--port", str(port),
                              "--max-model-len", "512"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"))
   try:
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)

@@ -30,7 +30,7 @@ from tinyvllm.formats.tokenizer import (
     bytes_to_unicode,
 )
 
-REFERENCE = Path(__file__).parent / "data" / "smollm2_reference.json"
+REFERENCE = Path(__file__).parents[1] / "data" / "smollm2_reference.json"
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 

@@ -19,7 +19,7 @@ from tinyvllm.benchmarks.workloads import chat_requests, random_requests, shared
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine_args import SHAPES, EngineArgs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- metrics: vLLM's definitions on timestamps we choose ----------------------------------------------------------

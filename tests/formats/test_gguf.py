@@ -27,7 +27,7 @@ from tinyvllm.formats.gguf import (
     write_gguf,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 TYPE_IDS = {name: type_id for type_id, name in SUPPORTED_TYPES.items()}
 
 
