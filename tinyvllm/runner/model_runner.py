@@ -28,33 +28,24 @@ would otherwise multiply the count is kept out of the shapes:
 Rows and tokens are padded up to their bucket (padding tokens write to the null block; padding rows sample
 greedily and are dropped). `graph_builds` counts captures; one after `warmup` is logged, as it means a request
 waited for it. A captured graph is stored in tinygrad's cache db, and a later start with the same code, model
-shapes and settings loads it instead of capturing it again (tinygrad_internals.py; SmolLM2's 23 on a 2-core CPU:
-~45 s instead of ~85 s); `graph_loads` counts those.
+shapes and settings loads it instead of capturing it again (graph_store.py); `graph_loads` counts those.
 
 A step is prepared (its inputs built on the host), launched (the inputs copied in, the graphs queued) and collected
 (its output read back) in three calls, so that the engine can prepare the next step while the device runs this one
-(engine/engine.py: async scheduling). What a prepared step cannot know yet, the tokens the step before it is sampling,
-is
-written into its inputs at launch.
+(engine/overlap.py: async scheduling). What a prepared step cannot know yet, the tokens the step before it is
+sampling, is written into its inputs at launch.
 
 Host <-> device copies go straight through the device's allocator (tinygrad_internals.py): tinygrad's own copies
 schedule a graph on every call, which costs more Python per step than a small model's whole step takes on a GPU.
 """
 from __future__ import annotations
-import functools
-import hashlib
-import importlib.metadata
 import itertools
 import logging
-import os
-import pathlib
 import time
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Context, Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer, MultiBuffer
-from tinygrad.helpers import ContextVar
-from tinygrad.nn.state import get_state_dict
 from tinyvllm.engine.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
 from tinyvllm.kernels.paged_attention import BlockTables, context_blocks, new_pool
@@ -62,8 +53,8 @@ from tinyvllm.runner.sampler import (plans, SamplingPlan, bucket, penalized, pla
                                      unpack)
 from tinyvllm.engine.scheduler import ScheduledSequence
 from tinyvllm.engine.sequence import Sequence
-from tinyvllm.tinygrad_internals import (allocated, download, dump_graph, forget_captures, load_graph, store_graph,
-                                         stored_graph, upload)
+from tinyvllm.runner.graph_store import GraphStore
+from tinyvllm.tinygrad_internals import allocated, download, upload
 
 log = logging.getLogger("tinyvllm.runner")
 
@@ -136,14 +127,6 @@ def scratch_bytes(cfg, max_num_batched_tokens: int, dtype) -> int:
   T = bucket(max_num_batched_tokens)
   per_token = (3 * cfg.intermediate_size + 4 * cfg.hidden_size + 2 * cfg.num_heads * cfg.head_dim) * dtype.itemsize
   return 2 * T * per_token + 8 * T * cfg.vocab_size * 4
-
-
-@functools.cache
-def _source_digest() -> str:
-  """A hash of tinyvllm's code (the server and benchmarks aside): a captured graph is stored under it."""
-  root = pathlib.Path(__file__).parent
-  files = sorted(p for p in root.rglob("*.py") if not {"server", "benchmarks"} & set(p.relative_to(root).parts))
-  return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
 
 
 def _starts(shape: ModelShape) -> list[int]:
@@ -255,7 +238,7 @@ class ModelRunner:
     self.models: dict[ModelShape, _ModelGraph] = {}
     self.samplers: dict[SamplerShape, _SamplerGraph] = {}
     self.graph_builds, self.graph_loads, self.graph_build_seconds, self.ready = 0, 0, 0.0, False
-    self.unstored: list[tuple[str, _ModelGraph | _SamplerGraph]] = []     # captured, not yet in the cache db
+    self.store = GraphStore(self)
 
   def logits(self, rows: int) -> Tensor:
     """The [rows, vocab] float32 buffer on the first device that model graphs of `rows` logits rows write and
@@ -290,49 +273,12 @@ class ModelRunner:
 
   def _built(self, make, shape):
     graph = make()
-    names = self._buffer_names(graph)
-    key = self._graph_key(shape, names)
-    if (data := stored_graph(key)) is not None:
-      graph.jit = load_graph(data, names)
+    if self.store.load(shape, graph):                  # an earlier process with this code and shape captured it
       self.graph_loads += 1
       return graph
     self.graph_builds += 1
     if self.ready: log.warning("graph built after warmup, on the request path: %s", shape)
-    self.unstored.append((key, graph))
     return graph
-
-  # ---- graphs kept in the cache db -------------------------------------------------------------------------------
-  def _buffer_names(self, graph: _ModelGraph | _SamplerGraph) -> dict[str, Buffer]:
-    """Every buffer a graph reads or writes that is not its own scratch, by a name another process gives the same
-    buffer: the weights, the KV pools, the logits buffers, the graph's inputs."""
-    tensors = {f"weight {name}": t.uop.buffer for name, t in get_state_dict(self.model).items()}
-    tensors |= {f"{kv} pool {layer}": pools[i].uop.buffer for layer, pools in enumerate(self.kv_cache)
-                for i, kv in enumerate("kv")}
-    tensors |= {f"logits {rows}": t.uop.buffer for rows, t in self.logits_buffers.items()}
-    tensors |= graph.own_buffers()
-    return {f"{name} #{i}": b for name, buf in tensors.items()
-            for i, b in enumerate(buf.bufs if isinstance(buf, MultiBuffer) else [buf])}
-
-  def _graph_key(self, shape: ModelShape | SamplerShape, names: dict[str, Buffer]) -> str:
-    """What decides a captured graph: tinyvllm's code, tinygrad's version and settings, the shape, the model's
-    configuration and kernels, the devices, and the size and type of every named buffer (the logits buffers, which
-    come and go with the graphs of their row count, follow from the shape)."""
-    # tinygrad's settings as the environment sets them (its ContextVars are many more in a process that imports more
-    # of tinygrad: a server's and a script's keys would differ)
-    settings = sorted((name, repr(var.value)) for name, var in ContextVar._cache.items() if name in os.environ)
-    facts = (_source_digest(), importlib.metadata.version("tinygrad"), settings, shape, self.model.config,
-             self.model.kernels, self.paged, self.compile_options, self.devices,
-             [(name, b.device, b.size, b.dtype) for name, b in names.items() if not name.startswith("logits")])
-    return hashlib.sha256(repr(facts).encode()).hexdigest()
-
-  def store_captured(self) -> None:
-    """Put the graphs captured so far into the cache db, for the next start."""
-    for key, graph in self.unstored:
-      if graph.jit.captured is None: continue
-      data = dump_graph(graph.jit, {id(b): name for name, b in self._buffer_names(graph).items()})
-      if data is not None: store_graph(key, data)
-    self.unstored = [(k, g) for k, g in self.unstored if g.jit.captured is None]
-    forget_captures()
 
   # ---- a step --------------------------------------------------------------------------------------------------
   def prepare(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> PreparedStep:
@@ -466,7 +412,7 @@ class ModelRunner:
       graph = self._sampler(shape, floats.size, ints.size)
       graph.launch(ints, floats)
       graph.read()
-    self.store_captured()
+    self.store.store_captured()
     self.ready = True
     seconds = time.perf_counter() - t0
     self.graph_build_seconds += seconds
