@@ -65,6 +65,8 @@ class EngineArgs:
   kernels: str = "fast"                    # "fast" or "reference": tinygrad's plain operations throughout, the
                                            # readable forward pass the fast kernels are tested against (implies
                                            # attention_backend="gather" and unpacked weights; kernels/linear.py)
+  speculative_config: str | dict | None = None   # vLLM's JSON: {"method": "ngram", "num_speculative_tokens": k,
+                                           # "prompt_lookup_max": n, "prompt_lookup_min": m} (engine/speculative.py)
   beam: int = 0                            # tinygrad's BEAM kernel search for decode-sized graphs (0: its BEAM variable,
                                            # off by default); 2 pays on GPUs: minutes per graph shape once, then cached
 

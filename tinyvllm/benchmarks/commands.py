@@ -44,6 +44,8 @@ SERVE_ROWS: list[Row] = [("completed", "completed"), ("failed", "failed"), *THRO
 GRAPH_BUILD_ROWS: list[Row] = [("server ready (s)", "server_ready_s"), ("graphs built before", "graph_builds_before"),
                                ("graphs built after", "graph_builds_after"),
                                ("graphs built during the run", "graph_builds")]
+SPECULATIVE_ROWS: list[Row] = [("draft acceptance rate", "speculative.acceptance_rate"),
+                               ("mean accepted length", "speculative.mean_accepted_length")]
 PREFIX_ROWS: list[Row] = [(f"{workload} {label}", f"{workload}.{path}") for workload in ("shared_prefix", "chat")
                           for label, path in (*THROUGHPUT_ROWS[:2], ("TTFT mean (ms)", "ttft_ms.mean"),
                                               ("prefix cache hit rate", "prefix_cache_hit_rate"))]
@@ -69,9 +71,19 @@ def _measure_tinyvllm(engine_args: EngineArgs, measure: Callable[[LLMEngine], di
              "graphs": engine.stats().graph_builds}
   metrics = measure(engine)
   metrics["startup"] = startup
+  if getattr(engine, "speculative", None): metrics["speculative"] = speculative_metrics(engine.stats())
   del engine
   gc.collect()
   return metrics
+
+
+def speculative_metrics(stats) -> dict:
+  """Drafts over the whole run (warm-up included): vLLM's acceptance rate (accepted / checked) and mean accepted
+  length (tokens a step commits per sequence that checked drafts: the accepted ones plus the one it samples)."""
+  return {"draft_tokens": stats.spec_draft_tokens, "accepted_tokens": stats.spec_accepted_tokens,
+          "acceptance_rate": stats.spec_accepted_tokens / max(1, stats.spec_draft_tokens),
+          "mean_accepted_length": 1 + stats.spec_accepted_tokens / max(1, stats.spec_drafts),
+          "accepted_per_position": list(stats.spec_accepted_per_position)}
 
 
 def _gguf(engine_args: EngineArgs) -> Path:
@@ -126,7 +138,8 @@ def latency(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
                                                        args.peer_timeout),
     "transformers": lambda: peers.hf_latency(_hf_model(engine_args), measured, warmup, args.peer_timeout),
   })
-  return _result("latency", args, engine_args, {"tinyvllm": ours, **theirs}, LATENCY_ROWS)
+  return _result("latency", args, engine_args, {"tinyvllm": ours, **theirs},
+                 LATENCY_ROWS + (SPECULATIVE_ROWS if "speculative" in ours else []))
 
 
 def _random_workload(args: argparse.Namespace, vocab: int, seed: int | None = None) -> Workload:
@@ -156,7 +169,8 @@ def throughput(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
                                                     args.peer_timeout),
     "transformers": lambda: peers.hf_throughput(_hf_model(engine_args), make(0), args.peer_timeout),
   })
-  return _result("throughput", args, engine_args, {"tinyvllm": ours, **theirs}, THROUGHPUT_ROWS)
+  return _result("throughput", args, engine_args, {"tinyvllm": ours, **theirs},
+                 THROUGHPUT_ROWS + (SPECULATIVE_ROWS if "speculative" in ours else []))
 
 
 def _serve_against(base_url: str, args: argparse.Namespace, vocab: int) -> dict:

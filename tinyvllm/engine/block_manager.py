@@ -98,6 +98,12 @@ class BlockManager:
     for b in reversed(seq.block_table): self.release(b)
     seq.block_table, seq.num_blocks_in_cache = [], 0
 
+  def trim(self, seq: Sequence, num_tokens: int) -> None:
+    """Give back the blocks past `seq`'s first `num_tokens` tokens (those that held rejected drafts only)."""
+    keep = -(-num_tokens // self.block_size)
+    for b in reversed(seq.block_table[keep:]): self.release(b)
+    del seq.block_table[keep:]
+
   def release(self, block: int) -> None:
     assert self.ref_counts[block] > 0, f"block {block} released more often than taken"
     self.ref_counts[block] -= 1

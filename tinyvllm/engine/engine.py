@@ -33,6 +33,7 @@ from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, Ste
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import Sequence
+from tinyvllm.engine.speculative import NgramProposer, SpeculativeConfig
 from tinyvllm.tinygrad_internals import (device_memory, keep_graphs_loadable, keep_lowered_kernels_on_disk,
                                          share_kernel_cache_between_threads, speed_up_capture)
 
@@ -85,7 +86,11 @@ class LLMEngine:
                               self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
                               args.beam, paged)
     self.requests: dict[str, Request] = {}
-    self.overlap = Overlap(self) if args.async_scheduling else None
+    self.speculative = SpeculativeConfig.parse(args.speculative_config)
+    self.proposer = NgramProposer(self.speculative, self.max_model_len) if self.speculative else None
+    self.spec_counts = [0, 0, 0] + [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
+    # async scheduling prepares a step before the last one's tokens are known; drafts need them (speculative.py)
+    self.overlap = Overlap(self) if args.async_scheduling and not self.speculative else None
     self._ids = itertools.count()
 
   def _blocks_for_budget(self, cfg: ModelConfig) -> int:
@@ -138,7 +143,7 @@ class LLMEngine:
   def stats(self) -> EngineStats:
     return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
                        self.scheduler.num_preemptions, self.runner.graph_builds, self.runner.graph_build_seconds,
-                       self.runner.graph_loads)
+                       self.runner.graph_loads, *self.spec_counts[:3], tuple(self.spec_counts[3:]))
 
   def warmup(self) -> float:
     """Capture every graph a step can need (runner/model_runner.py: a bounded set), so that no request ever waits for
@@ -160,6 +165,10 @@ class LLMEngine:
     return self.finish(step, self.runner.collect(self.runner.launch(step)))
 
   def prepare(self) -> PreparedStep | None:
+    if self.proposer:                                                     # guesses for the step to check
+      for seq in self.scheduler.running:
+        decoding = seq.num_computed_tokens == seq.num_known_tokens - 1 and not seq.num_pending_tokens
+        seq.draft_token_ids = self.proposer.propose(seq) if decoding else []
     scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
     if not scheduled: return None
     step = self.runner.prepare(scheduled, self.block_manager)             # graph inputs
@@ -180,15 +189,33 @@ class LLMEngine:
         start = item.start + 1
         seq.prompt_logprobs[start:start + len(result.prompt_logprobs[seq])] = result.prompt_logprobs[seq]
       if seq not in result.sampled: continue                                # a prefill chunk, not the last one
-      self._append(seq, result.sampled[seq])
       request.first_token_time = request.first_token_time or now
-      reason = self._stop_reason(seq)
-      if self.tokenizer and update_text(seq, self.tokenizer, finished=reason is not None): reason = "stop"
-      if reason: self.scheduler.finish(seq, reason)                         # its blocks go back to the pool
+      drafts, seq.draft_token_ids, accepted = seq.draft_token_ids, [], 0
+      for i, sampled in enumerate(result.sampled[seq]):   # the token after the last known one, then after each draft
+        self._append(seq, sampled)
+        agrees = i < len(drafts) and sampled.token == drafts[i]
+        accepted += agrees
+        reason = self._stop_reason(seq)
+        if self.tokenizer and update_text(seq, self.tokenizer, finished=reason is not None): reason = "stop"
+        if reason:
+          self.scheduler.finish(seq, reason)                                # its blocks go back to the pool
+          break
+        if not agrees: break                                                # the drafts after it are wrong
+      if drafts:
+        self._count_drafts(len(drafts), accepted)
+        if seq.is_finished: continue
+        seq.num_computed_tokens = seq.num_known_tokens - 1                  # a rejected draft's K/V is stale:
+        self.block_manager.trim(seq, seq.num_computed_tokens)             # its slots are given back
     outputs = [out for r in touched.values() if (out := self._output(r)) is not None]
     for out in outputs:
       if out.finished: del self.requests[out.request_id]
     return outputs
+
+  def _count_drafts(self, proposed: int, accepted: int) -> None:
+    """vLLM's counts: steps that checked drafts, drafts checked, drafts accepted, and accepted per position."""
+    counts = self.spec_counts
+    counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + proposed, counts[2] + accepted
+    for position in range(accepted): counts[3 + position] += 1
 
   @staticmethod
   def _append(seq: Sequence, sampled: Sampled) -> None:

@@ -56,6 +56,10 @@ class EngineStats:
   graph_builds: int = 0
   graph_build_seconds: float = 0.0
   graph_loads: int = 0
+  spec_drafts: int = 0                           # speculative decoding: steps of a sequence that checked drafts,
+  spec_draft_tokens: int = 0                     # drafts checked, drafts accepted,
+  spec_accepted_tokens: int = 0
+  spec_accepted_per_position: tuple[int, ...] = ()   # and accepted at each position (empty without speculation)
 
   @staticmethod
   def total(parts: list[EngineStats]) -> EngineStats:
@@ -63,7 +67,9 @@ class EngineStats:
     return EngineStats(sum(p.running for p in parts), sum(p.waiting for p in parts),
                        sum(p.kv_cache_usage for p in parts) / max(1, len(parts)), sum(p.preemptions for p in parts),
                        sum(p.graph_builds for p in parts), sum(p.graph_build_seconds for p in parts),
-                       sum(p.graph_loads for p in parts))
+                       sum(p.graph_loads for p in parts), sum(p.spec_drafts for p in parts),
+                       sum(p.spec_draft_tokens for p in parts), sum(p.spec_accepted_tokens for p in parts),
+                       tuple(map(sum, zip(*(p.spec_accepted_per_position for p in parts)))))
 
 
 @dataclass

@@ -15,6 +15,10 @@ them for a whole prefill. Requests join (step 3) and leave (when finished) betwe
 batching*. When the KV pool has no block for a running sequence, the newest running sequence is *preempted*: its
 blocks are freed and it goes back to the front of the waiting queue, to be recomputed from its tokens later
 (prompt and everything it generated so far), which gives the same tokens it would have produced anyway.
+
+A decoding sequence may bring draft tokens to check (speculative decoding, engine/speculative.py): they cost budget
+like prompt tokens and each needs a row of logits, so they are cut to what the step has room for: tokens in the
+budget, and rows within `max_num_seqs` (every running sequence keeps a row of its own).
 """
 from __future__ import annotations
 from collections import deque
@@ -51,10 +55,17 @@ class Scheduler:
     budget = self.max_num_batched_tokens
     scheduled: list[ScheduledSequence] = []
     preemptions_before = self.num_preemptions
+    draft_rows = 0
     # decodes first; a sequence whose last token is being sampled needs nothing more
-    unscheduled = sorted((s for s in self.running if not s.has_all_tokens), key=lambda s: s.num_uncomputed_tokens > 1)
+    unscheduled = sorted((s for s in self.running if not s.has_all_tokens),
+                         key=lambda s: s.num_uncomputed_tokens - len(s.draft_token_ids) > 1)
     while unscheduled and budget > 0:
       seq = unscheduled.pop(0)
+      if seq.draft_token_ids:                     # what the step has room for: tokens, and rows of logits
+        room = min(budget - 1, self.max_num_seqs - len(self.running) - draft_rows)
+        del seq.draft_token_ids[max(0, room):]
+        if not self.block_manager.can_allocate(seq, seq.num_tokens): seq.draft_token_ids.clear()   # no preempting
+        draft_rows += len(seq.draft_token_ids)                                                      # for guesses
       n = self._chunk(seq, budget)
       if n == 0: continue
       if not self._make_room(seq, n, unscheduled): continue      # seq itself was preempted
@@ -62,7 +73,7 @@ class Scheduler:
       scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
       budget -= n
     # after a preemption the pool is tight: admitting newcomers would only preempt again
-    while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+    while (self.waiting and budget > 0 and len(self.running) + draft_rows < self.max_num_seqs
            and self.num_preemptions == preemptions_before):
       seq = self.waiting[0]
       if self._sibling_prefilling(seq): break     # wait to share its prompt blocks instead of computing them again
@@ -104,6 +115,7 @@ class Scheduler:
     self.running.remove(seq)
     self.block_manager.free(seq)
     seq.num_computed_tokens = 0
+    seq.draft_token_ids.clear()
     seq.num_preemptions += 1
     seq.status = SequenceStatus.WAITING
     self.waiting.appendleft(seq)

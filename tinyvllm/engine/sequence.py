@@ -8,6 +8,14 @@ decoding). When the computed count reaches the token count, the step's logits gi
 With async scheduling (engine/overlap.py) the next step is scheduled before that token reaches the host: it counts as
 *pending* (`num_pending_tokens`), part of `num_tokens` (it has a position and a slot) but not yet of
 `output_token_ids` (it has no value), so `num_known_tokens` can be one less than `num_tokens`.
+
+With speculative decoding a decoding sequence may carry *draft* tokens (`draft_token_ids`, engine/speculative.py):
+guesses at its next tokens, part of `num_tokens` (each has a position and a slot, and the step computes them like a
+short prompt chunk) but not of the output. The step that computes them checks them, and they become output or are
+dropped:
+
+    prompt + output          drafts          one step computes [last token | d1 d2 d3] and samples 4 rows:
+    [ .......... t ]  [ d1 d2 d3 ]        t → d1? d1 → d2? d2 → d3? d3 → (bonus)
 """
 from __future__ import annotations
 import enum
@@ -42,6 +50,7 @@ class Sequence:
   num_computed_tokens: int = 0
   num_pending_tokens: int = 0           # sampled by a step still running on the device, not yet in output_token_ids
   num_cached_tokens: int = 0            # of those, reused from the prefix cache at admission
+  draft_token_ids: list[int] = field(default_factory=list)   # guesses the next step checks (speculative decoding)
   block_table: list[int] = field(default_factory=list)
   num_blocks_in_cache: int = 0          # of its blocks, how many it has put in the prefix cache
   status: SequenceStatus = SequenceStatus.WAITING
@@ -53,7 +62,7 @@ class Sequence:
   @property
   def token_ids(self) -> list[int]: return self.prompt_token_ids + self.output_token_ids
   @property
-  def num_tokens(self) -> int: return len(self.prompt_token_ids) + self.num_output_tokens
+  def num_tokens(self) -> int: return len(self.prompt_token_ids) + self.num_output_tokens + len(self.draft_token_ids)
   @property
   def num_known_tokens(self) -> int: return len(self.prompt_token_ids) + len(self.output_token_ids)
   @property
@@ -72,3 +81,12 @@ class Sequence:
     return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
   @property
   def is_finished(self) -> bool: return self.status is SequenceStatus.FINISHED
+
+  def tokens(self, start: int, n: int) -> list[int]:
+    """Tokens start..start+n of prompt, output and drafts (shorter where a pending token has no value yet). Slices
+    one list where it can: joining them copies every token, for every row of every step."""
+    P, O = len(self.prompt_token_ids), len(self.output_token_ids)
+    if start + n <= P: return self.prompt_token_ids[start:start + n]
+    if start >= P and start + n <= P + O: return self.output_token_ids[start - P:start - P + n]
+    return (self.prompt_token_ids + self.output_token_ids + self.draft_token_ids)[start:start + n]
+

@@ -53,6 +53,7 @@ from tinyvllm.runner.sampler import (plans, SamplingPlan, bucket, penalized, pla
                                      unpack)
 from tinyvllm.engine.scheduler import ScheduledSequence
 from tinyvllm.engine.sequence import Sequence
+from tinyvllm.engine.speculative import AfterDrafts
 from tinyvllm.runner.graph_store import GraphStore
 from tinyvllm.tinygrad_internals import allocated, download, upload
 
@@ -104,7 +105,8 @@ class PreparedStep:
 
 @dataclass
 class StepResult:
-  sampled: dict[Sequence, Sampled]                       # the next token of every sequence that reached its end
+  sampled: dict[Sequence, list[Sampled]]   # of every sequence that reached its end: the next token, or with drafts,
+                                           # the token sampled after the last known token and after each draft
   prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # for prompt positions start+1.. of the chunk computed
 
 
@@ -127,6 +129,11 @@ def scratch_bytes(cfg, max_num_batched_tokens: int, dtype) -> int:
   T = bucket(max_num_batched_tokens)
   per_token = (3 * cfg.intermediate_size + 4 * cfg.hidden_size + 2 * cfg.num_heads * cfg.head_dim) * dtype.itemsize
   return 2 * T * per_token + 8 * T * cfg.vocab_size * 4
+
+
+def _sampler_rows(s: ScheduledSequence) -> list[Sequence | AfterDrafts]:
+  """The rows a scheduled sequence takes in the sampler: one, or one more per draft it checks."""
+  return [s.seq] + [AfterDrafts(s.seq, i) for i in range(1, len(s.seq.draft_token_ids) + 1)] if s.samples else [s.seq]
 
 
 def _starts(shape: ModelShape) -> list[int]:
@@ -302,7 +309,7 @@ class ModelRunner:
     the device computes the last of them (the others are read back at once: two groups of one shape replay the
     same graphs, whose output buffers the second replay overwrites)."""
     for i, group in enumerate(step.groups):
-      for index, seq in group.unknown_tokens: group.ints[index] = before.sampled[seq].token
+      for index, seq in group.unknown_tokens: group.ints[index] = before.sampled[seq][-1].token
       group.model.launch(group.ints, group.blocks)
       group.sampler.launch(group.sampler_ints, group.floats)
       if i < len(step.groups) - 1: group.output = group.sampler.read()
@@ -315,8 +322,11 @@ class ModelRunner:
       out, shape = group.sampler.read() if group.output is None else group.output, group.sampler.shape
       width = shape.plan.output_width
       sampled, prompt = out[:shape.R * width].reshape(shape.R, -1), out[shape.R * width:]
-      for i, s in enumerate(group.rows):
-        if s.samples: result.sampled[s.seq] = self._sampled(sampled[i], shape.plan)
+      row = 0
+      for s in group.rows:
+        n = len(_sampler_rows(s))
+        if s.samples: result.sampled[s.seq] = [self._sampled(sampled[i], shape.plan) for i in range(row, row + n)]
+        row += n
         if shape.plan.num_prompt_logprobs is not None:       # a group of its own that asked for them
           result.prompt_logprobs[s.seq] = self._prompt_logprobs(s, prompt, shape.plan)
     return result
@@ -325,7 +335,8 @@ class ModelRunner:
     every = group[0].seq.wants_prompt_logprobs
     shape = self.model_shape(sum(s.num_new_tokens for s in group), every)
     ints, blocks, unknown = self._model_inputs(group, shape, bm)
-    rows: list[Sequence | None] = [s.seq for s in group]
+    # a sampler row per sequence, and one more per draft it checks: the sequence as if the drafts before it held
+    rows: list[Sequence | AfterDrafts | None] = [row for s in group for row in _sampler_rows(s)]
     R = 1 if every else shape.R
     plan, adjusted_ids, floats = plan_and_pack(rows + [None] * (R - len(rows)), self.seed, self.stop_ids,
                                                self.max_adjusted)
@@ -347,17 +358,15 @@ class ModelRunner:
     tokens, positions, slots, rows, logits_index, tables, unknown = [], [], [], [], [], [], []
     for row, s in enumerate(group):
       seq, n, start = s.seq, s.num_new_tokens, s.start
-      P = len(seq.prompt_token_ids)
       # a decode row's token is unknown while the step before is sampling it: filled in at launch
       if start == seq.num_known_tokens: unknown.append((len(tokens), seq))
-      # slice prompt or output directly: seq.token_ids copies both lists, for every row of every step
-      new = seq.output_token_ids[start - P:start - P + n] if start >= P else \
-        seq.prompt_token_ids[start:start + n] if start + n <= P else seq.token_ids[start:start + n]
+      new = seq.tokens(start, n)
       tokens += new + [0] * (n - len(new))
       positions += range(start, start + n)
       slots += [bm.slot(seq, p) for p in range(start, start + n)]
       rows += [row] * n
-      logits_index.append(len(tokens) - 1)
+      checked = len(seq.draft_token_ids) if s.samples else 0     # drafts: logits of each, and of the token before
+      logits_index += range(len(tokens) - 1 - checked, len(tokens))
       tables += seq.block_table + [NULL_BLOCK] * (blocks - len(seq.block_table))
     pad = T - len(tokens)                     # padding tokens: token 0 at the null block's slot, row 0's table
     fields = [tokens + [0] * pad, positions + [0] * pad, slots + [null_slot] * pad, rows + [0] * pad,

@@ -106,7 +106,21 @@ class Metrics:
                    builds, build_seconds, loads,
                    self.ttft, self.tpot, self.e2e):
       lines += metric.render(self.labels)
+    if stats.spec_accepted_per_position: lines += self._speculative(stats)
     return "\n".join(lines) + "\n"
+
+
+  def _speculative(self, stats: EngineStats) -> list[str]:
+    """Speculative decoding's counters, as vLLM names them (shown only when it is on)."""
+    lines = []
+    for name, help, value in (("drafts", "Steps of a sequence that checked drafts.", stats.spec_drafts),
+                              ("draft_tokens", "Draft tokens checked.", stats.spec_draft_tokens),
+                              ("accepted_tokens", "Draft tokens accepted.", stats.spec_accepted_tokens)):
+      lines += Counter(f"vllm:spec_decode_num_{name}_total", help, value).render(self.labels)
+    name = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+    lines += _header(name, "counter", "Draft tokens accepted, by their position among a step's drafts.")
+    return lines + [f'{name}{{{self.labels},position="{i}"}} {float(v)}'
+                    for i, v in enumerate(stats.spec_accepted_per_position)]
 
 
 class RequestMetrics:

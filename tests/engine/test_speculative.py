@@ -1,0 +1,157 @@
+"""Speculative decoding (engine/speculative.py): prompt lookup finds what it should; a step that checks drafts
+commits exactly the tokens plain decoding gives (greedy and seeded sampling, with penalties, logprobs, min_tokens
+and stops), never leaks a KV block, and keeps the output distribution of sampled requests (a chi-square test that a
+wrong acceptance rule fails). The real SmolLM2, batched, chunked, preempted and prefix-cached, gives the tokens of
+lone plain runs."""
+import numpy as np
+import pytest
+from tinyvllm import LLM, EngineArgs, LLMEngine, SamplingParams
+from tinyvllm.engine.speculative import SpeculativeConfig, propose_ngram
+
+TINY = dict(load_format="dummy", shape="tiny", block_size=4, max_model_len=64, max_num_batched_tokens=32,
+            max_num_seqs=16, enable_prefix_caching=True)
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
+  assert propose_ngram([1, 2, 3, 9, 2, 3, 8, 1, 2, 3], 2, 3, 1) == [9, 2]      # [1 2 3] beats the later [2 3]
+  assert propose_ngram([5, 6, 5, 7, 5], 3, 2, 1) == [7, 5]                      # the latest [5], cut at the end
+  assert propose_ngram([1, 2, 3, 4], 3, 3, 1) == []                             # nothing repeats
+  assert propose_ngram([256, 1, 256], 2, 1, 1) == [1, 256]                      # whole tokens, not their bytes
+  assert propose_ngram([1, 0, 0, 0, 1, 0, 0, 0, 7, 1], 2, 1, 1) == [0, 0]       # bytes 01 00 00 00 match mid-token
+  assert propose_ngram([4, 4], 3, 5, 5) == []                                   # shorter than prompt_lookup_min
+
+
+def test_speculative_config_takes_vllms_json_and_names_the_bad_field():
+  assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 4}') == SpeculativeConfig(4, "ngram", 5, 5)
+  assert SpeculativeConfig.parse({"num_speculative_tokens": 2, "prompt_lookup_max": 3}).prompt_lookup_min == 3
+  for bad, field in (('{"num_speculative_tokens": 0}', "num_speculative_tokens"), ("{}", "num_speculative_tokens"),
+                     ('{"num_speculative_tokens": 2, "method": "eagle"}', "method"),
+                     ('{"num_speculative_tokens": 2, "model": "draft.gguf"}', "model"),
+                     ('{"num_speculative_tokens": 2, "lookahead": 3}', "lookahead"), ("[2]", "speculative_config"),
+                     ('{"num_speculative_tokens": 2, "prompt_lookup_max": 2, "prompt_lookup_min": 3}', "prompt_lookup_min")):
+    with pytest.raises(ValueError, match=field): SpeculativeConfig.parse(bad)
+
+
+def mixed_requests() -> list[tuple[list[int], SamplingParams]]:
+  """Repetitive prompts (drafts to check) with every sampling knob the engine has."""
+  knobs = [dict(temperature=0), dict(temperature=0.9, seed=1), dict(temperature=0.7, top_k=5, seed=2),
+           dict(temperature=1.0, top_p=0.8, seed=3, logprobs=2), dict(temperature=0.8, frequency_penalty=0.4, seed=4),
+           dict(temperature=0, repetition_penalty=1.3, presence_penalty=0.2), dict(temperature=0.6, min_tokens=9, seed=5),
+           dict(temperature=0, stop_token_ids=[3, 7, 11]), dict(temperature=0.9, n=2, seed=6),
+           dict(temperature=0, logit_bias={5: 2.0}, logprobs=1)]
+  requests = []
+  for i, knob in enumerate(knobs):
+    prompt = ([1 + i, 2, 3, 4] * 4)[:5 + i] + [9, 1 + i, 2]
+    requests.append((prompt, SamplingParams(max_tokens=8 + 3 * i, ignore_eos=True, **knob)))
+  return requests
+
+
+def run(spec: dict | None, num_kv_blocks: int) -> tuple[dict, LLMEngine]:
+  engine = LLMEngine(EngineArgs(**TINY, num_kv_blocks=num_kv_blocks, speculative_config=spec))
+  for i, (prompt, params) in enumerate(mixed_requests()): engine.add_request(prompt, params, request_id=str(i))
+  done, bm = {}, engine.block_manager
+  while engine.has_unfinished_requests():
+    for out in engine.step():
+      if out.finished: done[out.request_id] = [(c.token_ids, c.logprobs, c.finish_reason) for c in out.outputs]
+    for seq in engine.scheduler.running:        # no block past the computed tokens: rejected drafts' are given back
+      assert len(seq.block_table) == -(-seq.num_computed_tokens // bm.block_size)
+      assert seq.draft_token_ids == []
+    held = [b for s in engine.scheduler.running for b in s.block_table]
+    cached = [b for b in bm.prefix_cache.blocks() if bm.ref_counts[b] == 1]     # idle in the prefix cache only
+    assert len(set(held)) + len(cached) + len(bm.free_blocks) == bm.num_usable_blocks
+  assert all(bm.ref_counts[b] == 1 for b in bm.prefix_cache.blocks())      # every sequence gave its blocks back
+  return done, engine
+
+
+def test_checked_drafts_commit_exactly_the_tokens_of_plain_decoding():
+  plain, _ = run(None, num_kv_blocks=24)
+  speculative, engine = run(SPEC, num_kv_blocks=24)
+  stats = engine.stats()
+  assert stats.spec_draft_tokens > 20 and 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens  # both happened
+  per_position = stats.spec_accepted_per_position           # a draft is accepted only after those before it
+  assert len(per_position) == 3 and list(per_position) == sorted(per_position, reverse=True)
+  assert sum(per_position) == stats.spec_accepted_tokens
+  assert engine.scheduler.num_preemptions > 0 and engine.overlap is None
+  assert speculative.keys() == plain.keys()
+  for request_id, completions in plain.items():
+    for (tokens, logprobs, reason), (tokens_s, logprobs_s, reason_s) in zip(completions, speculative[request_id]):
+      assert tokens_s == tokens and reason_s == reason, request_id
+      for step, step_s in zip(logprobs or [], logprobs_s or []):
+        assert step.keys() == step_s.keys() and all(abs(step[t] - step_s[t]) < 1e-4 for t in step)
+
+
+def second_tokens(engine: LLMEngine, seeds: range, draft: int, accept_wrongly: bool = False) -> np.ndarray:
+  """The second generated token of one request per seed (temperature 1), each step proposing `draft`."""
+  class Always:
+    def propose(self, seq): return [draft] if len(seq.output_token_ids) == 1 else []
+  if engine.proposer: engine.proposer = Always()
+  if accept_wrongly:     # accept a rejected draft half the time: acceptance p(d) + (1 - p(d)) / 2 instead of p(d)
+    collect = engine.runner.collect
+    def collect_wrongly(step):
+      result = collect(step)
+      for item in step.scheduled:
+        rows = result.sampled.get(item.seq, [])
+        if len(rows) > 1 and rows[0].token != draft and item.seq.seq_id % 2: rows[0].token = draft
+      return result
+    engine.runner.collect = collect_wrongly
+  params = {seed: SamplingParams(temperature=1.0, seed=seed, max_tokens=3, ignore_eos=True, logit_bias={draft: 6.0})
+            for seed in seeds}
+  second = []
+  for batch in range(seeds.start, seeds.stop, 4):          # 4 running: each has a row for its draft
+    for seed in range(batch, min(batch + 4, seeds.stop)): engine.add_request([5, 9, 2, 7], params[seed], str(seed))
+    while engine.has_unfinished_requests():
+      second += [out.outputs[0].token_ids[1] for out in engine.step() if out.finished]
+  return np.array(second)
+
+
+def chi_square(a: np.ndarray, b: np.ndarray, draft: int) -> float:
+  """Pearson's statistic of the 2 × 2 table (sample × [draft, anything else]): 1 degree of freedom."""
+  table = np.array([[(a == draft).sum(), (a != draft).sum()], [(b == draft).sum(), (b != draft).sum()]], float)
+  expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+  return float(((table - expected) ** 2 / expected).sum())
+
+
+def test_sampled_tokens_keep_the_target_distribution():
+  """Drafts of one token that the (biased) model samples about half the time: with speculation the second token is
+  the draft as often as without (different seeds), and the statistic grows far past the 0.1 % threshold (10.83) when
+  a rejected draft is accepted half the time."""
+  draft, seeds = 17, 240
+  args = EngineArgs(**TINY, num_kv_blocks=40)
+  plain = second_tokens(LLMEngine(args), range(seeds, 2 * seeds), draft)
+  speculative_engine = LLMEngine(EngineArgs(**{**TINY, "speculative_config": SPEC}, num_kv_blocks=40))
+  speculative = second_tokens(speculative_engine, range(seeds), draft)
+  assert speculative_engine.stats().spec_draft_tokens >= seeds // 2
+  assert 0.2 < (plain == draft).mean() < 0.8
+  assert chi_square(plain, speculative, draft) < 10.83
+  wrong = second_tokens(LLMEngine(EngineArgs(**{**TINY, "speculative_config": SPEC}, num_kv_blocks=40)),
+                        range(seeds), draft, accept_wrongly=True)
+  assert chi_square(plain, wrong, draft) > 10.83
+
+
+COPY = ["Repeat this list exactly, but replace 'pears' with 'plums': apples, bananas, cherries, dates, figs, grapes, "
+        "kiwis, lemons, mangoes, pears, oranges.",
+        "Fix the typo and print the corrected code:\ndef area(width, height):\n    return widht * height\n",
+        "Copy this sentence twice: the quick brown fox jumps over the lazy dog."]
+
+
+@pytest.mark.parametrize("config", [dict(max_model_len=256, max_num_batched_tokens=64, max_num_seqs=6,
+                                         num_kv_blocks=17, enable_prefix_caching=True)])
+def test_smollm2_greedy_with_drafts_equals_lone_plain_runs(smollm2, reference, config):
+  """16 requests (copy-heavy chats, the reference prompts, a shared system prompt), greedy, with prompt lookup on a
+  pool and budget small enough to chunk, preempt and reuse cached prefixes: every request's tokens are the tokens it
+  gets alone without speculation."""
+  tok = smollm2.get_tokenizer()
+  system = [{"role": "system", "content": "You repeat text carefully."}]
+  chats = [tok.encode(tok.apply_chat_template(system + [{"role": "user", "content": c + " " * i}]),
+                      add_special_tokens=False) for i in range(4) for c in COPY]
+  prompts = chats + [c["prompt_ids"] for c in reference["greedy"] if c["name"] != "long"]
+  params = SamplingParams(temperature=0, max_tokens=40)
+  alone = [smollm2.generate({"prompt_token_ids": p}, params)[0].outputs[0].token_ids for p in prompts]
+  llm = LLM(**config, speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+                                          "prompt_lookup_min": 2})
+  outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+  for prompt, out, lone in zip(prompts, outs, alone): assert out.outputs[0].token_ids == lone, prompt[-8:]
+  stats = llm.engine.stats()
+  assert stats.spec_accepted_tokens > 50, stats
+  assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.block_manager.prefix_cache.num_hit_tokens > 0

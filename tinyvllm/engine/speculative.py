@@ -1,0 +1,114 @@
+"""Speculative decoding: guess a sequence's next tokens cheaply, then let one step of the model check them all.
+
+A decode step reads every weight to produce one token per sequence. If something cheap can guess the next k tokens,
+the model can compute the last token and the k guesses in one step, a short prompt chunk whose every position
+gives logits, and keep the guesses it agrees with:
+
+    known:  ... the cat sat on      drafts: [the] [mat] [and]
+    step:   on → "the" ✓   the → "mat" ✓   mat → "."  ✗ (the draft said "and")
+    output: the mat .                       3 tokens for one step; "and" is dropped, its K/V overwritten later
+
+Each row is sampled exactly as a plain decode step would sample it (the same seed stream at the same output
+position, with penalties counting the drafts before it), and drafts are accepted while they equal the sampled
+token. For greedy requests that is exact-match acceptance. For sampled requests it is rejection sampling with a
+draft distribution that is certain of its guess (q(d) = 1): the draft is accepted with probability
+min(1, p(d) / q(d)) = p(d), and on a rejection the sampled token is a draw from p with d removed, which is the
+normalized residual max(0, p - q): so the output is distributed exactly as without speculation, and a seeded
+request gives the same tokens with speculation on or off.
+
+The guesser here is *prompt lookup* (n-gram): find the latest earlier place where the sequence's last n tokens
+occurred (n from `prompt_lookup_max` down to `prompt_lookup_min`) and propose the k tokens that followed. It costs
+one byte search per sequence and needs no model; it pays where outputs copy their context (code edits, quoting,
+lists repeated with a change) and proposes nothing elsewhere.
+
+The engine asks for drafts before scheduling (engine.py); the scheduler counts them in the step's token budget and
+block allocation, and trims them to fit (scheduler.py); the runner returns one sampled row per position
+(runner/model_runner.py); the engine accepts, appends and moves `num_computed_tokens` back to the last accepted
+token. Async scheduling is off with speculation: the next step's drafts and positions depend on how many tokens this
+step accepts.
+"""
+from __future__ import annotations
+import json
+from array import array
+from dataclasses import dataclass
+from tinyvllm.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+  """vLLM's `--speculative-config` JSON: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
+  "prompt_lookup_min": m}."""
+  num_speculative_tokens: int
+  method: str = "ngram"
+  prompt_lookup_max: int = 5             # vLLM's defaults: 5 and 5 if neither is given, else the one given for both
+  prompt_lookup_min: int = 5
+
+  @staticmethod
+  def parse(value: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
+    """From a dict or its JSON text (ValueError naming the field that is wrong)."""
+    if value is None or isinstance(value, SpeculativeConfig): return value
+    if isinstance(value, str):
+      try: value = json.loads(value)
+      except json.JSONDecodeError as e: raise ValueError(f"speculative_config: not JSON ({e})") from None
+    if not isinstance(value, dict): raise ValueError("speculative_config: expected a JSON object")
+    value = dict(value)
+    if "model" in value and value.get("method", "draft_model") != "ngram":
+      raise ValueError("speculative_config.model: draft-model speculation is not available; use "
+                       '{"method": "ngram", "num_speculative_tokens": k}')
+    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    if unknown := sorted(set(value) - known): raise ValueError(f"speculative_config.{unknown[0]}: unknown field")
+    if value.get("method", "ngram") != "ngram":
+      raise ValueError(f"speculative_config.method: {value['method']!r} is not available; use \"ngram\"")
+    for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+      if name in value and (not isinstance(value[name], int) or isinstance(value[name], bool) or value[name] < 1):
+        raise ValueError(f"speculative_config.{name}: must be a positive integer")
+    if "num_speculative_tokens" not in value: raise ValueError("speculative_config.num_speculative_tokens: required")
+    if "prompt_lookup_max" in value or "prompt_lookup_min" in value:
+      value.setdefault("prompt_lookup_max", value.get("prompt_lookup_min"))
+      value.setdefault("prompt_lookup_min", value["prompt_lookup_max"])
+    config = SpeculativeConfig(**value)
+    if config.prompt_lookup_min > config.prompt_lookup_max:
+      raise ValueError("speculative_config.prompt_lookup_min: must not exceed prompt_lookup_max")
+    return config
+
+
+def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
+  """Up to k tokens that followed the latest earlier occurrence of `tokens`' last n tokens (the longest n that
+  occurs, from n_max down to n_min); [] if none does. The search is bytes.rfind over the tokens as int32s, in C."""
+  if k <= 0 or len(tokens) <= n_min: return []
+  data = array("i", tokens).tobytes()
+  for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+    pattern, end = data[-4 * n:], len(data) - 4       # an occurrence must end before the last token
+    while (at := data.rfind(pattern, 0, end)) >= 0:
+      if at % 4 == 0:                                  # aligned: a match of whole tokens
+        follow = at // 4 + n
+        return tokens[follow:follow + k]
+      end = at + 4 * n - 1                             # misaligned: look further left
+  return []
+
+
+class NgramProposer:
+  def __init__(self, config: SpeculativeConfig, max_model_len: int):
+    self.config, self.max_model_len = config, max_model_len
+
+  def propose(self, seq: Sequence) -> list[int]:
+    """Drafts for a sequence that is decoding (every known token but the last computed): at most k, and never
+    past its max_tokens (the step adds one token of its own) or max_model_len."""
+    c = self.config
+    room = self.max_model_len - seq.num_known_tokens - 1
+    if seq.max_output_tokens is not None: room = min(room, seq.max_output_tokens - len(seq.output_token_ids) - 1)
+    k = min(c.num_speculative_tokens, room)
+    return propose_ngram(seq.token_ids, k, c.prompt_lookup_max, c.prompt_lookup_min) if k > 0 else []
+
+
+class AfterDrafts:
+  """A sequence as it would be with its first `i` drafts accepted: what the sampler reads of the row that checks
+  draft i + 1 (its seed stream's position, penalties' counts and min_tokens count those drafts as output)."""
+  def __init__(self, seq: Sequence, i: int):
+    self.seq, self.i = seq, i
+    self.params, self.index, self.seq_id, self.prompt_token_ids = seq.params, seq.index, seq.seq_id, seq.prompt_token_ids
+    self.wants_prompt_logprobs = False
+  @property
+  def output_token_ids(self) -> list[int]: return self.seq.output_token_ids + self.seq.draft_token_ids[:self.i]
+  @property
+  def num_output_tokens(self) -> int: return self.seq.num_output_tokens + self.i
