@@ -10,7 +10,8 @@ from tinyvllm.engine.speculative import SpeculativeConfig, propose_ngram
 
 TINY = dict(load_format="dummy", shape="tiny", block_size=4, max_model_len=64, max_num_batched_tokens=32,
             max_num_seqs=16, enable_prefix_caching=True)
-SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
+        "disable_by_batch_size": 16}
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
@@ -81,6 +82,19 @@ def test_checked_drafts_commit_exactly_the_tokens_of_plain_decoding():
         assert step.keys() == step_s.keys() and all(abs(step[t] - step_s[t]) < 1e-4 for t in step)
 
 
+def test_drafts_stop_while_more_sequences_run_than_disable_by_batch_size():
+  """On a CPU the default is 1: a lone sequence checks drafts, two running together do not."""
+  engine = LLMEngine(EngineArgs(**TINY, num_kv_blocks=24, speculative_config={**SPEC, "disable_by_batch_size": None}))
+  assert engine.speculate_up_to == 1
+  params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+  for request_id in ("a", "b"): engine.add_request([3, 4, 5] * 4, params, request_id=request_id)
+  while engine.has_unfinished_requests(): engine.step()
+  assert engine.stats().spec_draft_tokens == 0
+  engine.add_request([3, 4, 5] * 4, params, request_id="alone")
+  while engine.has_unfinished_requests(): engine.step()
+  assert engine.stats().spec_draft_tokens > 0
+
+
 def second_tokens(engine: LLMEngine, seeds: range, draft: int, accept_wrongly: bool = False) -> np.ndarray:
   """The second generated token of one request per seed (temperature 1), each step proposing `draft`."""
   class Always:
@@ -149,7 +163,7 @@ def test_smollm2_greedy_with_drafts_equals_lone_plain_runs(smollm2, reference, c
   params = SamplingParams(temperature=0, max_tokens=40)
   alone = [smollm2.generate({"prompt_token_ids": p}, params)[0].outputs[0].token_ids for p in prompts]
   llm = LLM(**config, speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
-                                          "prompt_lookup_min": 2})
+                                          "prompt_lookup_min": 2, "disable_by_batch_size": 6})
   outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
   for prompt, out, lone in zip(prompts, outs, alone): assert out.outputs[0].token_ids == lone, prompt[-8:]
   stats = llm.engine.stats()

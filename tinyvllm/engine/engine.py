@@ -89,6 +89,7 @@ class LLMEngine:
     self.speculative = SpeculativeConfig.parse(args.speculative_config)
     self.proposer = NgramProposer(self.speculative, self.max_model_len) if self.speculative else None
     self.spec_counts = [0, 0, 0] + [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
+    self.speculate_up_to = self.speculative and (self.speculative.disable_by_batch_size or (1 if args._on_cpu() else 16))
     # async scheduling prepares a step before the last one's tokens are known; drafts need them (speculative.py)
     self.overlap = Overlap(self) if args.async_scheduling and not self.speculative else None
     self._ids = itertools.count()
@@ -166,9 +167,10 @@ class LLMEngine:
 
   def prepare(self) -> PreparedStep | None:
     if self.proposer:                                                     # guesses for the step to check
+      speculate = len(self.scheduler.running) <= self.speculate_up_to     # where checking them pays
       for seq in self.scheduler.running:
         decoding = seq.num_computed_tokens == seq.num_known_tokens - 1 and not seq.num_pending_tokens
-        seq.draft_token_ids = self.proposer.propose(seq) if decoding else []
+        seq.draft_token_ids = self.proposer.propose(seq) if decoding and speculate else []
     scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
     if not scheduled: return None
     step = self.runner.prepare(scheduled, self.block_manager)             # graph inputs

@@ -26,6 +26,13 @@ block allocation, and trims them to fit (scheduler.py); the runner returns one s
 (runner/model_runner.py); the engine accepts, appends and moves `num_computed_tokens` back to the last accepted
 token. Async scheduling is off with speculation: the next step's drafts and positions depend on how many tokens this
 step accepts.
+
+Where it pays: checking k drafts costs a step of k + 1 tokens a sequence. While a step's cost is reading the weights
+(a GPU at small batches) those tokens are nearly free; where it is arithmetic (a CPU, or any device at large
+batches) a step of 4 tokens costs about what 4 steps of 1 do minus the weight reads. On the 2-core CPU a batch-1
+SmolLM2 step of 4 tokens costs ~1.8× a step of 1, and at batch 32 drafts made the run 1.8× slower, so speculation
+turns itself off while more than `disable_by_batch_size` sequences run (vLLM's field): by default 1 on a CPU and 16
+on a GPU (the GPU's value is not measured yet).
 """
 from __future__ import annotations
 import json
@@ -37,11 +44,12 @@ from tinyvllm.engine.sequence import Sequence
 @dataclass(frozen=True)
 class SpeculativeConfig:
   """vLLM's `--speculative-config` JSON: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
-  "prompt_lookup_min": m}."""
+  "prompt_lookup_min": m, "disable_by_batch_size": b}."""
   num_speculative_tokens: int
   method: str = "ngram"
   prompt_lookup_max: int = 5             # vLLM's defaults: 5 and 5 if neither is given, else the one given for both
   prompt_lookup_min: int = 5
+  disable_by_batch_size: int | None = None   # no drafts while more sequences run; None: sized for the device
 
   @staticmethod
   def parse(value: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
@@ -55,12 +63,12 @@ class SpeculativeConfig:
     if "model" in value and value.get("method", "draft_model") != "ngram":
       raise ValueError("speculative_config.model: draft-model speculation is not available; use "
                        '{"method": "ngram", "num_speculative_tokens": k}')
-    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"}
     if unknown := sorted(set(value) - known): raise ValueError(f"speculative_config.{unknown[0]}: unknown field")
     if value.get("method", "ngram") != "ngram":
       raise ValueError(f"speculative_config.method: {value['method']!r} is not available; use \"ngram\"")
-    for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
-      if name in value and (not isinstance(value[name], int) or isinstance(value[name], bool) or value[name] < 1):
+    for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
+      if name in value and value[name] is not None and (not isinstance(value[name], int) or isinstance(value[name], bool) or value[name] < 1):
         raise ValueError(f"speculative_config.{name}: must be a positive integer")
     if "num_speculative_tokens" not in value: raise ValueError("speculative_config.num_speculative_tokens: required")
     if "prompt_lookup_max" in value or "prompt_lookup_min" in value:
