@@ -9,12 +9,24 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
-from tinyvllm.engine.engine import request_stats
+from dataclasses import replace
+from tinyvllm.engine.engine import LLMEngine
 from tinyvllm.engine.protocol import Engine, EngineStats
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.tinygrad_internals import share_kernel_cache_between_threads
 
 log = logging.getLogger("tinyvllm.engine")
+
+
+def request_stats(engine: Engine) -> EngineStats:
+  """`engine.stats()` with requests counted instead of sequences, as vLLM's gauges count them: a request with n=4
+  runs as four sequences but is one request. DataParallelEngine's ranks count this way themselves; DiffusionEngine
+  counts sequences."""
+  stats = engine.stats()
+  if not isinstance(engine, LLMEngine): return stats
+  running = {seq.request_id for seq in engine.scheduler.running}
+  waiting = {seq.request_id for seq in engine.scheduler.waiting} - running
+  return replace(stats, running=len(running), waiting=len(waiting))
 
 
 T = TypeVar("T")

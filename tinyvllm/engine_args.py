@@ -130,6 +130,16 @@ class EngineArgs:
     budget = max(0, int(self.gpu_memory_utilization * total) - (total - free) - scratch)
     return budget // 2**28 * 2**28   # whole 256 MiB: a restart sizes the same pool, so it loads its stored graphs
 
+  def kv_blocks(self, cfg, max_model_len: int, memory: tuple[int, int] | None, scratch: int) -> int:
+    """The KV pool's size in blocks (the null block included): its budget (`kv_cache_bytes`) over one block's bytes
+    on one device, and never more than every sequence at full length could use. The budget is per device, as in
+    vLLM: tensor parallelism splits every block N ways by KV head."""
+    kv_heads_per_device = cfg.num_kv_heads // self.tensor_parallel_size
+    bytes_per_block = 2 * cfg.num_layers * self.block_size * kv_heads_per_device * cfg.head_dim * \
+      self.compute_dtype().itemsize
+    budget_blocks = self.kv_cache_bytes(memory, scratch) // bytes_per_block
+    return 1 + min(budget_blocks, self.max_num_seqs * -(-max_model_len // self.block_size))
+
   def compute_dtype(self) -> DType:
     if self.dtype != "auto": return getattr(dtypes, self.dtype)
     return dtypes.float32 if self._on_cpu() else dtypes.float16

@@ -3,6 +3,8 @@ commits exactly the tokens plain decoding gives (greedy and seeded sampling, wit
 and stops), never leaks a KV block, and keeps the output distribution of sampled requests (a chi-square test that a
 wrong acceptance rule fails). The real SmolLM2, batched, chunked, preempted and prefix-cached, gives the tokens of
 lone plain runs."""
+import argparse
+import json
 import numpy as np
 import pytest
 from tinyvllm import LLM, EngineArgs, LLMEngine, SamplingParams
@@ -32,6 +34,17 @@ def test_speculative_config_takes_vllms_json_and_names_the_bad_field():
                      ('{"num_speculative_tokens": 2, "lookahead": 3}', "lookahead"), ("[2]", "speculative_config"),
                      ('{"num_speculative_tokens": 2, "prompt_lookup_max": 2, "prompt_lookup_min": 3}', "prompt_lookup_min")):
     with pytest.raises(ValueError, match=field): SpeculativeConfig.parse(bad)
+
+
+def test_speculative_config_flag_reaches_the_engine():
+  """`--speculative-config JSON` as serve.py and bench.py parse it; a bad one fails the start naming the field."""
+  parser = argparse.ArgumentParser()
+  EngineArgs.add_cli_args(parser)
+  args = parser.parse_args(["--speculative-config", json.dumps(SPEC)])
+  engine = LLMEngine(EngineArgs(**{**TINY, "speculative_config": args.speculative_config}, num_kv_blocks=24))
+  assert engine.speculative == SpeculativeConfig(3, "ngram", 3, 1, 16) and engine.overlap is None
+  with pytest.raises(ValueError, match="num_speculative_tokens"):
+    LLMEngine(EngineArgs(**TINY, num_kv_blocks=24, speculative_config='{"num_speculative_tokens": -1}'))
 
 
 def mixed_requests() -> list[tuple[list[int], SamplingParams]]:

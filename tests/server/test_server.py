@@ -498,6 +498,20 @@ def test_no_graph_is_built_after_ready(live):
   assert graphs() == before
 
 
+def test_metrics_page_shows_speculative_counters_only_when_speculating():
+  from tinyvllm.engine.protocol import EngineStats
+  from tinyvllm.server.metrics import Metrics
+  stats = EngineStats(spec_drafts=3, spec_draft_tokens=9, spec_accepted_tokens=5, spec_accepted_per_position=(3, 2, 0))
+  page = Metrics("m").render(stats)
+  for line in ('vllm:spec_decode_num_drafts_total{model_name="m"} 3.0',
+               'vllm:spec_decode_num_draft_tokens_total{model_name="m"} 9.0',
+               'vllm:spec_decode_num_accepted_tokens_total{model_name="m"} 5.0',
+               'vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"} 2.0',
+               'vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="2"} 0.0'):
+    assert line in page.splitlines()
+  assert "spec_decode" not in Metrics("m").render(EngineStats())
+
+
 def test_metrics_page_has_vllm_names(live):
   text = request("GET", f"{live.url}/metrics")[1]
   for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import replace
 from tinygrad import Device
 from tinygrad.helpers import DEV, Target
 from tinyvllm.engine.block_manager import BlockManager
@@ -64,13 +63,15 @@ class LLMEngine:
     dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
       if args.load_format == "dummy" else None
     devices, paged = args.devices(), args.paged_attention()     # both check their arguments, before loading
+    self.speculative = SpeculativeConfig.parse(args.speculative_config)
     self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg,
                                             args.keep_weights_packed(), devices)
     self.model.kernels = args.kernels
     self.model_config = cfg = self.model.config
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    num_blocks = args.num_kv_blocks or self._blocks_for_budget(cfg)
+    scratch = scratch_bytes(cfg, args.max_num_batched_tokens, args.compute_dtype())
+    num_blocks = args.num_kv_blocks or args.kv_blocks(cfg, self.max_model_len, device_memory(devices[0]), scratch)
     if args.max_model_len is None and (num_blocks - 1) * args.block_size < self.max_model_len:
       self.max_model_len = (num_blocks - 1) * args.block_size        # unset: as long as the pool holds
       log.warning(f"max_model_len {self.max_model_len}: what the KV pool holds, less than the model's context")
@@ -86,23 +87,12 @@ class LLMEngine:
                               self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
                               args.beam, paged)
     self.requests: dict[str, Request] = {}
-    self.speculative = SpeculativeConfig.parse(args.speculative_config)
     self.proposer = NgramProposer(self.speculative, self.max_model_len) if self.speculative else None
     self.spec_counts = [0, 0, 0] + [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
     self.speculate_up_to = self.speculative and (self.speculative.disable_by_batch_size or (1 if args._on_cpu() else 16))
     # async scheduling prepares a step before the last one's tokens are known; drafts need them (speculative.py)
     self.overlap = Overlap(self) if args.async_scheduling and not self.speculative else None
     self._ids = itertools.count()
-
-  def _blocks_for_budget(self, cfg: ModelConfig) -> int:
-    # the budget is per device, as in vLLM: split N ways by tensor parallelism, each device holds 1/N of every block
-    kv_heads_per_device = cfg.num_kv_heads // self.args.tensor_parallel_size
-    bytes_per_block = 2 * cfg.num_layers * self.args.block_size * kv_heads_per_device * cfg.head_dim * \
-      self.args.compute_dtype().itemsize
-    scratch = scratch_bytes(cfg, self.args.max_num_batched_tokens, self.args.compute_dtype())
-    budget_blocks = self.args.kv_cache_bytes(device_memory(self.args.devices()[0]), scratch) // bytes_per_block
-    # never more than every sequence at full length could use
-    return 1 + min(budget_blocks, self.args.max_num_seqs * -(-self.max_model_len // self.args.block_size))
 
   # ---- requests in -------------------------------------------------------------------------------------------
   def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -254,13 +244,3 @@ def _completion(index: int, seq: Sequence, delta: bool) -> CompletionOutput:
   return CompletionOutput(index, seq.output_text[chars:], seq.output_token_ids[tokens:], seq.finish_reason,
                           seq.output_logprobs[tokens:] if seq.params.logprobs is not None else None)
 
-
-def request_stats(engine: Engine) -> EngineStats:
-  """`engine.stats()` with requests counted instead of sequences, as vLLM's gauges count them: a request with n=4
-  runs as four sequences but is one request. DataParallelEngine's ranks count this way themselves; DiffusionEngine
-  counts sequences."""
-  stats = engine.stats()
-  if not isinstance(engine, LLMEngine): return stats
-  running = {seq.request_id for seq in engine.scheduler.running}
-  waiting = {seq.request_id for seq in engine.scheduler.waiting} - running
-  return replace(stats, running=len(running), waiting=len(waiting))

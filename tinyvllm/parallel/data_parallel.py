@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from tinyvllm.tinygrad_internals import wait_without_spinning
 from tinyvllm.engine_args import EngineArgs
-from tinyvllm.engine.engine import LLMEngine, request_stats
+from tinyvllm.async_engine import request_stats
+from tinyvllm.engine.engine import LLMEngine
 from tinyvllm.engine.protocol import EngineStats, Request, RequestOutput
 
 STEP_WAIT_SECONDS = 0.01   # longest `step` waits for the ranks: new requests get in at least this often
@@ -102,7 +103,7 @@ class DataParallelEngine:
     return max(rank.receive()[1] for rank in self.ranks)
 
   def stats(self) -> EngineStats:
-    """The ranks' stats as of the messages they last sent, summed; each counts requests (engine/engine.py: request_stats)."""
+    """The ranks' stats as of the messages they last sent, summed; each counts requests (async_engine.py: request_stats)."""
     return EngineStats.total([rank.stats for rank in self.ranks])
 
   # ---- the loop ---------------------------------------------------------------------------------------------

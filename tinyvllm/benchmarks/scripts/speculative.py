@@ -52,7 +52,7 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> list[tupl
 
 def main() -> None:
   path = sys.argv[1] if len(sys.argv) > 1 else None
-  config = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {"method": "ngram", "num_speculative_tokens": 4,
+  config = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {"method": "ngram", "num_speculative_tokens": 3,
                                                                 "prompt_lookup_max": 4, "prompt_lookup_min": 2}
   params = SamplingParams(temperature=0, max_tokens=256, output_kind="cumulative")
   result = {"speculative_config": config, "machine": machine_info("CPU"), "workloads": {}}
