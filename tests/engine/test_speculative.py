@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from tinyvllm import LLM, EngineArgs, LLMEngine, SamplingParams
-from tinyvllm.engine.speculative import SpeculativeConfig, propose_ngram
+from tinyvllm.engine.speculative import NgramProposer, SpeculativeConfig, propose_ngram
 
 TINY = dict(load_format="dummy", shape="tiny", block_size=4, max_model_len=64, max_num_batched_tokens=32,
             max_num_seqs=16, enable_prefix_caching=True)
@@ -23,6 +23,21 @@ def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
   assert propose_ngram([256, 1, 256], 2, 1, 1) == [1, 256]                      # whole tokens, not their bytes
   assert propose_ngram([1, 0, 0, 0, 1, 0, 0, 0, 7, 1], 2, 1, 1) == [0, 0]       # bytes 01 00 00 00 match mid-token
   assert propose_ngram([4, 4], 3, 5, 5) == []                                   # shorter than prompt_lookup_min
+
+
+def test_rejected_proposals_pause_a_sequence_longer_each_time_until_one_is_accepted():
+  from tinyvllm.engine.sequence import Sequence
+  proposer = NgramProposer(SpeculativeConfig(2, "ngram", 2, 1), max_model_len=64)
+  seq = Sequence("r", [1, 2, 3, 1, 2], SamplingParams())
+  seq.num_computed_tokens = 4
+  asked = lambda n: [proposer.propose(seq) for _ in range(n)]
+  assert asked(1) == [[3, 1]]
+  proposer.checked(seq, 0)                                     # rejected: paused 1 step
+  assert asked(2) == [[], [3, 1]]
+  proposer.checked(seq, 0)                                     # rejected again: 2 steps
+  assert asked(3) == [[], [], [3, 1]]
+  proposer.checked(seq, 1)                                     # accepted: proposing every step again
+  assert asked(2) == [[3, 1], [3, 1]]
 
 
 def test_speculative_config_takes_vllms_json_and_names_the_bad_field():
@@ -112,6 +127,7 @@ def second_tokens(engine: LLMEngine, seeds: range, draft: int, accept_wrongly: b
   """The second generated token of one request per seed (temperature 1), each step proposing `draft`."""
   class Always:
     def propose(self, seq): return [draft] if len(seq.output_token_ids) == 1 else []
+    def checked(self, seq, accepted): pass
   if engine.proposer: engine.proposer = Always()
   if accept_wrongly:     # accept a rejected draft half the time: acceptance p(d) + (1 - p(d)) / 2 instead of p(d)
     collect = engine.runner.collect

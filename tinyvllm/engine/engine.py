@@ -195,6 +195,7 @@ class LLMEngine:
         if not agrees: break                                                # the drafts after it are wrong
       if drafts:
         self._count_drafts(len(drafts), accepted)
+        self.proposer.checked(seq, accepted)
         if seq.is_finished: continue
         seq.num_computed_tokens = seq.num_known_tokens - 1                  # a rejected draft's K/V is stale:
         self.block_manager.trim(seq, seq.num_computed_tokens)             # its slots are given back

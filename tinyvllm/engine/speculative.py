@@ -36,6 +36,7 @@ on a GPU (the GPU's value is not measured yet).
 """
 from __future__ import annotations
 import json
+import weakref
 from array import array
 from dataclasses import dataclass
 from tinyvllm.engine.sequence import Sequence
@@ -96,12 +97,27 @@ def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int
 
 
 class NgramProposer:
+  """Prompt lookup, with a back-off: a proposal the model rejects at its first token pauses the sequence's
+  proposals for 1, 2, 4, ... steps (at most 16) while the misses go on, so that text with nothing to copy goes back
+  to steps of one token instead of paying for drafts that fail; an accepted draft ends the pause."""
   def __init__(self, config: SpeculativeConfig, max_model_len: int):
     self.config, self.max_model_len = config, max_model_len
+    self.paused: weakref.WeakKeyDictionary[Sequence, tuple[int, int]] = weakref.WeakKeyDictionary()  # (steps, misses)
+
+  def checked(self, seq: Sequence, accepted: int) -> None:
+    """What the step made of the sequence's drafts: how many it accepted."""
+    if accepted: self.paused.pop(seq, None)
+    else:
+      misses = self.paused.get(seq, (0, 0))[1]
+      self.paused[seq] = (min(16, 2 ** misses), misses + 1)
 
   def propose(self, seq: Sequence) -> list[int]:
     """Drafts for a sequence that is decoding (every known token but the last computed): at most k, and never
     past its max_tokens (the step adds one token of its own) or max_model_len."""
+    steps, misses = self.paused.get(seq, (0, 0))
+    if steps:
+      self.paused[seq] = (steps - 1, misses)
+      return []
     c = self.config
     room = self.max_model_len - seq.num_known_tokens - 1
     if seq.max_output_tokens is not None: room = min(room, seq.max_output_tokens - len(seq.output_token_ids) - 1)
