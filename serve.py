@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from tinyvllm.engine.speculative import SpeculativeConfig
 from tinyvllm.engine_args import EngineArgs
 from tinyvllm.async_engine import AsyncLLMEngine
 from tinyvllm.llm import create_engine
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if not 1 <= args.max_n <= MAX_N: p.error(f"--max-n must be in [1, {MAX_N}]")
   if bool(args.ssl_keyfile) != bool(args.ssl_certfile): p.error("--ssl-keyfile and --ssl-certfile go together")
+  try: SpeculativeConfig.parse(args.speculative_config)         # before minutes of loading, not after
+  except ValueError as e: p.error(f"--speculative-config: {e}")
   return args
 
 

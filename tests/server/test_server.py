@@ -882,6 +882,8 @@ def test_served_model_name_is_the_file_stem():
   spec.loader.exec_module(serve_cli)
   args = serve_cli.parse_args(["--model", "models/SmolLM2-135M-Instruct.Q8_0.gguf"])
   assert serve_cli.server_config(args).served_model_names == ["SmolLM2-135M-Instruct", "models/SmolLM2-135M-Instruct.Q8_0.gguf"]
+  with pytest.raises(SystemExit): serve_cli.parse_args(["--speculative-config", '{"num_speculative_tokens": 0}'])
+  assert serve_cli.parse_args(["--speculative-config", '{"num_speculative_tokens": 2}']).speculative_config
   args = serve_cli.parse_args(["--allowed-origins", '["https://a.example"]', "--allowed-methods", "GET,POST"])
   config = serve_cli.server_config(args)
   assert (config.allowed_origins, config.allowed_methods, config.allowed_headers) == (["https://a.example"], ["GET", "POST"], ["*"])
