@@ -9,6 +9,7 @@ runner has a *bounded, known set of graphs*, all captured by `warmup` before the
                                       │          │                       │
     their sequences' block tables:  row 0      row 1                   row 2      (R rows, `blocks` columns each)
     logits come out for:            A          B                       C (its chunk's last token)   R rows
+    (a sequence checking k drafts brings k + 1 tokens and gets k + 1 rows: engine/speculative.py)
 
     model graphs     one per T in 1, 2, 4, ... bucket(max_num_batched_tokens), returning R logits rows: T rounded
                      up to a power of four, at most max_num_seqs rounded so; plus one at the largest T returning
