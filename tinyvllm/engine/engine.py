@@ -23,7 +23,7 @@ from tinygrad.helpers import DEV, Target
 from tinyvllm.engine.block_manager import BlockManager
 from tinyvllm.engine_args import SHAPES, EngineArgs
 from tinyvllm.formats.detokenizer import update_text
-from tinyvllm.engine.protocol import CompletionOutput, Engine, EngineStats, Request, RequestOutput
+from tinyvllm.engine.protocol import CompletionOutput, EngineStats, Request, RequestOutput
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
 from tinyvllm.formats.tokenizer import Tokenizer
