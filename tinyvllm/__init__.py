@@ -8,7 +8,8 @@ os.environ.setdefault("HCQ2", "1")
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.llm import LLM
 from tinyvllm.engine_args import EngineArgs
-from tinyvllm.engine.engine import LLMEngine, RequestOutput, CompletionOutput
+from tinyvllm.engine.engine import LLMEngine
+from tinyvllm.engine.protocol import CompletionOutput, RequestOutput
 from tinyvllm.async_engine import AsyncLLMEngine
 
 __all__ = ["LLM", "SamplingParams", "EngineArgs", "LLMEngine", "AsyncLLMEngine", "RequestOutput", "CompletionOutput"]

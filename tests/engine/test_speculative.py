@@ -32,12 +32,13 @@ def test_rejected_proposals_pause_a_sequence_longer_each_time_until_one_is_accep
   seq.num_computed_tokens = 4
   asked = lambda n: [proposer.propose(seq) for _ in range(n)]
   assert asked(1) == [[3, 1]]
-  proposer.checked(seq, 0)                                     # rejected: paused 1 step
+  proposer.checked(seq, 2, 0)                                  # rejected: paused 1 step
   assert asked(2) == [[], [3, 1]]
-  proposer.checked(seq, 0)                                     # rejected again: 2 steps
+  proposer.checked(seq, 2, 0)                                  # rejected again: 2 steps
   assert asked(3) == [[], [], [3, 1]]
-  proposer.checked(seq, 1)                                     # accepted: proposing every step again
+  proposer.checked(seq, 2, 1)                                  # accepted: proposing every step again
   assert asked(2) == [[3, 1], [3, 1]]
+  assert proposer.counts == [3, 6, 1, 1, 0]                 # checks, drafts, accepted, accepted per position
 
 
 def test_speculative_config_takes_vllms_json_and_names_the_bad_field():
@@ -125,10 +126,9 @@ def test_drafts_stop_while_more_sequences_run_than_disable_by_batch_size():
 
 def second_tokens(engine: LLMEngine, seeds: range, draft: int, accept_wrongly: bool = False) -> np.ndarray:
   """The second generated token of one request per seed (temperature 1), each step proposing `draft`."""
-  class Always:
+  class Always(NgramProposer):
     def propose(self, seq): return [draft] if len(seq.output_token_ids) == 1 else []
-    def checked(self, seq, accepted): pass
-  if engine.proposer: engine.proposer = Always()
+  if engine.proposer: engine.proposer = Always(engine.speculative, engine.max_model_len)
   if accept_wrongly:     # accept a rejected draft half the time: acceptance p(d) + (1 - p(d)) / 2 instead of p(d)
     collect = engine.runner.collect
     def collect_wrongly(step):

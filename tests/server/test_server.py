@@ -35,7 +35,8 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tinyvllm.engine_args import SHAPES, EngineArgs
 from tinyvllm.async_engine import AsyncLLMEngine
-from tinyvllm.engine.engine import CompletionOutput, LLMEngine, RequestOutput
+from tinyvllm.engine.engine import LLMEngine
+from tinyvllm.engine.protocol import CompletionOutput, RequestOutput
 from tinyvllm.engine.protocol import Engine, EngineStats
 from tinyvllm.formats.gguf import read_gguf_metadata
 from tinyvllm.model.loader import default_model_path

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from tinyvllm.engine_args import EngineArgs
 from tinyvllm.diffusion.sampler import Denoiser, DiffusionParams, denoise_step
-from tinyvllm.engine.engine import tokenize_prompt
+from tinyvllm.formats.tokenizer import tokenize_prompt
 from tinyvllm.engine.protocol import CompletionOutput, EngineStats, RequestOutput
 from tinyvllm.diffusion.llada import is_diffusion_checkpoint, load_diffusion_model
 from tinyvllm.model.loader import resolve
@@ -124,7 +124,7 @@ class DiffusionEngine:
     return outputs
 
   def _output(self, request: DiffusionRequest) -> RequestOutput | None:
-    """Committed tokens so far, as the request's `output_kind` asks (see LLMEngine._output)."""
+    """Committed tokens so far, as the request's `output_kind` asks (see Request.output, engine/protocol.py)."""
     finished = all(s.finished for s in request.seqs)
     kind = request.sampling.output_kind
     if kind == "final_only" and not finished: return None

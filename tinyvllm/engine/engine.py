@@ -23,12 +23,12 @@ from tinygrad.helpers import DEV, Target
 from tinyvllm.engine.block_manager import BlockManager
 from tinyvllm.engine_args import SHAPES, EngineArgs
 from tinyvllm.formats.detokenizer import update_text
-from tinyvllm.engine.protocol import CompletionOutput, EngineStats, Request, RequestOutput
+from tinyvllm.engine.protocol import EngineStats, Request, RequestOutput
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
-from tinyvllm.formats.tokenizer import Tokenizer
+from tinyvllm.formats.tokenizer import tokenize_prompt
 from tinyvllm.engine.overlap import Overlap
-from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, StepResult, scratch_bytes
+from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, StepResult
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import Sequence
@@ -37,18 +37,6 @@ from tinyvllm.tinygrad_internals import (device_memory, keep_graphs_loadable, ke
                                          share_kernel_cache_between_threads, speed_up_capture)
 
 log = logging.getLogger("tinyvllm.engine")
-
-
-def tokenize_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_size: int) -> list[int]:
-  """A prompt (text or token ids) as validated token ids; ValueError with a message for the user."""
-  if isinstance(prompt, str):
-    if tokenizer is None: raise ValueError("this model has no tokenizer: pass prompt token ids")
-    token_ids = tokenizer.encode(prompt)
-  else: token_ids = list(prompt)
-  if not token_ids: raise ValueError("the prompt is empty")
-  if not all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids):
-    raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
-  return token_ids
 
 
 class LLMEngine:
@@ -70,8 +58,7 @@ class LLMEngine:
     self.model_config = cfg = self.model.config
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    scratch = scratch_bytes(cfg, args.max_num_batched_tokens, args.compute_dtype())
-    num_blocks = args.num_kv_blocks or args.kv_blocks(cfg, self.max_model_len, device_memory(devices[0]), scratch)
+    num_blocks = args.num_kv_blocks or args.kv_blocks(cfg, self.max_model_len, device_memory(devices[0]))
     if args.max_model_len is None and (num_blocks - 1) * args.block_size < self.max_model_len:
       self.max_model_len = (num_blocks - 1) * args.block_size        # unset: as long as the pool holds
       log.warning(f"max_model_len {self.max_model_len}: what the KV pool holds, less than the model's context")
@@ -88,7 +75,6 @@ class LLMEngine:
                               args.beam, paged)
     self.requests: dict[str, Request] = {}
     self.proposer = NgramProposer(self.speculative, self.max_model_len) if self.speculative else None
-    self.spec_counts = [0, 0, 0] + [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
     self.speculate_up_to = self.speculative and (self.speculative.disable_by_batch_size or (1 if args._on_cpu() else 16))
     # async scheduling prepares a step before the last one's tokens are known; drafts need them (speculative.py)
     self.overlap = Overlap(self) if args.async_scheduling and not self.speculative else None
@@ -132,9 +118,10 @@ class LLMEngine:
     return self.scheduler.has_unfinished() or (self.overlap is not None and self.overlap.in_flight is not None)
 
   def stats(self) -> EngineStats:
+    counts = self.proposer.counts if self.proposer else [0, 0, 0]
     return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
                        self.scheduler.num_preemptions, self.runner.graph_builds, self.runner.graph_build_seconds,
-                       self.runner.graph_loads, *self.spec_counts[:3], tuple(self.spec_counts[3:]))
+                       self.runner.graph_loads, *counts[:3], tuple(counts[3:]))
 
   def warmup(self) -> float:
     """Capture every graph a step can need (runner/model_runner.py: a bounded set), so that no request ever waits for
@@ -194,21 +181,14 @@ class LLMEngine:
           break
         if not agrees: break                                                # the drafts after it are wrong
       if drafts:
-        self._count_drafts(len(drafts), accepted)
-        self.proposer.checked(seq, accepted)
+        self.proposer.checked(seq, len(drafts), accepted)
         if seq.is_finished: continue
         seq.num_computed_tokens = seq.num_known_tokens - 1                  # a rejected draft's K/V is stale:
         self.block_manager.trim(seq, seq.num_computed_tokens)             # its slots are given back
-    outputs = [out for r in touched.values() if (out := self._output(r)) is not None]
+    outputs = [out for r in touched.values() if (out := r.output()) is not None]
     for out in outputs:
       if out.finished: del self.requests[out.request_id]
     return outputs
-
-  def _count_drafts(self, proposed: int, accepted: int) -> None:
-    """vLLM's counts: steps that checked drafts, drafts checked, drafts accepted, and accepted per position."""
-    counts = self.spec_counts
-    counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + proposed, counts[2] + accepted
-    for position in range(accepted): counts[3 + position] += 1
 
   @staticmethod
   def _append(seq: Sequence, sampled: Sampled) -> None:
@@ -224,24 +204,3 @@ class LLMEngine:
     if token in stop_ids and n_out > p.min_tokens: return "stop"
     if n_out >= seq.max_output_tokens: return "length"                   # max_tokens, or max_model_len
     return None
-
-  def _output(self, request: Request) -> RequestOutput | None:
-    """The request after this step, as its `output_kind` asks: everything so far, only what is new, or nothing
-    until it is finished. (Copying every sequence's whole output each step costs 2 ms a step at batch 256.)"""
-    finished = all(s.is_finished for s in request.seqs)
-    kind = request.seqs[0].params.output_kind
-    if kind == "final_only" and not finished: return None
-    outs = [_completion(i, seq, delta=kind == "delta") for i, seq in enumerate(request.seqs)]
-    metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
-    first = request.seqs[0]
-    return RequestOutput(request.request_id, request.prompt, first.prompt_token_ids, outs, finished, metrics,
-                         max(s.num_cached_tokens for s in request.seqs),
-                         list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None)
-
-
-def _completion(index: int, seq: Sequence, delta: bool) -> CompletionOutput:
-  tokens, chars = (seq.num_returned_tokens, seq.num_returned_chars) if delta else (0, 0)
-  if delta: seq.num_returned_tokens, seq.num_returned_chars = len(seq.output_token_ids), len(seq.output_text)
-  return CompletionOutput(index, seq.output_text[chars:], seq.output_token_ids[tokens:], seq.finish_reason,
-                          seq.output_logprobs[tokens:] if seq.params.logprobs is not None else None)
-

@@ -81,6 +81,26 @@ class Request:
   arrival_time: float = field(default_factory=time.monotonic)
   first_token_time: float | None = None
 
+  def output(self) -> RequestOutput | None:
+    """The request after this step, as its `output_kind` asks: everything so far, only what is new, or nothing
+    until it is finished. (Copying every sequence's whole output each step costs 2 ms a step at batch 256.)"""
+    finished = all(s.is_finished for s in self.seqs)
+    kind = self.seqs[0].params.output_kind
+    if kind == "final_only" and not finished: return None
+    outs = [_completion(i, seq, delta=kind == "delta") for i, seq in enumerate(self.seqs)]
+    metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time}
+    first = self.seqs[0]
+    return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, outs, finished, metrics,
+                         max(s.num_cached_tokens for s in self.seqs),
+                         list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None)
+
+
+def _completion(index: int, seq: Sequence, delta: bool) -> CompletionOutput:
+  tokens, chars = (seq.num_returned_tokens, seq.num_returned_chars) if delta else (0, 0)
+  if delta: seq.num_returned_tokens, seq.num_returned_chars = len(seq.output_token_ids), len(seq.output_text)
+  return CompletionOutput(index, seq.output_text[chars:], seq.output_token_ids[tokens:], seq.finish_reason,
+                          seq.output_logprobs[tokens:] if seq.params.logprobs is not None else None)
+
 
 RequestT = TypeVar("RequestT")    # the engine's own request record: what its make_request returns and its admit takes
 

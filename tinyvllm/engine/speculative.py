@@ -103,9 +103,14 @@ class NgramProposer:
   def __init__(self, config: SpeculativeConfig, max_model_len: int):
     self.config, self.max_model_len = config, max_model_len
     self.paused: weakref.WeakKeyDictionary[Sequence, tuple[int, int]] = weakref.WeakKeyDictionary()  # (steps, misses)
+    # vLLM's counts: steps that checked drafts, drafts checked, drafts accepted, then accepted at each position
+    self.counts = [0, 0, 0] + [0] * config.num_speculative_tokens
 
-  def checked(self, seq: Sequence, accepted: int) -> None:
-    """What the step made of the sequence's drafts: how many it accepted."""
+  def checked(self, seq: Sequence, proposed: int, accepted: int) -> None:
+    """What the step made of the sequence's drafts: how many of them it accepted."""
+    c = self.counts
+    c[0], c[1], c[2] = c[0] + 1, c[1] + proposed, c[2] + accepted
+    for position in range(accepted): c[3 + position] += 1
     if accepted: self.paused.pop(seq, None)
     else:
       misses = self.paused.get(seq, (0, 0))[1]

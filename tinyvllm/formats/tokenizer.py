@@ -455,3 +455,15 @@ def _hf_byte_level(tokenizer_json: dict[str, Any], config: dict[str, Any], templ
         add_bos=config.get("add_bos_token", _hf_adds_bos(tokenizer_json)),
         chat_template=template,
     )
+
+
+def tokenize_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_size: int) -> list[int]:
+  """A prompt (text or token ids) as validated token ids; ValueError with a message for the user."""
+  if isinstance(prompt, str):
+    if tokenizer is None: raise ValueError("this model has no tokenizer: pass prompt token ids")
+    token_ids = tokenizer.encode(prompt)
+  else: token_ids = list(prompt)
+  if not token_ids: raise ValueError("the prompt is empty")
+  if not all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids):
+    raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+  return token_ids

@@ -122,16 +122,6 @@ def _rows_bucket(n: int) -> int:
   return 1 << -(-(n - 1).bit_length() // 2) * 2
 
 
-def scratch_bytes(cfg, max_num_batched_tokens: int, dtype) -> int:
-  """An estimate of the device memory the graphs take besides the weights and the KV pool, which a GPU's pool leaves
-  free: each model graph's activations for its T tokens (the T of all graphs sum to twice the largest), and the
-  float32 [T, vocab] buffers of the prompt-logprobs graphs (logits, log-softmax, the sampler's work on them): on an
-  H100, Llama-1B at 2,048 tokens a step, the 29 graphs took 7.6 GiB; this gives 8.7 GB."""
-  T = bucket(max_num_batched_tokens)
-  per_token = (3 * cfg.intermediate_size + 4 * cfg.hidden_size + 2 * cfg.num_heads * cfg.head_dim) * dtype.itemsize
-  return 2 * T * per_token + 8 * T * cfg.vocab_size * 4
-
-
 def _sampler_rows(s: ScheduledSequence) -> list[Sequence | AfterDrafts]:
   """The rows a scheduled sequence takes in the sampler: one, or one more per draft it checks."""
   return [s.seq] + [AfterDrafts(s.seq, i) for i in range(1, len(s.seq.draft_token_ids) + 1)] if s.samples else [s.seq]

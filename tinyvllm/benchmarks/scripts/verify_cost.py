@@ -1,0 +1,84 @@
+"""What a speculative step costs: the wall time of a decode step in which every sequence brings k draft tokens to
+check, against a plain decode step, at a few batch sizes. It is the number that decides when speculation pays: with
+acceptance rate a, a step that checks k drafts commits 1 + a + a² + ... + a^k tokens, so it pays where that mean
+exceeds the step's cost ratio.
+
+    python tinyvllm/benchmarks/scripts/verify_cost.py [json path] [--shape llama-1b] [--batch 1 64] [--k 1 2 4 8]
+
+Random weights (`--load-format dummy`): a proposer that always proposes k tokens stands in for a real one, and
+almost every draft is rejected, so each measured step checks k drafts and commits one token, the step's worst case.
+Steps are synchronous (speculation turns async scheduling off, engine/overlap.py); the plain step is measured both
+ways, synchronous and with async scheduling, since the latter is what a batch gets without speculation. Each
+configuration runs in a fresh engine whose graphs for it are captured first (untimed); the median of the timed steps
+is reported.
+"""
+import argparse, gc, json, statistics, time
+import numpy as np
+from tinygrad import Device
+from tinyvllm import EngineArgs, LLMEngine, SamplingParams
+from tinyvllm.benchmarks.report import machine_info
+
+
+class AlwaysK:
+  """Proposes k tokens for every decoding sequence (its last token, repeated): the proposer's own cost is nil."""
+  def __init__(self, k: int): self.k, self.counts = k, [0, 0, 0] + [0] * k
+  def propose(self, seq) -> list[int]: return [seq.token_ids[-1]] * self.k
+  def checked(self, seq, proposed: int, accepted: int) -> None: self.counts[1] += proposed
+
+
+def step_ms(batch: int, k: int, async_scheduling: bool, opts: argparse.Namespace) -> dict:
+  spec = {"method": "ngram", "num_speculative_tokens": k, "disable_by_batch_size": 1 << 20} if k else None
+  engine = LLMEngine(EngineArgs(load_format="dummy", shape=opts.shape, max_model_len=opts.input_len + 512,
+                                max_num_seqs=max(256, batch * (k + 1)), async_scheduling=async_scheduling,
+                                speculative_config=json.dumps(spec) if spec else None))
+  if k: engine.proposer = AlwaysK(k)
+  rng = np.random.default_rng(0)
+  vocab = engine.model_config.vocab_size
+  for _ in range(batch):
+    engine.add_request(rng.integers(0, vocab, opts.input_len).tolist(),
+                       SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+  times, drafts = [], []
+  while len(times) < opts.warmup + opts.steps:
+    before = engine.stats().spec_draft_tokens
+    t0 = time.perf_counter()
+    engine.step()
+    t = time.perf_counter() - t0
+    decoding = all(s.num_computed_tokens >= opts.input_len for s in engine.scheduler.running)
+    if decoding and len(engine.scheduler.running) == batch:
+      times.append(t)
+      drafts.append(engine.stats().spec_draft_tokens - before)
+  times, drafts = times[opts.warmup:], drafts[opts.warmup:]
+  del engine
+  gc.collect()
+  return {"batch": batch, "k": k, "async_scheduling": async_scheduling, "step_ms": statistics.median(times) * 1e3,
+          "draft_tokens_per_step": statistics.median(drafts)}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("json", nargs="?")
+  p.add_argument("--shape", default="llama-1b")
+  p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+  p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
+  p.add_argument("--input-len", type=int, default=128)
+  p.add_argument("--steps", type=int, default=40)
+  p.add_argument("--warmup", type=int, default=10)
+  opts = p.parse_args()
+  rows = []
+  print(f"{'batch':>5} {'k':>3} {'step ms':>8} {'× plain':>8} {'× plain async':>14} {'drafts/step':>12}")
+  for batch in opts.batch:
+    plain = step_ms(batch, 0, False, opts)
+    overlapped = step_ms(batch, 0, True, opts)
+    for r in [plain, overlapped] + [step_ms(batch, k, False, opts) for k in opts.k]:
+      r["vs_plain"], r["vs_plain_async"] = r["step_ms"] / plain["step_ms"], r["step_ms"] / overlapped["step_ms"]
+      rows.append(r)
+      label = f"{r['k']}" if r["k"] or not r["async_scheduling"] else "0a"
+      print(f"{batch:>5} {label:>3} {r['step_ms']:>8.2f} {r['vs_plain']:>8.2f} {r['vs_plain_async']:>14.2f} "
+            f"{r['draft_tokens_per_step']:>12.0f}", flush=True)
+  if opts.json:
+    with open(opts.json, "w") as f:
+      json.dump({"shape": opts.shape, "input_len": opts.input_len, "machine": machine_info(Device.DEFAULT),
+                 "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__": main()
