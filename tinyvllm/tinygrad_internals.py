@@ -67,15 +67,16 @@ pickling copies every buffer it reads, weights and KV pool included. Here the bu
 pickled by name and looked up again when the graph is loaded; of the rest, the graph's scratch arena is made anew
 and any other buffer travels with its contents.
 
-    capture ──► program ──(queue runtime)──► submitter          stored: the program, buffers by name
-    start   ──► stored program ──(queue runtime)──► submitter   the submitter is built here, for this process
+    capture ──► program ──schedule──► batches ──encode──► submitter     stored: the batches, buffers by name
+    start   ──► stored batches ──encode──► submitter                     the submitter is built here, for this process
 
-On tinygrad's queue runtime (HCQ2: the CPU here) the last stage of a capture builds a command-buffer submitter that
-holds the capturing process's addresses, so what is stored is the program before it, and a loading process builds
-its own submitter. Buffers and placeholders in the program are told apart by tinygrad's unique numbers; a loaded
-program's are shifted past every number the loading process has used. SmolLM2's 23 graphs load in ~45 s where they
-take ~85 s to capture (the submitters are the rest); tests/runner/test_stored_graphs.py checks that a second process loads
-every graph and samples the first one's tokens.
+On tinygrad's queue runtime (HCQ2: the CPU here) a capture compiles the program in two halves: it schedules the
+kernels into queues and batches, then encodes the batches as command buffers and one submitter, which hold the
+capturing process's kernel addresses. What is stored is what the first half made, and a loading process runs only
+the second. Buffers and placeholders in the stored batches are told apart by tinygrad's unique numbers; a loaded
+program's are shifted past every number the loading process has used. SmolLM2's 23 graphs load in ~40 s where they
+take ~85 s to capture (~54 s on the same machine if the store kept the program unscheduled);
+tests/runner/test_stored_graphs.py checks that a second process loads every graph and samples the first one's tokens.
 """
 from __future__ import annotations
 import collections
@@ -286,19 +287,39 @@ def device_memory(device: str) -> tuple[int, int] | None:
 # ---- captured graphs on disk ---------------------------------------------------------------------------------------
 
 GRAPH_TABLE = "tinyvllm_graphs"
-_before_queues: dict[bytes, tuple[UOp, bool]] = {}     # a JIT's compiled program → its form before hcq_compile
+_scheduled: dict[bytes, tuple[UOp, bool]] = {}     # a JIT's compiled program → its form before encoding
+
+
+def _hcq_scheduled(linear: UOp, profile: bool) -> UOp:
+  """The first half of tinygrad's `hcq_compile` for a TinyJit capture (no input buffers to replace): the program
+  split into queues and batches. Nothing in it belongs to this process yet."""
+  from tinygrad.runtime.support import hcq2
+  linear = graph_rewrite(linear, hcq2.pm_insert_copy_staging + hcq2.pm_flatten_linear, name="insert copy staging")
+  return graph_rewrite(linear, hcq2.pm_schedule_and_merge, ctx=({}, profile), walk=True, name="schedule and merge hcq")
+
+
+def _hcq_encoded(scheduled: UOp) -> UOp:
+  """The second half: the batches encoded as command buffers, which hold this process's kernel addresses, and on a
+  CPU-run submitter packed into one C program."""
+  from tinygrad.runtime.support import hcq2
+  linear = hcq2.hcq_lower(scheduled, hcq2.pm_encode_cmdbufs + hcq2.pm_pack_placeholders)
+  return hcq2.hcq_lower(hcq2.merge_submitters(linear), hcq2.pm_encode_cmdbufs) \
+    if hcq2.HCQ_RUNTIME_DEV.value == "CPU" else linear
 
 
 def keep_graphs_loadable() -> None:
-  """Remember, for each graph TinyJit captures, its program before tinygrad's queue runtime (HCQ2) built the command
-  buffer submitter for it: that submitter holds this process's addresses, so a graph stored for another process
-  is stored in the form before (once per process)."""
+  """Compile each graph TinyJit captures in tinygrad's queue runtime (HCQ2) in two halves, remembering the first:
+  the second half's command buffers hold this process's addresses, so a graph stored for another process is stored
+  as the first half left it, and a loading process runs only the second (on a 2-core CPU, SmolLM2's 23 graphs:
+  the halves take ~18 s and ~24 s). Once per process."""
   if not hasattr(realize, "hcq_compile") or getattr(realize.hcq_compile, "remembers", False): return
   hcq_compile = realize.hcq_compile
 
   def remembering(linear: UOp, input_uops, profile: bool) -> UOp:
-    out = hcq_compile(linear, input_uops, profile)
-    if input_uops is None: _before_queues[out.key] = (linear, profile)     # a TinyJit capture (jit_lower)
+    if input_uops is not None: return hcq_compile(linear, input_uops, profile)     # not a TinyJit capture
+    scheduled = _hcq_scheduled(linear, profile)
+    out = _hcq_encoded(scheduled)
+    _scheduled[out.key] = (scheduled, profile)
     return out
   remembering.remembers = True
   realize.hcq_compile = remembering
@@ -315,9 +336,9 @@ def dump_graph(jit: TinyJit, names: dict[int, str]) -> bytes | None:
       if obj.dtype == dtypes.int8: return ("scratch", id(obj), obj.device, obj.size, obj.dtype)    # the memory arena
       return ("data", id(obj), obj.device, obj.size, obj.dtype, download(obj).tobytes())
   c = jit.captured
-  before = _before_queues.pop(c._linear.key, None)
-  if before is None and hasattr(realize, "hcq_compile"): return None     # its submitter only runs in this process
-  graph = ("queued", *before) if before is not None else ("linked", c._linear, None)
+  scheduled = _scheduled.pop(c._linear.key, None)
+  if scheduled is None and hasattr(realize, "hcq_compile"): return None   # its submitter only runs in this process
+  graph = ("scheduled", *scheduled) if scheduled is not None else ("linked", c._linear, None)
   out = io.BytesIO()
   Pickler(out).dump((next(UOp.unique_num), graph, c.ret, c.expected_names, c.expected_input_info))
   return out.getvalue()                                 # every unique number in the graph is below the first
@@ -348,15 +369,15 @@ def load_graph(data: bytes, buffers: dict[str, Buffer]) -> TinyJit:
     return UOp(op, dtype, src, arg, tag, metadata, *buffer)
   numbers, (form, linear, profile), ret, expected_names, expected_input_info = Unpickler(io.BytesIO(data)).load()
   UOp.unique_num = itertools.count(offset + numbers)
-  if form == "queued":               # the submitter built here, as jit_lower does after compile_linear
-    linear = realize.hcq_compile(linear, None, profile)
+  if form == "scheduled":            # the submitter built here, as jit_lower does after compile_linear
+    linear = _hcq_encoded(linear)
     if helpers.JIT < 2: linear = jit.graph_split_rewrite(linear, max_batch_size=helpers.JIT_BATCH_SIZE.value)
   return _TinyJit(None, jit.CapturedJit(ret, linear, expected_names, expected_input_info))
 
 
 def forget_captures() -> None:
   """Drop the programs kept for graphs captured so far (once stored, or never to be)."""
-  _before_queues.clear()
+  _scheduled.clear()
 
 
 def stored_graph(key: str) -> bytes | None: return helpers.diskcache_get(GRAPH_TABLE, key)

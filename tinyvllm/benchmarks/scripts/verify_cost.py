@@ -12,7 +12,7 @@ ways, synchronous and with async scheduling, since the latter is what a batch ge
 configuration runs in a fresh engine whose graphs for it are captured first (untimed); the median of the timed steps
 is reported.
 """
-import argparse, gc, json, statistics, time
+import argparse, gc, itertools, json, statistics, time
 import numpy as np
 from tinygrad import Device
 from tinyvllm import EngineArgs, LLMEngine, SamplingParams
@@ -65,20 +65,22 @@ def main() -> None:
   p.add_argument("--warmup", type=int, default=10)
   opts = p.parse_args()
   rows = []
+  def save():                                                    # after every row: a cut-short run keeps what it measured
+    if opts.json:
+      with open(opts.json, "w") as f:
+        json.dump({"shape": opts.shape, "input_len": opts.input_len, "machine": machine_info(Device.DEFAULT),
+                   "rows": rows}, f, indent=1)
   print(f"{'batch':>5} {'k':>3} {'step ms':>8} {'× plain':>8} {'× plain async':>14} {'drafts/step':>12}")
   for batch in opts.batch:
     plain = step_ms(batch, 0, False, opts)
     overlapped = step_ms(batch, 0, True, opts)
-    for r in [plain, overlapped] + [step_ms(batch, k, False, opts) for k in opts.k]:
+    for r in itertools.chain([plain, overlapped], (step_ms(batch, k, False, opts) for k in opts.k)):
       r["vs_plain"], r["vs_plain_async"] = r["step_ms"] / plain["step_ms"], r["step_ms"] / overlapped["step_ms"]
       rows.append(r)
+      save()
       label = f"{r['k']}" if r["k"] or not r["async_scheduling"] else "0a"
       print(f"{batch:>5} {label:>3} {r['step_ms']:>8.2f} {r['vs_plain']:>8.2f} {r['vs_plain_async']:>14.2f} "
             f"{r['draft_tokens_per_step']:>12.0f}", flush=True)
-  if opts.json:
-    with open(opts.json, "w") as f:
-      json.dump({"shape": opts.shape, "input_len": opts.input_len, "machine": machine_info(Device.DEFAULT),
-                 "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__": main()
