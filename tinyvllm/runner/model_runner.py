@@ -312,10 +312,10 @@ class ModelRunner:
     for group in step.groups:
       out, shape = group.sampler.read() if group.output is None else group.output, group.sampler.shape
       width = shape.plan.output_width
-      sampled, prompt = out[:shape.R * width].reshape(shape.R, -1), out[shape.R * width:]
+      sampled, prompt = out[:shape.R * width].reshape(shape.R, -1).tolist(), out[shape.R * width:]
       row = 0
       for s in group.rows:
-        n = len(_sampler_rows(s))
+        n = 1 + len(s.seq.draft_token_ids) if s.samples else 1      # its rows: `_sampler_rows`
         if s.samples: result.sampled[s.seq] = [self._sampled(sampled[i], shape.plan) for i in range(row, row + n)]
         row += n
         if shape.plan.num_prompt_logprobs is not None:       # a group of its own that asked for them
@@ -368,7 +368,7 @@ class ModelRunner:
     return np.concatenate([out, np.array(tables, np.int32)]), blocks, unknown
 
   @staticmethod
-  def _sampled(row: np.ndarray, plan: SamplingPlan) -> Sampled:
+  def _sampled(row: list[float], plan: SamplingPlan) -> Sampled:
     if not plan.want_logprobs: return Sampled(int(row[0]))
     K = plan.num_logprobs
     return Sampled(int(row[0]), float(row[1]), [(int(i), float(lp)) for i, lp in zip(row[2:2 + K], row[2 + K:])])
