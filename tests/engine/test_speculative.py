@@ -44,9 +44,10 @@ def test_rejected_proposals_pause_a_sequence_longer_each_time_until_one_is_accep
 def test_speculative_config_takes_vllms_json_and_names_the_bad_field():
   assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 4}') == SpeculativeConfig(4, "ngram", 5, 5)
   assert SpeculativeConfig.parse({"num_speculative_tokens": 2, "prompt_lookup_max": 3}).prompt_lookup_min == 3
+  assert SpeculativeConfig.parse('{"model": "draft.gguf", "num_speculative_tokens": 2}').method == "draft_model"
   for bad, field in (('{"num_speculative_tokens": 0}', "num_speculative_tokens"), ("{}", "num_speculative_tokens"),
                      ('{"num_speculative_tokens": 2, "method": "eagle"}', "method"),
-                     ('{"num_speculative_tokens": 2, "model": "draft.gguf"}', "model"),
+                     ('{"num_speculative_tokens": 2, "method": "draft_model"}', "model"),
                      ('{"num_speculative_tokens": 2, "lookahead": 3}', "lookahead"), ("[2]", "speculative_config"),
                      ('{"num_speculative_tokens": 2, "prompt_lookup_max": 2, "prompt_lookup_min": 3}', "prompt_lookup_min")):
     with pytest.raises(ValueError, match=field): SpeculativeConfig.parse(bad)
@@ -109,6 +110,22 @@ def test_checked_drafts_commit_exactly_the_tokens_of_plain_decoding():
       assert tokens_s == tokens and reason_s == reason, request_id
       for step, step_s in zip(logprobs or [], logprobs_s or []):
         assert step.keys() == step_s.keys() and all(abs(step[t] - step_s[t]) < 1e-4 for t in step)
+
+
+def test_a_draft_model_commits_exactly_the_tokens_of_plain_decoding():
+  """A draft model (the target's shape and weights: greedy rows accept its guesses, sampled rows often reject them)
+  proposes through an engine of its own; the tokens are plain decoding's, and the draft's pool empties."""
+  plain, _ = run(None, num_kv_blocks=24)
+  speculative, engine = run({"model": "tiny", "num_speculative_tokens": 3, "disable_by_batch_size": 16}, 24)
+  stats = engine.stats()
+  assert stats.spec_draft_tokens > 20 and 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens
+  assert engine.scheduler.num_preemptions > 0
+  for request_id, completions in plain.items():
+    for (tokens, _, reason), (tokens_s, _, reason_s) in zip(completions, speculative[request_id]):
+      assert tokens_s == tokens and reason_s == reason, request_id
+  draft = engine.proposer.draft
+  assert engine.proposer.propose_all([]) == {} and not engine.proposer.shadows
+  assert len(draft.block_manager.free_blocks) == draft.block_manager.num_usable_blocks
 
 
 def test_drafts_stop_while_more_sequences_run_than_disable_by_batch_size():
@@ -198,3 +215,20 @@ def test_smollm2_greedy_with_drafts_equals_lone_plain_runs(smollm2, reference, c
   stats = llm.engine.stats()
   assert stats.spec_accepted_tokens > 50, stats
   assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.block_manager.prefix_cache.num_hit_tokens > 0
+
+
+def test_smollm2_with_itself_as_draft_model_equals_lone_plain_runs(smollm2):
+  """SmolLM2 drafting for itself (a draft model needs the target's tokenizer; this is the only real pair here): the
+  tokens are the lone plain runs', and nearly every draft is accepted (the two engines' steps differ in shape)."""
+  from tinyvllm.model.loader import default_model_path
+  tok = smollm2.get_tokenizer()
+  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), add_special_tokens=False)
+             for c in COPY]
+  params = SamplingParams(temperature=0, max_tokens=32)
+  alone = [smollm2.generate({"prompt_token_ids": p}, params)[0].outputs[0].token_ids for p in prompts]
+  llm = LLM(max_model_len=512, max_num_seqs=4, speculative_config={
+    "model": str(default_model_path()), "num_speculative_tokens": 3, "disable_by_batch_size": 4})
+  outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+  for prompt, out, lone in zip(prompts, outs, alone): assert out.outputs[0].token_ids == lone, prompt[-8:]
+  stats = llm.engine.stats()
+  assert stats.spec_accepted_tokens > 0.8 * stats.spec_draft_tokens > 0, stats

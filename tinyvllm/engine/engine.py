@@ -33,6 +33,7 @@ from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import Sequence
 from tinyvllm.engine.speculative import NgramProposer, SpeculativeConfig
+from tinyvllm.engine.draft_model import DraftModelProposer
 from tinyvllm.tinygrad_internals import (device_memory, keep_graphs_loadable, keep_lowered_kernels_on_disk,
                                          share_kernel_cache_between_threads, speed_up_capture)
 
@@ -74,7 +75,8 @@ class LLMEngine:
                               self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
                               args.beam, paged)
     self.requests: dict[str, Request] = {}
-    self.proposer = NgramProposer(self.speculative, self.max_model_len) if self.speculative else None
+    self.proposer = None if not self.speculative else NgramProposer(self.speculative, self.max_model_len) \
+      if self.speculative.method == "ngram" else DraftModelProposer.build(self.speculative, args, cfg, LLMEngine)
     self.speculate_up_to = self.speculative and (self.speculative.disable_by_batch_size or (1 if args._on_cpu() else 16))
     # async scheduling prepares a step before the last one's tokens are known; drafts need them (speculative.py)
     self.overlap = Overlap(self) if args.async_scheduling and not self.speculative else None
@@ -128,6 +130,7 @@ class LLMEngine:
     one;
     returns the seconds it took. Call before serving traffic."""
     built, seconds = self.runner.warmup()
+    if isinstance(self.proposer, DraftModelProposer): seconds += self.proposer.draft.warmup()
     log.info("%d graphs ready in %.1f s: %d captured, %d loaded from the cache", built + self.runner.graph_loads,
              seconds, built, self.runner.graph_loads)
     return seconds
@@ -145,9 +148,10 @@ class LLMEngine:
   def prepare(self) -> PreparedStep | None:
     if self.proposer:                                                     # guesses for the step to check
       speculate = len(self.scheduler.running) <= self.speculate_up_to     # where checking them pays
-      for seq in self.scheduler.running:
-        decoding = seq.num_computed_tokens == seq.num_known_tokens - 1 and not seq.num_pending_tokens
-        seq.draft_token_ids = self.proposer.propose(seq) if decoding and speculate else []
+      decoding = [seq for seq in self.scheduler.running
+                  if seq.num_computed_tokens == seq.num_known_tokens - 1 and not seq.num_pending_tokens]
+      drafts = self.proposer.propose_all(decoding) if decoding and speculate else {}
+      for seq in self.scheduler.running: seq.draft_token_ids = drafts.get(seq, [])
     scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
     if not scheduled: return None
     step = self.runner.prepare(scheduled, self.block_manager)             # graph inputs

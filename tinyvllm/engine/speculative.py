@@ -19,7 +19,9 @@ request gives the same tokens with speculation on or off.
 The guesser here is *prompt lookup* (n-gram): find the latest earlier place where the sequence's last n tokens
 occurred (n from `prompt_lookup_max` down to `prompt_lookup_min`) and propose the k tokens that followed. It costs
 one byte search per sequence and needs no model; it pays where outputs copy their context (code edits, quoting,
-lists repeated with a change) and proposes nothing elsewhere.
+lists repeated with a change) and proposes nothing elsewhere. The other guesser is a draft model, a smaller model
+with the same tokenizer run greedily by an engine of its own (draft_model.py). Both answer `propose_all(seqs)`
+and hear back `checked(seq, proposed, accepted)`.
 
 The engine asks for drafts before scheduling (engine.py); the scheduler counts them in the step's token budget and
 block allocation, and trims them to fit (scheduler.py); the runner returns one sampled row per position
@@ -45,12 +47,14 @@ from tinyvllm.engine.sequence import Sequence
 @dataclass(frozen=True)
 class SpeculativeConfig:
   """vLLM's `--speculative-config` JSON: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
-  "prompt_lookup_min": m, "disable_by_batch_size": b}."""
+  "prompt_lookup_min": m, "disable_by_batch_size": b}, or {"model": PATH, "num_speculative_tokens": k} for a draft
+  model (engine/draft_model.py; with random weights, PATH names a shape: `--load-format dummy`)."""
   num_speculative_tokens: int
-  method: str = "ngram"
+  method: str = "ngram"                  # or "draft_model"
   prompt_lookup_max: int = 5             # vLLM's defaults: 5 and 5 if neither is given, else the one given for both
   prompt_lookup_min: int = 5
   disable_by_batch_size: int | None = None   # no drafts while more sequences run; None: sized for the device
+  model: str | None = None               # the draft model
 
   @staticmethod
   def parse(value: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
@@ -61,13 +65,15 @@ class SpeculativeConfig:
       except json.JSONDecodeError as e: raise ValueError(f"speculative_config: not JSON ({e})") from None
     if not isinstance(value, dict): raise ValueError("speculative_config: expected a JSON object")
     value = dict(value)
-    if "model" in value and value.get("method", "draft_model") != "ngram":
-      raise ValueError("speculative_config.model: draft-model speculation is not available; use "
-                       '{"method": "ngram", "num_speculative_tokens": k}')
-    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"}
+    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size",
+             "model"}
     if unknown := sorted(set(value) - known): raise ValueError(f"speculative_config.{unknown[0]}: unknown field")
-    if value.get("method", "ngram") != "ngram":
-      raise ValueError(f"speculative_config.method: {value['method']!r} is not available; use \"ngram\"")
+    value.setdefault("method", "draft_model" if value.get("model") is not None else "ngram")
+    if value["method"] not in ("ngram", "draft_model"):
+      raise ValueError(f"speculative_config.method: {value['method']!r} is not available; use \"ngram\" or "
+                       "\"draft_model\"")
+    if value["method"] == "draft_model" and not isinstance(value.get("model"), str):
+      raise ValueError("speculative_config.model: a draft model's path is required")
     for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
       if name in value and value[name] is not None and (not isinstance(value[name], int) or isinstance(value[name], bool) or value[name] < 1):
         raise ValueError(f"speculative_config.{name}: must be a positive integer")
@@ -96,14 +102,11 @@ def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int
   return []
 
 
-class NgramProposer:
-  """Prompt lookup, with a back-off: a proposal the model rejects at its first token pauses the sequence's
-  proposals for 1, 2, 4, ... steps (at most 16) while the misses go on, so that text with nothing to copy goes back
-  to steps of one token instead of paying for drafts that fail; an accepted draft ends the pause."""
-  def __init__(self, config: SpeculativeConfig, max_model_len: int):
-    self.config, self.max_model_len = config, max_model_len
-    self.paused: weakref.WeakKeyDictionary[Sequence, tuple[int, int]] = weakref.WeakKeyDictionary()  # (steps, misses)
-    # vLLM's counts: steps that checked drafts, drafts checked, drafts accepted, then accepted at each position
+class Proposer:
+  """What every guesser keeps: vLLM's counts of steps that checked drafts, drafts checked, drafts accepted, then
+  accepted at each position."""
+  def __init__(self, config: SpeculativeConfig):
+    self.config = config
     self.counts = [0, 0, 0] + [0] * config.num_speculative_tokens
 
   def checked(self, seq: Sequence, proposed: int, accepted: int) -> None:
@@ -111,10 +114,26 @@ class NgramProposer:
     c = self.counts
     c[0], c[1], c[2] = c[0] + 1, c[1] + proposed, c[2] + accepted
     for position in range(accepted): c[3 + position] += 1
+
+
+class NgramProposer(Proposer):
+  """Prompt lookup, with a back-off: a proposal the model rejects at its first token pauses the sequence's
+  proposals for 1, 2, 4, ... steps (at most 16) while the misses go on, so that text with nothing to copy goes back
+  to steps of one token instead of paying for drafts that fail; an accepted draft ends the pause."""
+  def __init__(self, config: SpeculativeConfig, max_model_len: int):
+    super().__init__(config)
+    self.max_model_len = max_model_len
+    self.paused: weakref.WeakKeyDictionary[Sequence, tuple[int, int]] = weakref.WeakKeyDictionary()  # (steps, misses)
+
+  def checked(self, seq: Sequence, proposed: int, accepted: int) -> None:
+    super().checked(seq, proposed, accepted)
     if accepted: self.paused.pop(seq, None)
     else:
       misses = self.paused.get(seq, (0, 0))[1]
       self.paused[seq] = (min(16, 2 ** misses), misses + 1)
+
+  def propose_all(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
+    return {seq: self.propose(seq) for seq in seqs}
 
   def propose(self, seq: Sequence) -> list[int]:
     """Drafts for a sequence that is decoding (every known token but the last computed): at most k, and never
