@@ -30,12 +30,15 @@ class DraftModelProposer(Proposer):
     self.shadows: dict[Sequence, Sequence] = {}     # target sequence → its shadow, until the target finishes
 
   @staticmethod
-  def build(config: SpeculativeConfig, args, cfg, engine_class: type[LLMEngine]) -> DraftModelProposer:
-    """The draft model in an engine of its own (`engine_class`: the target's), on the target's devices; ValueError
-    unless its vocabulary is the target's. With random weights (`load_format="dummy"`) `config.model` is a shape."""
+  def build(config: SpeculativeConfig, args, cfg, engine_class: type[LLMEngine],
+            num_blocks: int) -> DraftModelProposer:
+    """The draft model in an engine of its own (`engine_class`: the target's), on the target's devices, its KV pool
+    as many blocks as the target's (the same sequences fit; sized from free memory, it would get what the target's
+    pool left: on a GPU, next to nothing); ValueError unless its vocabulary is the target's. With random weights
+    (`load_format="dummy"`) `config.model` is a shape."""
     draft = engine_class(replace(args, **({"shape": config.model} if args.load_format == "dummy" else
                                           {"model": config.model}), speculative_config=None, async_scheduling=False,
-                                 enable_prefix_caching=False, num_kv_blocks=None))
+                                 enable_prefix_caching=False, num_kv_blocks=num_blocks))
     if draft.model_config.vocab_size != cfg.vocab_size:
       raise ValueError(f"speculative_config.model: its vocabulary ({draft.model_config.vocab_size} tokens) is not "
                        f"the target's ({cfg.vocab_size})")
