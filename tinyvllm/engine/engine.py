@@ -75,9 +75,10 @@ class LLMEngine:
                               self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
                               args.beam, paged)
     self.requests: dict[str, Request] = {}
-    self.proposer = None if not self.speculative else NgramProposer(self.speculative, self.max_model_len) \
-      if self.speculative.method == "ngram" else DraftModelProposer.build(self.speculative, args, cfg, LLMEngine, num_blocks)
-    self.speculate_up_to = self.speculative and (self.speculative.disable_by_batch_size or (1 if args._on_cpu() else 16))
+    spec = self.speculative
+    self.proposer = None if not spec else NgramProposer(spec, self.max_model_len) if spec.method == "ngram" else \
+      DraftModelProposer.build(spec, args, cfg, LLMEngine, num_blocks)
+    self.speculate_up_to = spec and (spec.disable_by_batch_size or (1 if args._on_cpu() else 16))
     # async scheduling prepares a step before the last one's tokens are known; drafts need them (speculative.py)
     self.overlap = Overlap(self) if args.async_scheduling and not self.speculative else None
     self._ids = itertools.count()
