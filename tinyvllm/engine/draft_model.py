@@ -46,7 +46,7 @@ class DraftModelProposer(Proposer):
 
   def propose_all(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
     self._free_finished()
-    wanted = {seq: self._room(seq) for seq in seqs}
+    wanted = {seq: self.room(seq, self.draft.max_model_len) for seq in seqs}   # the target's cap: max_tokens
     active = {seq: self._synced(seq) for seq, k in wanted.items() if k > 0}
     scheduler = self.draft.scheduler
     for shadow in active.values():
@@ -59,13 +59,6 @@ class DraftModelProposer(Proposer):
     scheduler.running.clear()                                     # every shadow parked until the next round
     return {s: shadow.token_ids[s.num_known_tokens:s.num_known_tokens + wanted[s]]
             for s, shadow in active.items() if not shadow.is_finished}
-
-  def _room(self, seq: Sequence) -> int:
-    """At most k drafts, never past the sequence's max_tokens (the step adds one of its own; it is capped by the
-    target's max_model_len) or the draft's max_model_len."""
-    room = self.draft.max_model_len - seq.num_known_tokens - 1
-    if seq.max_output_tokens is not None: room = min(room, seq.max_output_tokens - len(seq.output_token_ids) - 1)
-    return min(self.config.num_speculative_tokens, room)
 
   def _synced(self, seq: Sequence) -> Sequence:
     """The sequence's shadow, holding its known tokens (and K/V for those it shares with the last round's)."""

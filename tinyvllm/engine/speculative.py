@@ -115,6 +115,13 @@ class Proposer:
     c[0], c[1], c[2] = c[0] + 1, c[1] + proposed, c[2] + accepted
     for position in range(accepted): c[3 + position] += 1
 
+  def room(self, seq: Sequence, max_model_len: int) -> int:
+    """How many drafts a decoding sequence may take: at most k, never past its max_tokens (the step adds one token
+    of its own) or `max_model_len`."""
+    room = max_model_len - seq.num_known_tokens - 1
+    if seq.max_output_tokens is not None: room = min(room, seq.max_output_tokens - len(seq.output_token_ids) - 1)
+    return min(self.config.num_speculative_tokens, room)
+
 
 class NgramProposer(Proposer):
   """Prompt lookup, with a back-off: a proposal the model rejects at its first token pauses the sequence's
@@ -142,10 +149,7 @@ class NgramProposer(Proposer):
     if steps:
       self.paused[seq] = (steps - 1, misses)
       return []
-    c = self.config
-    room = self.max_model_len - seq.num_known_tokens - 1
-    if seq.max_output_tokens is not None: room = min(room, seq.max_output_tokens - len(seq.output_token_ids) - 1)
-    k = min(c.num_speculative_tokens, room)
+    c, k = self.config, self.room(seq, self.max_model_len)
     return propose_ngram(seq.token_ids, k, c.prompt_lookup_max, c.prompt_lookup_min) if k > 0 else []
 
 
