@@ -74,8 +74,9 @@ On tinygrad's queue runtime (HCQ2: the CPU here) a capture compiles the program 
 kernels into queues and batches, then encodes the batches as command buffers and one submitter, which hold the
 capturing process's kernel addresses. What is stored is what the first half made, and a loading process runs only
 the second. Buffers and placeholders in the stored batches are told apart by tinygrad's unique numbers; a loaded
-program's are shifted past every number the loading process has used. SmolLM2's 23 graphs load in ~40 s where they
-take ~85 s to capture (~54 s on the same machine if the store kept the program unscheduled);
+program's are shifted past every number the loading process has used, and each compiled kernel keeps the hash
+(UOp.key) its capture computed. SmolLM2's 23 graphs load in ~25 s where they take ~85 s to capture (~54 s on the
+same machine if the store kept the program unscheduled);
 tests/runner/test_stored_graphs.py checks that a second process loads every graph and samples the first one's tokens.
 """
 from __future__ import annotations
@@ -95,7 +96,7 @@ from typing import Callable
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, codegen, helpers
 from tinygrad.device import Buffer, MultiBuffer
-from tinygrad.dtype import DType, _from_np_dtype, _to_np_dtype, dtypes
+from tinygrad.dtype import AddrSpace, DType, _from_np_dtype, _to_np_dtype, dtypes
 from tinygrad.engine import realize
 from tinygrad.engine import jit
 from tinygrad.engine.jit import _TinyJit
@@ -154,7 +155,9 @@ def share_kernel_cache_between_threads() -> None:
 
 class _LoweredKernels(dict):
   """tinygrad's `to_program_cache` (its key: the kernel's AST hash, the renderer, the code generator's settings),
-  backed by its disk cache. HCQ's submitters, which embed this process's buffer addresses, stay in memory only."""
+  backed by its disk cache. HCQ's submitters are kept too: their addresses are read from tables filled when a graph
+  is linked, so a submitter's program is the same in every process that builds the same graph (a loading process
+  finds those an earlier load lowered: SmolLM2's 23 graphs on a 2-core CPU, ~11 s of a ~42 s load)."""
   TABLE = "tinyvllm_lowered_kernels"
 
   def __contains__(self, key) -> bool: return super().__contains__(key) or self._load(key) is not None
@@ -162,7 +165,7 @@ class _LoweredKernels(dict):
 
   def __setitem__(self, key, program: UOp) -> None:
     super().__setitem__(key, program)
-    if not program.src[0].arg.name.startswith("hcq"): helpers.diskcache_put(self.TABLE, self._disk_key(key), program)
+    helpers.diskcache_put(self.TABLE, self._disk_key(key), program)
 
   def _load(self, key) -> UOp | None:
     if (program := helpers.diskcache_get(self.TABLE, self._disk_key(key))) is not None: super().__setitem__(key, program)
@@ -330,6 +333,7 @@ def dump_graph(jit: TinyJit, names: dict[int, str]) -> bytes | None:
   buffer that is not the graph's own."""
   class Pickler(pickle.Pickler):
     def persistent_id(self, obj):
+      if isinstance(obj, UOp) and obj.op is Ops.PROGRAM: return ("program", obj.key, obj.__reduce__()[1])
       if not isinstance(obj, Buffer): return None
       if id(obj) in names: return ("named", names[id(obj)])
       if obj._base is not None: return None                 # a view: pickled with its base, which is looked up
@@ -350,6 +354,7 @@ def load_graph(data: bytes, buffers: dict[str, Buffer]) -> TinyJit:
 
   class Unpickler(pickle.Unpickler):
     def persistent_load(self, pid):
+      if pid[0] == "program": return _program_with_key(*pid[1:])
       if pid[0] == "named": return buffers[pid[1]]
       if pid[1] not in made:
         made[pid[1]] = buf = Buffer(*pid[2:5])        # allocated when the graph is linked, as it would be here
@@ -361,10 +366,12 @@ def load_graph(data: bytes, buffers: dict[str, Buffer]) -> TinyJit:
 
   # The graph's buffers and placeholders are told apart by unique numbers, counted in the capturing process; shifted
   # past every number this process has used, in their order, they meet none of its own (else two buffers would be
-  # taken for one, and two graphs would share command buffers once linked).
+  # taken for one, and two graphs would share command buffers once linked). A kernel's registers and local memory
+  # are numbered within the kernel: they stay as they are, and a loaded kernel is the one that was captured.
   offset = next(UOp.unique_num)
   def _renumbered_uop(op, dtype=None, src=(), arg=None, tag=None, metadata=None, *buffer):
-    if op is Ops.BUFFER or (op is Ops.PARAM and tag is not None and arg.slot != 0):   # slot 0: the device's own
+    if (op is Ops.BUFFER and arg.addrspace not in (AddrSpace.LOCAL, AddrSpace.REG)) or \
+       (op is Ops.PARAM and tag is not None and arg.slot != 0):                   # slot 0: the device's own
       arg = replace(arg, slot=arg.slot + offset)
     return UOp(op, dtype, src, arg, tag, metadata, *buffer)
   numbers, (form, linear, profile), ret, expected_names, expected_input_info = Unpickler(io.BytesIO(data)).load()
@@ -373,6 +380,15 @@ def load_graph(data: bytes, buffers: dict[str, Buffer]) -> TinyJit:
     linear = _hcq_encoded(linear)
     if helpers.JIT < 2: linear = jit.graph_split_rewrite(linear, max_batch_size=helpers.JIT_BATCH_SIZE.value)
   return _TinyJit(None, jit.CapturedJit(ret, linear, expected_names, expected_input_info))
+
+
+def _program_with_key(key: bytes, args: tuple) -> UOp:
+  """A compiled kernel as UOp(*args), its hash (UOp.key) the one the capturing process computed: computed here it
+  would hash the kernel's whole tree, source and binary included (SmolLM2's 23 graphs: ~900 kernels, ~7.5 s on a
+  2-core CPU). A kernel holds no buffer of the graph, so its hash is the same in every process."""
+  program = UOp(*args)
+  program.__dict__.setdefault("_RECURSIVE_PROPERTY_key", key)      # tinygrad's cached-property slot for `key`
+  return program
 
 
 def forget_captures() -> None:

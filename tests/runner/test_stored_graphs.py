@@ -1,5 +1,7 @@
 """Captured graphs kept in tinygrad's cache db: a second process loads what the first one captured, and its tokens are
-the first one's (greedy and seeded sampled, with logprobs), with no graph captured at all."""
+the first one's (greedy and seeded sampled, with logprobs), with no graph captured at all. A loaded graph's kernels
+come with the hash the capturing process computed (UOp.key, not recomputed on load): it must be the hash of what
+was loaded."""
 import json
 import os
 import subprocess
@@ -7,7 +9,10 @@ import sys
 
 RUN = """
 import json
+import tinyvllm.tinygrad_internals as internals
 from tinyvllm import EngineArgs, LLMEngine, SamplingParams
+with_key, kernels = internals._program_with_key, []
+internals._program_with_key = lambda key, args: kernels.append(with_key(key, args)) or kernels[-1]
 engine = LLMEngine(EngineArgs(load_format="dummy", shape="tiny", max_model_len=128, max_num_batched_tokens=16,
                               max_num_seqs=4, kv_cache_memory_gb=0.01))
 engine.warmup()
@@ -20,7 +25,10 @@ tokens = {}
 while engine.has_unfinished_requests():
   for out in engine.step():
     if out.finished: tokens[out.request_id] = out.outputs[0].token_ids
-print(json.dumps({"tokens": tokens, "builds": engine.runner.graph_builds, "loads": engine.runner.graph_loads}))
+import hashlib
+fresh = lambda u: hashlib.sha256(str((u.op, u.dtype, u.arg)).encode() + b"".join(s.key for s in u.src)).digest()
+print(json.dumps({"tokens": tokens, "builds": engine.runner.graph_builds, "loads": engine.runner.graph_loads,
+                  "kernels": len(kernels), "wrong_keys": sum(u.key != fresh(u) for u in kernels)}))
 """
 
 
@@ -37,3 +45,4 @@ def test_a_second_process_loads_the_graphs_and_gets_the_same_tokens(tmp_path):
   assert first["builds"] > 0 and first["loads"] == 0
   assert second["builds"] == 0 and second["loads"] == first["builds"]
   assert second["tokens"] == first["tokens"] and len(first["tokens"]) == 3
+  assert second["kernels"] > 0 and second["wrong_keys"] == 0

@@ -3,7 +3,7 @@
 Capturing the runner's bounded set of graphs is most of a start (SmolLM2's 23 on a 2-core CPU: ~85 s; Llama-1B's 29
 on an H100: ~135 s). A captured graph is a list of compiled programs and the buffers they read and write; this
 module stores it in tinygrad's cache db under a key of everything that decides it, and a later start with the same
-key loads it (SmolLM2's 23: ~40 s, the rest being tinygrad's command-buffer submitters, built per process):
+key loads it (SmolLM2's 23: ~25 s, most of it encoding tinygrad's command buffers, built per process):
 
     capture:  graph ──► programs + buffers, each buffer by a name  ──► cache db[key]
     load:     cache db[key] ──► programs, buffers looked up by name in this process ──► graph.jit
