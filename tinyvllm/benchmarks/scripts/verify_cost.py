@@ -4,8 +4,9 @@ acceptance rate a, a step that checks k drafts commits 1 + a + a² + ... + a^k t
 exceeds the step's cost ratio.
 
     python tinyvllm/benchmarks/scripts/verify_cost.py [json path] [--shape llama-1b] [--batch 1 64] [--k 1 2 4 8]
+    python tinyvllm/benchmarks/scripts/verify_cost.py [json path] --model default ...     (the embedded SmolLM2)
 
-Random weights (`--load-format dummy`): a proposer that always proposes k tokens stands in for a real one, and
+Random weights (`--load-format dummy`) unless --model names real ones: a proposer that always proposes k tokens stands in for a real one, and
 almost every draft is rejected, so each measured step checks k drafts and commits one token, the step's worst case.
 Steps are synchronous (speculation turns async scheduling off, engine/overlap.py); the plain step is measured both
 ways, synchronous and with async scheduling, since the latter is what a batch gets without speculation. Each
@@ -14,24 +15,26 @@ is reported.
 """
 import argparse, gc, itertools, json, statistics, time
 import numpy as np
+from tinyvllm import EngineArgs, LLMEngine, SamplingParams            # first: it turns tinygrad's queue runtime on
 from tinygrad import Device
-from tinyvllm import EngineArgs, LLMEngine, SamplingParams
 from tinyvllm.benchmarks.report import machine_info
+from tinyvllm.engine.speculative import Proposer
 
 
-class AlwaysK:
+class AlwaysK(Proposer):
   """Proposes k tokens for every decoding sequence (its last token, repeated): the proposer's own cost is nil."""
-  def __init__(self, k: int): self.k, self.counts = k, [0, 0, 0] + [0] * k
-  def propose(self, seq) -> list[int]: return [seq.token_ids[-1]] * self.k
-  def checked(self, seq, proposed: int, accepted: int) -> None: self.counts[1] += proposed
+  def propose_all(self, seqs) -> dict:
+    return {seq: [seq.token_ids[-1]] * self.config.num_speculative_tokens for seq in seqs}
 
 
 def step_ms(batch: int, k: int, async_scheduling: bool, opts: argparse.Namespace) -> dict:
   spec = {"method": "ngram", "num_speculative_tokens": k, "disable_by_batch_size": 1 << 20} if k else None
-  engine = LLMEngine(EngineArgs(load_format="dummy", shape=opts.shape, max_model_len=opts.input_len + 512,
+  weights = dict(load_format="dummy", shape=opts.shape) if opts.model is None else \
+    dict(model=None if opts.model == "default" else opts.model)
+  engine = LLMEngine(EngineArgs(**weights, max_model_len=opts.input_len + 512,
                                 max_num_seqs=max(256, batch * (k + 1)), async_scheduling=async_scheduling,
                                 speculative_config=json.dumps(spec) if spec else None))
-  if k: engine.proposer = AlwaysK(k)
+  if k: engine.proposer = AlwaysK(engine.proposer.config)
   rng = np.random.default_rng(0)
   vocab = engine.model_config.vocab_size
   for _ in range(batch):
@@ -58,6 +61,7 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("json", nargs="?")
   p.add_argument("--shape", default="llama-1b")
+  p.add_argument("--model", help="real weights instead of a random shape: a path, or `default` for the embedded model")
   p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
   p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
   p.add_argument("--input-len", type=int, default=128)
@@ -68,7 +72,7 @@ def main() -> None:
   def save():                                                    # after every row: a cut-short run keeps what it measured
     if opts.json:
       with open(opts.json, "w") as f:
-        json.dump({"shape": opts.shape, "input_len": opts.input_len, "machine": machine_info(Device.DEFAULT),
+        json.dump({"shape": opts.shape if opts.model is None else opts.model, "input_len": opts.input_len, "machine": machine_info(Device.DEFAULT),
                    "rows": rows}, f, indent=1)
   print(f"{'batch':>5} {'k':>3} {'step ms':>8} {'× plain':>8} {'× plain async':>14} {'drafts/step':>12}")
   for batch in opts.batch:
