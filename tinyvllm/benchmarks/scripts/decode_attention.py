@@ -9,6 +9,7 @@ the next layer's query, as in a decode step.
 """
 import sys
 import numpy as np
+import tinyvllm  # noqa: F401  (first: it turns tinygrad's queue runtime on)
 from tinygrad import Tensor, TinyJit, dtypes
 from tinyvllm.model.llama import apply_rope
 from tinyvllm.kernels.paged_attention import BlockTables, NewKV, attention, context_blocks, paged_attention, write_and_gather

@@ -1,10 +1,12 @@
 """GFLOP/s of the packed matmul kernel (kernels/quantized.py) for SmolLM2's matrix shapes and several numbers of rows
-of x: random GGUF blocks, a TinyJit-captured matmul, the median of 15 calls. Pin it to one core for steady numbers:
+of x: random GGUF blocks, a TinyJit-captured matmul, the median of 15 calls. Run it on a quiet machine, unpinned: the
+queue runtime's device thread runs the kernels, and pinned to one core it takes turns with the Python thread.
 
-    taskset -c 1 python tinyvllm/benchmarks/scripts/packed_kernel.py [rows of x, default 1,4,16,64,256]
+    python tinyvllm/benchmarks/scripts/packed_kernel.py [rows of x, default 1,4,16,64,256]
 """
 import sys, time
 import numpy as np
+import tinyvllm  # noqa: F401  (first: it turns tinygrad's queue runtime on)
 from tinygrad import Device, Tensor, TinyJit
 from tinyvllm.tinygrad_internals import wait_without_spinning
 from tinyvllm.kernels.quantized import PackedWeight, packed_matmul

@@ -8,6 +8,7 @@ the first.) The H100 figures: docs/performance.md (taken with the same chains).
 """
 import math, sys, time
 import numpy as np
+import tinyvllm  # noqa: F401  (first: it turns tinygrad's queue runtime on)
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes
 from tinyvllm.kernels.linear import linear
 

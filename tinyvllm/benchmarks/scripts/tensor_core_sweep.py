@@ -6,6 +6,7 @@ kernels/tensor_core.py's rule comes from this sweep (docs/performance.md).
     DEV=CUDA python tinyvllm/benchmarks/scripts/tensor_core_sweep.py [rows] [matrix,matrix,...]
 """
 import itertools, math, sys
+import tinyvllm  # noqa: F401  (first: it turns tinygrad's queue runtime on)
 from tinygrad import Device, Tensor, dtypes
 from tinyvllm.kernels import tensor_core
 from tinyvllm.kernels.tensor_core import Tiling, VECTOR, PAD
