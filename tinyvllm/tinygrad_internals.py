@@ -289,7 +289,7 @@ def device_memory(device: str) -> tuple[int, int] | None:
 
 # ---- captured graphs on disk ---------------------------------------------------------------------------------------
 
-GRAPH_TABLE = "tinyvllm_graphs"
+GRAPH_TABLE = "tinyvllm_graph_sets"
 _scheduled: dict[bytes, tuple[UOp, bool]] = {}     # a JIT's compiled program → its form before encoding
 
 
@@ -396,5 +396,15 @@ def forget_captures() -> None:
   _scheduled.clear()
 
 
-def stored_graph(key: str) -> bytes | None: return helpers.diskcache_get(GRAPH_TABLE, key)
-def store_graph(key: str, data: bytes) -> None: helpers.diskcache_put(GRAPH_TABLE, key, data)
+def stored_graph(code: str, key: str) -> bytes | None:
+  return helpers.diskcache_get(GRAPH_TABLE, {"code": code, "key": key})
+
+
+def store_graph(code: str, key: str, data: bytes) -> None:
+  """Keep a graph captured by this `code` (a digest of tinyvllm's source), and drop every graph another version of
+  the code stored: none of them can load here (SmolLM2's 23 graphs take 11 MB; a cache db that kept every version
+  a developer ran grew past 600 MB of them)."""
+  helpers.diskcache_put(GRAPH_TABLE, {"code": code, "key": key}, data)
+  connection = helpers.db_connection()
+  connection.execute(f"DELETE FROM '{GRAPH_TABLE}_{helpers.VERSION}' WHERE code != ?", (code,))
+  connection.commit()

@@ -46,3 +46,21 @@ def test_a_second_process_loads_the_graphs_and_gets_the_same_tokens(tmp_path):
   assert second["builds"] == 0 and second["loads"] == first["builds"]
   assert second["tokens"] == first["tokens"] and len(first["tokens"]) == 3
   assert second["kernels"] > 0 and second["wrong_keys"] == 0
+
+
+KEEP_ONE_VERSION = """
+import tinyvllm
+from tinyvllm.tinygrad_internals import store_graph, stored_graph
+store_graph("code a", "graph 1", b"a1")
+store_graph("code a", "graph 2", b"a2")
+print(stored_graph("code a", "graph 1") == b"a1", stored_graph("code a", "graph 2") == b"a2")
+store_graph("code b", "graph 1", b"b1")
+print(stored_graph("code a", "graph 1"), stored_graph("code a", "graph 2"), stored_graph("code b", "graph 1") == b"b1")
+"""
+
+
+def test_storing_a_graph_drops_those_of_other_code(tmp_path):
+  env = {**os.environ, "CACHEDB": str(tmp_path / "cache.db")}
+  out = subprocess.run([sys.executable, "-c", KEEP_ONE_VERSION], env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split("\n")[:2] == ["True True", "None None True"]

@@ -10,7 +10,8 @@ key loads it (SmolLM2's 23: ~25 s, most of it encoding tinygrad's command buffer
 
 A buffer's name says what it is, not where it lives: `weight model.layers.3.mlp.up_proj.weight #0`,
 `k pool 5 #0`, `logits 64 #0`, `inputs #0` (the graph's own input buffer). Scratch buffers inside the graph are
-made fresh. The pickling itself leans on tinygrad's internals: tinygrad_internals.py (dump_graph, load_graph).
+made fresh. Storing a graph drops those another version of tinyvllm's code stored (they could never load again).
+The pickling itself leans on tinygrad's internals: tinygrad_internals.py (dump_graph, load_graph).
 """
 from __future__ import annotations
 import functools
@@ -44,7 +45,7 @@ class GraphStore:
     there is none, so that the graph captures on its first call."""
     names = self.buffer_names(graph)
     key = self.key(shape, names)
-    if (data := stored_graph(key)) is None:
+    if (data := stored_graph(source_digest(), key)) is None:
       self.unstored.append((key, graph))
       return False
     graph.jit = load_graph(data, names)
@@ -55,7 +56,7 @@ class GraphStore:
     for key, graph in self.unstored:
       if graph.jit.captured is None: continue
       data = dump_graph(graph.jit, {id(b): name for name, b in self.buffer_names(graph).items()})
-      if data is not None: store_graph(key, data)
+      if data is not None: store_graph(source_digest(), key, data)
     self.unstored = [(k, g) for k, g in self.unstored if g.jit.captured is None]
     forget_captures()
 
