@@ -157,7 +157,7 @@ class _LoweredKernels(dict):
   """tinygrad's `to_program_cache` (its key: the kernel's AST hash, the renderer, the code generator's settings),
   backed by its disk cache. HCQ's submitters are kept too: their addresses are read from tables filled when a graph
   is linked, so a submitter's program is the same in every process that builds the same graph (a loading process
-  finds those an earlier load lowered: SmolLM2's 23 graphs on a 2-core CPU, ~11 s of a ~42 s load)."""
+  finds those an earlier load lowered: for SmolLM2's 23 graphs on a 2-core CPU, ~11 s)."""
   TABLE = "tinyvllm_lowered_kernels"
 
   def __contains__(self, key) -> bool: return super().__contains__(key) or self._load(key) is not None

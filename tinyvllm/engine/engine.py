@@ -80,7 +80,7 @@ class LLMEngine:
       DraftModelProposer.build(spec, args, cfg, LLMEngine, num_blocks)
     self.speculate_up_to = spec and (spec.disable_by_batch_size or (1 if args._on_cpu() else 16))
     # async scheduling prepares a step before the last one's tokens are known; drafts need them (speculative.py)
-    self.overlap = Overlap(self) if args.async_scheduling and not self.speculative else None
+    self.overlap = Overlap(self) if args.async_scheduling and not spec else None
     self._ids = itertools.count()
 
   # ---- requests in -------------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ exceeds the step's cost ratio.
     python tinyvllm/benchmarks/scripts/verify_cost.py [json path] [--shape llama-1b] [--batch 1 64] [--k 1 2 4 8]
     python tinyvllm/benchmarks/scripts/verify_cost.py [json path] --model default ...     (the embedded SmolLM2)
 
-Random weights (`--load-format dummy`) unless --model names real ones: a proposer that always proposes k tokens stands in for a real one, and
-almost every draft is rejected, so each measured step checks k drafts and commits one token, the step's worst case.
-Steps are synchronous (speculation turns async scheduling off, engine/overlap.py); the plain step is measured both
-ways, synchronous and with async scheduling, since the latter is what a batch gets without speculation. Each
-configuration runs in a fresh engine whose graphs for it are captured first (untimed); the median of the timed steps
-is reported.
+Random weights (`--load-format dummy`) unless --model names real ones: a proposer that always proposes k tokens
+stands in for a real one, and almost every draft is rejected, so each measured step checks k drafts and commits one
+token, the step's worst case. Steps are synchronous (speculation turns async scheduling off, engine/overlap.py); the
+plain step is measured both ways, synchronous and with async scheduling, since the latter is what a batch gets
+without speculation. Each configuration runs in a fresh engine whose graphs for it are captured first (untimed); the
+median of the timed steps is reported.
 """
 import argparse, gc, itertools, json, statistics, time
 import numpy as np
@@ -72,8 +72,8 @@ def main() -> None:
   def save():                                                    # after every row: a cut-short run keeps what it measured
     if opts.json:
       with open(opts.json, "w") as f:
-        json.dump({"shape": opts.shape if opts.model is None else opts.model, "input_len": opts.input_len, "machine": machine_info(Device.DEFAULT),
-                   "rows": rows}, f, indent=1)
+        json.dump({"shape": opts.shape if opts.model is None else opts.model, "input_len": opts.input_len,
+                   "machine": machine_info(Device.DEFAULT), "rows": rows}, f, indent=1)
   print(f"{'batch':>5} {'k':>3} {'step ms':>8} {'× plain':>8} {'× plain async':>14} {'drafts/step':>12}")
   for batch in opts.batch:
     plain = step_ms(batch, 0, False, opts)
