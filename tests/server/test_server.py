@@ -391,7 +391,8 @@ def test_capacity_and_draining(engine):
   with LiveServer(ServerConfig(["tiny"], max_in_flight=2), engine) as s:
     async def scenario():
       async with aiohttp.ClientSession() as session:
-        url, body = f"{s.url}/v1/completions", {"prompt": "x", "max_tokens": 64, **GREEDY}
+        # ignore_eos: the two running requests must still run when the third arrives (a random model may stop at once)
+        url, body = f"{s.url}/v1/completions", {"prompt": "x", "max_tokens": 64, "ignore_eos": True, **GREEDY}
         running = [asyncio.create_task(read_stream(session, url, body)) for _ in range(2)]
         while s.server.in_flight < 2: await asyncio.sleep(0.01)
         async with session.post(url, json=body) as resp:
