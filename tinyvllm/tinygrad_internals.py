@@ -164,17 +164,30 @@ class _LoweredKernels(dict):
   def get(self, key, default=None): return self[key] if key in self else default
 
   def __setitem__(self, key, program: UOp) -> None:
+    program = _with_simplified_estimates(program)
     super().__setitem__(key, program)
     helpers.diskcache_put(self.TABLE, self._disk_key(key), program)
 
   def _load(self, key) -> UOp | None:
-    if (program := helpers.diskcache_get(self.TABLE, self._disk_key(key))) is not None: super().__setitem__(key, program)
+    if (program := helpers.diskcache_get(self.TABLE, self._disk_key(key))) is not None:
+      super().__setitem__(key, program := _with_simplified_estimates(program))
     return program
 
   @staticmethod
   def _disk_key(key: tuple) -> str:
     ast_key, renderer, *settings = key
     return hashlib.sha256(repr((ast_key, renderer.__module__, renderer.__qualname__, *settings)).encode()).hexdigest()
+
+
+def _with_simplified_estimates(program: UOp) -> UOp:
+  """A lowered kernel whose cost estimate (in its KernelInfo) is simplified. tinygrad's worker processes leave it a sum
+  of one term per operation times the loop's trip count, which for a kernel looping over the context's blocks is
+  symbolic: thousands of terms, and UOp.key hashes the KernelInfo through its pretty-printed repr (megabytes for an
+  attention kernel: ~0.7 s of each SmolLM2 graph's capture on a 2-core CPU)."""
+  sink = program.src[0]
+  if sink.op is not Ops.SINK or not isinstance(estimates := getattr(sink.arg, "estimates", None), Estimates): return program
+  simplified = Estimates(*(_sum_of_terms(x) for x in (estimates.ops, estimates.lds, estimates.mem)))
+  return program.replace(src=(sink.replace(arg=replace(sink.arg, estimates=simplified)), *program.src[1:]))
 
 
 def keep_lowered_kernels_on_disk() -> None:

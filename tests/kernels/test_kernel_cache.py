@@ -25,3 +25,23 @@ def test_a_second_process_reads_the_lowered_kernel_back(tmp_path):
   assert runs[0][0] == runs[1][0] == "[22, 70, 118]"
   lowered, submitters = map(int, runs[0][1].split())
   assert lowered > submitters >= 1 and runs[1][1] == "0 0"
+
+
+def test_a_lowered_kernel_keeps_its_cost_estimate_simplified():
+  """A kernel looping a symbolic number of times counts its work as one term per operation times the trip count;
+  kept unsimplified in its KernelInfo, that sum is what tinygrad pretty-prints to hash the kernel (UOp.key)."""
+  from tinygrad import Tensor, UOp, Variable, codegen
+  from tinyvllm.tinygrad_internals import keep_lowered_kernels_on_disk
+  keep_lowered_kernels_on_disk()
+  before = set(codegen.to_program_cache)
+  y = Tensor.arange(256).float()[:Variable("n", 1, 64).bind(10) * 4]     # trip count n << 2, as block loops have
+  for i in range(40): y = y * 1.0001 + (i + 0.5)                             # 80 operations in the loop
+  assert abs(y.sum().item() - sum(_reference(j) for j in range(40))) < 1e-1
+  estimates = [program.src[0].arg.estimates for key, program in codegen.to_program_cache.items() if key not in before]
+  sizes = [len(e.ops.toposort()) for e in estimates if isinstance(e.ops, UOp)]
+  assert sizes and max(sizes) < 20
+
+
+def _reference(x: float) -> float:
+  for i in range(40): x = x * 1.0001 + (i + 0.5)
+  return x

@@ -74,6 +74,25 @@ def test_filters_keep_exactly_the_reference_sets_on_a_wide_vocabulary(filters):
     assert set(np.nonzero(got)[0]) == expected
 
 
+def test_every_pass_of_the_threshold_search_runs_the_same_kernels(monkeypatch):
+  """More passes of the search add no kernel to compile: each pass reads the interval the last one left in memory.
+  (Each run has a vocabulary and row count of its own, so that none finds another's kernels compiled; the first
+  compiles those that depend on neither.)"""
+  from tinygrad import codegen
+  from tinyvllm.runner import sampler
+  counts = []
+  for vocab, S, passes in ((983, 4, 3), (997, 2, 6), (991, 3, 9)):
+    monkeypatch.setattr(sampler, "_SEARCH_PASSES", passes)
+    rows = [Sequence("r", [1], SamplingParams(temperature=1.0, top_k=3, top_p=0.9, seed=1), seq_id=0)] * S
+    plan, ints, floats = plan_and_pack(rows, seed_base=0, stop_ids=set(), max_adjusted=16)
+    logits = Tensor(np.random.default_rng(vocab).normal(0, 2, (S, vocab)).astype(np.float32))
+    before = set(codegen.to_program_cache)
+    sample(logits, unpack(Tensor(ints), Tensor(floats), S, plan), plan).realize()
+    counts.append(sum(not program.src[0].arg.name.startswith("hcq")        # the queue runtime's own programs aside
+                      for key, program in codegen.to_program_cache.items() if key not in before))
+  assert counts[1] == counts[2]
+
+
 def test_every_mix_of_parameters_gets_one_of_the_few_plans():
   """A graph is captured per (rows, plan), so a new mix of sampling parameters must never make a new plan: the
   cheapest of the fixed set that serves every row."""

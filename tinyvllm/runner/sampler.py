@@ -204,8 +204,11 @@ def _search_threshold(probs: Tensor, target: Tensor, weighted: bool) -> Tensor:
     kept = probs >= lo + width * fractions                                         # [S, C, V]: C candidates, rising
     reached = (kept.where(probs, 0.0) if weighted else kept).sum(-1, keepdim=True) >= target.unsqueeze(-1)
     passing = reached.sum(1, keepdim=True)                                         # a prefix of the candidates
-    width = width / _SEARCH_WAYS
-    lo = lo + passing * width
+    # materialized each pass, so that every pass runs the same kernels: left lazy, each pass's kernels would carry
+    # the whole chain of the passes before it, a new kernel to compile per pass (SmolLM2's sampled plan: 69 kernels
+    # a row count where 25 do)
+    width = (width / _SEARCH_WAYS).contiguous()
+    lo = (lo + passing * width).contiguous()
   return lo.squeeze(-1)
 
 
