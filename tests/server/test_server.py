@@ -170,6 +170,19 @@ def test_completion_body_maps_onto_sampling_params(engine):
   assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.1)
 
 
+def test_chat_template_kwargs_reach_the_template_and_may_not_replace_its_inputs(engine, monkeypatch):
+  tok = engine.engine.tokenizer
+  monkeypatch.setattr(tok, "chat_template", "{{ messages[0]['content'] }} thinking={{ enable_thinking }}")
+  body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": False}}
+  assert tok.decode(parse_chat(body, tok, MAX_MODEL_LEN).prompts[0]) == "hi thinking=False"
+  for bad in ({"messages": []}, "no"):
+    with pytest.raises(APIError) as e: parse_chat({**body, "chat_template_kwargs": bad}, tok, MAX_MODEL_LEN)
+    assert e.value.status == 400 and e.value.param == "chat_template_kwargs"
+  monkeypatch.setattr(tok, "chat_template", "{{ raise_exception('roles must alternate') }}")
+  with pytest.raises(APIError, match="roles must alternate") as e: parse_chat(body, tok, MAX_MODEL_LEN)
+  assert e.value.param == "messages"
+
+
 def test_prompt_forms(engine):
   tok = engine.engine.tokenizer
   forms = {"a": [tok.encode("a")], "ab": [tok.encode("ab")]}
@@ -751,6 +764,16 @@ def test_only_the_engine_thread_touches_the_engine(engine, monkeypatch):
     assert asyncio.run(scenario()) == MAX_NUM_SEQS                 # the snapshot followed the engine
     wait_until_idle(s.url)
   assert threads == {engine._thread.ident}
+
+
+def test_unset_sampling_fields_take_the_models_defaults(engine):
+  """--generation-config: a field the request leaves out (or sends as null) gets the model's default; one it sets wins."""
+  with LiveServer(ServerConfig(["tiny"], sampling_defaults={"temperature": 0.0}), engine) as s:
+    client = s.client()
+    ask = lambda **kw: [client.completions.create(model="tiny", prompt="Story:", max_tokens=12, extra_body={"ignore_eos": True},
+                                                  seed=seed, **kw).choices[0].text for seed in (1, 2)]
+    unset, null, greedy, hot = ask(), ask(temperature=None), ask(temperature=0), ask(temperature=2.0)
+  assert unset == null == greedy and hot != greedy
 
 
 def test_drain_limit_ends_streams_with_an_error_and_done(engine, monkeypatch):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from tinyvllm.engine_args import EngineArgs
 from tinyvllm.diffusion.sampler import Denoiser, DiffusionParams, denoise_step
+from tinyvllm.formats import chat_template
 from tinyvllm.formats.tokenizer import tokenize_prompt
 from tinyvllm.engine.protocol import CompletionOutput, EngineStats, RequestOutput
 from tinyvllm.diffusion.llada import is_diffusion_checkpoint, load_diffusion_model
@@ -56,6 +57,8 @@ class DiffusionEngine:
     path = DEFAULT_DIFFUSION_MODEL if args.model in (None, *DIFFUSION_ALIASES) else resolve(args.model)
     self.model, self.tokenizer = load_diffusion_model(path, args.compute_dtype())
     self.model_config = self.model.config.model
+    if args.chat_template is not None:
+      self.tokenizer.chat_template = chat_template.compile_checked(chat_template.load_override(args.chat_template))
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or self.model_config.max_position_embeddings,
                              self.model_config.max_position_embeddings)

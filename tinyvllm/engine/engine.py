@@ -26,6 +26,7 @@ from tinyvllm.formats.detokenizer import update_text
 from tinyvllm.engine.protocol import EngineStats, Request, RequestOutput
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
+from tinyvllm.formats import chat_template
 from tinyvllm.formats.tokenizer import tokenize_prompt
 from tinyvllm.engine.overlap import Overlap
 from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, StepResult
@@ -56,6 +57,8 @@ class LLMEngine:
     self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg,
                                             args.keep_weights_packed(), devices)
     self.model.kernels = args.kernels
+    if args.chat_template is not None and self.tokenizer is not None:
+      self.tokenizer.chat_template = chat_template.compile_checked(chat_template.load_override(args.chat_template))
     self.model_config = cfg = self.model.config
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)

@@ -13,39 +13,88 @@ and the prompt ends with an open assistant header (the "generation prompt") so t
 the model's next tokens are its reply. It stops by emitting the end-of-turn marker.
 Formatting a prompt any other way gives worse or broken answers.
 
-Checkpoints ship this formatting as a Jinja template (``tokenizer_config.json`` or GGUF
-``tokenizer.chat_template``). We do not run Jinja: the templates in use fall into a few
-families that differ only in their markers, so we recognize the family from markers in
-the template text and render it in Python, reading the details that vary inside a family
-(such as a default system prompt) out of the template itself.
+Every checkpoint ships this formatting as a Jinja template (GGUF ``tokenizer.chat_template``,
+Hugging Face ``tokenizer_config.json`` or ``chat_template.jinja``), and this module runs it the
+way Hugging Face transformers does, so a prompt is the one the model was trained on:
 
-Supported families: ``chatml``, ``llama3`` and ``llama2``. Any of these names may also be
-given in place of a template string.
+    messages, tools, add_generation_prompt, bos/eos  ──►  the model's template  ──►  prompt text
+                                                         (jinja2, sandboxed)
+
+- in jinja2's immutable sandbox: a template is code that came with a checkpoint, and may
+  not reach Python's internals or change the objects it is given;
+- with blocks trimmed (``trim_blocks``, ``lstrip_blocks``) and ``{% break %}``/``{% continue %}``,
+  as transformers sets jinja2 up; the whitespace of a prompt depends on it;
+- with the helpers templates call: ``raise_exception(message)`` (a template refusing a
+  conversation, e.g. roles that do not alternate: a ValueError here, a 400 at the server),
+  ``strftime_now(format)`` (today's date, for Llama 3.1's preamble), ``tojson`` without
+  HTML escaping, and ``{% generation %}`` blocks (transformers uses them to find the
+  assistant's tokens in training; here they render their body).
+
+A checkpoint without a template gets ChatML (as llama.cpp does); ``--chat-template`` replaces
+the checkpoint's with a file or a template string.
 """
 
 from __future__ import annotations
 
-import re
-from datetime import date
+import functools
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
-FAMILIES = ("chatml", "llama3", "llama2")
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-Message = dict[str, str]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+Message = dict[str, Any]
 
 
-def detect_family(template: str | None) -> str:
-    """Which family a chat template (or a family name) belongs to."""
-    if template in FAMILIES:
-        return template
-    markers = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>", "llama2": "[INST]"}
-    for family, marker in markers.items():
-        if template and marker in template:
-            return family
-    what = "no chat template" if not template else f"an unrecognized chat template: {template[:120]!r}..."
-    raise ValueError(
-        f"The checkpoint has {what}. Supported families: {', '.join(FAMILIES)}. Set "
-        "tokenizer.chat_template to one of those names, or format the prompt yourself and call encode()."
-    )
+class _Generation(Extension):
+    """``{% generation %}...{% endgeneration %}``: renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _body(caller) -> str:
+        return caller()
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """jinja2's own `tojson` escapes <, >, & and ' for HTML: a prompt needs them as they are."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
+    """A template's source compiled once (ValueError naming the problem if it is not valid Jinja)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from None
+
+
+def compile_checked(source: str) -> str:
+    """``source``, once it has compiled (ValueError if it does not): a bad ``--chat-template`` stops the start."""
+    compile_template(source)
+    return source
 
 
 def render(
@@ -53,92 +102,36 @@ def render(
     messages: list[Message],
     *,
     add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
     bos_token: str = "",
     eos_token: str = "",
+    **extra: Any,
 ) -> str:
-    """Render ``messages`` ([{"role": ..., "content": ...}]) the way ``template`` would."""
-    family = detect_family(template)
-    if family == "chatml":
-        return _render_chatml(template, messages, add_generation_prompt)
-    if family == "llama3":
-        return _render_llama3(template, messages, add_generation_prompt, bos_token)
-    return _render_llama2(messages, bos_token, eos_token)
+    """``messages`` ([{"role": ..., "content": ...}, ...]) rendered by ``template`` (ChatML if None).
+    ``extra`` reaches the template as variables too (vLLM's ``chat_template_kwargs``, e.g.
+    ``enable_thinking``). A template that refuses the conversation raises ValueError."""
+    compiled = compile_template(template if template is not None else CHATML)
+    try:
+        return compiled.render(
+            **extra,
+            messages=messages,
+            tools=tools,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+    except jinja2.exceptions.SecurityError as e:
+        raise ValueError(f"the chat template tried something its sandbox forbids: {e}") from None
+    except (jinja2.TemplateError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise ValueError(f"the chat template could not render these messages: {e}") from None
 
 
-# --- ChatML: SmolLM2, Qwen2 ---
-
-
-def _chatml_default_system(template: str) -> str | None:
-    """The system prompt a ChatML template inserts when the conversation has none.
-
-    It sits in the template as a literal string, e.g. SmolLM2's
-    ``'<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\\n'``.
-    Quotes and braces are excluded so that we skip the ``'<|im_start|>system\\n' + ...``
-    of the branch that renders a given system message.
-    """
-    match = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", template)
-    return match and match.group(1).replace("\\n", "\n")
-
-
-def _render_chatml(template: str, messages: list[Message], add_generation_prompt: bool) -> str:
-    default_system = _chatml_default_system(template)
-    if messages and messages[0]["role"] != "system" and default_system is not None:
-        messages = [{"role": "system", "content": default_system}, *messages]
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
-# --- Llama 3 ---
-
-
-def _llama3_header(role: str) -> str:
-    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
-
-
-def _llama3_knowledge_preamble(template: str) -> str:
-    """Llama 3.1+ templates open every prompt with a system turn stating dates.
-
-    The cutoff is a literal in the template. The "today" date is ``strftime_now`` when
-    the template asks for it (transformers supplies the real date), else its literal
-    fallback.
-    """
-    cutoff = re.search(r"Cutting Knowledge Date: ([^\\\n\"']+)", template).group(1)
-    fallback = re.search(r"date_string = \"([^\"]+)\"", template)
-    today = date.today().strftime("%d %b %Y") if "strftime_now" in template or not fallback else fallback.group(1)
-    return f"Cutting Knowledge Date: {cutoff}\nToday Date: {today}\n\n"
-
-
-def _render_llama3(template: str, messages: list[Message], add_generation_prompt: bool, bos_token: str) -> str:
-    text = bos_token
-    if "Cutting Knowledge Date" in template:
-        system = ""
-        if messages and messages[0]["role"] == "system":
-            system, messages = messages[0]["content"].strip(), messages[1:]
-        text += _llama3_header("system") + _llama3_knowledge_preamble(template) + system + "<|eot_id|>"
-    text += "".join(_llama3_header(m["role"]) + m["content"].strip() + "<|eot_id|>" for m in messages)
-    return text + (_llama3_header("assistant") if add_generation_prompt else "")
-
-
-# --- Llama 2 ---
-
-
-def _render_llama2(messages: list[Message], bos_token: str, eos_token: str) -> str:
-    """``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>...``
-
-    Llama 2's template has no generation prompt: the prompt already ends in ``[/INST]``.
-    """
-    system = None
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-    text = ""
-    for n, m in enumerate(messages):
-        if (m["role"] == "user") != (n % 2 == 0):
-            raise ValueError("Llama 2 conversations must alternate user/assistant/user/...")
-        content = m["content"]
-        if n == 0 and system is not None:
-            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-        if m["role"] == "user":
-            text += f"{bos_token}[INST] {content.strip()} [/INST]"
-        else:
-            text += f" {content.strip()} {eos_token}"
-    return text
+def load_override(value: str) -> str:
+    """``--chat-template``'s value: a file holding a template, or the template itself."""
+    path = Path(value).expanduser()
+    if "{" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" not in value:
+        raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    return value

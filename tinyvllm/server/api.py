@@ -75,6 +75,8 @@ class ServerConfig:
   root_path: str = ""                     # a path prefix a proxy may put in front of every route
   ssl_keyfile: str | None = None          # both set: serve HTTPS
   ssl_certfile: str | None = None
+  sampling_defaults: dict = dataclass_field(default_factory=dict)   # the model's, for the fields a request leaves
+                                                                    # unset (model/generation_config.py)
 
 
 # Failed API-key attempts per client: 10 at once, then one every 5 s.
@@ -320,6 +322,7 @@ class OpenAIServer:
     engine = self._ready_engine()
     body = await self._body(request)
     model = self._model_name(field(body, "model", str))
+    body = {**self.config.sampling_defaults, **{name: value for name, value in body.items() if value is not None}}
     req = parse(body, engine.tokenizer, engine.max_model_len, engine.model_config.vocab_size, self.config.max_n)
     gen = Generation(fmt, req, f"{fmt.id_prefix}-{uuid.uuid4().hex}", model, engine.tokenizer)
     with self._admit():

@@ -189,8 +189,11 @@ def chat_prompt(body: dict, tokenizer: Tokenizer | None) -> list[int]:
   messages = field(body, "messages", list)
   if not messages: raise bad_request("'messages' must be a non-empty array", "messages")
   tok = _need_tokenizer(tokenizer)
+  kwargs = field(body, "chat_template_kwargs", dict, {})       # vLLM's: variables for the template
+  reserved = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"} & set(kwargs)
+  if reserved: raise bad_request(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}", "chat_template_kwargs")
   try: text = tok.apply_chat_template([_message_text(m) for m in messages],
-                                      add_generation_prompt=field(body, "add_generation_prompt", bool, True))
+                                      add_generation_prompt=field(body, "add_generation_prompt", bool, True), **kwargs)
   except ValueError as e: raise bad_request(str(e), "messages")
   return tok.encode(text, add_special_tokens=False)
 
