@@ -8,6 +8,6 @@ setup(
   packages=find_packages(include=["tinyvllm", "tinyvllm.*"]),
   package_data={"tinyvllm": ["server/static/*", "diffusion/llada-django/*"]},
   python_requires=">=3.10",
-  install_requires=["tinygrad==0.14.0", "numpy", "sentencepiece", "tiktoken", "safetensors", "aiohttp", "jinja2>=3.1.6"],
-  extras_require={"test": ["pytest", "openai"]},
+  install_requires=["tinygrad==0.14.0", "numpy", "sentencepiece", "tiktoken", "safetensors", "aiohttp", "jinja2>=3.1.6", "llguidance"],
+  extras_require={"test": ["pytest", "openai", "jsonschema"]},
 )

@@ -11,11 +11,12 @@ if "tinygrad.engine.realize" in sys.modules and "HCQ2" not in os.environ:
                 "graph then launches its kernels one Python call at a time (decode ~2-3x slower). Import tinyvllm "
                 "first, or set HCQ2=1.", stacklevel=2)
 os.environ.setdefault("HCQ2", "1")
-from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.sampling_params import SamplingParams, StructuredOutputsParams
 from tinyvllm.llm import LLM
 from tinyvllm.engine_args import EngineArgs
 from tinyvllm.engine.engine import LLMEngine
 from tinyvllm.engine.protocol import CompletionOutput, RequestOutput
 from tinyvllm.async_engine import AsyncLLMEngine
 
-__all__ = ["LLM", "SamplingParams", "EngineArgs", "LLMEngine", "AsyncLLMEngine", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineArgs", "LLMEngine", "AsyncLLMEngine",
+           "RequestOutput", "CompletionOutput"]

@@ -32,6 +32,27 @@ def _within(value, low: float, high: float) -> bool:
 def _count(value, high: int) -> bool: return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+  """vLLM's: the output must match one of these (set exactly one). engine/structured_output.py compiles it."""
+  json: dict | str | None = None              # a JSON schema (an object, or its text)
+  regex: str | None = None
+  choice: list[str] | None = None             # exactly one of these strings
+  grammar: str | None = None                  # a Lark grammar, or llama.cpp's GBNF
+  json_object: bool | None = None             # any JSON object (OpenAI's response_format {"type": "json_object"})
+
+  def __post_init__(self) -> None:
+    kinds = [name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name)]
+    if len(kinds) != 1:
+      raise ValueError(f"invalid sampling parameter structured_outputs: set exactly one of json, regex, choice, grammar, "
+                       f"json_object (got {', '.join(kinds) or 'none'})")
+    if self.choice is not None and not (all(isinstance(c, str) and c for c in self.choice) and len(self.choice) <= 4096):
+      raise ValueError("invalid sampling parameter structured_outputs: choice must be at most 4096 non-empty strings")
+
+  @property
+  def kind(self) -> str: return next(n for n in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, n))
+
+
 @dataclass
 class SamplingParams:
   n: int = 1                                  # completions per prompt
@@ -53,6 +74,7 @@ class SamplingParams:
   skip_special_tokens: bool = True
   logprobs: int | None = None                 # also return the top-N logprobs at each generated position
   prompt_logprobs: int | None = None          # the prompt's own tokens' logprobs (+ top-N) at each prompt position
+  structured_outputs: StructuredOutputsParams | None = None   # the output must match a schema or grammar
   output_kind: str = "cumulative"             # what each step's RequestOutput holds: "cumulative" (all so far),
                                               # "delta" (what is new) or "final_only" (one output, at the end)
   # diffusion LLMs only (see diffusion/sampler.py); max_tokens is the generated length

@@ -776,6 +776,102 @@ def test_unset_sampling_fields_take_the_models_defaults(engine):
   assert unset == null == greedy and hot != greedy
 
 
+def test_structured_outputs_through_the_openai_sdk_and_vllms_fields(live, client):
+  """response_format (the SDK's parse() with a Pydantic model), structured_outputs and guided_*: the tiny random
+  model's output still parses, as the grammar leaves it nothing else to write."""
+  import pydantic
+  from typing import Literal
+
+  class Verdict(pydantic.BaseModel):
+    ok: bool
+    score: int = pydantic.Field(ge=0, le=9)
+    colour: Literal["red", "green"]
+
+  parsed = client.chat.completions.parse(model="tiny", messages=[{"role": "user", "content": "judge"}],
+                                         response_format=Verdict, max_tokens=40, seed=1)
+  assert isinstance(parsed.choices[0].message.parsed, Verdict)
+  for extra in ({"structured_outputs": {"choice": ["alpha", "beta"]}}, {"guided_choice": ["alpha", "beta"]}):
+    out = client.completions.create(model="tiny", prompt="pick", max_tokens=8, extra_body=extra, seed=2)
+    assert out.choices[0].text in ("alpha", "beta") and out.choices[0].finish_reason == "stop"
+  out = client.completions.create(model="tiny", prompt="a number", max_tokens=8, seed=3,
+                                  extra_body={"guided_regex": "[1-9][0-9]?"})
+  assert re.fullmatch("[1-9][0-9]?", out.choices[0].text)
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+  "name": "get_weather", "description": "The weather in a city now.",
+  "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}
+
+
+def test_a_streamed_tool_call_round_trip_through_the_openai_sdk(live, client):
+  """A call (tool_choice "required"), streamed as OpenAI's delta.tool_calls; then the result as a "tool" message
+  and a plain answer (tool_choice "none")."""
+  messages = [{"role": "user", "content": "How warm is it in Paris?"}]
+  stream = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL], tool_choice="required",
+                                          stream=True, max_tokens=40, seed=1)
+  calls, reasons = {}, []
+  for chunk in stream:
+    for choice in chunk.choices:
+      reasons.append(choice.finish_reason)
+      for call in choice.delta.tool_calls or []:
+        entry = calls.setdefault(call.index, {"id": call.id, "name": call.function.name, "arguments": ""})
+        entry["arguments"] += call.function.arguments or ""
+  assert reasons[-1] == "tool_calls" and calls
+  call = calls[0]
+  assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris", "Rome")
+  messages += [{"role": "assistant", "content": None, "tool_calls": [
+                 {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}]},
+               {"role": "tool", "tool_call_id": call["id"], "content": "21 C"}]
+  final = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL], tool_choice="none",
+                                         max_tokens=5, **GREEDY)
+  assert final.choices[0].message.tool_calls is None and isinstance(final.choices[0].message.content, str)
+
+
+def test_tool_choice_auto_and_named_give_a_call_or_an_answer(client):
+  named = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=40,
+                                         tools=[WEATHER_TOOL, {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"],
+                                                                                            "name": "other"}}],
+                                         tool_choice={"type": "function", "function": {"name": "other"}}, seed=3)
+  assert [c.function.name for c in named.choices[0].message.tool_calls] == ["other"]
+  assert named.choices[0].finish_reason == "tool_calls"
+  for seed in range(3):
+    auto = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=40,
+                                          tools=[WEATHER_TOOL], parallel_tool_calls=False, seed=seed)
+    message = auto.choices[0].message
+    assert (message.tool_calls is None) != (message.content is None)
+    assert message.tool_calls is None or len(message.tool_calls) == 1
+
+
+@pytest.mark.parametrize("extra, param", [
+  ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+  ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+  ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
+  ({"tool_choice": "required"}, "tool_choice"),
+  ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+  ({"tools": [WEATHER_TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+  ({"tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}, "response_format"),
+  ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}, "tools"),
+])
+def test_bad_tools_are_a_400_naming_the_field(live, extra, param):
+  body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra}
+  status, body = request("POST", f"{live.url}/v1/chat/completions", body)
+  assert status == 400 and body["error"]["param"] == param, body
+
+
+@pytest.mark.parametrize("extra, param", [
+  ({"response_format": {"type": "xml"}}, "response_format"),
+  ({"response_format": {"type": "json_schema", "json_schema": {"schema": "nope"}}}, "response_format"),
+  ({"structured_outputs": {"regex": "("}}, "structured_outputs"),
+  ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+  ({"structured_outputs": {"xml": "<a/>"}}, "structured_outputs"),
+  ({"guided_json": {"type": "nonsense"}}, "guided_json"),
+  ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+])
+def test_a_bad_constraint_is_a_400_naming_its_field(live, extra, param):
+  status, body = request("POST", f"{live.url}/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2, **extra})
+  assert status == 400 and body["error"]["param"] == param, body
+
+
 def test_drain_limit_ends_streams_with_an_error_and_done(engine, monkeypatch):
   slow_steps(monkeypatch, engine, 0.02)
   with LiveServer(ServerConfig(["tiny"]), engine) as s:

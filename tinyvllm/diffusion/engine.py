@@ -27,7 +27,7 @@ DEFAULT_DIFFUSION_MODEL = Path(__file__).parent / "llada-django"
 DIFFUSION_ALIASES = ("diffusion", "llada")          # model names that ask for the shipped diffusion model
 # sampling fields of left-to-right decoding that masked diffusion does not have (refused rather than ignored)
 AUTOREGRESSIVE_ONLY = ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                       "logit_bias", "min_tokens", "stop", "logprobs", "prompt_logprobs")
+                       "logit_bias", "min_tokens", "stop", "logprobs", "prompt_logprobs", "structured_outputs")
 
 
 def wants_diffusion(model: str | None) -> bool:

@@ -29,6 +29,7 @@ from tinyvllm.model.loader import load_model
 from tinyvllm.formats import chat_template
 from tinyvllm.formats.tokenizer import tokenize_prompt
 from tinyvllm.engine.overlap import Overlap
+from tinyvllm.engine import structured_output
 from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, StepResult
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine.scheduler import Scheduler
@@ -107,6 +108,9 @@ class LLMEngine:
     room = self.max_model_len - len(token_ids)
     limit = room if params.max_tokens is None else min(room, params.max_tokens)
     seqs = [Sequence(request_id, token_ids, params, index, limit) for index in range(params.n)]
+    if params.structured_outputs is not None:
+      grammar = structured_output.check(params.structured_outputs, self.tokenizer, vocab_size)
+      for seq in seqs: seq.matcher = structured_output.Matcher(self.tokenizer, vocab_size, grammar)
     return Request(request_id, prompt if isinstance(prompt, str) else None, seqs)
 
   def admit(self, request: Request) -> str:
@@ -152,8 +156,9 @@ class LLMEngine:
   def prepare(self) -> PreparedStep | None:
     if self.proposer:                                                     # guesses for the step to check
       speculate = len(self.scheduler.running) <= self.speculate_up_to     # where checking them pays
-      decoding = [seq for seq in self.scheduler.running
-                  if seq.num_computed_tokens == seq.num_known_tokens - 1 and not seq.num_pending_tokens]
+      decoding = [seq for seq in self.scheduler.running          # a sequence with a grammar gets no drafts
+                  if seq.num_computed_tokens == seq.num_known_tokens - 1 and not seq.num_pending_tokens
+                  and seq.matcher is None]
       drafts = self.proposer.propose_all(decoding) if decoding and speculate else {}
       for seq in self.scheduler.running: seq.draft_token_ids = drafts.get(seq, [])
     scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
@@ -201,6 +206,7 @@ class LLMEngine:
   @staticmethod
   def _append(seq: Sequence, sampled: Sampled) -> None:
     seq.output_token_ids.append(sampled.token)
+    if seq.matcher is not None: seq.matcher.consume(sampled.token)
     if seq.params.logprobs is not None:
       top = dict(sampled.top_logprobs[:seq.params.logprobs])
       seq.output_logprobs.append({sampled.token: sampled.logprob, **top})
@@ -210,5 +216,6 @@ class LLMEngine:
     stop_ids = set(p.stop_token_ids)
     if not p.ignore_eos and self.tokenizer is not None: stop_ids |= self.tokenizer.stop_ids
     if token in stop_ids and n_out > p.min_tokens: return "stop"
+    if seq.matcher is not None and seq.matcher.done: return "stop"        # its grammar is complete
     if n_out >= seq.max_output_tokens: return "length"                   # max_tokens, or max_model_len
     return None

@@ -22,7 +22,9 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from tinyvllm.sampling_params import SamplingParams
+if TYPE_CHECKING: from tinyvllm.engine.structured_output import Matcher
 
 
 class SequenceStatus(enum.Enum):
@@ -58,6 +60,7 @@ class Sequence:
   num_preemptions: int = 0
   num_returned_tokens: int = 0          # "delta" outputs: how much of the output earlier outputs carried
   num_returned_chars: int = 0
+  matcher: Matcher | None = None        # structured outputs: its place in the grammar (engine/structured_output.py)
 
   @property
   def token_ids(self) -> list[int]: return self.prompt_token_ids + self.output_token_ids

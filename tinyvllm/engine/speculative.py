@@ -159,7 +159,7 @@ class AfterDrafts:
   def __init__(self, seq: Sequence, i: int):
     self.seq, self.i = seq, i
     self.params, self.index, self.seq_id, self.prompt_token_ids = seq.params, seq.index, seq.seq_id, seq.prompt_token_ids
-    self.wants_prompt_logprobs = False
+    self.wants_prompt_logprobs, self.matcher = False, None       # a sequence with a grammar gets no drafts
   @property
   def output_token_ids(self) -> list[int]: return self.seq.output_token_ids + self.seq.draft_token_ids[:self.i]
   @property

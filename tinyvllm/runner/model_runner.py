@@ -55,6 +55,7 @@ from tinyvllm.runner.sampler import (plans, SamplingPlan, bucket, penalized, pla
 from tinyvllm.engine.scheduler import ScheduledSequence
 from tinyvllm.engine.sequence import Sequence
 from tinyvllm.engine.speculative import AfterDrafts
+from tinyvllm.engine.structured_output import mask_words
 from tinyvllm.runner.graph_store import GraphStore
 from tinyvllm.tinygrad_internals import allocated, download, upload
 
@@ -194,7 +195,7 @@ class _SamplerGraph:
   def _sample(self) -> Tensor:
     R, plan = self.shape.R, self.shape.plan
     logits = self.runner.logits(self.shape.T or R)
-    U = R * plan.num_adjusted
+    U = R * (plan.num_adjusted + plan.mask_words)
     params = unpack(self.ints[:max(U, 1)], self.floats, R, plan)
     if plan.num_prompt_logprobs is None: return sample(logits, params, plan).flatten().contiguous().realize()
     T, V = self.shape.T, logits.shape[1]
@@ -229,6 +230,7 @@ class ModelRunner:
     self.max_blocks = -(-max_model_len // block_size)
     self.max_rows, self.max_tokens = _rows_bucket(max_num_seqs), bucket(max_num_batched_tokens)
     self.max_adjusted = bucket(min(cfg.vocab_size, 2 * max_model_len), 16)
+    self.mask_words = mask_words(cfg.vocab_size)         # structured outputs' allowed-token bitmask, per row
     self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
                            for _ in range(2)) for _ in range(cfg.num_layers)]
     Tensor.realize(*(pool for pools in self.kv_cache for pool in pools))
@@ -256,8 +258,8 @@ class ModelRunner:
     sizes = lambda top: [1 << i for i in range(top.bit_length())]
     models = [self.model_shape(T) for T in sizes(self.max_tokens)] + [self.model_shape(0, every=True)]
     samplers = [SamplerShape(R, plan) for R in sorted({shape.R for shape in models if not shape.every})
-                for plan in plans(self.max_adjusted)]
-    samplers += [SamplerShape(1, plans(self.max_adjusted, prompt=True)[-1], self.max_tokens)]
+                for plan in plans(self.max_adjusted, mask_words=self.mask_words)]
+    samplers += [SamplerShape(1, plans(self.max_adjusted, True, self.mask_words)[-1], self.max_tokens)]
     return models, samplers
 
   def _model(self, shape: ModelShape) -> _ModelGraph:
@@ -293,7 +295,8 @@ class ModelRunner:
   def can_run_ahead(step: PreparedStep) -> bool:
     """Whether the next step may be prepared before this one's tokens reach the host: no sampler may need them
     before `launch` (penalties count the tokens generated), and no prompt logprobs may still be on their way."""
-    return not any(s.samples and (penalized(s.seq.params) or s.seq.wants_prompt_logprobs) for s in step.scheduled)
+    return not any(s.samples and (penalized(s.seq.params) or s.seq.wants_prompt_logprobs or s.seq.matcher)
+                   for s in step.scheduled)
 
   def launch(self, step: PreparedStep, before: StepResult | None = None) -> PreparedStep:
     """Queue the step's graphs on the device, with the tokens `before` sampled for its decode rows; returns while
@@ -330,7 +333,7 @@ class ModelRunner:
     rows: list[Sequence | AfterDrafts | None] = [row for s in group for row in _sampler_rows(s)]
     R = 1 if every else shape.R
     plan, adjusted_ids, floats = plan_and_pack(rows + [None] * (R - len(rows)), self.seed, self.stop_ids,
-                                               self.max_adjusted)
+                                               self.max_adjusted, mask_words=self.mask_words)
     sampler_shape = SamplerShape(R, plan, shape.T if every else 0)
     sampler_ints = adjusted_ids if not every else \
       np.concatenate([adjusted_ids, [group[0].num_new_tokens - 1], self._next_prompt_tokens(group[0], shape.T)])

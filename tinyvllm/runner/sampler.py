@@ -23,10 +23,11 @@ prompt token's logprob given the tokens before it) come from the logits of every
 by the temperature the same way; penalties and bias, which depend on the output so far, do not apply to them.
 
 The graph that runs depends on a `SamplingPlan`, one of three (`plans`): greedy (an argmax, nothing else), sampled
-(temperature and every filter) and general (also the top 20 logprobs and room for penalties and bias), so that a
-batch of plain greedy requests pays for none of this, and a new mix of parameters never needs a graph of its own:
-the runner captures one per plan and row count before serving (model_runner.py). A row that does not use a filter or
-a penalty gets parameters that make it a no-op.
+(temperature and every filter) and general (also the top 20 logprobs, room for penalties and bias, and each row's
+allowed-token bitmask for structured outputs: engine/structured_output.py), so that a batch of plain greedy requests
+pays for none of this, and a new mix of parameters never needs a graph of its own: the runner captures one per plan
+and row count before serving (model_runner.py). A row that does not use a filter, a penalty or a grammar gets
+parameters that make it a no-op.
 """
 from __future__ import annotations
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class SamplingPlan:
   num_logprobs: int     # K: top logprobs returned per row; 0 = none
   want_logprobs: bool   # return the chosen token's logprob (and K alternatives)
   num_prompt_logprobs: int | None = None   # P: top logprobs at every position of the chunk; None = not asked
+  mask_words: int = 0   # W: int32 words of each row's allowed-token bitmask (structured outputs); 0 = no mask
 
   @property
   def output_width(self) -> int: return 2 + 2 * self.num_logprobs   # token, its logprob, K ids, K logprobs
@@ -127,24 +129,25 @@ GREEDY = SamplingPlan("greedy", (), 0, 0, False)
 SAMPLED = SamplingPlan("filtered", FILTERS, 0, 0, False)
 
 
-def plans(max_adjusted: int, prompt: bool = False) -> list[SamplingPlan]:
+def plans(max_adjusted: int, prompt: bool = False, mask_words: int = 0) -> list[SamplingPlan]:
   """The plans a batch can get, so that a graph per (rows, plan) is a known, bounded set: greedy; sampled (any
   temperature and filters); general (anything else: logprobs, penalties, bias, min_tokens, with every filter, the
-  top MAX_LOGPROBS logprobs and room for `max_adjusted` adjusted tokens a row). With `prompt`: the plan of a
-  prompt that wants prompt logprobs."""
-  general = SamplingPlan("filtered", FILTERS, max_adjusted, MAX_LOGPROBS, True)
-  if prompt: return [SamplingPlan("filtered", FILTERS, max_adjusted, MAX_LOGPROBS, True, MAX_LOGPROBS)]
+  top MAX_LOGPROBS logprobs, room for `max_adjusted` adjusted tokens a row and, with `mask_words`, an allowed-token
+  bitmask a row for structured outputs). With `prompt`: the plan of a prompt that wants prompt logprobs."""
+  general = SamplingPlan("filtered", FILTERS, max_adjusted, MAX_LOGPROBS, True, None, mask_words)
+  if prompt: return [SamplingPlan("filtered", FILTERS, max_adjusted, MAX_LOGPROBS, True, MAX_LOGPROBS, mask_words)]
   return [GREEDY, SAMPLED, general]
 
 
 def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int], max_adjusted: int,
-                  plan: SamplingPlan | None = None) -> tuple[SamplingPlan, np.ndarray, np.ndarray]:
+                  plan: SamplingPlan | None = None, mask_words: int = 0) -> tuple[SamplingPlan, np.ndarray, np.ndarray]:
   """Host side: the plan for this batch (the cheapest of PLANS that serves every row, or `plan`), plus its int32
-  inputs (adjusted token ids) and float32 inputs."""
+  inputs (adjusted token ids, then the allowed-token masks) and float32 inputs."""
   live = [seq for seq in rows if seq is not None]
   if plan is None:
-    if any(s.wants_prompt_logprobs for s in live): plan = plans(max_adjusted, prompt=True)[0]
-    elif any(s.params.logprobs is not None or _adjusts_logits(s) for s in live): plan = plans(max_adjusted)[2]
+    if any(s.wants_prompt_logprobs for s in live): plan = plans(max_adjusted, True, mask_words)[0]
+    elif any(s.params.logprobs is not None or _adjusts_logits(s) or s.matcher for s in live):
+      plan = plans(max_adjusted, mask_words=mask_words)[2]
     elif any(not s.params.greedy for s in live): plan = SAMPLED
     else: plan = GREEDY
   ids, extra = _pack_adjustments(rows, stop_ids, plan.num_adjusted)
@@ -155,16 +158,31 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
                        seq.params.frequency_penalty, seq.params.repetition_penalty) for seq in rows],
                      np.float32).reshape(len(rows), len(ROW_FIELDS))
   floats = np.concatenate([per_row.T.ravel(), extra.ravel()])
+  if plan.mask_words:     # every token allowed (-1: all 32 bits set), but where a row's grammar says otherwise
+    masks = np.full((len(rows), plan.mask_words), -1, np.int32)
+    for row, seq in enumerate(rows):
+      if seq is not None and seq.matcher: masks[row] = seq.matcher.allowed()
+    ids = np.concatenate([ids.ravel(), masks.ravel()])
   return plan, ids.ravel(), floats
 
 
 def unpack(ints: Tensor, floats: Tensor, S: int, plan: SamplingPlan) -> dict[str, Tensor]:
   """Device side: split the packed inputs back into named [S] and [S, U] tensors."""
-  U = plan.num_adjusted
+  U, W = plan.num_adjusted, plan.mask_words
   rows, adjust = floats[:S * len(ROW_FIELDS)], floats[S * len(ROW_FIELDS):]
   out = {name: t.reshape(S, 1) for name, t in zip(ROW_FIELDS, rows.split(S))}
-  if U: out.update({name: t.reshape(S, U) for name, t in zip(ADJUST_FIELDS, adjust.split(S * U))}, ids=ints.reshape(S, U))
+  if U: out.update({name: t.reshape(S, U) for name, t in zip(ADJUST_FIELDS, adjust.split(S * U))},
+                   ids=ints[:S * U].reshape(S, U))
+  if W: out["mask"] = ints[S * U:S * (U + W)].reshape(S, W)
   return out
+
+
+def _allowed(logits: Tensor, mask: Tensor) -> Tensor:
+  """Tokens whose bit is clear in the row's mask [S, W] (token t: bit t % 32 of word t // 32) get -inf."""
+  S, V = logits.shape
+  words = mask.reshape(S, -1, 1).expand(S, mask.shape[1], 32).reshape(S, -1)[:, :V].bitcast(dtypes.uint32)
+  bits = (words >> (Tensor.arange(V, dtype=dtypes.uint32) % 32).reshape(1, V)) & 1
+  return (bits == 1).where(logits, -float("inf"))
 
 
 def _scatter_kernel(out: UOp, ids: UOp, values: UOp) -> UOp:
@@ -286,6 +304,7 @@ def sample(logits: Tensor, p: dict[str, Tensor], plan: SamplingPlan) -> Tensor:
   S, V = logits.shape
   # materialized: fused into the reductions below, the lm_head matmul would be recomputed inside them (150 ms a step)
   logits = _adjust(logits, p) if plan.num_adjusted else logits.contiguous()
+  if plan.mask_words: logits = _allowed(logits, p["mask"]).contiguous()
   token = _argmax(logits)[0]
   if plan.mode != "greedy" or plan.want_logprobs:
     logprobs, probs = _softmax(_temperature_scaled(logits, p["temperature"]))

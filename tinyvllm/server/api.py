@@ -50,7 +50,7 @@ from tinyvllm.server.limits import RateLimiter
 from tinyvllm.server.metrics import CONTENT_TYPE, Metrics, RequestMetrics
 from tinyvllm.server.protocol import (APIError, GenerationRequest, bad_request, chat_prompt, completion_prompts, field,
                                       list_field, parse_chat, parse_completion, parse_json)
-from tinyvllm.server.responses import ChatFormat, CompletionFormat, Generation, ResponseFormat
+from tinyvllm.server.responses import ChatFormat, CompletionFormat, Generation, ResponseFormat, ToolChatFormat
 
 log = logging.getLogger("tinyvllm.server")
 STATIC = Path(__file__).parent / "static"
@@ -324,6 +324,7 @@ class OpenAIServer:
     model = self._model_name(field(body, "model", str))
     body = {**self.config.sampling_defaults, **{name: value for name, value in body.items() if value is not None}}
     req = parse(body, engine.tokenizer, engine.max_model_len, engine.model_config.vocab_size, self.config.max_n)
+    if req.tools is not None: fmt = ToolChatFormat(req.tools)                      # chat with tools
     gen = Generation(fmt, req, f"{fmt.id_prefix}-{uuid.uuid4().hex}", model, engine.tokenizer)
     with self._admit():
       stats = self.metrics.request(gen.prompt_tokens)

@@ -26,7 +26,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 from tinyvllm.formats.tokenizer import Tokenizer
-from tinyvllm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, SamplingParams
+from tinyvllm.engine import structured_output
+from tinyvllm.server.tools import Tools, history, parse_tools
+from tinyvllm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, SamplingParams, StructuredOutputsParams
 
 MAX_JSON_DEPTH = 32
 MAX_PROMPTS = 256                     # prompts in one /v1/completions request
@@ -119,7 +121,7 @@ SAMPLING_FIELDS: dict[str, type] = {
 
 
 def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, vocab_size: int | None = None,
-                    max_n: int = MAX_N) -> SamplingParams:
+                    max_n: int = MAX_N, tokenizer: Tokenizer | None = None) -> SamplingParams:
   n = field(body, "n", int, 1)
   if not 1 <= n <= max_n: raise bad_request(f"'n' must be in [1, {max_n}], got {n}", "n")
   kwargs = {name: field(body, name, kind) for name, kind in SAMPLING_FIELDS.items()}
@@ -128,6 +130,7 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, vo
   kwargs["stop"] = [stop] if isinstance(stop, str) else list_field(body, "stop", str)
   kwargs["stop_token_ids"] = list_field(body, "stop_token_ids", int)
   kwargs["logit_bias"] = _logit_bias(field(body, "logit_bias", dict))
+  kwargs["structured_outputs"] = structured_outputs(body, tokenizer, vocab_size)
   if vocab_size is not None:              # an id past the vocabulary would index past the logits row
     for name, ids in (("stop_token_ids", kwargs["stop_token_ids"]), ("logit_bias", kwargs["logit_bias"] or ())):
       if not all(0 <= t < vocab_size for t in ids): raise bad_request(f"'{name}' token ids must be in [0, {vocab_size})", name)
@@ -135,6 +138,38 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, vo
   except ValueError as e:
     named = re.search(r"parameter (\w+)", str(e))       # SamplingParams names the field it rejects
     raise bad_request(str(e), named.group(1) if named else None)
+
+
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_outputs(body: dict, tokenizer: Tokenizer | None, vocab_size: int | None) -> StructuredOutputsParams | None:
+  """The output's constraint, from whichever of OpenAI's `response_format`, vLLM's `structured_outputs` or its older
+  `guided_*` fields the request uses (one of them), checked against the tokenizer so that a schema, regex or grammar
+  that does not compile is a 400 naming the field."""
+  given = [name for name in ("response_format", "structured_outputs", *GUIDED_FIELDS) if body.get(name) is not None]
+  if len(given) > 1: raise bad_request(f"give one of {', '.join(given)}, not several", given[1])
+  if not given: return None
+  name = given[0]
+  if name == "response_format":
+    rf = field(body, name, dict)
+    kind = rf.get("type")
+    if kind == "text": return None
+    if kind == "json_object": spec = {"json_object": True}
+    elif kind == "json_schema":
+      schema = rf.get("json_schema")
+      if not isinstance(schema, dict) or not isinstance(schema.get("schema", {}), dict):
+        raise bad_request("'response_format.json_schema' must be an object with a 'schema' object", name)
+      spec = {"json": schema.get("schema", {})}
+    else: raise bad_request("'response_format.type' must be 'text', 'json_object' or 'json_schema'", name)
+  elif name == "structured_outputs": spec = field(body, name, dict)
+  else: spec = {GUIDED_FIELDS[name]: body[name]}
+  try:
+    params = StructuredOutputsParams(**spec)
+    if vocab_size is not None: structured_output.check(params, tokenizer, vocab_size)
+  except TypeError: raise bad_request(f"'{name}' may hold only json, regex, choice, grammar and json_object", name)
+  except ValueError as e: raise bad_request(str(e).replace("invalid sampling parameter ", ""), name)
+  return params
 
 
 def _logit_bias(bias: dict | None) -> dict[int, float] | None:
@@ -173,8 +208,8 @@ def _message_text(message: Any) -> dict[str, str]:
     raise bad_request("each message must be an object with a string 'role'", "messages")
   if message["role"] not in ROLES:
     raise bad_request(f"unknown message role {message['role'][:40]!r}: expected one of {', '.join(ROLES)}", "messages")
-  if message.get("tool_calls") or message.get("function_call"):       # silently dropping them would change the meaning
-    raise bad_request("messages with 'tool_calls' are not supported by this server (it has no tool calling)", "messages")
+  if message.get("function_call"):                   # OpenAI's older form: silently dropping it would change the meaning
+    raise bad_request("'function_call' in messages is not supported: use 'tool_calls'", "messages")
   content = message.get("content") or ""
   if isinstance(content, list):
     if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
@@ -184,10 +219,11 @@ def _message_text(message: Any) -> dict[str, str]:
   return {"role": message["role"], "content": content}
 
 
-def chat_prompt(body: dict, tokenizer: Tokenizer | None) -> list[int]:
-  """The conversation rendered with the model's chat template, as token ids."""
+def chat_prompt(body: dict, tokenizer: Tokenizer | None, tools: Tools | None = None) -> list[int]:
+  """The conversation rendered with the model's chat template, as token ids (with tools: server/tools.py's)."""
   messages = field(body, "messages", list)
   if not messages: raise bad_request("'messages' must be a non-empty array", "messages")
+  messages = history(messages, tools, bad_request)
   tok = _need_tokenizer(tokenizer)
   kwargs = field(body, "chat_template_kwargs", dict, {})       # vLLM's: variables for the template
   reserved = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"} & set(kwargs)
@@ -217,15 +253,17 @@ class GenerationRequest:
   params: SamplingParams
   stream: bool
   include_usage: bool                 # stream_options.include_usage: a last chunk with token counts
+  tools: Tools | None = None          # chat with tools: the reply is a call or an answer (server/tools.py)
 
 
 def _common(body: dict, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-            max_model_len: int, prompt_param: str, vocab_size: int | None, max_n: int) -> GenerationRequest:
+            max_model_len: int, prompt_param: str, vocab_size: int | None, max_n: int,
+            tokenizer: Tokenizer | None) -> GenerationRequest:
   stream = field(body, "stream", bool, False)
   stream_options = field(body, "stream_options", dict, {})
   if stream_options and not stream: raise bad_request("'stream_options' needs 'stream': true", "stream_options")
   include_usage = field(stream_options, "include_usage", bool, False)
-  params = sampling_params(body, max_tokens, logprobs, vocab_size, max_n)
+  params = sampling_params(body, max_tokens, logprobs, vocab_size, max_n, tokenizer)
   if stream and params.prompt_logprobs is not None:       # as in vLLM: they would all arrive in the first chunk
     raise bad_request("'prompt_logprobs' is not available when 'stream' is true", "prompt_logprobs")
   check_context(prompts, max_tokens, max_model_len, prompt_param)
@@ -248,18 +286,30 @@ def parse_completion(body: dict, tokenizer: Tokenizer | None, max_model_len: int
   logprobs = field(body, "logprobs", int)
   if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
     raise bad_request(f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
-  return _common(body, prompts, field(body, "max_tokens", int, 16), logprobs, max_model_len, "prompt", vocab_size, max_n)
+  return _common(body, prompts, field(body, "max_tokens", int, 16), logprobs, max_model_len, "prompt", vocab_size, max_n,
+                 tokenizer)
 
 
 def parse_chat(body: dict, tokenizer: Tokenizer | None, max_model_len: int, vocab_size: int | None = None,
                max_n: int = MAX_N) -> GenerationRequest:
   """POST /v1/chat/completions. No max_tokens means up to the context length; `logprobs` is a boolean and
   `top_logprobs` the top-N count."""
-  _unsupported(body, "tools", "functions")
+  _unsupported(body, "functions", "function_call")
+  tools = parse_tools(body, bad_request)
+  if tools is not None:                  # the reply is constrained to a call or an answer
+    given = [n for n in ("response_format", "structured_outputs", *GUIDED_FIELDS) if body.get(n) is not None]
+    if given: raise bad_request(f"'{given[0]}' cannot be combined with 'tools'", given[0])
+    if vocab_size is not None:
+      try: structured_output.check(StructuredOutputsParams(json=tools.schema()), tokenizer, vocab_size)
+      except ValueError as e: raise bad_request(f"the tools' parameters: {e}", "tools")
+    body = {**body, "structured_outputs": {"json": tools.schema()}}
   max_tokens = field(body, "max_completion_tokens", int)
   if max_tokens is None: max_tokens = field(body, "max_tokens", int)
   top = field(body, "top_logprobs", int, 0)
   if not 0 <= top <= MAX_LOGPROBS: raise bad_request(f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
   if top and not field(body, "logprobs", bool): raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
   logprobs = top if field(body, "logprobs", bool) else None
-  return _common(body, [chat_prompt(body, tokenizer)], max_tokens, logprobs, max_model_len, "messages", vocab_size, max_n)
+  request = _common(body, [chat_prompt(body, tokenizer, tools)], max_tokens, logprobs, max_model_len, "messages",
+                    vocab_size, max_n, tokenizer)
+  request.tools = tools
+  return request

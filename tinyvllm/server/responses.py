@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from tinyvllm.engine.protocol import CompletionOutput, RequestOutput
 from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.server.protocol import GenerationRequest
+from tinyvllm.server.tools import Tools, stream_delta
 
 # ---- log-probabilities ----------------------------------------------------------------------------------------------
 @dataclass
@@ -144,12 +145,27 @@ class ChatFormat:
                       "finish_reason": d.finish_reason}, d)
 
 
+class ToolChatFormat(ChatFormat):
+  """/v1/chat/completions with tools: the reply is one JSON object (server/tools.py) that becomes tool calls or
+  content, so a stream holds it back until it is complete and sends it as one delta."""
+  def __init__(self, tools: Tools): self.tools = tools
+
+  def choice(self, c: Choice, prompt_logprobs: list | None) -> dict:
+    message, reason = self.tools.message(c.text, c.finish_reason)
+    return {"index": c.index, "message": message, "logprobs": None, "finish_reason": reason}
+
+  def stream_choice(self, c: Choice, d: Delta) -> dict | None:
+    if d.finish_reason is None: return None
+    message, reason = self.tools.message(c.text, d.finish_reason)
+    return {"index": c.index, "delta": stream_delta(message, first=True), "logprobs": None, "finish_reason": reason}
+
+
 def _with_ids(choice: dict, d: Delta) -> dict:
   """A streamed choice of a model without a tokenizer carries its new tokens as `token_ids` (vLLM's field name)."""
   return choice if d.token_ids is None else {**choice, "token_ids": d.token_ids}
 
 
-ResponseFormat = CompletionFormat | ChatFormat
+ResponseFormat = CompletionFormat | ChatFormat | ToolChatFormat
 
 
 # ---- a whole request ------------------------------------------------------------------------------------------------
@@ -186,7 +202,10 @@ class Generation:
     for o in out.outputs:
       choice = self.choices[prompt_index * self.request.params.n + o.index]
       delta = choice.advance(o, self.tokenizer)
-      if delta is not None: chunks.append(self._envelope(self.fmt.chunk_object, [self.fmt.chunk_choice(choice.index, delta)]))
+      if delta is None: continue
+      streamed = self.fmt.stream_choice(choice, delta) if isinstance(self.fmt, ToolChatFormat) else \
+        self.fmt.chunk_choice(choice.index, delta)
+      if streamed is not None: chunks.append(self._envelope(self.fmt.chunk_object, [streamed]))
     return chunks
 
   def usage(self) -> dict:

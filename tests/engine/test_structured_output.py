@@ -1,0 +1,64 @@
+"""Structured outputs (engine/structured_output.py) on the real SmolLM2: sampled outputs parse and validate against
+their schemas, choices and regexes hold, and unconstrained requests batched with them are unchanged."""
+import json
+import re
+import jsonschema
+import pytest
+from tinyvllm import SamplingParams
+from tinyvllm.sampling_params import StructuredOutputsParams as Structured
+
+SCHEMAS = [
+  {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}, "population": {"type": "integer", "minimum": 0}},
+   "required": ["city", "population"]},
+  {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Z][a-z]+$"},
+                                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                    "email": {"type": "string", "maxLength": 32}},
+   "required": ["name", "age"], "additionalProperties": False},
+  {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
+   "required": ["colour", "tags"], "additionalProperties": False},
+  {"type": "object", "properties": {"point": {"type": "object", "properties": {"x": {"type": "number"},
+                                                                             "y": {"type": "number"}},
+                                              "required": ["x", "y"], "additionalProperties": False},
+                                    "label": {"type": "string", "maxLength": 12}},
+   "required": ["point"], "additionalProperties": False},
+]
+PROMPT = "Describe something as JSON."
+# Strings are bounded: at temperature 0.8 a 135M model may write a free string until max_tokens runs out, which is
+# a "length" finish (the grammar allowed more), not a broken one.
+
+
+def test_sampled_outputs_match_their_schemas_and_the_unconstrained_rows_are_unchanged(smollm2):
+  tok = smollm2.get_tokenizer()
+  chat = lambda text: {"prompt_token_ids": tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]),
+                                                      add_special_tokens=False)}
+  free = [SamplingParams(temperature=0.8, seed=s, max_tokens=24) for s in (7, 8)]
+  constrained = [SamplingParams(temperature=0.8, seed=seed, max_tokens=96, structured_outputs=Structured(json=schema))
+                 for schema in SCHEMAS for seed in (0, 1)]
+  constrained += [SamplingParams(temperature=0.8, seed=3, max_tokens=8, structured_outputs=Structured(choice=["yes", "no"])),
+                  SamplingParams(temperature=0.8, seed=4, max_tokens=16,
+                                 structured_outputs=Structured(regex=r"[0-9]{3}-[0-9]{4}")),
+                  SamplingParams(temperature=0.8, seed=5, max_tokens=64, structured_outputs=Structured(json_object=True))]
+  alone = [o.outputs[0].token_ids for o in smollm2.generate([chat("Tell me a story.")] * 2, free)]
+  outs = smollm2.generate([chat("Tell me a story.")] * 2 + [chat(PROMPT)] * len(constrained), free + constrained)
+  assert [o.outputs[0].token_ids for o in outs[:2]] == alone                   # unconstrained rows: as if alone
+  for out, params in zip(outs[2:], constrained):
+    text, kind = out.outputs[0].text, params.structured_outputs.kind
+    assert out.outputs[0].finish_reason == "stop", (text, kind)             # the grammar ended it, not max_tokens
+    if kind == "json": jsonschema.validate(json.loads(text), params.structured_outputs.json)
+    elif kind == "json_object": assert isinstance(json.loads(text), dict)
+    elif kind == "choice": assert text in ("yes", "no")
+    else: assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", text)
+
+
+@pytest.mark.parametrize("spec, message", [({"regex": "("}, "invalid regex"), ({"json": {"type": "nonsense"}}, "invalid json"),
+                                           ({"grammar": "start: x\nx: y"}, "invalid grammar")])
+def test_a_constraint_that_does_not_compile_is_refused_before_it_runs(smollm2, spec, message):
+  with pytest.raises(ValueError, match=message):
+    smollm2.engine.add_request("hi", SamplingParams(structured_outputs=Structured(**spec)))
+  assert not smollm2.engine.has_unfinished_requests()
+
+
+def test_exactly_one_constraint():
+  with pytest.raises(ValueError, match="exactly one"): Structured()
+  with pytest.raises(ValueError, match="exactly one"): Structured(regex="a", choice=["a"])

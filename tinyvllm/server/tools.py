@@ -1,0 +1,132 @@
+"""Tool calling: OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, for any model.
+
+Models trained to call tools each write calls in a format of their own (`<tool_call>` tags, `[TOOL_CALLS]`, bare
+JSON); this server uses one generic format for every model, llama.cpp's answer for models without a native one. The
+tools are described in a system message, and the reply is constrained (engine/structured_output.py) to one JSON
+object, so it always parses:
+
+    {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}   calls (one, unless parallel calls)
+    {"response": "It is sunny in Paris."}                                      an answer (tool_choice "auto" only)
+
+    tool_choice   "none": no tools; "auto" (the default): a call or an answer; "required": a call;
+                  {"type": "function", "function": {"name": N}}: one call of N
+
+The reply becomes OpenAI's `message.tool_calls` (finish_reason "tool_calls") or `content`; a stream sends it as one
+delta once it is complete. A conversation's earlier calls (assistant messages with `tool_calls`) and results
+(`role: "tool"`) are written back into the same format, so a model reads its own history as it wrote it.
+"""
+from __future__ import annotations
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")          # OpenAI's rule for function names
+
+
+@dataclass
+class Tools:
+  functions: list[dict]            # {"name", "description", "parameters"} of the tools the reply may call
+  answer_allowed: bool             # tool_choice "auto": the reply may be an answer instead
+  parallel: bool                   # several calls in one reply
+
+  def schema(self) -> dict:
+    """The JSON schema the reply is constrained to."""
+    call = {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+                       "required": ["name", "arguments"], "additionalProperties": False} for f in self.functions]}
+    calls = {"type": "object", "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1,
+                                                             **({} if self.parallel else {"maxItems": 1})}},
+             "required": ["tool_calls"], "additionalProperties": False}
+    if not self.answer_allowed: return calls
+    answer = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
+              "additionalProperties": False}
+    return {"anyOf": [calls, answer]}
+
+  def system_prompt(self) -> str:
+    described = json.dumps([{"name": f["name"], "description": f.get("description", ""), "parameters": f["parameters"]}
+                            for f in self.functions], ensure_ascii=False)
+    how = 'Reply with JSON only: {"tool_calls": [{"name": <tool name>, "arguments": <arguments object>}]} to call ' + \
+          ("tools" if self.parallel else "a tool")
+    if self.answer_allowed: how += ', or {"response": <your answer>} to answer without a tool'
+    return f"You can call these tools:\n{described}\n\n{how}."
+
+  def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """The reply as OpenAI's assistant message and finish_reason (a reply cut short stays text, "length")."""
+    try: reply = json.loads(text)
+    except json.JSONDecodeError: return {"role": "assistant", "content": text}, finish_reason
+    if "response" in reply: return {"role": "assistant", "content": reply["response"]}, finish_reason
+    calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+             for c in reply["tool_calls"]]
+    return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+
+
+def parse_tools(body: dict, bad_request: Callable[[str, str], Exception]) -> Tools | None:
+  """The request's tools and tool_choice, checked (a 400 naming the field); None when the reply is free text."""
+  tools, choice = body.get("tools"), body.get("tool_choice")
+  if tools is None:
+    if choice not in (None, "none"): raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
+    return None
+  if not isinstance(tools, list) or not tools: raise bad_request("'tools' must be a non-empty array", "tools")
+  functions = []
+  for i, tool in enumerate(tools):
+    fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not NAME.match(fn["name"]):
+      raise bad_request(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} with a name "
+                        "of letters, digits, _ and - (at most 64)", "tools")
+    parameters = fn.get("parameters", {"type": "object", "properties": {}})
+    if not isinstance(parameters, dict): raise bad_request(f"tools[{i}].function.parameters must be an object", "tools")
+    functions.append({"name": fn["name"], "description": str(fn.get("description", "")), "parameters": parameters})
+  if len({f["name"] for f in functions}) != len(functions): raise bad_request("tool names must differ", "tools")
+  parallel = body.get("parallel_tool_calls", True)
+  if not isinstance(parallel, bool): raise bad_request("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+  if choice in (None, "auto"): return Tools(functions, True, parallel)
+  if choice == "none": return None
+  if choice == "required": return Tools(functions, False, parallel)
+  name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
+  if not isinstance(name, str):
+    raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+                      "{\"name\": ...}}", "tool_choice")
+  named = [f for f in functions if f["name"] == name]
+  if not named: raise bad_request(f"'tool_choice' names {name!r}, which is not one of the tools", "tool_choice")
+  return Tools(named, False, False)
+
+
+def history(messages: list[dict], tools: Tools | None, bad_request: Callable[[str, str], Exception]) -> list[dict]:
+  """The conversation as the model reads it: with tools, their description first (in the system message), and
+  earlier calls and results written in the generic format (results as user turns: many templates know no other
+  roles)."""
+  names, out = {}, []
+  for m in messages:
+    if isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls") is not None:
+      calls = []
+      for c in m["tool_calls"] if isinstance(m["tool_calls"], list) else [None]:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+           not isinstance(fn.get("arguments", "{}"), (str, dict)):
+          raise bad_request("an assistant message's 'tool_calls' must be [{\"id\", \"type\": \"function\", "
+                            "\"function\": {\"name\", \"arguments\"}}]", "messages")
+        args = fn.get("arguments", "{}")
+        try: args = json.loads(args) if isinstance(args, str) else args
+        except json.JSONDecodeError: pass                # kept as the string the client sent
+        names[c.get("id")] = fn["name"]
+        calls.append({"name": fn["name"], "arguments": args})
+      out.append({"role": "assistant", "content": json.dumps({"tool_calls": calls}, ensure_ascii=False)})
+    elif isinstance(m, dict) and m.get("role") == "tool":
+      result = {"name": names.get(m.get("tool_call_id")) or m.get("name"), "content": m.get("content")}
+      out.append({"role": "user", "content": json.dumps({"tool_response": result}, ensure_ascii=False)})
+    else: out.append(m)
+  if tools is None: return out
+  if out and out[0].get("role") == "system":
+    return [{"role": "system", "content": f"{out[0]['content']}\n\n{tools.system_prompt()}"}, *out[1:]]
+  return [{"role": "system", "content": tools.system_prompt()}, *out]
+
+
+def stream_delta(message: dict, first: bool) -> dict[str, Any]:
+  """A whole tool-calling reply as one stream delta (tool calls carry their index, as OpenAI streams them)."""
+  delta: dict[str, Any] = {"role": "assistant"} if first else {}
+  if message.get("tool_calls"):
+    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+  else: delta["content"] = message["content"]
+  return delta
