@@ -62,3 +62,15 @@ def test_a_constraint_that_does_not_compile_is_refused_before_it_runs(smollm2, s
 def test_exactly_one_constraint():
   with pytest.raises(ValueError, match="exactly one"): Structured()
   with pytest.raises(ValueError, match="exactly one"): Structured(regex="a", choice=["a"])
+
+
+def test_async_scheduling_gives_a_constrained_row_the_tokens_of_a_plain_step(smollm2, monkeypatch):
+  """With async scheduling a constrained row's mask is computed at launch, from the token just read back; the
+  tokens must be those of steps run one after another."""
+  params = [SamplingParams(temperature=0.8, seed=seed, max_tokens=48, structured_outputs=Structured(json=SCHEMAS[2]))
+            for seed in range(3)] + [SamplingParams(temperature=0.8, seed=9, max_tokens=24)]
+  prompts = [PROMPT] * 4
+  assert smollm2.engine.overlap is not None
+  overlapped = [o.outputs[0].token_ids for o in smollm2.generate(prompts, params)]
+  monkeypatch.setattr(smollm2.engine, "overlap", None)
+  assert [o.outputs[0].token_ids for o in smollm2.generate(prompts, params)] == overlapped

@@ -6,9 +6,10 @@ The grammar is compiled by llguidance (the engine vLLM, SGLang and llama.cpp use
     each step:  matcher ──► allowed tokens, a bitmask of vocab/32 words ──► the sampler drops the others (-inf)
                 sampled token ──► matcher.consume_token ──► stopped (the grammar is complete) ends the sequence
 
-The mask is computed on the host, from the matcher's state after the token the last step sampled, so a step with a
-constrained row cannot be prepared before that token is known: such steps run without async scheduling's overlap,
-as steps with penalties do (model_runner.can_run_ahead), and a constrained sequence gets no drafts. The sampler reads
+The mask is computed on the host, from the matcher's state after the token the last step sampled. With async
+scheduling the next step is prepared before that token is known: its constrained rows get their masks at launch,
+once the token is read back (`allowed_after`: consumed, masked, rolled back; the engine consumes it for good as it
+finishes the step). A constrained sequence gets no drafts. The sampler reads
 the masks in its general plan (runner/sampler.py); rows without a grammar get a mask of all ones. EOS is allowed
 only where the grammar may end.
 """
@@ -90,6 +91,14 @@ class Matcher:
     """The tokens the grammar allows next, as [words] int32 bits (token t: bit t % 32 of word t // 32)."""
     mask = np.zeros(self.words, np.int32)
     self.matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+    return mask
+
+  def allowed_after(self, token: int) -> np.ndarray:
+    """`allowed()` once `token` is consumed, leaving the matcher where it is: a step prepared while the step before
+    was sampling that token learns it only at launch, before the engine consumes it (engine/overlap.py)."""
+    self.matcher.consume_token(token)
+    mask = self.allowed()
+    self.matcher.rollback(1)
     return mask
 
   def consume(self, token: int) -> None: self.matcher.consume_token(token)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import numpy as np
 from tinygrad import Context, Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer, MultiBuffer
@@ -95,6 +95,8 @@ class _Group:
   sampler_ints: np.ndarray
   floats: np.ndarray
   unknown_tokens: list[tuple[int, Sequence]]    # (index in ints, sequence): the token the step before is sampling
+  unknown_masks: list[tuple[int, Sequence]] = field(default_factory=list)   # (index in sampler_ints, sequence): the
+                                                 # grammar's mask after that token (structured outputs)
   output: np.ndarray | None = None
 
 
@@ -295,8 +297,7 @@ class ModelRunner:
   def can_run_ahead(step: PreparedStep) -> bool:
     """Whether the next step may be prepared before this one's tokens reach the host: no sampler may need them
     before `launch` (penalties count the tokens generated), and no prompt logprobs may still be on their way."""
-    return not any(s.samples and (penalized(s.seq.params) or s.seq.wants_prompt_logprobs or s.seq.matcher)
-                   for s in step.scheduled)
+    return not any(s.samples and (penalized(s.seq.params) or s.seq.wants_prompt_logprobs) for s in step.scheduled)
 
   def launch(self, step: PreparedStep, before: StepResult | None = None) -> PreparedStep:
     """Queue the step's graphs on the device, with the tokens `before` sampled for its decode rows; returns while
@@ -304,6 +305,9 @@ class ModelRunner:
     same graphs, whose output buffers the second replay overwrites)."""
     for i, group in enumerate(step.groups):
       for index, seq in group.unknown_tokens: group.ints[index] = before.sampled[seq][-1].token
+      for index, seq in group.unknown_masks:
+        mask = seq.matcher.allowed_after(before.sampled[seq][-1].token)
+        group.sampler_ints[index:index + len(mask)] = mask
       group.model.launch(group.ints, group.blocks)
       group.sampler.launch(group.sampler_ints, group.floats)
       if i < len(step.groups) - 1: group.output = group.sampler.read()
@@ -338,7 +342,13 @@ class ModelRunner:
     sampler_ints = adjusted_ids if not every else \
       np.concatenate([adjusted_ids, [group[0].num_new_tokens - 1], self._next_prompt_tokens(group[0], shape.T)])
     sampler = self._sampler(sampler_shape, floats.size, sampler_ints.size)
-    return _Group(group, self._model(shape), sampler, ints, blocks, sampler_ints.astype(np.int32), floats, unknown)
+    # a grammar's row whose last token is still being sampled: its mask is computed at launch (plan_and_pack left
+    # every token allowed there)
+    masks_at = R * plan.num_adjusted
+    unknown_masks = [(masks_at + row * plan.mask_words, seq) for row, seq in enumerate(rows)
+                     if isinstance(seq, Sequence) and seq.matcher and seq.num_pending_tokens]
+    return _Group(group, self._model(shape), sampler, ints, blocks, sampler_ints.astype(np.int32), floats, unknown,
+                  unknown_masks)
 
   def _model_inputs(self, group: list[ScheduledSequence], shape: ModelShape, bm: BlockManager) \
       -> tuple[np.ndarray, int, list[tuple[int, Sequence]]]:

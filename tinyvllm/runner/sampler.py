@@ -161,7 +161,7 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
   if plan.mask_words:     # every token allowed (-1: all 32 bits set), but where a row's grammar says otherwise
     masks = np.full((len(rows), plan.mask_words), -1, np.int32)
     for row, seq in enumerate(rows):
-      if seq is not None and seq.matcher: masks[row] = seq.matcher.allowed()
+      if seq is not None and seq.matcher and not seq.num_pending_tokens: masks[row] = seq.matcher.allowed()
     ids = np.concatenate([ids.ravel(), masks.ravel()])
   return plan, ids.ravel(), floats
 
