@@ -181,9 +181,11 @@ class _SamplerGraph:
   """One captured sampler for one SamplerShape: reads the logits the model graphs of its row count write, and its
   own inputs, ints (adjusted token ids | last position, next prompt tokens) and floats (per-row parameters). None is
   an argument of the graph: arguments cost a parameter update of every kernel that reads them at each replay."""
-  def __init__(self, runner: ModelRunner, shape: SamplerShape, num_floats: int, num_ints: int):
+  def __init__(self, runner: ModelRunner, shape: SamplerShape, num_floats: int):
     self.shape, self.runner = shape, runner
     device = runner.devices[0]
+    plan = shape.plan        # adjusted ids and masks per row, then for prompt logprobs the last position and targets
+    num_ints = shape.R * (plan.num_adjusted + plan.mask_words) + (0 if plan.num_prompt_logprobs is None else 1 + shape.T)
     self.ints = allocated((_aligned(num_ints),), dtypes.int32, device)
     self.floats = allocated((num_floats,), dtypes.float32, device)
     runner.logits(shape.T or shape.R)
@@ -268,9 +270,9 @@ class ModelRunner:
     if shape not in self.models: self.models[shape] = self._built(lambda: _ModelGraph(self, shape), shape)
     return self.models[shape]
 
-  def _sampler(self, shape: SamplerShape, num_floats: int, num_ints: int) -> _SamplerGraph:
+  def _sampler(self, shape: SamplerShape, num_floats: int) -> _SamplerGraph:
     if shape not in self.samplers:
-      self.samplers[shape] = self._built(lambda: _SamplerGraph(self, shape, num_floats, num_ints), shape)
+      self.samplers[shape] = self._built(lambda: _SamplerGraph(self, shape, num_floats), shape)
     return self.samplers[shape]
 
   def _built(self, make, shape):
@@ -341,7 +343,7 @@ class ModelRunner:
     sampler_shape = SamplerShape(R, plan, shape.T if every else 0)
     sampler_ints = adjusted_ids if not every else \
       np.concatenate([adjusted_ids, [group[0].num_new_tokens - 1], self._next_prompt_tokens(group[0], shape.T)])
-    sampler = self._sampler(sampler_shape, floats.size, sampler_ints.size)
+    sampler = self._sampler(sampler_shape, floats.size)
     # a grammar's row whose last token is still being sampled: its mask is computed at launch (plan_and_pack left
     # every token allowed there)
     masks_at = R * plan.num_adjusted
@@ -422,7 +424,7 @@ class ModelRunner:
       _, ids, floats = plan_and_pack(plan_rows, self.seed, self.stop_ids, self.max_adjusted, shape.plan)
       extra = [] if shape.plan.num_prompt_logprobs is None else [0] * (1 + shape.T)
       ints = np.concatenate([ids, np.array(extra, np.int32)]).astype(np.int32)
-      graph = self._sampler(shape, floats.size, ints.size)
+      graph = self._sampler(shape, floats.size)
       graph.launch(ints, floats)
       graph.read()
     self.store.store_captured()

@@ -38,7 +38,8 @@ from tinygrad.uop.ops import UOp, KernelInfo
 from tinyvllm.sampling_params import MAX_LOGPROBS, SamplingParams
 from tinyvllm.engine.sequence import Sequence
 
-ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "step", "presence", "frequency", "repetition")
+ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "step", "presence", "frequency", "repetition",
+              "constrained")
 ADJUST_FIELDS = ("count", "in_prompt", "bias")
 FILTERS = ("top_k", "top_p", "min_p")
 _SEARCH_WAYS, _SEARCH_PASSES = 4, 12    # 4**12 = 2**24: the threshold to 24 bits of the row's largest probability
@@ -126,17 +127,17 @@ def _stream(seq: Sequence, seed_base: int) -> int:
 
 
 GREEDY = SamplingPlan("greedy", (), 0, 0, False)
-SAMPLED = SamplingPlan("filtered", FILTERS, 0, 0, False)
 
 
 def plans(max_adjusted: int, prompt: bool = False, mask_words: int = 0) -> list[SamplingPlan]:
   """The plans a batch can get, so that a graph per (rows, plan) is a known, bounded set: greedy; sampled (any
-  temperature and filters); general (anything else: logprobs, penalties, bias, min_tokens, with every filter, the
-  top MAX_LOGPROBS logprobs, room for `max_adjusted` adjusted tokens a row and, with `mask_words`, an allowed-token
-  bitmask a row for structured outputs). With `prompt`: the plan of a prompt that wants prompt logprobs."""
+  temperature and filters, and with `mask_words` an allowed-token bitmask a row for structured outputs); general
+  (anything else: logprobs, penalties, bias, min_tokens, with every filter, the top MAX_LOGPROBS logprobs, room for
+  `max_adjusted` adjusted tokens a row, and the masks). With `prompt`: the plan of a prompt that wants prompt
+  logprobs."""
   general = SamplingPlan("filtered", FILTERS, max_adjusted, MAX_LOGPROBS, True, None, mask_words)
   if prompt: return [SamplingPlan("filtered", FILTERS, max_adjusted, MAX_LOGPROBS, True, MAX_LOGPROBS, mask_words)]
-  return [GREEDY, SAMPLED, general]
+  return [GREEDY, SamplingPlan("filtered", FILTERS, 0, 0, False, None, mask_words), general]
 
 
 def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int], max_adjusted: int,
@@ -146,19 +147,23 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
   live = [seq for seq in rows if seq is not None]
   if plan is None:
     if any(s.wants_prompt_logprobs for s in live): plan = plans(max_adjusted, True, mask_words)[0]
-    elif any(s.params.logprobs is not None or _adjusts_logits(s) or s.matcher for s in live):
+    elif any(s.params.logprobs is not None or _adjusts_logits(s) for s in live):
       plan = plans(max_adjusted, mask_words=mask_words)[2]
-    elif any(not s.params.greedy for s in live): plan = SAMPLED
+    elif any(not s.params.greedy or s.matcher for s in live): plan = plans(max_adjusted, mask_words=mask_words)[1]
     else: plan = GREEDY
   ids, extra = _pack_adjustments(rows, stop_ids, plan.num_adjusted)
   # one tuple of ROW_FIELDS per row, made into an array once (a numpy store per field and row: 0.5 ms at batch 256)
   per_row = np.array([(0.0,) * len(ROW_FIELDS) if seq is None else
                       (seq.params.temperature, max(seq.params.top_k, 0), seq.params.top_p, seq.params.min_p,
                        _stream(seq, seed_base), seq.num_output_tokens, seq.params.presence_penalty,
-                       seq.params.frequency_penalty, seq.params.repetition_penalty) for seq in rows],
+                       seq.params.frequency_penalty, seq.params.repetition_penalty, float(seq.matcher is not None))
+                      for seq in rows],
                      np.float32).reshape(len(rows), len(ROW_FIELDS))
   floats = np.concatenate([per_row.T.ravel(), extra.ravel()])
-  if plan.mask_words:     # every token allowed (-1: all 32 bits set), but where a row's grammar says otherwise
+  # the masks, where a row has a grammar (every other row's mask is ignored: its "constrained" field is 0). Without
+  # one, the sampled plan's masks are not sent at all: the device keeps stale ones, which no row reads.
+  has_grammar = any(seq is not None and seq.matcher for seq in rows)
+  if plan.mask_words and (has_grammar or plan.num_adjusted or plan.num_prompt_logprobs is not None):
     masks = np.full((len(rows), plan.mask_words), -1, np.int32)
     for row, seq in enumerate(rows):
       if seq is not None and seq.matcher and not seq.num_pending_tokens: masks[row] = seq.matcher.allowed()
@@ -177,12 +182,13 @@ def unpack(ints: Tensor, floats: Tensor, S: int, plan: SamplingPlan) -> dict[str
   return out
 
 
-def _allowed(logits: Tensor, mask: Tensor) -> Tensor:
-  """Tokens whose bit is clear in the row's mask [S, W] (token t: bit t % 32 of word t // 32) get -inf."""
+def _allowed(logits: Tensor, mask: Tensor, constrained: Tensor) -> Tensor:
+  """In a constrained row [S, 1], tokens whose bit is clear in its mask [S, W] (token t: bit t % 32 of word t // 32)
+  get -inf."""
   S, V = logits.shape
   words = mask.reshape(S, -1, 1).expand(S, mask.shape[1], 32).reshape(S, -1)[:, :V].bitcast(dtypes.uint32)
   bits = (words >> (Tensor.arange(V, dtype=dtypes.uint32) % 32).reshape(1, V)) & 1
-  return (bits == 1).where(logits, -float("inf"))
+  return ((constrained == 0) | (bits == 1)).where(logits, -float("inf"))
 
 
 def _scatter_kernel(out: UOp, ids: UOp, values: UOp) -> UOp:
@@ -304,7 +310,7 @@ def sample(logits: Tensor, p: dict[str, Tensor], plan: SamplingPlan) -> Tensor:
   S, V = logits.shape
   # materialized: fused into the reductions below, the lm_head matmul would be recomputed inside them (150 ms a step)
   logits = _adjust(logits, p) if plan.num_adjusted else logits.contiguous()
-  if plan.mask_words: logits = _allowed(logits, p["mask"]).contiguous()
+  if plan.mask_words: logits = _allowed(logits, p["mask"], p["constrained"]).contiguous()
   token = _argmax(logits)[0]
   if plan.mode != "greedy" or plan.want_logprobs:
     logprobs, probs = _softmax(_temperature_scaled(logits, p["temperature"]))
