@@ -844,6 +844,7 @@ def test_tool_choice_auto_and_named_give_a_call_or_an_answer(client):
 
 @pytest.mark.parametrize("extra, param", [
   ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+  ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools"),
   ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
   ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
   ({"tool_choice": "required"}, "tool_choice"),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")          # OpenAI's rule for function names
+MAX_TOOLS = 128                                      # OpenAI's limit: each tool is a branch of the reply's grammar
 
 
 @dataclass
@@ -68,7 +69,8 @@ def parse_tools(body: dict, bad_request: Callable[[str, str], Exception]) -> Too
   if tools is None:
     if choice not in (None, "none"): raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
     return None
-  if not isinstance(tools, list) or not tools: raise bad_request("'tools' must be a non-empty array", "tools")
+  if not isinstance(tools, list) or not 1 <= len(tools) <= MAX_TOOLS:
+    raise bad_request(f"'tools' must be an array of 1 to {MAX_TOOLS} tools", "tools")
   functions = []
   for i, tool in enumerate(tools):
     fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
