@@ -399,12 +399,15 @@ def test_api_key_and_rate_limit(engine):
     assert int(e.value.response.headers["Retry-After"]) >= 1
 
 
-def test_capacity_and_draining(engine):
+def test_capacity_and_draining(engine, monkeypatch):
   """max_in_flight=2: a third concurrent request gets 503; draining refuses new ones while in-flight ones finish."""
+  # the two running requests must still run when the third arrives: steps of 10 ms make their 64 tokens last 0.64 s
+  # (at the tiny model's own speed they could finish first on a busy machine), and ignore_eos keeps a random model
+  # from stopping at once
+  slow_steps(monkeypatch, engine, 0.01)
   with LiveServer(ServerConfig(["tiny"], max_in_flight=2), engine) as s:
     async def scenario():
       async with aiohttp.ClientSession() as session:
-        # ignore_eos: the two running requests must still run when the third arrives (a random model may stop at once)
         url, body = f"{s.url}/v1/completions", {"prompt": "x", "max_tokens": 64, "ignore_eos": True, **GREEDY}
         running = [asyncio.create_task(read_stream(session, url, body)) for _ in range(2)]
         while s.server.in_flight < 2: await asyncio.sleep(0.01)
