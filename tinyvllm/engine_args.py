@@ -65,6 +65,7 @@ class EngineArgs:
   kernels: str = "fast"                    # "fast" or "reference": tinygrad's plain operations throughout, the
                                            # readable forward pass the fast kernels are tested against (implies
                                            # attention_backend="gather" and unpacked weights; kernels/linear.py)
+  jump_forward: bool = True                # tokens a grammar forces are checked in one step (structured outputs)
   speculative_config: str | dict | None = None   # vLLM's JSON: {"method": "ngram", "num_speculative_tokens": k,
                                            # "prompt_lookup_max": n, "prompt_lookup_min": m} (engine/speculative.py)
   generation_config: str = "auto"          # sampling defaults for unset fields: "auto" (the model's), "vllm"

@@ -74,3 +74,26 @@ def test_async_scheduling_gives_a_constrained_row_the_tokens_of_a_plain_step(smo
   overlapped = [o.outputs[0].token_ids for o in smollm2.generate(prompts, params)]
   monkeypatch.setattr(smollm2.engine, "overlap", None)
   assert [o.outputs[0].token_ids for o in smollm2.generate(prompts, params)] == overlapped
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_jump_forward_checks_forced_tokens_in_one_step_and_gives_the_same_tokens(smollm2, monkeypatch, temperature):
+  """Tokens the grammar forces (a schema's keys, quotes, colons) are checked as drafts of one multi-token step: the
+  output is the one-token-a-step output, token for token, in fewer steps."""
+  engine = smollm2.engine
+  params = SamplingParams(temperature=temperature, seed=5, max_tokens=64, structured_outputs=Structured(json=SCHEMAS[1]))
+  def run(jump_forward: bool) -> tuple[list[int], int, int]:
+    monkeypatch.setattr(engine, "jump_forward", jump_forward)
+    before = engine.stats().jump_forward_tokens
+    engine.add_request(PROMPT, params, request_id=f"jump-{jump_forward}-{temperature}")
+    steps, tokens = 0, None
+    while engine.has_unfinished_requests():
+      steps += 1
+      for out in engine.step():
+        if out.finished: tokens = out.outputs[0].token_ids
+    return tokens, steps, engine.stats().jump_forward_tokens - before
+  plain, plain_steps, none = run(False)
+  jumped, jumped_steps, forced = run(True)
+  assert none == 0 and forced >= 5                      # "name", "age" and their quotes and colons at least
+  assert jumped == plain
+  assert jumped_steps <= plain_steps - forced

@@ -34,12 +34,13 @@ from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, Ste
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import Sequence
-from tinyvllm.engine.speculative import NgramProposer, SpeculativeConfig
+from tinyvllm.engine.speculative import NgramProposer, SpeculativeConfig, draft_room
 from tinyvllm.engine.draft_model import DraftModelProposer
 from tinyvllm.tinygrad_internals import (device_memory, keep_graphs_loadable, keep_lowered_kernels_on_disk,
                                          share_kernel_cache_between_threads, speed_up_capture)
 
 log = logging.getLogger("tinyvllm.engine")
+JUMP_FORWARD_TOKENS = 7          # forced tokens a step checks at most: with the token before them, an 8-token step
 
 
 class LLMEngine:
@@ -82,9 +83,11 @@ class LLMEngine:
     spec = self.speculative
     self.proposer = None if not spec else NgramProposer(spec, self.max_model_len) if spec.method == "ngram" else \
       DraftModelProposer.build(spec, args, cfg, LLMEngine, num_blocks)
-    self.speculate_up_to = spec and (spec.disable_by_batch_size or (1 if args._on_cpu() else 16))
-    # async scheduling prepares a step before the last one's tokens are known; drafts need them (speculative.py)
-    self.overlap = Overlap(self) if args.async_scheduling and not spec else None
+    # drafts (guesses, or tokens a grammar forces) while at most this many sequences run: checking them costs
+    # arithmetic, which a large batch has none to spare for (speculative.py)
+    self.drafts_up_to = (spec and spec.disable_by_batch_size) or (1 if args._on_cpu() else 16)
+    self.jump_forward, self.jump_forward_tokens = args.jump_forward, 0     # structured_output.py
+    self.overlap = Overlap(self) if args.async_scheduling else None
     self._ids = itertools.count()
 
   # ---- requests in -------------------------------------------------------------------------------------------
@@ -131,7 +134,7 @@ class LLMEngine:
     counts = self.proposer.counts if self.proposer else [0, 0, 0]
     return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
                        self.scheduler.num_preemptions, self.runner.graph_builds, self.runner.graph_build_seconds,
-                       self.runner.graph_loads, *counts[:3], tuple(counts[3:]))
+                       self.runner.graph_loads, *counts[:3], tuple(counts[3:]), self.jump_forward_tokens)
 
   def warmup(self) -> float:
     """Capture every graph a step can need (runner/model_runner.py: a bounded set), so that no request ever waits for
@@ -154,13 +157,7 @@ class LLMEngine:
     return self.finish(step, self.runner.collect(self.runner.launch(step)))
 
   def prepare(self) -> PreparedStep | None:
-    if self.proposer:                                                     # guesses for the step to check
-      speculate = len(self.scheduler.running) <= self.speculate_up_to     # where checking them pays
-      decoding = [seq for seq in self.scheduler.running          # a sequence with a grammar gets no drafts
-                  if seq.num_computed_tokens == seq.num_known_tokens - 1 and not seq.num_pending_tokens
-                  and seq.matcher is None]
-      drafts = self.proposer.propose_all(decoding) if decoding and speculate else {}
-      for seq in self.scheduler.running: seq.draft_token_ids = drafts.get(seq, [])
+    if self.wants_drafts(): self._propose_drafts()                        # tokens for the step to check
     scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
     if not scheduled: return None
     step = self.runner.prepare(scheduled, self.block_manager)             # graph inputs
@@ -168,6 +165,24 @@ class LLMEngine:
       item.seq.num_computed_tokens += item.num_new_tokens
       self.block_manager.cache_computed_blocks(item.seq)                  # full blocks join the prefix cache
     return step
+
+  def wants_drafts(self) -> bool:
+    """Whether the next step should check drafts: something proposes them (a proposer, or a grammar's forced tokens)
+    and few enough sequences run for checking them to pay. Async scheduling waits for this step's tokens then."""
+    running = self.scheduler.running
+    return len(running) <= self.drafts_up_to and (
+      self.proposer is not None or (self.jump_forward and any(seq.matcher for seq in running)))
+
+  def _propose_drafts(self) -> None:
+    """Each decoding sequence's drafts: the tokens its grammar forces (jump-forward, structured_output.py), or the
+    proposer's guesses (speculative.py)."""
+    decoding = [seq for seq in self.scheduler.running
+                if seq.num_computed_tokens == seq.num_known_tokens - 1 and not seq.num_pending_tokens]
+    drafts = {seq: seq.matcher.forced(min(JUMP_FORWARD_TOKENS, draft_room(seq, self.max_model_len)))
+              for seq in decoding if seq.matcher and self.jump_forward}
+    guessable = [seq for seq in decoding if seq.matcher is None]
+    if self.proposer and guessable: drafts.update(self.proposer.propose_all(guessable))
+    for seq in self.scheduler.running: seq.draft_token_ids = drafts.get(seq, [])
 
   def finish(self, step: PreparedStep, result: StepResult) -> list[RequestOutput]:
     now = time.monotonic()
@@ -194,7 +209,8 @@ class LLMEngine:
           break
         if not agrees: break                                                # the drafts after it are wrong
       if drafts:
-        self.proposer.checked(seq, len(drafts), accepted)
+        if seq.matcher is None: self.proposer.checked(seq, len(drafts), accepted)
+        else: self.jump_forward_tokens += accepted
         if seq.is_finished: continue
         seq.num_computed_tokens = seq.num_known_tokens - 1                  # a rejected draft's K/V is stale:
         self.block_manager.trim(seq, seq.num_computed_tokens)             # its slots are given back

@@ -33,7 +33,8 @@ class Overlap:
     if self.in_flight is None: self.in_flight = self._launch(self._prepare())
     if self.in_flight is None: return []                                  # nothing could be scheduled
     step = self.in_flight
-    ahead = self._prepare() if runner.can_run_ahead(step) else None       # while the device computes `step`
+    # while the device computes `step`; not where the next step should check drafts: they follow its tokens
+    ahead = self._prepare() if runner.can_run_ahead(step) and not engine.wants_drafts() else None
     result = runner.collect(step)                                         # waits for the device
     self.in_flight = self._launch(ahead, result)                          # the device is busy again
     for item in step.scheduled:

@@ -60,6 +60,7 @@ class EngineStats:
   spec_draft_tokens: int = 0                     # drafts checked, drafts accepted,
   spec_accepted_tokens: int = 0
   spec_accepted_per_position: tuple[int, ...] = ()   # and accepted at each position (empty without speculation)
+  jump_forward_tokens: int = 0                   # tokens a grammar forced, committed in a step with another
 
   @staticmethod
   def total(parts: list[EngineStats]) -> EngineStats:
@@ -69,7 +70,8 @@ class EngineStats:
                        sum(p.graph_builds for p in parts), sum(p.graph_build_seconds for p in parts),
                        sum(p.graph_loads for p in parts), sum(p.spec_drafts for p in parts),
                        sum(p.spec_draft_tokens for p in parts), sum(p.spec_accepted_tokens for p in parts),
-                       tuple(map(sum, zip(*(p.spec_accepted_per_position for p in parts)))))
+                       tuple(map(sum, zip(*(p.spec_accepted_per_position for p in parts)))),
+                       sum(p.jump_forward_tokens for p in parts))
 
 
 @dataclass

@@ -26,8 +26,8 @@ and hear back `checked(seq, proposed, accepted)`.
 The engine asks for drafts before scheduling (engine.py); the scheduler counts them in the step's token budget and
 block allocation, and trims them to fit (scheduler.py); the runner returns one sampled row per position
 (runner/model_runner.py); the engine accepts, appends and moves `num_computed_tokens` back to the last accepted
-token. Async scheduling is off with speculation: the next step's drafts and positions depend on how many tokens this
-step accepts.
+token. Async scheduling waits for a step that checks drafts (overlap.py): the next step's drafts and positions depend
+on how many this step accepts; where drafts do not pay (a large batch, below), steps overlap again.
 
 Where it pays: checking k drafts costs a step of k + 1 tokens a sequence. While a step's cost is reading the weights
 (a GPU at small batches) those tokens are nearly free; where it is arithmetic (a CPU, or any device at large
@@ -42,6 +42,7 @@ import weakref
 from array import array
 from dataclasses import dataclass
 from tinyvllm.engine.sequence import Sequence
+from tinyvllm.engine.structured_output import MatcherAfter
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,14 @@ def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int
   return []
 
 
+def draft_room(seq: Sequence, max_model_len: int) -> int:
+  """How many drafts a decoding sequence has room for: none past its max_tokens (the step adds one token of its own)
+  or `max_model_len`."""
+  room = max_model_len - seq.num_known_tokens - 1
+  if seq.max_output_tokens is not None: room = min(room, seq.max_output_tokens - len(seq.output_token_ids) - 1)
+  return room
+
+
 class Proposer:
   """What every guesser keeps: vLLM's counts of steps that checked drafts, drafts checked, drafts accepted, then
   accepted at each position."""
@@ -116,11 +125,8 @@ class Proposer:
     for position in range(accepted): c[3 + position] += 1
 
   def room(self, seq: Sequence, max_model_len: int) -> int:
-    """How many drafts a decoding sequence may take: at most k, never past its max_tokens (the step adds one token
-    of its own) or `max_model_len`."""
-    room = max_model_len - seq.num_known_tokens - 1
-    if seq.max_output_tokens is not None: room = min(room, seq.max_output_tokens - len(seq.output_token_ids) - 1)
-    return min(self.config.num_speculative_tokens, room)
+    """How many drafts a decoding sequence may take: at most k, and `draft_room`."""
+    return min(self.config.num_speculative_tokens, draft_room(seq, max_model_len))
 
 
 class NgramProposer(Proposer):
@@ -155,11 +161,13 @@ class NgramProposer(Proposer):
 
 class AfterDrafts:
   """A sequence as it would be with its first `i` drafts accepted: what the sampler reads of the row that checks
-  draft i + 1 (its seed stream's position, penalties' counts and min_tokens count those drafts as output)."""
+  draft i + 1 (its seed stream's position, penalties' counts and min_tokens count those drafts as output, and a
+  grammar's mask follows them)."""
   def __init__(self, seq: Sequence, i: int):
     self.seq, self.i = seq, i
     self.params, self.index, self.seq_id, self.prompt_token_ids = seq.params, seq.index, seq.seq_id, seq.prompt_token_ids
-    self.wants_prompt_logprobs, self.matcher = False, None       # a sequence with a grammar gets no drafts
+    self.wants_prompt_logprobs, self.num_pending_tokens = False, 0
+    self.matcher = None if seq.matcher is None else MatcherAfter(seq.matcher, seq.draft_token_ids[:i])
   @property
   def output_token_ids(self) -> list[int]: return self.seq.output_token_ids + self.seq.draft_token_ids[:self.i]
   @property

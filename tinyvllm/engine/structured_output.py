@@ -8,10 +8,19 @@ The grammar is compiled by llguidance (the engine vLLM, SGLang and llama.cpp use
 
 The mask is computed on the host, from the matcher's state after the token the last step sampled. With async
 scheduling the next step is prepared before that token is known: its constrained rows get their masks at launch,
-once the token is read back (`allowed_after`: consumed, masked, rolled back; the engine consumes it for good as it
-finishes the step). A constrained sequence gets no drafts. The sampler's sampled and general plans read the masks
-(runner/sampler.py: a row's "constrained" field says whether its mask applies; a batch without a grammar sends
-none). EOS is allowed only where the grammar may end.
+once the token is read back (`allowed_after([token])`: consumed, masked, rolled back; the engine consumes it for good as it
+finishes the step). The sampler's sampled and general plans read the masks (runner/sampler.py: a row's
+"constrained" field says whether its mask applies; a batch without a grammar sends none). EOS is allowed only where
+the grammar may end.
+
+Jump-forward: where the grammar leaves one way to go on (a schema's next key, its quotes and colon), the tokens it
+forces are known before the model runs. They go into the next step as drafts, the multi-token step speculative
+decoding uses (engine/speculative.py): the step computes them like a short prompt chunk, each row is sampled under
+the grammar's mask after the drafts before it (`MatcherAfter`), and the engine keeps the drafts the model sampled.
+So the output is token for token what one token a step gives, in fewer steps:
+
+    output so far: {"name": "Ada", "age                 forced next: ["\"", ":", " "]
+    one step computes  [age | " : ␠]  and samples 4 rows  →  " : ␠ 3   (4 tokens for one step)
 """
 from __future__ import annotations
 import functools
@@ -93,20 +102,33 @@ class Matcher:
     self.matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
     return mask
 
-  def allowed_after(self, token: int) -> np.ndarray:
-    """`allowed()` once `token` is consumed, leaving the matcher where it is: a step prepared while the step before
-    was sampling that token learns it only at launch, before the engine consumes it (engine/overlap.py)."""
-    self.matcher.consume_token(token)
+  def allowed_after(self, tokens: list[int]) -> np.ndarray:
+    """`allowed()` once `tokens` are consumed, leaving the matcher where it is: a step prepared while the step before
+    was sampling a token learns it only at launch, before the engine consumes it (engine/overlap.py); a row that
+    checks a draft follows the drafts before it."""
+    if not tokens: return self.allowed()
+    self.matcher.consume_tokens(tokens)
     mask = self.allowed()
-    self.matcher.rollback(1)
+    self.matcher.rollback(len(tokens))
     return mask
 
   def consume(self, token: int) -> None: self.matcher.consume_token(token)
+
+  def forced(self, limit: int) -> list[int]:
+    """Up to `limit` tokens the grammar forces from here (jump-forward's drafts): [] where the model has a choice."""
+    return self.matcher.compute_ff_tokens()[:limit] if limit > 0 else []
 
   @property
   def done(self) -> bool:
     """The grammar is complete (or broken): nothing but EOS may follow."""
     return self.matcher.is_stopped()
+
+
+class MatcherAfter:
+  """A matcher as it would be after `tokens` (drafts the step checks before this row): what the sampler asks of a
+  row's matcher, its mask."""
+  def __init__(self, matcher: Matcher, tokens: list[int]): self.matcher, self.tokens = matcher, tokens
+  def allowed(self) -> np.ndarray: return self.matcher.allowed_after(self.tokens)
 
 
 def check(params: StructuredOutputsParams, tokenizer: Tokenizer | None, vocab_size: int) -> str:

@@ -298,8 +298,10 @@ class ModelRunner:
   @staticmethod
   def can_run_ahead(step: PreparedStep) -> bool:
     """Whether the next step may be prepared before this one's tokens reach the host: no sampler may need them
-    before `launch` (penalties count the tokens generated), and no prompt logprobs may still be on their way."""
-    return not any(s.samples and (penalized(s.seq.params) or s.seq.wants_prompt_logprobs) for s in step.scheduled)
+    before `launch` (penalties count the tokens generated), no prompt logprobs may still be on their way, and no
+    drafts are being checked (how many are accepted sets the next step's positions)."""
+    return not any(s.samples and (penalized(s.seq.params) or s.seq.wants_prompt_logprobs or s.seq.draft_token_ids)
+                   for s in step.scheduled)
 
   def launch(self, step: PreparedStep, before: StepResult | None = None) -> PreparedStep:
     """Queue the step's graphs on the device, with the tokens `before` sampled for its decode rows; returns while
@@ -308,7 +310,7 @@ class ModelRunner:
     for i, group in enumerate(step.groups):
       for index, seq in group.unknown_tokens: group.ints[index] = before.sampled[seq][-1].token
       for index, seq in group.unknown_masks:
-        mask = seq.matcher.allowed_after(before.sampled[seq][-1].token)
+        mask = seq.matcher.allowed_after([before.sampled[seq][-1].token])
         group.sampler_ints[index:index + len(mask)] = mask
       group.model.launch(group.ints, group.blocks)
       group.sampler.launch(group.sampler_ints, group.floats)

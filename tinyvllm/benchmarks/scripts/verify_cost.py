@@ -8,7 +8,7 @@ exceeds the step's cost ratio.
 
 Random weights (`--load-format dummy`) unless --model names real ones: a proposer that always proposes k tokens
 stands in for a real one, and almost every draft is rejected, so each measured step checks k drafts and commits one
-token, the step's worst case. Steps are synchronous (speculation turns async scheduling off, engine/overlap.py); the
+token, the step's worst case. Steps are synchronous (async scheduling waits for a step that checks drafts); the
 plain step is measured both ways, synchronous and with async scheduling, since the latter is what a batch gets
 without speculation. Each configuration runs in a fresh engine whose graphs for it are captured first (untimed); the
 median of the timed steps is reported.
