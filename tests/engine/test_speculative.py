@@ -29,15 +29,23 @@ def test_rejected_proposals_pause_a_sequence_longer_each_time_until_one_is_accep
   from tinyvllm.engine.sequence import Sequence
   proposer = NgramProposer(SpeculativeConfig(2, "ngram", 2, 1), max_model_len=64)
   seq = Sequence("r", [1, 2, 3, 1, 2], SamplingParams())
-  seq.num_computed_tokens = 4
-  asked = lambda n: [proposer.propose(seq) for _ in range(n)]
-  assert asked(1) == [[3, 1]]
-  proposer.checked(seq, 2, 0)                                  # rejected: paused 1 step
-  assert asked(2) == [[], [3, 1]]
-  proposer.checked(seq, 2, 0)                                  # rejected again: 2 steps
-  assert asked(3) == [[], [], [3, 1]]
+  def proposes(n: int) -> list[bool]:
+    """Whether each of n steps brings drafts; a step without adds one token that repeats the text (1 2 3 1 2 3 ...)"""
+    steps = []
+    for _ in range(n):
+      seq.num_computed_tokens = seq.num_known_tokens - 1
+      expected, drafts = proposer.may_propose([seq]), proposer.propose(seq)
+      assert expected == bool(drafts)                   # async scheduling runs on exactly where none will come
+      steps.append(bool(drafts))
+      if not drafts: seq.output_token_ids.append(seq.token_ids[-3])
+    return steps
+  assert proposes(1) == [True]
+  proposer.checked(seq, 2, 0)                                  # rejected: paused for the next token
+  assert proposes(2) == [False, True]
+  proposer.checked(seq, 2, 0)                                  # rejected again: 2 tokens
+  assert proposes(3) == [False, False, True]
   proposer.checked(seq, 2, 1)                                  # accepted: proposing every step again
-  assert asked(2) == [[3, 1], [3, 1]]
+  assert proposes(2) == [True, True]
   assert proposer.counts == [3, 6, 1, 1, 0]                 # checks, drafts, accepted, accepted per position
 
 
@@ -59,7 +67,7 @@ def test_speculative_config_flag_reaches_the_engine():
   EngineArgs.add_cli_args(parser)
   args = parser.parse_args(["--speculative-config", json.dumps(SPEC)])
   engine = LLMEngine(EngineArgs(**{**TINY, "speculative_config": args.speculative_config}, num_kv_blocks=24))
-  assert engine.speculative == SpeculativeConfig(3, "ngram", 3, 1, 16) and engine.overlap is None
+  assert engine.speculative == SpeculativeConfig(3, "ngram", 3, 1, 16)
   with pytest.raises(ValueError, match="num_speculative_tokens"):
     LLMEngine(EngineArgs(**TINY, num_kv_blocks=24, speculative_config='{"num_speculative_tokens": -1}'))
 
@@ -103,7 +111,7 @@ def test_checked_drafts_commit_exactly_the_tokens_of_plain_decoding():
   per_position = stats.spec_accepted_per_position           # a draft is accepted only after those before it
   assert len(per_position) == 3 and list(per_position) == sorted(per_position, reverse=True)
   assert sum(per_position) == stats.spec_accepted_tokens
-  assert engine.scheduler.num_preemptions > 0 and engine.overlap is None
+  assert engine.scheduler.num_preemptions > 0 and engine.overlap is not None   # steps overlap where no drafts are checked
   assert speculative.keys() == plain.keys()
   for request_id, completions in plain.items():
     for (tokens, logprobs, reason), (tokens_s, logprobs_s, reason_s) in zip(completions, speculative[request_id]):
@@ -131,7 +139,7 @@ def test_a_draft_model_commits_exactly_the_tokens_of_plain_decoding():
 def test_drafts_stop_while_more_sequences_run_than_disable_by_batch_size():
   """On a CPU the default is 1: a lone sequence checks drafts, two running together do not."""
   engine = LLMEngine(EngineArgs(**TINY, num_kv_blocks=24, speculative_config={**SPEC, "disable_by_batch_size": None}))
-  assert engine.speculate_up_to == 1
+  assert engine.drafts_up_to == 1
   params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
   for request_id in ("a", "b"): engine.add_request([3, 4, 5] * 4, params, request_id=request_id)
   while engine.has_unfinished_requests(): engine.step()

@@ -171,7 +171,8 @@ class LLMEngine:
     and few enough sequences run for checking them to pay. Async scheduling waits for this step's tokens then."""
     running = self.scheduler.running
     return len(running) <= self.drafts_up_to and (
-      self.proposer is not None or (self.jump_forward and any(seq.matcher for seq in running)))
+      (self.proposer is not None and self.proposer.may_propose(running))
+      or (self.jump_forward and any(seq.matcher for seq in running)))
 
   def _propose_drafts(self) -> None:
     """Each decoding sequence's drafts: the tokens its grammar forces (jump-forward, structured_output.py), or the

@@ -124,6 +124,11 @@ class Proposer:
     c[0], c[1], c[2] = c[0] + 1, c[1] + proposed, c[2] + accepted
     for position in range(accepted): c[3 + position] += 1
 
+  def may_propose(self, seqs: list[Sequence]) -> bool:
+    """Whether the next step may bring drafts for any of `seqs` (if not, it can be prepared before this step's tokens
+    are known: async scheduling goes on)."""
+    return True
+
   def room(self, seq: Sequence, max_model_len: int) -> int:
     """How many drafts a decoding sequence may take: at most k, and `draft_room`."""
     return min(self.config.num_speculative_tokens, draft_room(seq, max_model_len))
@@ -131,19 +136,24 @@ class Proposer:
 
 class NgramProposer(Proposer):
   """Prompt lookup, with a back-off: a proposal the model rejects at its first token pauses the sequence's
-  proposals for 1, 2, 4, ... steps (at most 16) while the misses go on, so that text with nothing to copy goes back
-  to steps of one token instead of paying for drafts that fail; an accepted draft ends the pause."""
+  proposals for the next 1, 2, 4, ... tokens (at most 16) while the misses go on, so that text with nothing to copy
+  goes back to steps of one token, overlapped with the host's work (overlap.py), instead of paying for drafts that
+  fail; an accepted draft ends the pause."""
   def __init__(self, config: SpeculativeConfig, max_model_len: int):
     super().__init__(config)
     self.max_model_len = max_model_len
-    self.paused: weakref.WeakKeyDictionary[Sequence, tuple[int, int]] = weakref.WeakKeyDictionary()  # (steps, misses)
+    # a paused sequence: (the token count at which it proposes again, its misses in a row)
+    self.paused: weakref.WeakKeyDictionary[Sequence, tuple[int, int]] = weakref.WeakKeyDictionary()
 
   def checked(self, seq: Sequence, proposed: int, accepted: int) -> None:
     super().checked(seq, proposed, accepted)
     if accepted: self.paused.pop(seq, None)
     else:
       misses = self.paused.get(seq, (0, 0))[1]
-      self.paused[seq] = (min(16, 2 ** misses), misses + 1)
+      self.paused[seq] = (seq.num_known_tokens + min(16, 2 ** misses), misses + 1)
+
+  def may_propose(self, seqs: list[Sequence]) -> bool:
+    return any(self.paused.get(seq, (0, 0))[0] <= seq.num_output_tokens + len(seq.prompt_token_ids) for seq in seqs)
 
   def propose_all(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
     return {seq: self.propose(seq) for seq in seqs}
@@ -151,10 +161,7 @@ class NgramProposer(Proposer):
   def propose(self, seq: Sequence) -> list[int]:
     """Drafts for a sequence that is decoding (every known token but the last computed): at most k, and never
     past its max_tokens (the step adds one token of its own) or max_model_len."""
-    steps, misses = self.paused.get(seq, (0, 0))
-    if steps:
-      self.paused[seq] = (steps - 1, misses)
-      return []
+    if self.paused.get(seq, (0, 0))[0] > seq.num_known_tokens: return []
     c, k = self.config, self.room(seq, self.max_model_len)
     return propose_ngram(seq.token_ids, k, c.prompt_lookup_max, c.prompt_lookup_min) if k > 0 else []
 
