@@ -100,7 +100,7 @@ from tinygrad.dtype import AddrSpace, DType, _from_np_dtype, _to_np_dtype, dtype
 from tinygrad.engine import realize
 from tinygrad.engine import jit
 from tinygrad.engine.jit import _TinyJit
-from tinygrad.helpers import Context, dedup
+from tinygrad.helpers import Context, dedup, from_mv
 from tinygrad.nn.state import get_state_dict
 from tinygrad.renderer import Estimates
 from tinygrad.uop.ops import Ops, UOp, graph_rewrite, ssimplify
@@ -110,14 +110,17 @@ function = importlib.import_module("tinygrad.function")     # the module: `tinyg
 
 # ---- host <-> device copies ----------------------------------------------------------------------------------------
 
-def upload(buf: Buffer | MultiBuffer, src: np.ndarray) -> None:
+def upload(buf: Buffer | MultiBuffer, src: np.ndarray, wait: bool = True) -> None:
   """Host array -> the start of a device buffer of the same dtype (each device's copy of a replicated one); a shorter
-  array fills the buffer's first bytes only."""
+  array fills the buffer's first bytes only. A CPU's copy waits for all work queued on the device first (tinygrad's
+  CPU allocator synchronizes), whether or not that work reads the buffer: `wait=False`, for a buffer no queued work
+  reads, writes it at once, so that a step's sampler inputs go in while its forward pass runs."""
   if not src.nbytes: return
   data = memoryview(np.ascontiguousarray(src)).cast("B")
   for b in buf.bufs if isinstance(buf, MultiBuffer) else [buf]:
     assert src.nbytes <= b.nbytes and src.dtype == _to_np_dtype(b.dtype), (src.dtype, src.nbytes, b)
-    b.allocator._copyin(b._buf, data)
+    if not wait and b.device.split(":")[0] == "CPU": ctypes.memmove(b._buf.va_addr, from_mv(data), len(data))
+    else: b.allocator._copyin(b._buf, data)
 
 
 def download(buf: Buffer) -> np.ndarray:

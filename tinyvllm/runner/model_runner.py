@@ -209,8 +209,10 @@ class _SamplerGraph:
     return sample(row, params, plan).flatten().cat(prompt.flatten()).contiguous().realize()
 
   def launch(self, ints: np.ndarray, floats: np.ndarray) -> None:
-    upload(self.ints.uop.buffer, ints)
-    upload(self.floats.uop.buffer, floats)
+    # the forward pass queued before it does not read these, and the last launch of this graph has been read back:
+    # no need to wait for the device (a CPU's copy would wait for the forward pass)
+    upload(self.ints.uop.buffer, ints, wait=False)
+    upload(self.floats.uop.buffer, floats, wait=False)
     out = self.jit()
     if self.output is None: self.output = out.uop.buffer
 
