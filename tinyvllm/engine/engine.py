@@ -167,12 +167,14 @@ class LLMEngine:
     return step
 
   def wants_drafts(self) -> bool:
-    """Whether the next step should check drafts: something proposes them (a proposer, or a grammar's forced tokens)
-    and few enough sequences run for checking them to pay. Async scheduling waits for this step's tokens then."""
+    """Whether the next step should check drafts: something proposes them (a proposer, or a grammar that forces the
+    tokens after the one being sampled) and few enough sequences run for checking them to pay. Async scheduling
+    waits for this step's tokens then."""
     running = self.scheduler.running
     return len(running) <= self.drafts_up_to and (
       (self.proposer is not None and self.proposer.may_propose(running))
-      or (self.jump_forward and any(seq.matcher for seq in running)))
+      or (self.jump_forward and any(seq.matcher and len(seq.matcher.forced(2)) > seq.num_pending_tokens
+                                    for seq in running)))
 
   def _propose_drafts(self) -> None:
     """Each decoding sequence's drafts: the tokens its grammar forces (jump-forward, structured_output.py), or the
