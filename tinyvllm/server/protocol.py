@@ -28,6 +28,7 @@ from typing import Any
 from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.engine import structured_output
 from tinyvllm.server.tools import Tools, history, parse_tools
+from tinyvllm.server.tool_formats import native_format
 from tinyvllm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, SamplingParams, StructuredOutputsParams
 
 MAX_JSON_DEPTH = 32
@@ -202,8 +203,9 @@ def completion_prompts(prompt: Any, tokenizer: Tokenizer | None, add_special_tok
           for p in prompts]
 
 
-def _message_text(message: Any) -> dict[str, str]:
-  """One chat message as {"role", "content"}; content may be a string or an array of {"type": "text"} parts."""
+def _message_text(message: Any) -> dict[str, Any]:
+  """One chat message as {"role", "content"} (and its tool fields); content may be a string or an array of
+  {"type": "text"} parts."""
   if not isinstance(message, dict) or not isinstance(message.get("role"), str):
     raise bad_request("each message must be an object with a string 'role'", "messages")
   if message["role"] not in ROLES:
@@ -216,7 +218,9 @@ def _message_text(message: Any) -> dict[str, str]:
       raise bad_request("only text content parts are supported", "messages")
     content = "".join(p["text"] for p in content)
   if not isinstance(content, str): raise bad_request("message 'content' must be a string or text parts", "messages")
-  return {"role": message["role"], "content": content}
+  # what a template that renders tools reads besides (server/tool_formats.py): earlier calls, the call a result answers
+  return {"role": message["role"], "content": content,
+          **{k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k) is not None}}
 
 
 def chat_prompt(body: dict, tokenizer: Tokenizer | None, tools: Tools | None = None) -> list[int]:
@@ -228,6 +232,7 @@ def chat_prompt(body: dict, tokenizer: Tokenizer | None, tools: Tools | None = N
   kwargs = field(body, "chat_template_kwargs", dict, {})       # vLLM's: variables for the template
   reserved = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"} & set(kwargs)
   if reserved: raise bad_request(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}", "chat_template_kwargs")
+  if tools is not None and tools.template_tools() is not None: kwargs = {**kwargs, "tools": tools.template_tools()}
   try: text = tok.apply_chat_template([_message_text(m) for m in messages],
                                       add_generation_prompt=field(body, "add_generation_prompt", bool, True), **kwargs)
   except ValueError as e: raise bad_request(str(e), "messages")
@@ -295,14 +300,15 @@ def parse_chat(body: dict, tokenizer: Tokenizer | None, max_model_len: int, voca
   """POST /v1/chat/completions. No max_tokens means up to the context length; `logprobs` is a boolean and
   `top_logprobs` the top-N count."""
   _unsupported(body, "functions", "function_call")
-  tools = parse_tools(body, bad_request)
-  if tools is not None:                  # the reply is constrained to a call or an answer
+  tools = parse_tools(body, bad_request, native_format(tokenizer.chat_template if tokenizer else None))
+  if tools is not None:                  # the reply is constrained to calls (or an answer), or parsed for calls
     given = [n for n in ("response_format", "structured_outputs", *GUIDED_FIELDS) if body.get(n) is not None]
     if given: raise bad_request(f"'{given[0]}' cannot be combined with 'tools'", given[0])
-    if vocab_size is not None:
-      try: structured_output.check(StructuredOutputsParams(json=tools.schema()), tokenizer, vocab_size)
+    constraint = tools.structured_outputs(tokenizer)
+    if constraint is not None and vocab_size is not None:
+      try: structured_output.check(StructuredOutputsParams(**constraint), tokenizer, vocab_size)
       except ValueError as e: raise bad_request(f"the tools' parameters: {e}", "tools")
-    body = {**body, "structured_outputs": {"json": tools.schema()}}
+    if constraint is not None: body = {**body, "structured_outputs": constraint}
   max_tokens = field(body, "max_completion_tokens", int)
   if max_tokens is None: max_tokens = field(body, "max_tokens", int)
   top = field(body, "top_logprobs", int, 0)

@@ -1,9 +1,10 @@
 """Tool calling: OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, for any model.
 
 Models trained to call tools each write calls in a format of their own (`<tool_call>` tags, `[TOOL_CALLS]`, bare
-JSON); this server uses one generic format for every model, llama.cpp's answer for models without a native one. The
-tools are described in a system message, and the reply is constrained (engine/structured_output.py) to one JSON
-object, so it always parses:
+JSON). Where the model's chat template renders tools in one of the formats server/tool_formats.py knows, the
+template gets the tools and the reply is read in that format. Every other model gets one generic format, llama.cpp's
+answer for models without a native one: the tools are described in a system message, and the reply is constrained
+(engine/structured_output.py) to one JSON object, so it always parses:
 
     {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}   calls (one, unless parallel calls)
     {"response": "It is sunny in Paris."}                                      an answer (tool_choice "auto" only)
@@ -13,7 +14,7 @@ object, so it always parses:
 
 The reply becomes OpenAI's `message.tool_calls` (finish_reason "tool_calls") or `content`; a stream sends it as one
 delta once it is complete. A conversation's earlier calls (assistant messages with `tool_calls`) and results
-(`role: "tool"`) are written back into the same format, so a model reads its own history as it wrote it.
+(`role: "tool"`) are written back in the format of the reply, so a model reads its own history as it wrote it.
 """
 from __future__ import annotations
 import json
@@ -21,6 +22,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
+from tinyvllm.server.tool_formats import CallFormat
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")          # OpenAI's rule for function names
 MAX_TOOLS = 128                                      # OpenAI's limit: each tool is a branch of the reply's grammar
@@ -31,11 +33,28 @@ class Tools:
   functions: list[dict]            # {"name", "description", "parameters"} of the tools the reply may call
   answer_allowed: bool             # tool_choice "auto": the reply may be an answer instead
   parallel: bool                   # several calls in one reply
+  native: CallFormat | None = None   # the model's own format (its template renders tools), or None: the generic one
+
+  def call_schema(self, arguments_key: str = "arguments") -> dict:
+    """The JSON schema of one call of one of the tools."""
+    return {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, arguments_key: f["parameters"]},
+                       "required": ["name", arguments_key], "additionalProperties": False} for f in self.functions]}
+
+  def structured_outputs(self, tokenizer) -> dict | None:
+    """The constraint on the reply (vLLM's `structured_outputs` field): the generic format's JSON schema; a native
+    format's grammar of calls where a call is required; none where a native reply may be an answer."""
+    if self.native is None: return {"json": self.schema()}
+    if self.answer_allowed: return None
+    parallel = self.parallel and self.native.parallel
+    return {"grammar": self.native.grammar(self.call_schema(self.native.arguments_key), parallel, tokenizer)}
+
+  def template_tools(self) -> list[dict] | None:
+    """The tools as a native template reads them (OpenAI's form); None for the generic format."""
+    return None if self.native is None else [{"type": "function", "function": f} for f in self.functions]
 
   def schema(self) -> dict:
-    """The JSON schema the reply is constrained to."""
-    call = {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-                       "required": ["name", "arguments"], "additionalProperties": False} for f in self.functions]}
+    """The generic format's JSON schema, which the reply is constrained to."""
+    call = self.call_schema()
     calls = {"type": "object", "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1,
                                                              **({} if self.parallel else {"maxItems": 1})}},
              "required": ["tool_calls"], "additionalProperties": False}
@@ -53,18 +72,35 @@ class Tools:
     return f"You can call these tools:\n{described}\n\n{how}."
 
   def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-    """The reply as OpenAI's assistant message and finish_reason (a reply cut short stays text, "length")."""
-    try: reply = json.loads(text)
-    except json.JSONDecodeError: return {"role": "assistant", "content": text}, finish_reason
-    if "response" in reply: return {"role": "assistant", "content": reply["response"]}, finish_reason
-    calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-             for c in reply["tool_calls"]]
-    return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    """The reply as OpenAI's assistant message and finish_reason (a reply cut short stays text, "length"; so does a
+    native reply without well-formed calls of these tools)."""
+    as_text = {"role": "assistant", "content": text}, finish_reason
+    if self.native is not None:
+      if finish_reason == "length": return as_text                      # its calls may be cut short
+      parsed = self.native.parse(text)
+      names = {f["name"] for f in self.functions}
+      if parsed is None or any(c["name"] not in names for c in parsed[1]): return as_text
+      content, calls = parsed[0] or None, parsed[1]
+    else:
+      try: reply = json.loads(text)
+      except json.JSONDecodeError: return as_text
+      if "response" in reply: return {"role": "assistant", "content": reply["response"]}, finish_reason
+      content, calls = None, reply["tool_calls"]
+    return {"role": "assistant", "content": content,
+            "tool_calls": [{"id": self._call_id(), "type": "function",
+                            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                           for c in calls]}, "tool_calls"
+
+  def _call_id(self) -> str:
+    """OpenAI's `call_…`; Mistral's templates accept 9 letters and digits only."""
+    hex_id = uuid.uuid4().hex
+    return hex_id[:9] if self.native is not None and self.native.name == "mistral" else f"call_{hex_id[:24]}"
 
 
-def parse_tools(body: dict, bad_request: Callable[[str, str], Exception]) -> Tools | None:
-  """The request's tools and tool_choice, checked (a 400 naming the field); None when the reply is free text."""
+def parse_tools(body: dict, bad_request: Callable[[str, str], Exception], native: CallFormat | None = None) \
+    -> Tools | None:
+  """The request's tools and tool_choice, checked (a 400 naming the field); None when the reply is free text.
+  `native`: the format the model's chat template renders tools in (tool_formats.native_format), if any."""
   tools, choice = body.get("tools"), body.get("tool_choice")
   if tools is None:
     if choice not in (None, "none"): raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
@@ -83,22 +119,24 @@ def parse_tools(body: dict, bad_request: Callable[[str, str], Exception]) -> Too
   if len({f["name"] for f in functions}) != len(functions): raise bad_request("tool names must differ", "tools")
   parallel = body.get("parallel_tool_calls", True)
   if not isinstance(parallel, bool): raise bad_request("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
-  if choice in (None, "auto"): return Tools(functions, True, parallel)
+  if choice in (None, "auto"): return Tools(functions, True, parallel, native)
   if choice == "none": return None
-  if choice == "required": return Tools(functions, False, parallel)
+  if choice == "required": return Tools(functions, False, parallel, native)
   name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
   if not isinstance(name, str):
     raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
                       "{\"name\": ...}}", "tool_choice")
   named = [f for f in functions if f["name"] == name]
   if not named: raise bad_request(f"'tool_choice' names {name!r}, which is not one of the tools", "tool_choice")
-  return Tools(named, False, False)
+  return Tools(named, False, False, native)
 
 
 def history(messages: list[dict], tools: Tools | None, bad_request: Callable[[str, str], Exception]) -> list[dict]:
-  """The conversation as the model reads it: with tools, their description first (in the system message), and
-  earlier calls and results written in the generic format (results as user turns: many templates know no other
-  roles)."""
+  """The conversation as the model reads it. In the generic format: with tools, their description first (in the
+  system message), and earlier calls and results written in that format (results as user turns: many templates know
+  no other roles). For a native format, the messages as they came, with each call's arguments as an object (the
+  templates write them out with `tojson`); its template describes the tools."""
+  if tools is not None and tools.native is not None: return [_with_argument_objects(m) for m in messages]
   names, out = {}, []
   for m in messages:
     if isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls") is not None:
@@ -123,6 +161,17 @@ def history(messages: list[dict], tools: Tools | None, bad_request: Callable[[st
   if out and out[0].get("role") == "system":
     return [{"role": "system", "content": f"{out[0]['content']}\n\n{tools.system_prompt()}"}, *out[1:]]
   return [{"role": "system", "content": tools.system_prompt()}, *out]
+
+
+def _with_argument_objects(message: dict) -> dict:
+  """An assistant message's tool calls with their `arguments` JSON text parsed (text that is not JSON stays)."""
+  if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list): return message
+  def parsed(call):
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str): return call
+    try: return {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
+    except json.JSONDecodeError: return call
+  return {**message, "tool_calls": [parsed(c) for c in message["tool_calls"]]}
 
 
 def stream_delta(message: dict, first: bool) -> dict[str, Any]:
