@@ -275,3 +275,52 @@ def test_trained_model_writes_code_for_a_batch_of_requests(trained):
   for request_id in ids:
     words = re.findall(r"[A-Za-z_]+|==|=", texts[request_id])
     assert len(words) >= 5 and sum(w in python for w in words) >= 3, texts[request_id]
+
+
+# ---- a diffusion LM through the paged Llama forward ----------------------------------------------------------------
+def paged_llada(tiny: MaskedDiffusionLM, kernels: str):
+  """The tiny LLaDA's weights in llama.py's network, run on a paged KV pool (blocks of 4 tokens, one sequence whose
+  table is [2, 3, 1, 4]); returns a function of (tokens, first position) → logits of every token [T, V], each
+  token seeing every key up to the chunk's end (a key limit past its own position: attention both ways)."""
+  from tinygrad import Device
+  from tinygrad.nn.state import get_state_dict
+  from tinyvllm.kernels.paged_attention import BlockTables, context_blocks, new_pool
+  from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
+  cfg, bs, table = tiny.config.model, 4, [2, 3, 1, 4]
+  net = LlamaForCausalLM(cfg)
+  net.kernels = kernels
+  theirs = get_state_dict(tiny)
+  for name, param in get_state_dict(net).items():
+    if not name.startswith("rope_"): param.replace(theirs[name]).realize()
+  device = (Device.DEFAULT,)
+  pools = [(new_pool(6 * bs, cfg.num_kv_heads, cfg.head_dim, dtypes.float32, device),
+            new_pool(6 * bs, cfg.num_kv_heads, cfg.head_dim, dtypes.float32, device)) for _ in range(cfg.num_layers)]
+  Tensor.realize(*[p for kv in pools for p in kv])
+  ints = lambda values: Tensor(np.array(values, np.int32))
+  def forward(tokens: list[int], start: int) -> np.ndarray:
+    T, end = len(tokens), start + len(tokens)
+    blocks = -(-end // bs)
+    positions = list(range(start, end))
+    tables = BlockTables(ints(table), ints([0] * T),
+                         Tensor.full((1,), context_blocks(len(table)).bind(blocks), dtype=dtypes.int32), bs, len(table))
+    batch = ForwardBatch(ints(tokens), ints(positions), ints([table[p // bs] * bs + p % bs for p in positions]), tables,
+                         ints(list(range(T))), paged=True, key_limits=ints([end - 1] * T))
+    return net(batch, pools, every_position=True).numpy()
+  return forward
+
+
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+def test_a_diffusion_lm_runs_through_the_paged_forward_with_key_limits(tiny, kernels):
+  """With every token's key limit at its chunk's end, llama.py's forward on the paged pool is LLaDA's: the whole
+  sequence in one chunk gives its bidirectional logits, and a block after a cached prefix gives what the dense
+  prefix-cache loop gives (Fast-dLLM's cache: the prefix's K/V computed without the block)."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, VOCAB, 14).tolist()
+  tokens[9:12] = [MASK] * 3
+  forward = paged_llada(tiny, kernels)
+  np.testing.assert_allclose(forward(tokens, 0), tiny(Tensor([tokens])).numpy()[0], rtol=1e-3, atol=1e-3)
+  prefix, block = tokens[:8], tokens[8:12]
+  forward(prefix, 0)                                                     # the prefix's K/V into the pool
+  h, past = tiny.hidden(Tensor([prefix]), Tensor([list(range(8))]), Tensor.ones(1, 8, dtype=dtypes.bool))
+  h, _ = tiny.hidden(Tensor([block]), Tensor([list(range(8, 12))]), Tensor.ones(1, 12, dtype=dtypes.bool), past)
+  np.testing.assert_allclose(forward(block, 8), tiny.logits(h).numpy()[0], rtol=1e-3, atol=1e-3)

@@ -1,5 +1,5 @@
 """Paged attention against numpy: each token's query, rotated, attends over its sequence's context up to its own
-position, read through the sequence's block table (blocks out of order, tables narrower than the buffer that holds
+position (or a block's tokens up to the block's end: both ways, as a diffusion LM's block attends), read through the sequence's block table (blocks out of order, tables narrower than the buffer that holds
 them, a padding token pointing at the null block): grouped-query heads, contexts of different lengths ending
 mid-block, several tokens of one sequence (a prompt chunk, causal), and a lone token. Three ways: the CPU's kernel
 (a thread per token and head), the GPU's (a thread block per token and KV head), and the readable reference (a
@@ -30,13 +30,16 @@ def kernel(request):
   else: yield Device.DEFAULT, {"gpu_kernel": True, "cpu_kernel": False, "reference": None}[request.param]
 
 
-@pytest.mark.parametrize("H,KVH,D,block_size,lengths,queries,padding", [
-  (6, 2, 32, 4, [10, 3, 16], [1, 1, 1], 1),   # 3 query heads a KV head, contexts ending mid-block and at a block's end
-  (4, 1, 64, 16, [150, 1, 129], [1, 1, 3], 1),  # past 4 warps × 32 tokens (a second chunk a warp); a 3-token chunk
-  (8, 8, 32, 16, [37], [1], 0),               # a lone token (batch-1 decode), one query head a KV head
-  (4, 2, 32, 4, [9, 20], [9, 5], 2),           # a whole prompt and a chunk of another: each token sees up to itself
+@pytest.mark.parametrize("H,KVH,D,block_size,lengths,queries,padding,both_ways", [
+  (6, 2, 32, 4, [10, 3, 16], [1, 1, 1], 1, False),  # 3 query heads a KV head, contexts ending mid-block and at its end
+  (4, 1, 64, 16, [150, 1, 129], [1, 1, 3], 1, False),  # past 4 warps × 32 tokens (a second chunk a warp); a 3-token chunk
+  (8, 8, 32, 16, [37], [1], 0, False),             # a lone token (batch-1 decode), one query head a KV head
+  (4, 2, 32, 4, [9, 20], [9, 5], 2, False),         # a whole prompt and a chunk of another: each token sees up to itself
+  (4, 2, 32, 4, [20, 9], [6, 1], 1, True),          # a block that sees itself both ways (diffusion), beside a decode
 ])
-def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, queries, padding):
+def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, queries, padding, both_ways):
+  """Each token sees the keys up to its limit: its own position (causal), or with `both_ways` the last position of
+  its sequence's chunk, the keys after it included."""
   device, thread_blocks = kernel
   rng = np.random.default_rng(0)
   blocks = -(-max(lengths) // block_size)
@@ -46,6 +49,8 @@ def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, q
   tables = (1 + rng.permutation(num_blocks - 1)).reshape(R, blocks).astype(np.int32)
   rows = np.array([r for r, n in enumerate(queries) for _ in range(n)] + [0] * padding, np.int32)
   positions = np.array([p for L, n in zip(lengths, queries) for p in range(L - n, L)] + [0] * padding, np.int32)
+  limits = np.array([L - 1 if both_ways else p for L, n in zip(lengths, queries) for p in range(L - n, L)]
+                    + [0] * padding, np.int32)
   T = len(rows)
   q = rng.normal(0, 2, (T, (H + 2 * KVH) * D)).astype(np.float32)        # a fused q|k|v row: q is the first H·D
   angles = rng.uniform(0, 6.3, (T, D // 2)).astype(np.float32)
@@ -59,11 +64,11 @@ def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, q
     none = Tensor.zeros(1, KVH * D, device=device).contiguous()
     k, v = write_and_gather(pools, NewKV(none, none, 0, 0, cos[:1], sin[:1]), on(np.zeros(1, np.int32)), bt)
     rotated = apply_rope(on(q)[:, :H * D].reshape(T, H, D), cos, sin)
-    out = attention(rotated.reshape(T, 1, H, D), k, v, on(positions).reshape(T, 1)).reshape(T, H * D).numpy()
-  else: out = paged_attention(on(q), cos, sin, pools, bt, on(positions), H, thread_blocks).numpy()
+    out = attention(rotated.reshape(T, 1, H, D), k, v, on(limits).reshape(T, 1)).reshape(T, H * D).numpy()
+  else: out = paged_attention(on(q), cos, sin, pools, bt, on(limits), H, thread_blocks).numpy()
   for t in range(T - padding):
     table = tables[rows[t]]
-    slots = (table[:, None] * block_size + np.arange(block_size)).reshape(-1)[:positions[t] + 1]
+    slots = (table[:, None] * block_size + np.arange(block_size)).reshape(-1)[:limits[t] + 1]
     qs = rope(q[t, :H * D].reshape(H, D), np.cos(angles[t]), np.sin(angles[t]))
     k, v = k_pool[slots][:, np.arange(H) // (H // KVH)], v_pool[slots][:, np.arange(H) // (H // KVH)]  # [C, H, D]
     scores = np.einsum("hd,chd->hc", qs, k) / np.sqrt(D)

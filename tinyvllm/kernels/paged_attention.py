@@ -23,7 +23,8 @@ that *slot mapping* on the host for the tokens it feeds in a step. A layer makes
 - paged (the default): the kernels read the pool through the table and never make a copy (`paged_attention`).
   Every token of a step is one query, whether it decodes or belongs to a prompt chunk: a chunk's own K/V are
   written first, so each of its tokens sees the ones before it through the same table and the causal mask is just
-  "keys up to my position". Which kernel depends on the device:
+  "keys up to my position". A block of a diffusion LM, which attends to itself both ways, is the same mask with
+  another bound, "keys up to the block's end": each token brings its *key limit*. Which kernel depends on the device:
   - a CPU: one kernel streams the context once with an *online softmax*. It keeps the running maximum score m, the
     sum of exp(score − m) and the exp-weighted sum of values, and rescales both when m grows, so the scores never
     need to be stored. One thread per (token, head) is plenty for a CPU's few cores.
@@ -154,7 +155,7 @@ def _tree_sum(terms: list[UOp]) -> UOp:
 
 
 def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp,
-                   positions: UOp, blocks: UOp, max_blocks: int, q_col: int) -> UOp:
+                   limits: UOp, blocks: UOp, max_blocks: int, q_col: int) -> UOp:
   """out[s, head h] = softmax(rope(q[s, h]) · K_s) · V_s over the context of sequence s, read from the pool through
   its block table: one thread per (sequence, head) streams the context once, keeping a running max m, the sum l of
   exp(score − m) and the weighted sum of values, all rescaled when m grows (the "online softmax"). Each step of the
@@ -172,7 +173,7 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
   state = state.after(UOp.group(*[state[i].store(-1e30 if i == M else 0.0) for i in range(D + 2)]))
   step = UOp.range(NB * (block_size // n), 2, AxisType.REDUCE)
   tokens = [step * n + i for i in range(n)]
-  kvh, pos, table = h // (H // KVH), positions[s].cast(dtypes.weakint), _table_start(rows, s, blocks)
+  kvh, pos, table = h // (H // KVH), limits[s].cast(dtypes.weakint), _table_start(rows, s, blocks)
   where = [(_bounded(tables[table + t // block_size], num_blocks), t % block_size) for t in tokens]
   # each dot product as LANES partial sums stored in registers: as one expression tinygrad renders it as a single
   # chain of D dependent adds
@@ -198,7 +199,7 @@ WARPS = 4                  # warps of the GPU kernel's thread block, each walkin
 
 
 def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp, tables: UOp, rows: UOp,
-                  positions: UOp, blocks: UOp, block_size: int, max_blocks: int, q_col: int) -> UOp:
+                  limits: UOp, blocks: UOp, block_size: int, max_blocks: int, q_col: int) -> UOp:
   """out[s, head kvh·G + g] = softmax(rope(q[s, that head]) · K_s) · V_s for the G query heads of KV head kvh, one
   thread block per (s, kvh): the GPU's decode attention. Warp w takes the chunks of 32 tokens w, w + WARPS, ... In
   each chunk, first lane i is token i: it reads the token's key and scores it against the G queries; then lane i
@@ -211,7 +212,7 @@ def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp
   threads = WARP * WARPS
   kvh, s, thread = UOp.special(KVH, "gidx0"), UOp.special(S, "gidx1"), UOp.special(threads, "lidx0")
   warp, lane = thread // WARP, thread % WARP
-  pos, table = positions[s].cast(dtypes.weakint), _table_start(rows, s, blocks)
+  pos, table = limits[s].cast(dtypes.weakint), _table_start(rows, s, blocks)
 
   def spread(n: int, axis: int) -> tuple[UOp, UOp]:
     """Thread j takes items j, j + threads, ... of n; past the end it repeats item n - 1, so its stores write what
@@ -324,7 +325,7 @@ def store_kv(cache: tuple[Tensor, Tensor], k: Tensor | Rotated, v: Tensor, slot_
 
 def attend(q: Rotated, cache: tuple[Tensor, Tensor], batch: ForwardBatch) -> Tensor:
   """Each of the step's T tokens, its query `rope(q)` ([T, heads·head_dim]), attending over its sequence's context
-  up to its own position, read from the pools through `batch.tables`: [T, heads·head_dim]. With `batch.paged` the
+  up to its key limit (`batch.key_limits`: its own position, or a block's end), read from the pools through `batch.tables`: [T, heads·head_dim]. With `batch.paged` the
   kernels read the pools in place and rotate q as they load it (`paged_attention`); otherwise, and with the
   reference kernels, the readable way: q rotated by tinygrad, a dense copy of each token's context (`gather`),
   tinygrad's `attention`."""
@@ -332,9 +333,9 @@ def attend(q: Rotated, cache: tuple[Tensor, Tensor], batch: ForwardBatch) -> Ten
   heads = q.x.shape[1] // head_dim
   if batch.paged and not reference_kernels():
     q_src, q_col = _columns(q.x)
-    return paged_attention(q_src, q.cos, q.sin, cache, batch.tables, batch.positions, heads, q_col=q_col)
+    return paged_attention(q_src, q.cos, q.sin, cache, batch.tables, batch.key_limits, heads, q_col=q_col)
   k, v = gather(cache, batch.tables)
-  return attention(q.tensor().reshape(T, 1, heads, head_dim), k, v, batch.positions.reshape(T, 1)).reshape(T, -1)
+  return attention(q.tensor().reshape(T, 1, heads, head_dim), k, v, batch.key_limits.reshape(T, 1)).reshape(T, -1)
 
 
 def _columns(t: Tensor) -> tuple[Tensor, int]:
@@ -382,17 +383,18 @@ def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Ten
 
 
 def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor], tables: BlockTables,
-                    positions: Tensor, heads: int, thread_blocks: bool | None = None, q_col: int = 0) -> Tensor:
+                    limits: Tensor, heads: int, thread_blocks: bool | None = None, q_col: int = 0) -> Tensor:
   """Each query token (q: [T, width], heads·head_dim columns from `q_col` on, un-rotated) attending over its
-  sequence's context up to its own position, straight from the pools, no dense copy: [T, heads·head_dim]. A prompt
-  chunk's tokens are written to the pool first, so the chunk attends to itself causally through the same table.
+  sequence's context up to its key limit (`limits` [T]: its own position, or a block's end), straight from the
+  pools, no dense copy: [T, heads·head_dim]. A prompt chunk's tokens are written to the pool first, so the chunk
+  attends to itself causally (or both ways) through the same table.
   `thread_blocks`: the GPU kernel, a thread block per (token, KV head) (None: on devices that run threads in
   blocks, which is what a GPU is to tinygrad, for head dims its lanes divide); else the CPU's, a thread per
   (token, head)."""
   (num_slots, kv_heads, head_dim), T, bs = cache[0].shape, q.shape[0], tables.block_size
   if thread_blocks is None: thread_blocks = has_thread_blocks(q.device) and head_dim % WARP == 0
   out = allocate_split(Tensor.invalids, (T, heads * head_dim), 1, q.device, q.dtype)
-  inputs = (tables.tables, tables.rows, positions.reshape(T), tables.blocks_var)
+  inputs = (tables.tables, tables.rows, limits.reshape(T), tables.blocks_var)
   if thread_blocks:
     kernel = functools.partial(_block_kernel, block_size=bs, max_blocks=tables.max_blocks, q_col=q_col)
     return out.custom_kernel(q, cos, sin, *cache, *inputs, fxn=kernel)[0]
@@ -401,15 +403,16 @@ def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Te
   return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, fxn=kernel)[0]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor) -> Tensor:
-  """Grouped-query attention of queries [S, Q, H, D] over contexts [S, C, KVH, D]; key c is visible to a query at
-  position p when c <= p (causal, and it hides the unwritten tail of the last block and the padding blocks)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, key_limits: Tensor) -> Tensor:
+  """Grouped-query attention of queries [S, Q, H, D] over contexts [S, C, KVH, D]; key c is visible to a query
+  whose key limit is p when c <= p (causal where p is its position; it hides the unwritten tail of the last block
+  and the padding blocks)."""
   S, Q, H, D = q.shape
   KVH = k.shape[2]
   q = q.reshape(S, Q, KVH, H // KVH, D).permute(0, 2, 3, 1, 4)            # [S, KVH, G, Q, D]
   k, v = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)  # [S, KVH, 1, C, D]
   scores = (q @ k.transpose(-1, -2)) * (D ** -0.5)                          # [S, KVH, G, Q, C]
-  visible = Tensor.arange(k.shape[3]).reshape(1, 1, 1, 1, -1) <= q_positions.reshape(S, 1, 1, Q, 1)
+  visible = Tensor.arange(k.shape[3]).reshape(1, 1, 1, 1, -1) <= key_limits.reshape(S, 1, 1, Q, 1)
   # materialize probs: fused into the next matmul, softmax's exp would be recomputed for each of the D outputs
   probs = visible.where(scores, -float("inf")).softmax(-1).contiguous()
   return (probs @ v).permute(0, 3, 1, 2, 4).reshape(S, Q, H * D)

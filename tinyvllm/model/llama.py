@@ -140,16 +140,19 @@ class DecoderLayer:
 
 class ForwardBatch:
   """The device-side description of one forward pass: T tokens, from any number of sequences (decoding rows and
-  prompt chunks alike), and the R of them whose logits are wanted."""
+  prompt chunks alike), and the R of them whose logits are wanted. Each token attends to its sequence's keys up to
+  its *key limit*: its own position (causal, the default), or further, the end of a block that attends to itself
+  both ways (a diffusion LM's block; its keys are written before the attention reads them)."""
   def __init__(self, tokens: Tensor, positions: Tensor, slot_mapping: Tensor, tables: BlockTables,
-               logits_index: Tensor, paged: bool):
+               logits_index: Tensor, paged: bool, key_limits: Tensor | None = None):
     self.tokens, self.positions, self.slot_mapping = tokens, positions, slot_mapping     # [T] each
     self.tables, self.logits_index = tables, logits_index                                # see BlockTables; [R]
     self.paged = paged    # attend straight from the pool (paged_attention) rather than from a dense copy per token
+    self.key_limits = positions if key_limits is None else key_limits                   # [T]
 
   def for_layers(self) -> ForwardBatch:
     """What a decoder layer reads (not the token ids, not the logits index)."""
-    return ForwardBatch(None, self.positions, self.slot_mapping, self.tables, None, self.paged)
+    return ForwardBatch(None, self.positions, self.slot_mapping, self.tables, None, self.paged, self.key_limits)
 
 
 class LlamaModel:
