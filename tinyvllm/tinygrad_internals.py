@@ -120,6 +120,7 @@ def upload(buf: Buffer | MultiBuffer, src: np.ndarray, wait: bool = True) -> Non
   for b in buf.bufs if isinstance(buf, MultiBuffer) else [buf]:
     assert src.nbytes <= b.nbytes and src.dtype == _to_np_dtype(b.dtype), (src.dtype, src.nbytes, b)
     if not wait and b.device.split(":")[0] == "CPU": ctypes.memmove(b._buf.va_addr, from_mv(data), len(data))
+    elif isinstance(b._buf, memoryview): b._buf[:len(data)] = data      # the emulator's (PYTHON) memory: host bytes
     else: b.allocator._copyin(b._buf, data)
 
 

@@ -4,8 +4,8 @@ them, a padding token pointing at the null block): grouped-query heads, contexts
 mid-block, several tokens of one sequence (a prompt chunk, causal), and a lone token. Three ways: the CPU's kernel
 (a thread per token and head), the GPU's (a thread block per token and KV head), and the readable reference (a
 dense copy of each token's context, then tinygrad's attention). A CPU has no thread blocks, so there the GPU's
-runs on tinygrad's CUDA emulator (`PYTHON::sm_80`), every thread and barrier as a GPU would run them; a GPU runs it
-natively as well."""
+runs on tinygrad's CUDA and Metal emulators (`PYTHON::sm_80`, `PYTHON::METAL`: an Apple laptop's GPU), every thread
+and barrier as a GPU would run them; a GPU runs it natively as well."""
 import numpy as np
 import pytest
 from tinygrad import Context, Device, Tensor
@@ -22,11 +22,14 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-@pytest.fixture(params=["cpu_kernel", "gpu_kernel_emulated", "reference"] + (["gpu_kernel"] if ON_GPU else []))
+EMULATED = {"gpu_kernel_emulated": "sm_80", "gpu_kernel_metal_emulated": "METAL"}    # tinygrad's CUDA and Metal
+
+
+@pytest.fixture(params=["cpu_kernel", *EMULATED, "reference"] + (["gpu_kernel"] if ON_GPU else []))
 def kernel(request):
   """(device, which way: the thread-block kernel True, the CPU's False, the dense reference None)"""
-  if request.param == "gpu_kernel_emulated":
-    with Context(DEV=f"{Device.DEFAULT};PYTHON::sm_80"): yield "PYTHON", True
+  if request.param in EMULATED:
+    with Context(DEV=f"{Device.DEFAULT};PYTHON::{EMULATED[request.param]}"): yield "PYTHON", True
   else: yield Device.DEFAULT, {"gpu_kernel": True, "cpu_kernel": False, "reference": None}[request.param]
 
 
