@@ -33,16 +33,17 @@ def kernel(request):
   else: yield Device.DEFAULT, {"gpu_kernel": True, "cpu_kernel": False, "reference": None}[request.param]
 
 
-@pytest.mark.parametrize("H,KVH,D,block_size,lengths,queries,padding,both_ways", [
-  (6, 2, 32, 4, [10, 3, 16], [1, 1, 1], 1, False),  # 3 query heads a KV head, contexts ending mid-block and at its end
-  (4, 1, 64, 16, [150, 1, 129], [1, 1, 3], 1, False),  # past 4 warps × 32 tokens (a second chunk a warp); a 3-token chunk
-  (8, 8, 32, 16, [37], [1], 0, False),             # a lone token (batch-1 decode), one query head a KV head
-  (4, 2, 32, 4, [9, 20], [9, 5], 2, False),         # a whole prompt and a chunk of another: each token sees up to itself
-  (4, 2, 32, 4, [20, 9], [6, 1], 1, True),          # a block that sees itself both ways (diffusion), beside a decode
+@pytest.mark.parametrize("H,KVH,D,block_size,lengths,queries,padding,both_ways,window", [
+  (6, 2, 32, 4, [10, 3, 16], [1, 1, 1], 1, False, None),  # 3 query heads a KV head, contexts ending mid-block and at its end
+  (4, 1, 64, 16, [150, 1, 129], [1, 1, 3], 1, False, None),  # past 4 warps × 32 tokens (a second chunk a warp); a 3-token chunk
+  (8, 8, 32, 16, [37], [1], 0, False, None),       # a lone token (batch-1 decode), one query head a KV head
+  (4, 2, 32, 4, [9, 20], [9, 5], 2, False, None),   # a whole prompt and a chunk of another: each token sees up to itself
+  (4, 2, 32, 4, [20, 9], [6, 1], 1, True, None),    # a block that sees itself both ways (diffusion), beside a decode
+  (4, 1, 64, 16, [150, 7], [3, 1], 1, False, 37),   # a sliding window: past a warp's chunk, and longer than a context
 ])
-def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, queries, padding, both_ways):
+def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, queries, padding, both_ways, window):
   """Each token sees the keys up to its limit: its own position (causal), or with `both_ways` the last position of
-  its sequence's chunk, the keys after it included."""
+  its sequence's chunk, the keys after it included; with a sliding window, only the last `window` of those."""
   device, thread_blocks = kernel
   rng = np.random.default_rng(0)
   blocks = -(-max(lengths) // block_size)
@@ -67,11 +68,12 @@ def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, q
     none = Tensor.zeros(1, KVH * D, device=device).contiguous()
     k, v = write_and_gather(pools, NewKV(none, none, 0, 0, cos[:1], sin[:1]), on(np.zeros(1, np.int32)), bt)
     rotated = apply_rope(on(q)[:, :H * D].reshape(T, H, D), cos, sin)
-    out = attention(rotated.reshape(T, 1, H, D), k, v, on(limits).reshape(T, 1)).reshape(T, H * D).numpy()
-  else: out = paged_attention(on(q), cos, sin, pools, bt, on(limits), H, thread_blocks).numpy()
+    out = attention(rotated.reshape(T, 1, H, D), k, v, on(limits).reshape(T, 1), window).reshape(T, H * D).numpy()
+  else: out = paged_attention(on(q), cos, sin, pools, bt, on(limits), H, thread_blocks, window=window).numpy()
   for t in range(T - padding):
     table = tables[rows[t]]
     slots = (table[:, None] * block_size + np.arange(block_size)).reshape(-1)[:limits[t] + 1]
+    if window is not None: slots = slots[-window:]
     qs = rope(q[t, :H * D].reshape(H, D), np.cos(angles[t]), np.sin(angles[t]))
     k, v = k_pool[slots][:, np.arange(H) // (H // KVH)], v_pool[slots][:, np.arange(H) // (H // KVH)]  # [C, H, D]
     scores = np.einsum("hd,chd->hc", qs, k) / np.sqrt(D)

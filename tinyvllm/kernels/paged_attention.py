@@ -148,6 +148,12 @@ TOKENS_PER_STEP = 4   # context tokens per step of the decode kernel's loop: the
 LOG2E = 1.4426950408889634   # scores are kept in log2 units, so the softmax's exponentials are exp2
 
 
+def _visible(key: UOp, limit: UOp, window: int | None) -> UOp:
+  """Whether a query whose key limit is `limit` sees key position `key`: up to the limit, and within the last
+  `window` positions where a sliding window applies."""
+  return (key <= limit) if window is None else (key <= limit) & (key > limit - window)
+
+
 def _tree_sum(terms: list[UOp]) -> UOp:
   """Pairwise sum: independent adds a CPU can overlap, where a running sum would wait on each one in turn."""
   while len(terms) > 1: terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1:]
@@ -155,7 +161,7 @@ def _tree_sum(terms: list[UOp]) -> UOp:
 
 
 def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp,
-                   limits: UOp, blocks: UOp, max_blocks: int, q_col: int) -> UOp:
+                   limits: UOp, blocks: UOp, max_blocks: int, q_col: int, window: int | None = None) -> UOp:
   """out[s, head h] = softmax(rope(q[s, h]) · K_s) · V_s over the context of sequence s, read from the pool through
   its block table: one thread per (sequence, head) streams the context once, keeping a running max m, the sum l of
   exp(score − m) and the weighted sum of values, all rescaled when m grows (the "online softmax"). Each step of the
@@ -181,7 +187,8 @@ def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks
   part = part.after(UOp.group(*[part[i, l].store(_tree_sum([rq[j] * k_blocks[blk, b, kvh, j].cast(dtypes.float)
                                                             for j in range(l, D, LANES)]))
                                 for i, (blk, b) in enumerate(where) for l in range(LANES)]))
-  scores = [(t <= pos).where(_tree_sum([part[i, l] for l in range(LANES)]), -1e30) for i, t in enumerate(tokens)]
+  scores = [_visible(t, pos, window).where(_tree_sum([part[i, l] for l in range(LANES)]), -1e30)
+            for i, t in enumerate(tokens)]
   cur = state.after(step)
   m = functools.reduce(UOp.maximum, scores, cur[M])
   rescale, p = (cur[M] - m).exp2(), [(score - m).exp2() for score in scores]
@@ -199,7 +206,8 @@ WARPS = 4                  # warps of the GPU kernel's thread block, each walkin
 
 
 def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp, tables: UOp, rows: UOp,
-                  limits: UOp, blocks: UOp, block_size: int, max_blocks: int, q_col: int) -> UOp:
+                  limits: UOp, blocks: UOp, block_size: int, max_blocks: int, q_col: int,
+                  window: int | None = None) -> UOp:
   """out[s, head kvh·G + g] = softmax(rope(q[s, that head]) · K_s) · V_s for the G query heads of KV head kvh, one
   thread block per (s, kvh): the GPU's decode attention. Warp w takes the chunks of 32 tokens w, w + WARPS, ... In
   each chunk, first lane i is token i: it reads the token's key and scores it against the G queries; then lane i
@@ -244,7 +252,8 @@ def _block_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_pool: UOp, v_pool: UOp
     + token % block_size
   key = [k_pool[slot, kvh, j].cast(dtypes.float) for j in range(D)]
   query = queries.after(rnd)
-  scores = [(token <= pos).where(_tree_sum([query[g * D + j] * key[j] for j in range(D)]), -math.inf) for g in range(G)]
+  scores = [_visible(token, pos, window).where(_tree_sum([query[g * D + j] * key[j] for j in range(D)]), -math.inf)
+            for g in range(G)]
   shared_scores = UOp.placeholder((WARPS, G, WARP), dtypes.float, slot=1, addrspace=AddrSpace.LOCAL).after(rnd)
   shared_slots = UOp.placeholder((WARPS, WARP), dtypes.int32, slot=2, addrspace=AddrSpace.LOCAL).after(rnd)
   scored = UOp.barrier(UOp.group(*[shared_scores[warp, g, lane].store(scores[g]) for g in range(G)],
@@ -323,19 +332,21 @@ def store_kv(cache: tuple[Tensor, Tensor], k: Tensor | Rotated, v: Tensor, slot_
   return write(cache, NewKV(k, v, k_col, v_col, *rotation), slot_mapping)
 
 
-def attend(q: Rotated, cache: tuple[Tensor, Tensor], batch: ForwardBatch) -> Tensor:
+def attend(q: Rotated, cache: tuple[Tensor, Tensor], batch: ForwardBatch, window: int | None = None) -> Tensor:
   """Each of the step's T tokens, its query `rope(q)` ([T, heads·head_dim]), attending over its sequence's context
   up to its key limit (`batch.key_limits`: its own position, or a block's end), read from the pools through `batch.tables`: [T, heads·head_dim]. With `batch.paged` the
   kernels read the pools in place and rotate q as they load it (`paged_attention`); otherwise, and with the
   reference kernels, the readable way: q rotated by tinygrad, a dense copy of each token's context (`gather`),
-  tinygrad's `attention`."""
+  tinygrad's `attention`. With a sliding `window`, only the last `window` keys up to the limit are seen."""
   T, head_dim = q.x.shape[0], cache[0].shape[-1]
   heads = q.x.shape[1] // head_dim
   if batch.paged and not reference_kernels():
     q_src, q_col = _columns(q.x)
-    return paged_attention(q_src, q.cos, q.sin, cache, batch.tables, batch.key_limits, heads, q_col=q_col)
+    return paged_attention(q_src, q.cos, q.sin, cache, batch.tables, batch.key_limits, heads, q_col=q_col,
+                           window=window)
   k, v = gather(cache, batch.tables)
-  return attention(q.tensor().reshape(T, 1, heads, head_dim), k, v, batch.key_limits.reshape(T, 1)).reshape(T, -1)
+  return attention(q.tensor().reshape(T, 1, heads, head_dim), k, v, batch.key_limits.reshape(T, 1), window) \
+    .reshape(T, -1)
 
 
 def _columns(t: Tensor) -> tuple[Tensor, int]:
@@ -383,11 +394,13 @@ def write_and_gather(cache: tuple[Tensor, Tensor], new: NewKV, slot_mapping: Ten
 
 
 def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor], tables: BlockTables,
-                    limits: Tensor, heads: int, thread_blocks: bool | None = None, q_col: int = 0) -> Tensor:
+                    limits: Tensor, heads: int, thread_blocks: bool | None = None, q_col: int = 0,
+                    window: int | None = None) -> Tensor:
   """Each query token (q: [T, width], heads·head_dim columns from `q_col` on, un-rotated) attending over its
   sequence's context up to its key limit (`limits` [T]: its own position, or a block's end), straight from the
   pools, no dense copy: [T, heads·head_dim]. A prompt chunk's tokens are written to the pool first, so the chunk
-  attends to itself causally (or both ways) through the same table.
+  attends to itself causally (or both ways) through the same table. With a sliding `window`, keys before the last
+  `window` up to the limit are masked too.
   `thread_blocks`: the GPU kernel, a thread block per (token, KV head) (None: on devices that run threads in
   blocks, which is what a GPU is to tinygrad, for head dims its lanes divide); else the CPU's, a thread per
   (token, head)."""
@@ -396,23 +409,24 @@ def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Te
   out = allocate_split(Tensor.invalids, (T, heads * head_dim), 1, q.device, q.dtype)
   inputs = (tables.tables, tables.rows, limits.reshape(T), tables.blocks_var)
   if thread_blocks:
-    kernel = functools.partial(_block_kernel, block_size=bs, max_blocks=tables.max_blocks, q_col=q_col)
+    kernel = functools.partial(_block_kernel, block_size=bs, max_blocks=tables.max_blocks, q_col=q_col, window=window)
     return out.custom_kernel(q, cos, sin, *cache, *inputs, fxn=kernel)[0]
   k_blocks, v_blocks = (pool.reshape(num_slots // bs, bs, kv_heads, head_dim) for pool in cache)
-  kernel = functools.partial(_decode_kernel, max_blocks=tables.max_blocks, q_col=q_col)
+  kernel = functools.partial(_decode_kernel, max_blocks=tables.max_blocks, q_col=q_col, window=window)
   return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, fxn=kernel)[0]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, key_limits: Tensor) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, key_limits: Tensor, window: int | None = None) -> Tensor:
   """Grouped-query attention of queries [S, Q, H, D] over contexts [S, C, KVH, D]; key c is visible to a query
   whose key limit is p when c <= p (causal where p is its position; it hides the unwritten tail of the last block
-  and the padding blocks)."""
+  and the padding blocks), and with a sliding window when c > p - window."""
   S, Q, H, D = q.shape
   KVH = k.shape[2]
   q = q.reshape(S, Q, KVH, H // KVH, D).permute(0, 2, 3, 1, 4)            # [S, KVH, G, Q, D]
   k, v = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)  # [S, KVH, 1, C, D]
   scores = (q @ k.transpose(-1, -2)) * (D ** -0.5)                          # [S, KVH, G, Q, C]
-  visible = Tensor.arange(k.shape[3]).reshape(1, 1, 1, 1, -1) <= key_limits.reshape(S, 1, 1, Q, 1)
+  keys, limits = Tensor.arange(k.shape[3]).reshape(1, 1, 1, 1, -1), key_limits.reshape(S, 1, 1, Q, 1)
+  visible = (keys <= limits) if window is None else (keys <= limits) & (keys > limits - window)
   # materialize probs: fused into the next matmul, softmax's exp would be recomputed for each of the D outputs
   probs = visible.where(scores, -float("inf")).softmax(-1).contiguous()
   return (probs @ v).permute(0, 3, 1, 2, 4).reshape(S, Q, H * D)

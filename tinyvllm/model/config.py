@@ -27,6 +27,7 @@ class ModelConfig:
   tie_word_embeddings: bool
   attention_bias: bool
   rope_scaling: dict | None = None    # Llama-3 style {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+  sliding_window: int | None = None   # Mistral's: a token attends to the last `sliding_window` positions only
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
 
@@ -44,5 +45,13 @@ class ModelConfig:
                max_position_embeddings=cfg.get("max_position_embeddings", 2048),
                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                attention_bias=cfg.get("attention_bias", ARCHITECTURES[arch]),
-               rope_scaling=cfg.get("rope_scaling"), bos_token_id=cfg.get("bos_token_id"),
+               rope_scaling=cfg.get("rope_scaling"), sliding_window=_sliding_window(cfg), bos_token_id=cfg.get("bos_token_id"),
                eos_token_id=cfg.get("eos_token_id"))
+
+
+def _sliding_window(cfg: dict) -> int | None:
+  """The window every layer attends within, if the checkpoint has one (Qwen2 names one but leaves it off unless
+  `use_sliding_window`); None: full attention."""
+  window = cfg.get("sliding_window")
+  if "use_sliding_window" in cfg and not cfg["use_sliding_window"]: return None
+  return window if isinstance(window, int) and window > 0 else None

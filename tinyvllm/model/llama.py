@@ -71,6 +71,7 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
 class Attention:
   def __init__(self, cfg: ModelConfig):
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.window = cfg.sliding_window
     self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
     self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
     self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
@@ -89,7 +90,7 @@ class Attention:
     q, k, v = self.qkv(h)                             # [T, H·D], [T, KVH·D], [T, KVH·D]
     q, k = rope(q, cos, sin), rope(k, cos, sin)       # RoPE: rotated by the kernels that read them
     kv = store_kv(kv, k, v, batch.slot_mapping)       # this step's K and V into the paged pool
-    o = attend(q, kv, batch)                          # each token over its sequence's context: [T, H·D]
+    o = attend(q, kv, batch, self.window)             # each token over its sequence's context: [T, H·D]
     return self.o_proj(o, residual=x)                 # x + o_proj(o)
 
   def qkv(self, h: Tensor | Normed) -> list[Tensor]:
