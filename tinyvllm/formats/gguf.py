@@ -404,14 +404,15 @@ def write_gguf(path: str | Path, meta: Mapping[str, Any], tensors: Mapping[str, 
 # GGUF -> Hugging Face (transformers) names, layout and config.
 
 # arch -> (HF class, HF model_type, whether llama.cpp permuted the q/k rows for its RoPE)
-_ARCHS = {"llama": ("LlamaForCausalLM", "llama", True), "qwen2": ("Qwen2ForCausalLM", "qwen2", False)}
+_ARCHS = {"llama": ("LlamaForCausalLM", "llama", True), "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+          "qwen3": ("Qwen3ForCausalLM", "qwen3", False)}
 
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                "ffn_down": "mlp.down_proj"}
+                "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 
 
 def _arch(meta: Mapping[str, Any]) -> tuple[str, tuple[str, str, bool]]:

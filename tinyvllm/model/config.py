@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # architectures whose decoder is "Llama blocks" and that this package runs; value: has q/k/v bias
-ARCHITECTURES = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True}
+ARCHITECTURES = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True,
+                 "Qwen3ForCausalLM": False}
+QK_NORM = ("Qwen3ForCausalLM",)   # architectures that RMS-normalize each head of q and k before RoPE
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class ModelConfig:
   attention_bias: bool
   rope_scaling: dict | None = None    # Llama-3 style {"rope_type": "llama3", "factor", "low_freq_factor", ...}
   sliding_window: int | None = None   # Mistral's: a token attends to the last `sliding_window` positions only
+  qk_norm: bool = False               # Qwen3's: each head of q and k RMS-normalized (its own gain) before RoPE
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
 
@@ -45,7 +48,8 @@ class ModelConfig:
                max_position_embeddings=cfg.get("max_position_embeddings", 2048),
                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                attention_bias=cfg.get("attention_bias", ARCHITECTURES[arch]),
-               rope_scaling=cfg.get("rope_scaling"), sliding_window=_sliding_window(cfg), bos_token_id=cfg.get("bos_token_id"),
+               rope_scaling=cfg.get("rope_scaling"), sliding_window=_sliding_window(cfg), qk_norm=arch in QK_NORM,
+               bos_token_id=cfg.get("bos_token_id"),
                eos_token_id=cfg.get("eos_token_id"))
 
 

@@ -77,6 +77,7 @@ class Attention:
     self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
     self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
     self.qkv_proj: Projection | None = None
+    if cfg.qk_norm: self.q_norm, self.k_norm = (nn.RMSNorm(cfg.head_dim, cfg.rms_norm_eps) for _ in range(2))
 
   def fuse(self) -> None:
     self.qkv_proj = Linear(self.q_proj.weight.shape[1], (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
@@ -88,6 +89,7 @@ class Attention:
     """x + attention(norm(x)) for the step's T tokens, x: [T, hidden]"""
     h = norm(x)                                       # RMSNorm (taken inside the projection's kernel where it can be)
     q, k, v = self.qkv(h)                             # [T, H·D], [T, KVH·D], [T, KVH·D]
+    if hasattr(self, "q_norm"): q, k = per_head(self.q_norm, q), per_head(self.k_norm, k)   # Qwen3's q/k norms
     q, k = rope(q, cos, sin), rope(k, cos, sin)       # RoPE: rotated by the kernels that read them
     kv = store_kv(kv, k, v, batch.slot_mapping)       # this step's K and V into the paged pool
     o = attend(q, kv, batch, self.window)             # each token over its sequence's context: [T, H·D]
@@ -99,6 +101,12 @@ class Attention:
     if self.qkv_proj is None: return [self.q_proj(h), self.k_proj(h), self.v_proj(h)]
     H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
     return self.qkv_proj(h).split([H * D, KVH * D, KVH * D], dim=-1)
+
+
+def per_head(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+  """An RMSNorm over each head's dimensions of x [T, heads·head_dim]."""
+  T, D = x.shape[0], norm.weight.shape[0]
+  return norm(x.reshape(T, -1, D)).reshape(T, -1)
 
 
 class MLP:
