@@ -32,6 +32,14 @@ SHAPES: dict[str, dict] = {
                    max_position_embeddings=131072, rms_norm_eps=1e-5,
                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+  "qwen3-0.6b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=1024, intermediate_size=3072,
+                     num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                     vocab_size=151936, rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=40960,
+                     rms_norm_eps=1e-6),
+  "mistral-7b": dict(architectures=["MistralForCausalLM"], hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                     rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                     sliding_window=4096),
 }
 
 
