@@ -535,7 +535,7 @@ def test_metrics_page_has_vllm_names(live):
   for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:prefix_cache_queries_total",
                "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total", "tinyvllm:graph_builds_total",
-               "tinyvllm:graph_build_seconds_total"):
+               "tinyvllm:graph_build_seconds_total", "tinyvllm:jump_forward_tokens_total"):
     assert f"# TYPE {name} " in text
   for name in ("vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds",
                "vllm:e2e_request_latency_seconds"):

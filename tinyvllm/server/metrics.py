@@ -102,8 +102,10 @@ class Metrics:
                             stats.graph_build_seconds)
     loads = Counter("tinyvllm:graph_loads_total", "TinyJit graphs loaded from the store an earlier process with the "
                     "same code, model and shapes left (instead of captured).", stats.graph_loads)
+    jumped = Counter("tinyvllm:jump_forward_tokens_total", "Tokens a grammar forced, checked in one step with the "
+                     "token before them (structured outputs' jump-forward).", stats.jump_forward_tokens)
     for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits, preemptions,
-                   builds, build_seconds, loads,
+                   builds, build_seconds, loads, jumped,
                    self.ttft, self.tpot, self.e2e):
       lines += metric.render(self.labels)
     if stats.spec_accepted_per_position: lines += self._speculative(stats)
