@@ -864,8 +864,14 @@ def test_a_template_that_renders_tools_gets_them_and_the_reply_is_read_in_its_fo
   assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
   messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]
-  history = tok.decode(parse_chat({"messages": messages, "tools": [WEATHER_TOOL]}, tok, MAX_MODEL_LEN).prompts[0])
-  assert "21 C" in history and '"city": "' in history and "get_weather" in history.split("How warm")[1]
+  for choice in ("auto", "none"):               # "none": no tools now, but the earlier call is still the model's own
+    body = {"messages": messages, "tools": [WEATHER_TOOL], "tool_choice": choice}
+    history = tok.decode(parse_chat(body, tok, MAX_MODEL_LEN).prompts[0])
+    assert "21 C" in history and '"city": "' in history and "get_weather" in history.split("How warm")[1]
+    assert '{"tool_calls": [' not in history and '{"tool_response": ' not in history   # not the generic format
+  broken = messages[:1] + [{"role": "assistant", "content": None, "tool_calls": [{"function": 3}]}]
+  with pytest.raises(APIError) as e: parse_chat({"messages": broken, "tools": [WEATHER_TOOL]}, tok, MAX_MODEL_LEN)
+  assert e.value.param == "messages"
   final = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=5, **GREEDY)
   assert final.choices[0].finish_reason == "length" and final.choices[0].message.content   # "auto": free text
 

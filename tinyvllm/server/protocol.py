@@ -227,8 +227,8 @@ def chat_prompt(body: dict, tokenizer: Tokenizer | None, tools: Tools | None = N
   """The conversation rendered with the model's chat template, as token ids (with tools: server/tools.py's)."""
   messages = field(body, "messages", list)
   if not messages: raise bad_request("'messages' must be a non-empty array", "messages")
-  messages = history(messages, tools, bad_request)
   tok = _need_tokenizer(tokenizer)
+  messages = history(messages, tools, bad_request, native_format(tok.chat_template))
   kwargs = field(body, "chat_template_kwargs", dict, {})       # vLLM's: variables for the template
   reserved = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"} & set(kwargs)
   if reserved: raise bad_request(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}", "chat_template_kwargs")

@@ -131,47 +131,49 @@ def parse_tools(body: dict, bad_request: Callable[[str, str], Exception], native
   return Tools(named, False, False, native)
 
 
-def history(messages: list[dict], tools: Tools | None, bad_request: Callable[[str, str], Exception]) -> list[dict]:
-  """The conversation as the model reads it. In the generic format: with tools, their description first (in the
-  system message), and earlier calls and results written in that format (results as user turns: many templates know
-  no other roles). For a native format, the messages as they came, with each call's arguments as an object (the
-  templates write them out with `tojson`); its template describes the tools."""
-  if tools is not None and tools.native is not None: return [_with_argument_objects(m) for m in messages]
+def history(messages: list[dict], tools: Tools | None, bad_request: Callable[[str, str], Exception],
+            native: CallFormat | None = None) -> list[dict]:
+  """The conversation as the model reads it. With a template that renders tools (`native`), the messages as they
+  came, each earlier call's arguments as an object (the templates write them out with `tojson`); the template
+  describes the tools. Otherwise the generic format: with tools, their description first (in the system message),
+  and earlier calls and results written in that format (results as user turns: many templates know no other roles).
+  Either way an assistant message's `tool_calls` must be well-formed (a 400 naming `messages` if not)."""
   names, out = {}, []
   for m in messages:
     if isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls") is not None:
-      calls = []
-      for c in m["tool_calls"] if isinstance(m["tool_calls"], list) else [None]:
-        fn = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
-           not isinstance(fn.get("arguments", "{}"), (str, dict)):
-          raise bad_request("an assistant message's 'tool_calls' must be [{\"id\", \"type\": \"function\", "
-                            "\"function\": {\"name\", \"arguments\"}}]", "messages")
-        args = fn.get("arguments", "{}")
-        try: args = json.loads(args) if isinstance(args, str) else args
-        except json.JSONDecodeError: pass                # kept as the string the client sent
-        names[c.get("id")] = fn["name"]
-        calls.append({"name": fn["name"], "arguments": args})
-      out.append({"role": "assistant", "content": json.dumps({"tool_calls": calls}, ensure_ascii=False)})
-    elif isinstance(m, dict) and m.get("role") == "tool":
+      calls = _calls(m["tool_calls"], bad_request)
+      names.update((c["id"], c["name"]) for c in calls)
+      if native is not None:
+        out.append({**m, "tool_calls": [{"id": c["id"], "type": "function",
+                                         "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]})
+      else:
+        calls = [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
+        out.append({"role": "assistant", "content": json.dumps({"tool_calls": calls}, ensure_ascii=False)})
+    elif isinstance(m, dict) and m.get("role") == "tool" and native is None:
       result = {"name": names.get(m.get("tool_call_id")) or m.get("name"), "content": m.get("content")}
       out.append({"role": "user", "content": json.dumps({"tool_response": result}, ensure_ascii=False)})
     else: out.append(m)
-  if tools is None: return out
+  if tools is None or native is not None: return out
   if out and out[0].get("role") == "system":
     return [{"role": "system", "content": f"{out[0]['content']}\n\n{tools.system_prompt()}"}, *out[1:]]
   return [{"role": "system", "content": tools.system_prompt()}, *out]
 
 
-def _with_argument_objects(message: dict) -> dict:
-  """An assistant message's tool calls with their `arguments` JSON text parsed (text that is not JSON stays)."""
-  if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list): return message
-  def parsed(call):
-    fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str): return call
-    try: return {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
-    except json.JSONDecodeError: return call
-  return {**message, "tool_calls": [parsed(c) for c in message["tool_calls"]]}
+def _calls(tool_calls: Any, bad_request: Callable[[str, str], Exception]) -> list[dict]:
+  """An assistant message's OpenAI `tool_calls`, checked, as [{"id", "name", "arguments"}]: the arguments as an
+  object where their JSON text parses (kept as the client's string otherwise)."""
+  calls = []
+  for c in tool_calls if isinstance(tool_calls, list) else [None]:
+    fn = c.get("function") if isinstance(c, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+       not isinstance(fn.get("arguments", "{}"), (str, dict)):
+      raise bad_request("an assistant message's 'tool_calls' must be [{\"id\", \"type\": \"function\", "
+                        "\"function\": {\"name\", \"arguments\"}}]", "messages")
+    args = fn.get("arguments", "{}")
+    try: args = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError: pass
+    calls.append({"id": c.get("id"), "name": fn["name"], "arguments": args})
+  return calls
 
 
 def stream_delta(message: dict, first: bool) -> dict[str, Any]:
