@@ -8,8 +8,8 @@ The grammar is compiled by llguidance (the engine vLLM, SGLang and llama.cpp use
 
 The mask is computed on the host, from the matcher's state after the token the last step sampled. With async
 scheduling the next step is prepared before that token is known: its constrained rows get their masks at launch,
-once the token is read back (`allowed_after([token])`: consumed, masked, rolled back; the engine consumes it for good as it
-finishes the step). The sampler's sampled and general plans read the masks (runner/sampler.py: a row's
+once the token is read back (`allowed_after([token])`: consumed, masked, rolled back; the engine consumes it for
+good as it finishes the step). The sampler's sampled and general plans read the masks (runner/sampler.py: a row's
 "constrained" field says whether its mask applies; a batch without a grammar sends none). EOS is allowed only where
 the grammar may end.
 
