@@ -4,7 +4,8 @@
     host <-> device copies    upload / download / allocated / to_device: straight through the device's allocator
     the kernel cache          shared between threads; lowered kernels kept on disk too
     graph capture             SameBody (each decoder layer traced once); tinygrad's `function` and cost estimates
-                              made linear instead of quadratic
+                              made linear instead of quadratic; trace_and_compile: many graphs' kernels compiled
+                              in one batch before their captures
     data-parallel ranks       wait_without_spinning: tinygrad's device thread gets the core it waits for
     device memory             device_memory: a GPU's free and total bytes, which size the KV pool
     captured graphs on disk   keep_graphs_loadable, dump_graph / load_graph: a later start loads what an earlier
@@ -100,6 +101,7 @@ from tinygrad.dtype import AddrSpace, DType, _from_np_dtype, _to_np_dtype, dtype
 from tinygrad.engine import realize
 from tinygrad.engine import jit
 from tinygrad.engine.jit import _TinyJit
+from tinygrad.engine.worker import get_worker_pool
 from tinygrad.helpers import Context, dedup, from_mv
 from tinygrad.nn.state import get_state_dict
 from tinygrad.renderer import Estimates
@@ -266,6 +268,43 @@ class SameBody:
 def _same(a: tuple[UOp, list[UOp]], b: tuple[UOp, list[UOp]]) -> bool:
   return a[0] is b[0] and len(a[1]) == len(b[1]) and all(x is y for x, y in zip(a[1], b[1]))
 
+
+class Traced:
+  """What a function scheduled when it ran the way TinyJit captures it (tinygrad's `capturing` hook: scheduled,
+  never run): its linear programs and its result. `replay` hands them to a TinyJit capture instead of the function."""
+  def __init__(self, fxn: Callable[[], Tensor]):
+    self.linears: list[UOp] = []
+    realize.capturing.append(self)
+    try: self.ret = fxn()
+    finally: realize.capturing.clear()
+
+  def add_linear(self, linear: UOp, var_vals) -> None: self.linears.append(linear)
+
+  def replay(self, *args, **kwargs) -> Tensor:
+    for linear in self.linears: realize.capturing[0].add_linear(linear, {})
+    return self.ret
+
+
+def trace_and_compile(fxns: list[Callable[[], Tensor]]) -> tuple[list[Traced], int]:
+  """Trace each function as TinyJit would capture it and compile the kernels of all of them in one batch of tinygrad's
+  worker pool, each function's sent off as soon as it is traced. Returns the traces and how many kernels compiled.
+
+  A TinyJit capture compiles its graph's new kernels in parallel, but one graph after another, each waiting for its
+  slowest kernel: on an H100 machine's 16 cores most of a start's 29 captures. Here the pool compiles while the next
+  function traces, and each capture that follows finds every kernel compiled and its linear program traced."""
+  pool, context = get_worker_pool(), {v.key: v.value for v in codegen.to_program_context}
+  pending: dict[tuple, object] = {}
+  traces = []
+  for fxn in fxns:
+    traces.append(traced := Traced(fxn))
+    for call in (c for linear in traced.linears for c in linear.toposort() if c.op is Ops.CALL):
+      if (found := realize._get_call_to_compile(call)) is None: continue
+      if (key := codegen.to_program_key(*found)) in pending or key in codegen.to_program_cache: continue
+      task = (0, found, context)
+      pending[key] = realize._compile_kernel(task)[1] if pool is None else pool.apply_async(realize._compile_kernel, (task,))
+  for key, result in pending.items(): codegen.to_program_cache[key] = result if pool is None else result.get()[1]
+  return traces, len(pending)
+
 # ---- data-parallel ranks -------------------------------------------------------------------------------------------
 
 POLL_SECONDS = 0.0001      # how often a pinned rank's Python thread looks whether tinygrad's worker has finished
@@ -357,12 +396,21 @@ def dump_graph(jit: TinyJit, names: dict[int, str]) -> bytes | None:
       if obj.dtype == dtypes.int8: return ("scratch", id(obj), obj.device, obj.size, obj.dtype)    # the memory arena
       return ("data", id(obj), obj.device, obj.size, obj.dtype, download(obj).tobytes())
   c = jit.captured
-  scheduled = _scheduled.pop(c._linear.key, None)
+  scheduled = _scheduled.pop(_unsplit(c._linear).key, None)
   if scheduled is None and hasattr(realize, "hcq_compile"): return None   # its submitter only runs in this process
   graph = ("scheduled", *scheduled) if scheduled is not None else ("linked", c._linear, None)
   out = io.BytesIO()
   Pickler(out).dump((next(UOp.unique_num), graph, c.ret, c.expected_names, c.expected_input_info))
   return out.getvalue()                                 # every unique number in the graph is below the first
+
+
+def _unsplit(linear: UOp) -> UOp:
+  """A captured program as `hcq_compile` returned it, before TinyJit grouped its kernels into the device's own graphs
+  (CUDA graphs, Metal's command buffers; a CPU's queue runtime has none, so there it is the program as captured)."""
+  def calls(call: UOp) -> tuple[UOp, ...]:
+    function = call.src[0]
+    return function.src[0].src if function.op is Ops.CUSTOM_FUNCTION and function.arg == "graph" else (call,)
+  return linear.replace(src=tuple(c for call in linear.src for c in calls(call)))
 
 
 def load_graph(data: bytes, buffers: dict[str, Buffer]) -> TinyJit:

@@ -142,8 +142,8 @@ class LLMEngine:
     returns the seconds it took. Call before serving traffic."""
     built, seconds = self.runner.warmup()
     if isinstance(self.proposer, DraftModelProposer): seconds += self.proposer.draft.warmup()
-    log.info("%d graphs ready in %.1f s: %d captured, %d loaded from the cache", built + self.runner.graph_loads,
-             seconds, built, self.runner.graph_loads)
+    log.info("%d graphs ready in %.1f s: %d captured (%d new kernels compiled), %d loaded from the cache",
+             built + self.runner.graph_loads, seconds, built, self.runner.kernels_compiled, self.runner.graph_loads)
     return seconds
 
   # ---- the loop ---------------------------------------------------------------------------------------------

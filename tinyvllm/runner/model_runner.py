@@ -27,8 +27,9 @@ would otherwise multiply the count is kept out of the shapes:
   the weights are read once for all of it;
 - the sampling parameters: per-row values travel as inputs, and only three plans exist (sampler.py).
 Rows and tokens are padded up to their bucket (padding tokens write to the null block; padding rows sample
-greedily and are dropped). `graph_builds` counts captures; one after `warmup` is logged, as it means a request
-waited for it. A captured graph is stored in tinygrad's cache db, and a later start with the same code, model
+greedily and are dropped). `warmup` traces every graph first and compiles all of their kernels in one batch, then
+captures each from its trace (a capture alone compiles its own graph's kernels, one graph after another).
+`graph_builds` counts captures; one after `warmup` is logged, as it means a request waited for it. A captured graph is stored in tinygrad's cache db, and a later start with the same code, model
 shapes and settings loads it instead of capturing it again (graph_store.py); `graph_loads` counts those.
 
 A step is prepared (its inputs built on the host), launched (the inputs copied in, the graphs queued) and collected
@@ -57,7 +58,7 @@ from tinyvllm.engine.sequence import Sequence
 from tinyvllm.engine.speculative import AfterDrafts
 from tinyvllm.engine.structured_output import mask_words
 from tinyvllm.runner.graph_store import GraphStore
-from tinyvllm.tinygrad_internals import allocated, download, upload
+from tinyvllm.tinygrad_internals import allocated, download, trace_and_compile, upload
 
 log = logging.getLogger("tinyvllm.runner")
 
@@ -170,6 +171,8 @@ class _ModelGraph:
     # tensor parallelism)
     return runner.logits(self.shape.R).assign(logits.to(devices[0])).realize()
 
+  def trace(self) -> Tensor: return self._forward(context_blocks(self.runner.max_blocks).bind(1))
+
   def launch(self, ints: np.ndarray, blocks: int) -> None:
     """Fill the inputs (the tables' columns in use only) and queue the graph, which writes its logits into
     `runner.logits(R)`."""
@@ -208,6 +211,8 @@ class _SamplerGraph:
     prompt = prompt_logprobs(logits, next_tokens, params["temperature"], plan.num_prompt_logprobs)
     return sample(row, params, plan).flatten().cat(prompt.flatten()).contiguous().realize()
 
+  def trace(self) -> Tensor: return self._sample()
+
   def launch(self, ints: np.ndarray, floats: np.ndarray) -> None:
     # the forward pass queued before it does not read these, and the last launch of this graph has been read back:
     # no need to wait for the device (a CPU's copy would wait for the forward pass)
@@ -244,6 +249,7 @@ class ModelRunner:
     self.models: dict[ModelShape, _ModelGraph] = {}
     self.samplers: dict[SamplerShape, _SamplerGraph] = {}
     self.graph_builds, self.graph_loads, self.graph_build_seconds, self.ready = 0, 0, 0.0, False
+    self.kernels_compiled = 0         # by `warmup` before its captures, all in one batch
     self.store = GraphStore(self)
 
   def logits(self, rows: int) -> Tensor:
@@ -416,21 +422,32 @@ class ModelRunner:
     from then on a capture is logged as a warning. Returns (graphs built, seconds)."""
     t0, before = time.perf_counter(), self.graph_builds
     models, samplers = self.graph_set()
+    model_runs = []
     for shape in models:
       graph = self._model(shape)
-      n = graph.table_start + shape.R
-      ints = np.zeros(n, np.int32)
+      ints = np.zeros(graph.table_start + shape.R, np.int32)
       ints[graph.starts[2]:graph.starts[2] + shape.T] = NULL_BLOCK * self.block_size       # slots
       ints[graph.table_start:] = NULL_BLOCK
-      graph.launch(ints, 1)
+      model_runs.append((graph, ints))
+    sampler_runs = []
     for shape in samplers:
-      plan_rows = [None] * shape.R
-      _, ids, floats = plan_and_pack(plan_rows, self.seed, self.stop_ids, self.max_adjusted, shape.plan)
+      _, ids, floats = plan_and_pack([None] * shape.R, self.seed, self.stop_ids, self.max_adjusted, shape.plan)
       extra = [] if shape.plan.num_prompt_logprobs is None else [0] * (1 + shape.T)
       ints = np.concatenate([ids, np.array(extra, np.int32)]).astype(np.int32)
-      graph = self._sampler(shape, floats.size)
+      sampler_runs.append((self._sampler(shape, floats.size), ints, floats))
+    # every graph still to capture traced first and its kernels compiled in one batch (a capture would compile only
+    # its own graph's, waiting for the slowest), then captured from its trace
+    uncaptured = [graph for graph, *_ in model_runs + sampler_runs
+                  if graph.jit.captured is None and not getattr(graph, "compile_options", None)]   # BEAM: in the capture
+    traces, compiled = trace_and_compile([graph.trace for graph in uncaptured])
+    self.kernels_compiled += compiled
+    functions = [graph.jit.fxn for graph in uncaptured]
+    for graph, traced in zip(uncaptured, traces): graph.jit.fxn = traced.replay
+    for graph, ints in model_runs: graph.launch(ints, 1)
+    for graph, ints, floats in sampler_runs:
       graph.launch(ints, floats)
       graph.read()
+    for graph, fxn in zip(uncaptured, functions): graph.jit.fxn = fxn     # captured: the traces are done with
     self.store.store_captured()
     self.ready = True
     seconds = time.perf_counter() - t0
