@@ -11,9 +11,9 @@ runner has a *bounded, known set of graphs*, all captured by `warmup` before the
     logits come out for:            A          B                       C (its chunk's last token)   R rows
     (a sequence checking k drafts brings k + 1 tokens and gets k + 1 rows: engine/speculative.py)
 
-    model graphs     one per T in 1, 2, 4, ... bucket(max_num_batched_tokens), returning R logits rows: T rounded
-                     up to a power of four, at most max_num_seqs rounded so; plus one at the largest T returning
-                     the logits of every position (prompt logprobs)
+    model graphs     one per T in 1, 2, 4, ... bucket(max_num_batched_tokens) (8 left out on a GPU with tensor
+                     cores), returning R logits rows: T rounded up to a power of four, at most max_num_seqs rounded
+                     so; plus one at the largest T returning the logits of every position (prompt logprobs)
     sampler graphs   one per (R, plan) for those R and the three plans of `sampler.plans` (greedy, sampled,
                      general); plus the prompt-logprobs plan at the largest T
 
@@ -50,6 +50,7 @@ from tinygrad import Context, Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer, MultiBuffer
 from tinyvllm.engine.block_manager import BlockManager, NULL_BLOCK
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
+from tinyvllm.kernels.tensor_core import has_mma
 from tinyvllm.kernels.paged_attention import BlockTables, context_blocks, new_pool
 from tinyvllm.runner.sampler import (plans, SamplingPlan, bucket, penalized, plan_and_pack, prompt_logprobs, sample,
                                      unpack)
@@ -240,6 +241,10 @@ class ModelRunner:
     self.compile_options = {"BEAM": beam} if beam else {}
     self.max_blocks = -(-max_model_len // block_size)
     self.max_rows, self.max_tokens = _rows_bucket(max_num_seqs), bucket(max_num_batched_tokens)
+    # On a GPU with tensor cores, 5-15 rows fall between the few-row kernel (≤ 4 rows, kernels/matvec.py) and the
+    # tensor-core one (16 rows and up): tinygrad's generic matmul took an H100 19.2 ms for a Llama-1B step of 8
+    # tokens, against 2.2 ms for 16, so a step of 5-8 tokens runs in the 16-token graph.
+    self.min_tiled_tokens = 16 if len(devices) == 1 and has_mma(devices[0], kv_dtype) else 0
     self.max_adjusted = bucket(min(cfg.vocab_size, 2 * max_model_len), 16)
     self.mask_words = mask_words(cfg.vocab_size)         # structured outputs' allowed-token bitmask, per row
     self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
@@ -263,12 +268,13 @@ class ModelRunner:
   def model_shape(self, num_tokens: int, every: bool = False) -> ModelShape:
     if every: return ModelShape(self.max_tokens, self.max_tokens, True)
     T = bucket(num_tokens)
+    if 4 < T < self.min_tiled_tokens: T = min(self.min_tiled_tokens, self.max_tokens)
     return ModelShape(T, min(_rows_bucket(T), self.max_rows))
 
   def graph_set(self) -> tuple[list[ModelShape], list[SamplerShape]]:
     """Every shape a step can take: what `warmup` captures."""
     sizes = lambda top: [1 << i for i in range(top.bit_length())]
-    models = [self.model_shape(T) for T in sizes(self.max_tokens)] + [self.model_shape(0, every=True)]
+    models = list(dict.fromkeys(self.model_shape(T) for T in sizes(self.max_tokens))) + [self.model_shape(0, every=True)]
     samplers = [SamplerShape(R, plan) for R in sorted({shape.R for shape in models if not shape.every})
                 for plan in plans(self.max_adjusted, mask_words=self.mask_words)]
     samplers += [SamplerShape(1, plans(self.max_adjusted, True, self.mask_words)[-1], self.max_tokens)]
