@@ -152,13 +152,13 @@ def test_beam_searches_decode_sized_graphs_only(monkeypatch):
   with a long prompt chunk compiles without it. The compile context is recorded instead of entered, so no search
   runs here."""
   import contextlib
-  import tinyvllm.runner.model_runner as model_runner
+  import tinyvllm.runner.graphs as graphs
   seen: list[dict] = []
-  monkeypatch.setattr(model_runner, "Context", lambda **options: seen.append(options) or contextlib.nullcontext())
+  monkeypatch.setattr(graphs, "Context", lambda **options: seen.append(options) or contextlib.nullcontext())
   engine = LLMEngine(EngineArgs(**TINY, beam=2))
   engine.add_request(list(range(1, 20)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
   while engine.has_unfinished_requests(): engine.step()
-  assert sorted(shape.T for shape in engine.runner.models) == [1, 32]
+  assert sorted(shape.T for shape in engine.runner.graphs.models) == [1, 32]
   assert seen == [{}, {"BEAM": 2}, {"BEAM": 2}]                   # one prefill step, then two decode steps
 
 

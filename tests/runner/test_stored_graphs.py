@@ -38,9 +38,9 @@ while engine.has_unfinished_requests():
     if out.finished: tokens[out.request_id] = out.outputs[0].token_ids
 import hashlib
 fresh = lambda u: hashlib.sha256(str((u.op, u.dtype, u.arg)).encode() + b"".join(s.key for s in u.src)).digest()
-print(json.dumps({"tokens": tokens, "builds": engine.runner.graph_builds, "loads": engine.runner.graph_loads,
+print(json.dumps({"tokens": tokens, "builds": engine.runner.graphs.builds, "loads": engine.runner.graphs.loads,
                   "kernels": len(kernels), "wrong_keys": sum(u.key != fresh(u) for u in kernels),
-                  "compiled_first": engine.runner.kernels_compiled, "compiled_in_captures": len(in_captures)}))
+                  "compiled_first": engine.runner.graphs.kernels_compiled, "compiled_in_captures": len(in_captures)}))
 """
 
 

@@ -131,19 +131,19 @@ class LLMEngine:
     return self.scheduler.has_unfinished() or (self.overlap is not None and self.overlap.in_flight is not None)
 
   def stats(self) -> EngineStats:
-    counts = self.proposer.counts if self.proposer else [0, 0, 0]
+    counts, graphs = self.proposer.counts if self.proposer else [0, 0, 0], self.runner.graphs
     return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
-                       self.scheduler.num_preemptions, self.runner.graph_builds, self.runner.graph_build_seconds,
-                       self.runner.graph_loads, *counts[:3], tuple(counts[3:]), self.jump_forward_tokens)
+                       self.scheduler.num_preemptions, graphs.builds, graphs.build_seconds, graphs.loads,
+                       *counts[:3], tuple(counts[3:]), self.jump_forward_tokens)
 
   def warmup(self) -> float:
-    """Capture every graph a step can need (runner/model_runner.py: a bounded set), so that no request ever waits for
-    one;
+    """Capture every graph a step can need (runner/graphs.py: a bounded set), so that no request ever waits for one;
     returns the seconds it took. Call before serving traffic."""
     built, seconds = self.runner.warmup()
+    graphs = self.runner.graphs
     if isinstance(self.proposer, DraftModelProposer): seconds += self.proposer.draft.warmup()
     log.info("%d graphs ready in %.1f s: %d captured (%d new kernels compiled), %d loaded from the cache",
-             built + self.runner.graph_loads, seconds, built, self.runner.kernels_compiled, self.runner.graph_loads)
+             built + graphs.loads, seconds, built, graphs.kernels_compiled, graphs.loads)
     return seconds
 
   # ---- the loop ---------------------------------------------------------------------------------------------

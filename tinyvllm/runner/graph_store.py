@@ -24,7 +24,7 @@ from tinygrad.device import Buffer, MultiBuffer
 from tinygrad.helpers import ContextVar
 from tinygrad.nn.state import get_state_dict
 from tinyvllm.tinygrad_internals import dump_graph, forget_captures, load_graph, store_graph, stored_graph
-if TYPE_CHECKING: from tinyvllm.runner.model_runner import ModelRunner
+if TYPE_CHECKING: from tinyvllm.runner.graphs import Graphs
 
 
 @functools.cache
@@ -36,8 +36,8 @@ def source_digest() -> str:
 
 
 class GraphStore:
-  def __init__(self, runner: ModelRunner):
-    self.runner = runner
+  def __init__(self, graphs: Graphs):
+    self.graphs = graphs
     self.unstored: list[tuple[str, object]] = []     # (key, graph) captured, not yet in the cache db
 
   def load(self, shape, graph) -> bool:
@@ -63,11 +63,11 @@ class GraphStore:
   def buffer_names(self, graph) -> dict[str, Buffer]:
     """Every buffer a graph reads or writes that is not its own scratch, by a name another process gives the same
     buffer: the weights, the KV pools, the logits buffers, the graph's inputs."""
-    runner = self.runner
-    tensors = {f"weight {name}": t.uop.buffer for name, t in get_state_dict(runner.model).items()}
-    tensors |= {f"{kv} pool {layer}": pools[i].uop.buffer for layer, pools in enumerate(runner.kv_cache)
+    graphs = self.graphs
+    tensors = {f"weight {name}": t.uop.buffer for name, t in get_state_dict(graphs.model).items()}
+    tensors |= {f"{kv} pool {layer}": pools[i].uop.buffer for layer, pools in enumerate(graphs.kv_cache)
                 for i, kv in enumerate("kv")}
-    tensors |= {f"logits {rows}": t.uop.buffer for rows, t in runner.logits_buffers.items()}
+    tensors |= {f"logits {rows}": t.uop.buffer for rows, t in graphs.logits_buffers.items()}
     tensors |= graph.own_buffers()
     return {f"{name} #{i}": b for name, buf in tensors.items()
             for i, b in enumerate(buf.bufs if isinstance(buf, MultiBuffer) else [buf])}
@@ -78,9 +78,9 @@ class GraphStore:
     come and go with the graphs of their row count, follow from the shape)."""
     # tinygrad's settings as the environment sets them (its ContextVars are many more in a process that imports more
     # of tinygrad: a server's and a script's keys would differ)
-    runner = self.runner
+    graphs = self.graphs
     settings = sorted((name, repr(var.value)) for name, var in ContextVar._cache.items() if name in os.environ)
-    facts = (source_digest(), importlib.metadata.version("tinygrad"), settings, shape, runner.model.config,
-             runner.model.kernels, runner.paged, runner.compile_options, runner.devices,
+    facts = (source_digest(), importlib.metadata.version("tinygrad"), settings, shape, graphs.model.config,
+             graphs.model.kernels, graphs.paged, graphs.compile_options, graphs.devices,
              [(name, b.device, b.size, b.dtype) for name, b in names.items() if not name.startswith("logits")])
     return hashlib.sha256(repr(facts).encode()).hexdigest()

@@ -18,5 +18,5 @@ def replay(label, n=8):
   for _ in range(n): t = time.perf_counter(); eng.step(); walls.append(time.perf_counter() - t)
   print(f"{label}: first {walls[0]*1e3:.0f} ms, second {walls[1]*1e3:.0f} ms, median of rest {np.median(walls[2:])*1e3:.2f} ms -> {S/np.median(walls[2:]):.0f} tok/s", flush=True)
 replay("no BEAM")
-eng.runner.models.clear(); eng.runner.compile_options = {"BEAM": beam}
+eng.runner.graphs.models.clear(); eng.runner.graphs.compile_options = {"BEAM": beam}
 t = time.perf_counter(); replay(f"BEAM={beam}"); print(f"beam pass took {time.perf_counter()-t:.0f} s", flush=True)
