@@ -131,15 +131,15 @@ def test_a_draft_model_commits_exactly_the_tokens_of_plain_decoding():
   for request_id, completions in plain.items():
     for (tokens, _, reason), (tokens_s, _, reason_s) in zip(completions, speculative[request_id]):
       assert tokens_s == tokens and reason_s == reason, request_id
-  draft = engine.proposer.draft
-  assert engine.proposer.propose_all([]) == {} and not engine.proposer.shadows
+  draft = engine.drafts.proposer.draft
+  assert engine.drafts.proposer.propose_all([]) == {} and not engine.drafts.proposer.shadows
   assert len(draft.block_manager.free_blocks) == draft.block_manager.num_usable_blocks
 
 
 def test_drafts_stop_while_more_sequences_run_than_disable_by_batch_size():
   """On a CPU the default is 1: a lone sequence checks drafts, two running together do not."""
   engine = LLMEngine(EngineArgs(**TINY, num_kv_blocks=24, speculative_config={**SPEC, "disable_by_batch_size": None}))
-  assert engine.drafts_up_to == 1
+  assert engine.drafts.up_to == 1
   params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
   for request_id in ("a", "b"): engine.add_request([3, 4, 5] * 4, params, request_id=request_id)
   while engine.has_unfinished_requests(): engine.step()
@@ -153,7 +153,7 @@ def second_tokens(engine: LLMEngine, seeds: range, draft: int, accept_wrongly: b
   """The second generated token of one request per seed (temperature 1), each step proposing `draft`."""
   class Always(NgramProposer):
     def propose(self, seq): return [draft] if len(seq.output_token_ids) == 1 else []
-  if engine.proposer: engine.proposer = Always(engine.speculative, engine.max_model_len)
+  if engine.drafts.proposer: engine.drafts.proposer = Always(engine.speculative, engine.max_model_len)
   if accept_wrongly:     # accept a rejected draft half the time: acceptance p(d) + (1 - p(d)) / 2 instead of p(d)
     collect = engine.runner.collect
     def collect_wrongly(step):

@@ -130,7 +130,7 @@ def test_jump_forward_checks_forced_tokens_in_one_step_and_gives_the_same_tokens
   engine = smollm2.engine
   params = SamplingParams(temperature=temperature, seed=5, max_tokens=64, structured_outputs=Structured(json=SCHEMAS[1]))
   def run(jump_forward: bool) -> tuple[list[int], int, int]:
-    monkeypatch.setattr(engine, "jump_forward", jump_forward)
+    monkeypatch.setattr(engine.drafts, "jump_forward", jump_forward)
     before = engine.stats().jump_forward_tokens
     engine.add_request(PROMPT, params, request_id=f"jump-{jump_forward}-{temperature}")
     steps, tokens = 0, None

@@ -34,13 +34,12 @@ from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, Ste
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import Sequence
-from tinyvllm.engine.speculative import NgramProposer, SpeculativeConfig, draft_room
-from tinyvllm.engine.draft_model import DraftModelProposer
+from tinyvllm.engine.drafts import Drafts
+from tinyvllm.engine.speculative import SpeculativeConfig
 from tinyvllm.tinygrad_internals import (device_memory, keep_graphs_loadable, keep_lowered_kernels_on_disk,
                                          share_kernel_cache_between_threads, speed_up_capture)
 
 log = logging.getLogger("tinyvllm.engine")
-JUMP_FORWARD_TOKENS = 7          # forced tokens a step checks at most: with the token before them, an 8-token step
 
 
 class LLMEngine:
@@ -80,13 +79,7 @@ class LLMEngine:
                               self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
                               args.beam, paged)
     self.requests: dict[str, Request] = {}
-    spec = self.speculative
-    self.proposer = None if not spec else NgramProposer(spec, self.max_model_len) if spec.method == "ngram" else \
-      DraftModelProposer.build(spec, args, cfg, LLMEngine, num_blocks)
-    # drafts (guesses, or tokens a grammar forces) while at most this many sequences run: checking them costs
-    # arithmetic, which a large batch has none to spare for (speculative.py)
-    self.drafts_up_to = (spec and spec.disable_by_batch_size) or (1 if args._on_cpu() else 16)
-    self.jump_forward, self.jump_forward_tokens = args.jump_forward, 0     # structured_output.py
+    self.drafts = Drafts(self, self.speculative, num_blocks)     # tokens a step checks after the last known one
     self.overlap = Overlap(self) if args.async_scheduling else None
     self._ids = itertools.count()
 
@@ -131,17 +124,17 @@ class LLMEngine:
     return self.scheduler.has_unfinished() or (self.overlap is not None and self.overlap.in_flight is not None)
 
   def stats(self) -> EngineStats:
-    counts, graphs = self.proposer.counts if self.proposer else [0, 0, 0], self.runner.graphs
+    counts, graphs = self.drafts.counts(), self.runner.graphs
     return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
                        self.scheduler.num_preemptions, graphs.builds, graphs.build_seconds, graphs.loads,
-                       *counts[:3], tuple(counts[3:]), self.jump_forward_tokens)
+                       *counts[:3], tuple(counts[3:]), self.drafts.jump_forward_tokens)
 
   def warmup(self) -> float:
     """Capture every graph a step can need (runner/graphs.py: a bounded set), so that no request ever waits for one;
     returns the seconds it took. Call before serving traffic."""
     built, seconds = self.runner.warmup()
     graphs = self.runner.graphs
-    if isinstance(self.proposer, DraftModelProposer): seconds += self.proposer.draft.warmup()
+    seconds += self.drafts.warmup()                                      # a draft model's engine
     log.info("%d graphs ready in %.1f s: %d captured (%d new kernels compiled), %d loaded from the cache",
              built + graphs.loads, seconds, built, graphs.kernels_compiled, graphs.loads)
     return seconds
@@ -157,7 +150,7 @@ class LLMEngine:
     return self.finish(step, self.runner.collect(self.runner.launch(step)))
 
   def prepare(self) -> PreparedStep | None:
-    if self.wants_drafts(): self._propose_drafts()                        # tokens for the step to check
+    if self.wants_drafts(): self.drafts.propose(self.scheduler.running)   # tokens for the step to check
     scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
     if not scheduled: return None
     step = self.runner.prepare(scheduled, self.block_manager)             # graph inputs
@@ -167,25 +160,8 @@ class LLMEngine:
     return step
 
   def wants_drafts(self) -> bool:
-    """Whether the next step should check drafts: something proposes them (a proposer, or a grammar that forces the
-    tokens after the one being sampled) and few enough sequences run for checking them to pay. Async scheduling
-    waits for this step's tokens then."""
-    running = self.scheduler.running
-    return len(running) <= self.drafts_up_to and (
-      (self.proposer is not None and self.proposer.may_propose(running))
-      or (self.jump_forward and any(seq.matcher and len(seq.matcher.forced(2)) > seq.num_pending_tokens
-                                    for seq in running)))
-
-  def _propose_drafts(self) -> None:
-    """Each decoding sequence's drafts: the tokens its grammar forces (jump-forward, structured_output.py), or the
-    proposer's guesses (speculative.py)."""
-    decoding = [seq for seq in self.scheduler.running
-                if seq.num_computed_tokens == seq.num_known_tokens - 1 and not seq.num_pending_tokens]
-    drafts = {seq: seq.matcher.forced(min(JUMP_FORWARD_TOKENS, draft_room(seq, self.max_model_len)))
-              for seq in decoding if seq.matcher and self.jump_forward}
-    guessable = [seq for seq in decoding if seq.matcher is None]
-    if self.proposer and guessable: drafts.update(self.proposer.propose_all(guessable))
-    for seq in self.scheduler.running: seq.draft_token_ids = drafts.get(seq, [])
+    """Whether the next step checks drafts (drafts.py); async scheduling waits for this step's tokens then."""
+    return self.drafts.wanted(self.scheduler.running)
 
   def finish(self, step: PreparedStep, result: StepResult) -> list[RequestOutput]:
     now = time.monotonic()
@@ -212,8 +188,7 @@ class LLMEngine:
           break
         if not agrees: break                                                # the drafts after it are wrong
       if drafts:
-        if seq.matcher is None: self.proposer.checked(seq, len(drafts), accepted)
-        else: self.jump_forward_tokens += accepted
+        self.drafts.checked(seq, len(drafts), accepted)
         if seq.is_finished: continue
         seq.num_computed_tokens = seq.num_known_tokens - 1                  # a rejected draft's K/V is stale:
         self.block_manager.trim(seq, seq.num_computed_tokens)             # its slots are given back

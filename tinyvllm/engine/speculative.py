@@ -23,7 +23,7 @@ lists repeated with a change) and proposes nothing elsewhere. The other guesser 
 with the same tokenizer run greedily by an engine of its own (draft_model.py). Both answer `propose_all(seqs)`
 and hear back `checked(seq, proposed, accepted)`.
 
-The engine asks for drafts before scheduling (engine.py); the scheduler counts them in the step's token budget and
+The engine asks for drafts before scheduling (drafts.py); the scheduler counts them in the step's token budget and
 block allocation, and trims them to fit (scheduler.py); the runner returns one sampled row per position
 (runner/model_runner.py); the engine accepts, appends and moves `num_computed_tokens` back to the last accepted
 token. Async scheduling waits for a step that checks drafts (overlap.py): the next step's drafts and positions depend

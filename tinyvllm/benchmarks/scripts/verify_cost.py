@@ -34,7 +34,7 @@ def step_ms(batch: int, k: int, async_scheduling: bool, opts: argparse.Namespace
   engine = LLMEngine(EngineArgs(**weights, max_model_len=opts.input_len + 512,
                                 max_num_seqs=max(256, batch * (k + 1)), async_scheduling=async_scheduling,
                                 speculative_config=json.dumps(spec) if spec else None))
-  if k: engine.proposer = AlwaysK(engine.proposer.config)
+  if k: engine.drafts.proposer = AlwaysK(engine.drafts.proposer.config)
   rng = np.random.default_rng(0)
   vocab = engine.model_config.vocab_size
   for _ in range(batch):
