@@ -38,7 +38,7 @@ token. Here tinygrad's in-memory table of lowered kernels falls back to its disk
 
 ## Graph capture
 
-A server captures all of its TinyJit graphs before it says it is ready (runner/model_runner.py), so the seconds a
+A server captures all of its TinyJit graphs before it says it is ready (runner/graphs.py), so the seconds a
 capture
 takes are seconds of every start. Most of them are Python: tracing the model's layers into tinygrad's graph and
 rewriting what was traced. Each layer runs as a tinygrad `function` (a CALL of a body whose inputs are parameters),

@@ -8,8 +8,9 @@
 host schedules and packs step k+1 while the device computes step k. Read this file's plain `step` first.
 
 Everything below the engine is one idea each: `scheduler.py` (continuous batching, chunked prefill, preemption),
-`block_manager.py` (the paged KV pool), `runner/model_runner.py` (buckets + TinyJit), `runner/sampler.py`, `model/`
-(the network).
+`block_manager.py` (the paged KV pool), `drafts.py` (tokens a step checks after the last known one),
+`runner/model_runner.py` (a step as one flat batch), `runner/graphs.py` (its TinyJit graphs), `runner/sampler.py`,
+`model/` (the network).
 `AsyncLLMEngine` (async_engine.py) runs the same loop in a background thread for the server;
 `parallel/data_parallel.py` runs N engines in processes of their own behind this same interface (`Engine`,
 engine/protocol.py).

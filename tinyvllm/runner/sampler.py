@@ -26,7 +26,7 @@ The graph that runs depends on a `SamplingPlan`, one of three (`plans`): greedy 
 (temperature and every filter) and general (also the top 20 logprobs, room for penalties and bias, and each row's
 allowed-token bitmask for structured outputs: engine/structured_output.py), so that a batch of plain greedy requests
 pays for none of this, and a new mix of parameters never needs a graph of its own: the runner captures one per plan
-and row count before serving (model_runner.py). A row that does not use a filter, a penalty or a grammar gets
+and row count before serving (graphs.py). A row that does not use a filter, a penalty or a grammar gets
 parameters that make it a no-op.
 """
 from __future__ import annotations

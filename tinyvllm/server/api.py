@@ -418,7 +418,7 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
 
 
 async def warm_up(engine: AsyncLLMEngine) -> None:
-  """Capture every graph a step can need (runner/model_runner.py: a bounded set), so that no client ever waits for one,
+  """Capture every graph a step can need (runner/graphs.py: a bounded set), so that no client ever waits for one,
   then
   one short greedy request through the whole path. The capture runs on the engine thread, as everything that touches
   the engine does; the event loop stays free meanwhile."""
