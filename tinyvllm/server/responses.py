@@ -146,18 +146,33 @@ class ChatFormat:
 
 
 class ToolChatFormat(ChatFormat):
-  """/v1/chat/completions with tools: the reply is one JSON object (server/tools.py) that becomes tool calls or
-  content, so a stream holds it back until it is complete and sends it as one delta."""
-  def __init__(self, tools: Tools): self.tools = tools
+  """/v1/chat/completions with tools: the reply becomes tool calls or content (server/tools.py). A stream sends the
+  text of a reply that may be an answer (tool_choice "auto" in a model's own format) as it comes, up to where a call
+  begins or may begin; the rest, and any other reply, goes out as one delta once it is complete."""
+  def __init__(self, tools: Tools):
+    self.tools = tools
+    self.sent: dict[int, int] = {}           # characters of each choice's text streamed as content
 
   def choice(self, c: Choice, prompt_logprobs: list | None) -> dict:
     message, reason = self.tools.message(c.text, c.finish_reason)
     return {"index": c.index, "message": message, "logprobs": None, "finish_reason": reason}
 
   def stream_choice(self, c: Choice, d: Delta) -> dict | None:
-    if d.finish_reason is None: return None
+    native = self.tools.native if self.tools.answer_allowed else None
+    sent = self.sent.get(c.index, 0)
+    answer_so_far = native.text_before_calls(c.text) if native else 0
+    if d.finish_reason is None:
+      if answer_so_far <= sent: return None
+      self.sent[c.index] = answer_so_far
+      delta = {"content": c.text[sent:answer_so_far]}
+      return {"index": c.index, "delta": {"role": "assistant", **delta} if sent == 0 else delta, "logprobs": None,
+              "finish_reason": None}
     message, reason = self.tools.message(c.text, d.finish_reason)
-    return {"index": c.index, "delta": stream_delta(message, first=True), "logprobs": None, "finish_reason": reason}
+    if sent:                                 # what is left to send: the calls (and any text before them), or the text
+      rest = c.text[sent:answer_so_far] if message.get("tool_calls") else c.text[sent:]
+      message = {**message, "content": rest or None}
+    return {"index": c.index, "delta": stream_delta(message, first=sent == 0), "logprobs": None,
+            "finish_reason": reason}
 
 
 def _with_ids(choice: dict, d: Delta) -> dict:

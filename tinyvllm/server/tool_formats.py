@@ -43,6 +43,16 @@ class CallFormat:
              "x-guidance": JSON_LAYOUT}
     return f'start: {_literal("[TOOL_CALLS]", tokenizer)} calls\ncalls: %json {json.dumps(calls)}'
 
+  def text_before_calls(self, text: str) -> int:
+    """How much of a reply so far is surely an answer's text: all of it up to where a call begins or may begin (a
+    streamed `auto` reply sends that much before it is complete). A Llama 3.1 call is the whole reply."""
+    if self.name == "llama3_json":
+      head = text.lstrip()
+      return 0 if any(start.startswith(head[:len(start)]) for start in ("{", "<|python_tag|>")) else len(text)
+    if (at := text.find(self.marker)) >= 0: return at
+    return len(text) - next((k for k in range(min(len(self.marker) - 1, len(text)), 0, -1)
+                             if text.endswith(self.marker[:k])), 0)   # the marker's first characters, maybe
+
   def parse(self, text: str) -> tuple[str, list[dict]] | None:
     """(the text before the calls, [{"name", "arguments"}]) if the reply holds well-formed calls, else None."""
     try:

@@ -13,7 +13,7 @@ answer for models without a native one: the tools are described in a system mess
                   {"type": "function", "function": {"name": N}}: one call of N
 
 The reply becomes OpenAI's `message.tool_calls` (finish_reason "tool_calls") or `content`; a stream sends it as one
-delta once it is complete. A conversation's earlier calls (assistant messages with `tool_calls`) and results
+delta once it is complete, except a native `auto` reply's text, which streams up to where a call begins. A conversation's earlier calls (assistant messages with `tool_calls`) and results
 (`role: "tool"`) are written back in the format of the reply, so a model reads its own history as it wrote it.
 """
 from __future__ import annotations
@@ -177,9 +177,10 @@ def _calls(tool_calls: Any, bad_request: Callable[[str, str], Exception]) -> lis
 
 
 def stream_delta(message: dict, first: bool) -> dict[str, Any]:
-  """A whole tool-calling reply as one stream delta (tool calls carry their index, as OpenAI streams them)."""
+  """A tool-calling reply (or what is left of it) as one stream delta (tool calls carry their index, as OpenAI
+  streams them)."""
   delta: dict[str, Any] = {"role": "assistant"} if first else {}
+  if message.get("content") is not None or not message.get("tool_calls"): delta["content"] = message.get("content")
   if message.get("tool_calls"):
     delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
-  else: delta["content"] = message["content"]
   return delta
