@@ -11,16 +11,16 @@ runner has a *bounded, known set of graphs*, all captured by `warmup` before the
     sampler graphs   one per (R, plan) for those R and the three plans of `sampler.plans` (greedy, sampled,
                      general); plus the prompt-logprobs plan at the largest T
 
-so for a CPU's defaults (max_num_seqs 64, max_num_batched_tokens 256) 10 model graphs and 13 sampler graphs (what
-keeps the count that small, the context length, the mix of decodes and prompt chunks and the sampling parameters
-kept out of the shapes: model_runner.py).
+so for a CPU's defaults (max_num_seqs 64, max_num_batched_tokens 256) 10 model graphs and 13 sampler graphs. The
+count stays that small because the context length, the mix of decodes and prompt chunks and the sampling parameters
+are inputs, not shapes (model_runner.py).
+
 Rows and tokens are padded up to their bucket (padding tokens write to the null block; padding rows sample
 greedily and are dropped). `warmup` traces every graph first and compiles all of their kernels in one batch, then
-captures each from its trace (a capture alone compiles its own graph's kernels, one graph after another).
-`builds` counts captures; one after `warmup` is logged, as it means a request waited for it. A captured graph is stored in tinygrad's cache db, and a later
-start with the same code, model shapes and settings loads it instead of capturing it
-again (graph_store.py); `loads` counts those.
-
+captures each from its trace (a capture alone compiles its own graph's kernels, one graph after another). `builds`
+counts captures; one after `warmup` is logged, as it means a request waited for it. A captured graph is stored in
+tinygrad's cache db, and a later start with the same code, model shapes and settings loads it instead of capturing
+it again (graph_store.py); `loads` counts those.
 """
 from __future__ import annotations
 import itertools
