@@ -75,3 +75,11 @@ def linear(x: Tensor | Normed, weight: Tensor | PackedWeight, bias: Tensor | Non
   else: y = x @ weight.T
   y = y if bias is None else y + bias
   return y if residual is None else residual + y
+
+
+class PackedLinear:
+  """The model's Linear (llama.py) over a packed weight (quantized.py): `proj(x)`, `proj(norm(x))`,
+  `proj(x, residual=r)`."""
+  def __init__(self, weight: PackedWeight, bias: Tensor | None = None): self.weight, self.bias = weight, bias
+  def __call__(self, x, residual: Tensor | None = None) -> Tensor:
+    return linear(x, self.weight, self.bias, residual=residual)

@@ -219,14 +219,6 @@ def _features_in_threads(device: str | tuple[str, ...]) -> bool:
   return has_thread_blocks(device)
 
 
-class PackedLinear:
-  """The model's Linear (llama.py) over a packed weight: `proj(x)`, `proj(norm(x))`, `proj(x, residual=r)`."""
-  def __init__(self, weight: PackedWeight, bias: Tensor | None = None): self.weight, self.bias = weight, bias
-  def __call__(self, x, residual: Tensor | None = None) -> Tensor:
-    from tinyvllm.kernels.linear import linear   # linear.py imports this module
-    return linear(x, self.weight, self.bias, residual=residual)
-
-
 class PackedEmbedding:
   """nn.Embedding's interface over a packed table; with tied embeddings the same table is the output projection."""
   def __init__(self, weight: PackedWeight, dtype): self.weight, self.dtype = weight, dtype

@@ -27,10 +27,10 @@ import math
 import numpy as np
 from tinygrad import Tensor, dtypes, nn
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.kernels.linear import Normed, RMSNorm, linear, use_kernels
+from tinyvllm.kernels.linear import Normed, PackedLinear, RMSNorm, linear, use_kernels
 from tinyvllm.kernels.paged_attention import BlockTables, attend, rope, store_kv
 from tinyvllm.kernels.paged_attention import apply_rope  # noqa: F401  (diffusion/llada.py rotates with it too)
-from tinyvllm.kernels.quantized import PackedLinear, PackedWeight
+from tinyvllm.kernels.quantized import PackedWeight
 from tinyvllm.tinygrad_internals import SameBody, to_device
 
 

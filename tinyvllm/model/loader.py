@@ -23,8 +23,8 @@ from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.formats.gguf import GGUFTensor, gguf_to_hf_config, gguf_to_hf_state_dict, read_gguf
 from tinyvllm.model.llama import Embedding, LlamaForCausalLM
-from tinyvllm.kernels.quantized import (GROUP, PACKED_BITS, PACKED_TYPES, PackedEmbedding, PackedLinear, PackedWeight,
-                                      check_split)
+from tinyvllm.kernels.linear import PackedLinear
+from tinyvllm.kernels.quantized import GROUP, PACKED_BITS, PACKED_TYPES, PackedEmbedding, PackedWeight, check_split
 from tinyvllm.parallel.tensor_parallel import check_divisible, shard_model
 from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.tinygrad_internals import to_device
