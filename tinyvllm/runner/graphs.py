@@ -127,6 +127,7 @@ class SamplerGraph:
     num_ints = shape.R * (plan.num_adjusted + plan.mask_words) + (0 if plan.num_prompt_logprobs is None else 1 + shape.T)
     self.ints = allocated((aligned(num_ints),), dtypes.int32, device)
     self.floats = allocated((num_floats,), dtypes.float32, device)
+    self.compile_options: dict = {}          # BEAM searches the model graphs only
     graphs.logits(shape.T or shape.R)
     self.jit = TinyJit(self._sample)
     self.jit.cnt = 1
@@ -248,8 +249,8 @@ class Graphs:
       sampler_runs.append((self.sampler_graph(shape, floats.size), ints, floats))
     # every graph still to capture traced first and its kernels compiled in one batch (a capture would compile only
     # its own graph's, waiting for the slowest), then captured from its trace
-    uncaptured = [graph for graph, *_ in model_runs + sampler_runs
-                  if graph.jit.captured is None and not getattr(graph, "compile_options", None)]   # BEAM: in the capture
+    uncaptured = [graph for graph, *_ in model_runs + sampler_runs     # (a BEAM search compiles in the capture)
+                  if graph.jit.captured is None and not graph.compile_options]
     traces, compiled = trace_and_compile([graph.trace for graph in uncaptured])
     self.kernels_compiled += compiled
     functions = [graph.jit.fxn for graph in uncaptured]
