@@ -13,8 +13,8 @@ engine = LLMEngine(EngineArgs(**extra))
 loaded = time.perf_counter()
 memory = device_memory(engine.args.devices()[0])
 engine.warmup()
-after, r = device_memory(engine.args.devices()[0]), engine.runner
-line = (f"load {loaded - t0:.1f} s (import included); {r.graph_builds} captured + {r.graph_loads} loaded in "
+after, stats = device_memory(engine.args.devices()[0]), engine.stats()
+line = (f"load {loaded - t0:.1f} s (import included); {stats.graph_builds} captured + {stats.graph_loads} loaded in "
         f"{time.perf_counter() - loaded:.1f} s; ready after {time.perf_counter() - t0:.1f} s; max_model_len "
         f"{engine.max_model_len}, {engine.block_manager.num_usable_blocks} KV blocks")
 if memory and after:
