@@ -76,6 +76,9 @@ class EngineArgs:
   jump_forward: bool = True                # tokens a grammar forces are checked in one step (structured outputs)
   speculative_config: str | dict | None = None   # vLLM's JSON: {"method": "ngram", "num_speculative_tokens": k,
                                            # "prompt_lookup_max": n, "prompt_lookup_min": m} (engine/speculative.py)
+  diffusion_recompute: bool = False        # a diffusion LM computes its whole sequence every step (LLaDA's reference
+                                           # algorithm) instead of caching the prompt and finished blocks
+                                           # (engine/denoising.py)
   generation_config: str = "auto"          # sampling defaults for unset fields: "auto" (the model's), "vllm"
                                            # (none), or a folder with generation_config.json
                                            # (model/generation_config.py)

@@ -20,11 +20,9 @@ from tinyvllm.formats import chat_template
 from tinyvllm.formats.tokenizer import tokenize_prompt
 from tinyvllm.engine.protocol import CompletionOutput, EngineStats, RequestOutput
 from tinyvllm.diffusion.llada import is_diffusion_checkpoint, load_diffusion_model
-from tinyvllm.model.loader import resolve
+from tinyvllm.model.loader import DEFAULT_DIFFUSION_MODEL, DIFFUSION_ALIASES, resolve
 from tinyvllm.sampling_params import SamplingParams
 
-DEFAULT_DIFFUSION_MODEL = Path(__file__).parent / "llada-django"
-DIFFUSION_ALIASES = ("diffusion", "llada")          # model names that ask for the shipped diffusion model
 # sampling fields of left-to-right decoding that masked diffusion does not have (refused rather than ignored)
 AUTOREGRESSIVE_ONLY = ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
                        "logit_bias", "min_tokens", "stop", "logprobs", "prompt_logprobs", "structured_outputs")

@@ -181,6 +181,15 @@ def load_state(model: MaskedDiffusionLM, weights: dict[str, np.ndarray], dtype) 
     param.replace(weight_tensor(w, dtype)).realize()
 
 
+def read_diffusion_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  """A LLaDA or Dream directory as llama.py's network loads it (engine/denoising.py runs it): the Llama config with
+  the [MASK] id and the logits' shift, and the weights under Llama's names."""
+  cfg = DiffusionConfig.from_hf(json.loads((path / "config.json").read_text()))
+  weights = read_safetensors(path)
+  if cfg.model.architecture == "LLaDAModelLM": weights = from_llada_layout(weights, cfg.model)
+  return dataclasses.replace(cfg.model, mask_token_id=cfg.mask_token_id, logits_shift=cfg.shift), weights
+
+
 def load_diffusion_model(path: str | Path, dtype=dtypes.float32) -> tuple[MaskedDiffusionLM, Tokenizer]:
   """A LLaDA or Dream Hugging Face directory -> (network with weights, tokenizer)."""
   path = Path(path)

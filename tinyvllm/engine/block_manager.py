@@ -63,7 +63,7 @@ class BlockManager:
     """Start a fresh sequence on the blocks of its longest cached prefix: those tokens count as computed (unless it
     still needs prompt logprobs, which come from computing every prompt position)."""
     if not self.prefix_cache or seq.block_table or seq.wants_prompt_logprobs: return
-    blocks = self.prefix_cache.match(seq.token_ids)
+    blocks = self.prefix_cache.match(seq.token_ids[:seq.num_shareable_tokens])
     self.share(seq, blocks)
     seq.num_blocks_in_cache = len(blocks)
     seq.num_computed_tokens = len(blocks) * self.block_size
@@ -80,7 +80,7 @@ class BlockManager:
     K/V for a token still being sampled on the device). The tree insert walks the whole prefix, so `only_new` skips
     it unless a block filled up since the sequence's last insert."""
     if not self.prefix_cache: return
-    full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
+    full = min(seq.num_computed_tokens, seq.num_known_tokens, seq.num_shareable_tokens) // self.block_size
     if only_new and full <= seq.num_blocks_in_cache: return
     for b in self.prefix_cache.insert(seq.token_ids, seq.block_table, full * self.block_size):
       self.ref_counts[b] += 1                             # the cache's own reference

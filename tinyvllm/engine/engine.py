@@ -18,6 +18,7 @@ engine/protocol.py).
 from __future__ import annotations
 import itertools
 import logging
+import math
 import time
 from tinygrad import Device
 from tinygrad.helpers import DEV, Target
@@ -30,7 +31,7 @@ from tinyvllm.model.loader import load_model
 from tinyvllm.formats import chat_template
 from tinyvllm.formats.tokenizer import tokenize_prompt
 from tinyvllm.engine.overlap import Overlap
-from tinyvllm.engine import structured_output
+from tinyvllm.engine import denoising, structured_output
 from tinyvllm.runner.model_runner import ModelRunner, PreparedStep, Sampled, StepResult
 from tinyvllm.sampling_params import SamplingParams
 from tinyvllm.engine.scheduler import Scheduler
@@ -64,6 +65,9 @@ class LLMEngine:
     if args.chat_template is not None and self.tokenizer is not None:
       self.tokenizer.chat_template = chat_template.compile_checked(chat_template.load_override(args.chat_template))
     self.model_config = cfg = self.model.config
+    self.diffusion = cfg.mask_token_id is not None      # a masked diffusion LM: engine/denoising.py
+    if self.diffusion and cfg.logits_shift and not args.diffusion_recompute:
+      raise ValueError("a diffusion LM whose logits are shifted (Dream) runs with diffusion_recompute=True")
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     num_blocks = args.num_kv_blocks or args.kv_blocks(cfg, self.max_model_len, device_memory(devices[0]))
@@ -78,9 +82,9 @@ class LLMEngine:
     self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                args.enable_chunked_prefill)
     stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
+    rows = args.max_num_batched_tokens if self.diffusion else args.max_num_seqs     # rows of logits a step needs
     self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
-                              self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
-                              args.beam, paged)
+                              self.max_model_len, rows, args.max_num_batched_tokens, args.seed, args.beam, paged)
     self.requests: dict[str, Request] = {}
     self.drafts = Drafts(self, self.speculative, num_blocks)     # tokens a step checks after the last known one
     self.overlap = Overlap(self) if args.async_scheduling else None
@@ -107,6 +111,12 @@ class LLMEngine:
     room = self.max_model_len - len(token_ids)
     limit = room if params.max_tokens is None else min(room, params.max_tokens)
     seqs = [Sequence(request_id, token_ids, params, index, limit) for index in range(params.n)]
+    if self.diffusion:
+      seed = params.seed if params.seed is not None else self.args.seed * 1_000_003 + seqs[0].seq_id
+      states = denoising.start(params, len(token_ids), self.model_config.mask_token_id, self.args.diffusion_recompute,
+                               seed, self.max_model_len, self.args.max_num_batched_tokens)
+      for seq, state in zip(seqs, states):
+        seq.denoising, seq.max_output_tokens, seq.draft_token_ids = state, state.params.gen_length, state.drafts()
     if params.structured_outputs is not None:
       grammar = structured_output.check(params.structured_outputs, self.tokenizer, vocab_size)
       for seq in seqs: seq.matcher = structured_output.Matcher(self.tokenizer, vocab_size, grammar)
@@ -154,6 +164,8 @@ class LLMEngine:
 
   def prepare(self) -> PreparedStep | None:
     if self.wants_drafts(): self.drafts.propose(self.scheduler.running)   # tokens for the step to check
+    for seq in self.scheduler.waiting if self.diffusion else ():          # a preempted one's block (preemption
+      seq.draft_token_ids = seq.denoising.drafts()                         # drops drafts)
     scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
     if not scheduled: return None
     step = self.runner.prepare(scheduled, self.block_manager)             # graph inputs
@@ -178,6 +190,9 @@ class LLMEngine:
         start = item.start + 1
         seq.prompt_logprobs[start:start + len(result.prompt_logprobs[seq])] = result.prompt_logprobs[seq]
       if seq not in result.sampled: continue                                # a prefill chunk, not the last one
+      if seq.denoising is not None:
+        if self._denoised(seq, result.sampled[seq]): request.first_token_time = request.first_token_time or now
+        continue
       request.first_token_time = request.first_token_time or now
       drafts, seq.draft_token_ids, accepted = seq.draft_token_ids, [], 0
       for i, sampled in enumerate(result.sampled[seq]):   # the token after the last known one, then after each draft
@@ -199,6 +214,24 @@ class LLMEngine:
     for out in outputs:
       if out.finished: del self.requests[out.request_id]
     return outputs
+
+  def _denoised(self, seq: Sequence, sampled: list[Sampled]) -> bool:
+    """A diffusion LM's step (engine/denoising.py): commit tokens of its block; a finished block becomes output,
+    checked for stops token by token. Its block's K/V is computed again next step (and, recomputing, everything).
+    Returns whether output grew."""
+    state = seq.denoising
+    block = state.update([s.token for s in sampled], [math.exp(s.logprob) for s in sampled])
+    seq.num_computed_tokens = 0 if state.recompute else seq.num_known_tokens
+    for token in block or []:
+      self._append(seq, Sampled(token))
+      reason = self._stop_reason(seq)
+      if self.tokenizer and update_text(seq, self.tokenizer, finished=reason is not None): reason = "stop"
+      if reason:
+        self.scheduler.finish(seq, reason)
+        return True
+    self.block_manager.trim(seq, seq.num_computed_tokens)
+    seq.draft_token_ids = state.drafts()
+    return block is not None
 
   @staticmethod
   def _append(seq: Sequence, sampled: Sampled) -> None:

@@ -18,7 +18,8 @@ blocks are freed and it goes back to the front of the waiting queue, to be recom
 
 A decoding sequence may bring draft tokens to check (speculative decoding, engine/speculative.py): they cost budget
 like prompt tokens and each needs a row of logits, so they are cut to what the step has room for: tokens in the
-budget, and rows within `max_num_seqs` (every running sequence keeps a row of its own).
+budget, and rows within `max_num_seqs` (every running sequence keeps a row of its own). A diffusion LM's block
+(engine/denoising.py) is never cut: its positions attend to each other, so a step computes all of it or none.
 """
 from __future__ import annotations
 from collections import deque
@@ -61,7 +62,7 @@ class Scheduler:
                          key=lambda s: s.num_uncomputed_tokens - len(s.draft_token_ids) > 1)
     while unscheduled and budget > 0:
       seq = unscheduled.pop(0)
-      if seq.draft_token_ids:                     # what the step has room for: tokens, and rows of logits
+      if seq.draft_token_ids and seq.denoising is None:   # what the step has room for: tokens, rows of logits
         room = min(budget - 1, self.max_num_seqs - len(self.running) - draft_rows)
         del seq.draft_token_ids[max(0, room):]
         if not self.block_manager.can_allocate(seq, seq.num_tokens): seq.draft_token_ids.clear()   # no preempting
@@ -99,7 +100,7 @@ class Scheduler:
   def _chunk(self, seq: Sequence, budget: int) -> int:
     """Tokens of `seq` to compute this step: all that are left if they fit, else a chunk (or none, unchunked)."""
     if seq.num_uncomputed_tokens <= budget: return seq.num_uncomputed_tokens
-    return budget if self.enable_chunked_prefill else 0
+    return seq.max_chunk(budget) if self.enable_chunked_prefill else 0
 
   def _make_room(self, seq: Sequence, num_new_tokens: int, unscheduled: list[Sequence]) -> bool:
     """Preempt the newest not-yet-scheduled running sequences until `seq` can grow by `num_new_tokens`;

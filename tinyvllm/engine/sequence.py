@@ -24,7 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from tinyvllm.sampling_params import SamplingParams
-if TYPE_CHECKING: from tinyvllm.engine.structured_output import Matcher
+if TYPE_CHECKING:
+  from tinyvllm.engine.denoising import Denoising
+  from tinyvllm.engine.structured_output import Matcher
 
 
 class SequenceStatus(enum.Enum):
@@ -61,6 +63,7 @@ class Sequence:
   num_returned_tokens: int = 0          # "delta" outputs: how much of the output earlier outputs carried
   num_returned_chars: int = 0
   matcher: Matcher | None = None        # structured outputs: its place in the grammar (engine/structured_output.py)
+  denoising: Denoising | None = None    # a diffusion LM's sequence: its current block (engine/denoising.py)
 
   @property
   def token_ids(self) -> list[int]: return self.prompt_token_ids + self.output_token_ids
@@ -84,6 +87,17 @@ class Sequence:
     return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
   @property
   def is_finished(self) -> bool: return self.status is SequenceStatus.FINISHED
+
+  @property
+  def num_shareable_tokens(self) -> int:
+    """Of its computed tokens, how many the prefix cache may give to other requests."""
+    return self.num_tokens if self.denoising is None else self.denoising.num_shareable_tokens
+
+  def max_chunk(self, budget: int) -> int:
+    """The most tokens a step may compute of it within `budget`, short of all of them: a diffusion LM's block must
+    be computed whole (its positions attend to each other)."""
+    if self.denoising is None: return budget
+    return max(0, min(budget, self.denoising.first_uncut(self.num_computed_tokens) - self.num_computed_tokens))
 
   def tokens(self, start: int, n: int) -> list[int]:
     """Tokens start..start+n of prompt, output and drafts (shorter where a pending token has no value yet). Slices

@@ -33,6 +33,8 @@ class ModelConfig:
   qk_norm: bool = False               # Qwen3's: each head of q and k RMS-normalized (its own gain) before RoPE
   bos_token_id: int | None = None
   eos_token_id: int | list[int] | None = None
+  mask_token_id: int | None = None    # a masked diffusion LM's [MASK] (diffusion/llada.py); None: autoregressive
+  logits_shift: int = 0               # a diffusion LM whose logits at i predict token i + 1 (Dream): 1
 
   @classmethod
   def from_hf(cls, cfg: dict) -> ModelConfig:

