@@ -2,32 +2,35 @@
 
 An autoregressive sequence checks drafts in one step: the step computes the tokens after the last known one and
 samples a row for each (engine/speculative.py). A masked diffusion LM (diffusion/sampler.py: LLaDA's algorithm) runs
-through the same step. Its *drafts* are the current block of `block_length` positions, [MASK] or already committed;
-each step computes them, with every position of the block attending to the whole block (its key limit is the block's
-end, not its own position: kernels/paged_attention.py), and samples one row per position: the predicted token and its
-probability. The denoiser commits the most confident of them, and the block is computed again in the next step, now
-with more of it filled in. When no [MASK] is left the block becomes output (streamed like any new tokens) and the next
-block starts:
+through the same step. Its *drafts* are the current block of `block_length` positions, [MASK] or already committed
+(and, where the model reads them, the masks of the blocks after it); each step computes them with every position
+attending past itself (its *key limit* is the block's or the sequence's end, not its own position:
+kernels/paged_attention.py), and samples one row per block position: the predicted token and its probability. The
+denoiser commits the most confident, and the block is computed again in the next step, now with more of it filled
+in. When no [MASK] is left the block becomes output (streamed like any new tokens) and the next block starts:
 
-    prompt (prefilled in chunks, causal)    block 0 (committed)   block 1 (the step's drafts)
-    [ p0 p1 ... p99 ]                       [ a b c d ]           [ e M M h ]      each step: 4 rows → commit some
-       key limit: own position                 limit: d              limit: h      of the M, compute block 1 again
+    prompt                 block 0 (committed)   block 1 (the step's drafts)   later blocks
+    [ p0 p1 ... p99 ]      [ a b c d ]           [ e M M h ]                   [ M M M M ]
+                                                  each step: 4 rows → commit some of the M, compute again
 
-The cache: the prompt and every finished block keep their K/V in the paged pool, and only the current block is
-computed each step (a finished block once more with its final tokens, at the first step of the next block). A
-position sees the prompt causally and its own block both ways: *block-causal* attention. For a model trained that way
-(BD3-LM, SDAR, Fast-dLLM v2) this is exact. LLaDA and Dream were trained fully bidirectional (every position sees
-every other, the masks of later blocks included), so for them the cache is an approximation, Fast-dLLM's kind;
-`recompute` mode (EngineArgs.diffusion_recompute) is LLaDA's reference algorithm instead: every step computes the
-whole sequence, prompt and all gen_length positions, each seeing all of them (tests/diffusion compare it with
-diffusion/sampler.py's `generate`).
+What a position sees, and so what the paged pool can keep, depends on how the model was trained:
 
-What the prefix cache may share: the prompt's K/V in block-causal mode (computed as any prompt is); nothing in
-recompute mode, where the prompt's K/V depends on everything after it.
+- *block-causal* (BD3-LM, SDAR, Fast-dLLM v2: `ModelConfig.block_causal`): the prompt causally, as any prompt (so
+  it is prefilled in chunks and shared through the prefix cache), and each block its prefix plus itself both ways.
+  The prompt and finished blocks keep their K/V; a step computes the current block only (a finished block once
+  more with its final tokens, at the next block's first step). Exact: a full recompute computes the same.
+- *bidirectional* (LLaDA, Dream, the shipped model): every position sees the whole sequence. Cached, this is
+  Fast-dLLM's prefix cache: the prompt is computed once, whole (it sees itself both ways, not what follows), the
+  finished blocks keep their K/V, and each step computes the block and the masks after it, which see everything. An
+  approximation (Fast-dLLM refreshes the prompt at every block too; this measured the difference, ROADMAP), so
+  `recompute` (EngineArgs.diffusion_recompute) runs LLaDA's reference algorithm instead: every step computes the
+  whole sequence (tests/diffusion compare it with diffusion/sampler.py's `generate`, token for token). Neither can
+  chunk the prompt or share it: its K/V depends on all of it, and in recompute mode on what follows.
 """
 from __future__ import annotations
 import numpy as np
 from tinyvllm.diffusion.sampler import DiffusionParams, select, transfer_schedule
+from tinyvllm.model.config import ModelConfig
 from tinyvllm.sampling_params import SamplingParams
 
 
@@ -36,7 +39,7 @@ AUTOREGRESSIVE_ONLY = ("top_p", "top_k", "min_p", "presence_penalty", "frequency
                        "logit_bias", "min_tokens", "stop", "logprobs", "prompt_logprobs", "structured_outputs")
 
 
-def start(params: SamplingParams, prompt_len: int, mask_id: int, recompute: bool, seed: int,
+def start(params: SamplingParams, prompt_len: int, model: ModelConfig, recompute: bool, seed: int,
           max_model_len: int, max_num_batched_tokens: int) -> list[Denoising]:
   """The diffusion state of each of a request's n choices; ValueError (for the user) where the request asks for
   what a diffusion LM does not do or its blocks cannot fit a step."""
@@ -46,22 +49,22 @@ def start(params: SamplingParams, prompt_len: int, mask_id: int, recompute: bool
   dp = DiffusionParams.from_sampling_params(params)
   if prompt_len + dp.gen_length > max_model_len:
     raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({dp.gen_length}) exceeds max_model_len={max_model_len}")
-  # the tokens one step must compute whole: the sequence (recompute), or a finished block and the next one
-  whole = prompt_len + dp.gen_length if recompute else 2 * dp.block_length
-  if whole > max_num_batched_tokens:
-    raise ValueError(f"max_tokens/block_length: a step must compute {whole} tokens of this request at once, more "
-                     f"than max_num_batched_tokens={max_num_batched_tokens}")
-  return [Denoising(prompt_len, DiffusionParams(**{**dp.__dict__, "seed": seed + i}), mask_id, recompute)
-          for i in range(params.n)]
+  states = [Denoising(prompt_len, DiffusionParams(**{**dp.__dict__, "seed": seed + i}), model, recompute)
+            for i in range(params.n)]
+  if states[0].tokens_per_step > max_num_batched_tokens:
+    raise ValueError(f"max_tokens: a step must compute {states[0].tokens_per_step} tokens of this request at once, "
+                     f"more than max_num_batched_tokens={max_num_batched_tokens}")
+  return states
 
 
 class Denoising:
   """One sequence's diffusion state: the current block's tokens, which step of the block it is at, its random
   stream (random remasking)."""
-  def __init__(self, prompt_len: int, params: DiffusionParams, mask_id: int, recompute: bool):
-    self.params, self.mask_id, self.recompute, self.prompt_len = params, mask_id, recompute, prompt_len
+  def __init__(self, prompt_len: int, params: DiffusionParams, model: ModelConfig, recompute: bool):
+    self.params, self.prompt_len, self.recompute = params, prompt_len, recompute
+    self.mask_id, self.block_causal, self.shift = model.mask_token_id, model.block_causal, model.logits_shift
     self.block_index, self.step, self.calls = 0, 0, 0
-    self.block = [mask_id] * params.block_length
+    self.block = [self.mask_id] * params.block_length
     self.schedule = transfer_schedule(params.block_length, params.steps_per_block)
     self.rng = np.random.default_rng(params.seed)
     # one sampler row per block position: each draws its own noise, at a stream position no other step reuses
@@ -73,31 +76,39 @@ class Denoising:
   def end(self) -> int: return self.prompt_len + self.params.gen_length
 
   def drafts(self) -> list[int]:
-    """The tokens after the committed ones that the next step computes: the block (recompute: and every later
-    block's masks)."""
+    """The tokens after the committed ones that the next step computes: the block, and the masks after it where
+    something reads them."""
     later = self.params.gen_length - (self.block_index + 1) * self.params.block_length
-    return self.block + [self.mask_id] * later if self.recompute else list(self.block)
+    return self.block + ([] if self.block_causal and not self.recompute else [self.mask_id] * later)
 
   def key_limits(self, start: int, n: int) -> list[int]:
     """The last key each of positions start..start+n attends to."""
-    if self.recompute: return [self.end - 1] * n
-    B, P = self.params.block_length, self.prompt_len
-    return [p if p < P else P + ((p - P) // B + 1) * B - 1 for p in range(start, start + n)]
+    B, P, end = self.params.block_length, self.prompt_len, self.end
+    if self.block_causal: return [p if p < P else P + ((p - P) // B + 1) * B - 1 for p in range(start, start + n)]
+    if self.recompute: return [end - 1] * n
+    return [P - 1 if p < P else end - 1 for p in range(start, start + n)]
 
   def first_uncut(self, num_computed: int) -> int:
     """Where the tokens that must be computed in one step begin (they attend to each other both ways): a step may
     end before this position, not after it, unless it computes them all."""
-    if self.recompute: return 0
     B, P = self.params.block_length, self.prompt_len
-    return max(P, P + (num_computed - P) // B * B) if num_computed >= P else P
+    if self.recompute or (not self.block_causal and num_computed < P): return 0
+    if not self.block_causal: return num_computed
+    return P + (num_computed - P) // B * B if num_computed >= P else P
 
   @property
   def num_shareable_tokens(self) -> int:
-    """Tokens whose K/V the prefix cache may hand to another request."""
-    return 0 if self.recompute else self.prompt_len
+    """Tokens whose K/V the prefix cache may hand to another request: a block-causal model's prompt."""
+    return self.prompt_len if self.block_causal and not self.recompute else 0
+
+  @property
+  def tokens_per_step(self) -> int:
+    """The most tokens one step must compute whole."""
+    return 2 * self.params.block_length if self.block_causal and not self.recompute else self.end
 
   def logits_positions(self) -> range:
-    return range(self.block_start, self.block_start + self.params.block_length)
+    """The positions whose logits predict the block's tokens (Dream's come from the position before each)."""
+    return range(self.block_start - self.shift, self.block_start - self.shift + self.params.block_length)
 
   def update(self, tokens: list[int], probs: list[float]) -> list[int] | None:
     """Commit tokens of the block from the step's predictions at its positions; the block's tokens when that

@@ -113,8 +113,8 @@ class LLMEngine:
     seqs = [Sequence(request_id, token_ids, params, index, limit) for index in range(params.n)]
     if self.diffusion:
       seed = params.seed if params.seed is not None else self.args.seed * 1_000_003 + seqs[0].seq_id
-      states = denoising.start(params, len(token_ids), self.model_config.mask_token_id, self.args.diffusion_recompute,
-                               seed, self.max_model_len, self.args.max_num_batched_tokens)
+      states = denoising.start(params, len(token_ids), self.model_config, self.args.diffusion_recompute, seed,
+                               self.max_model_len, self.args.max_num_batched_tokens)
       for seq, state in zip(seqs, states):
         seq.denoising, seq.max_output_tokens, seq.draft_token_ids = state, state.params.gen_length, state.drafts()
     if params.structured_outputs is not None:

@@ -35,6 +35,8 @@ class ModelConfig:
   eos_token_id: int | list[int] | None = None
   mask_token_id: int | None = None    # a masked diffusion LM's [MASK] (diffusion/llada.py); None: autoregressive
   logits_shift: int = 0               # a diffusion LM whose logits at i predict token i + 1 (Dream): 1
+  block_causal: bool = False          # a diffusion LM trained to see the prefix causally and its block both ways
+                                      # (BD3-LM, SDAR); LLaDA and Dream see the whole sequence (engine/denoising.py)
 
   @classmethod
   def from_hf(cls, cfg: dict) -> ModelConfig:

@@ -195,7 +195,7 @@ class ModelRunner:
     for row, s in enumerate(group):
       seq, n, start = s.seq, s.num_new_tokens, s.start
       # a decode row's token is unknown while the step before is sampling it: filled in at launch
-      if start == seq.num_known_tokens: unknown.append((len(tokens), seq))
+      if start == seq.num_known_tokens and seq.num_pending_tokens: unknown.append((len(tokens), seq))
       new = seq.tokens(start, n)
       tokens += new + [0] * (n - len(new))
       positions += range(start, start + n)
