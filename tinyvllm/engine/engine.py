@@ -217,7 +217,7 @@ class LLMEngine:
 
   def _denoised(self, seq: Sequence, sampled: list[Sampled]) -> bool:
     """A diffusion LM's step (engine/denoising.py): commit tokens of its block; a finished block becomes output,
-    checked for stops token by token. Its block's K/V is computed again next step (and, recomputing, everything).
+    checked for stops token by token. Its block's K/V is computed again next step (recomputing: everything).
     Returns whether output grew."""
     state = seq.denoising
     block = state.update([s.token for s in sampled], [math.exp(s.logprob) for s in sampled])
@@ -229,8 +229,7 @@ class LLMEngine:
       if reason:
         self.scheduler.finish(seq, reason)
         return True
-    self.block_manager.trim(seq, seq.num_computed_tokens)
-    seq.draft_token_ids = state.drafts()
+    seq.draft_token_ids = state.drafts()          # its blocks stay: the next step computes the same positions
     return block is not None
 
   @staticmethod

@@ -1,0 +1,91 @@
+"""A diffusion LM through the one engine (engine/denoising.py): its blocks as multi-token steps of LLMEngine, on the
+paged KV pool, scheduled, chunked and preempted like any sequence. A tiny random LLaDA checkpoint throughout."""
+import dataclasses
+import pytest
+from tinyvllm.diffusion.llada import load_diffusion_model
+from tinyvllm.diffusion.sampler import DiffusionParams, generate
+from tinyvllm.engine.engine import LLMEngine
+from tinyvllm.engine_args import EngineArgs
+from tinyvllm.sampling_params import SamplingParams
+from test_diffusion import tiny_dir    # noqa: F401  (a fixture: the tiny checkpoint, the shipped tokenizer)
+
+PROMPTS = [[5, 9, 13, 200, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52], [1000], [7, 7, 7, 8, 9, 10, 11, 12]]
+MIXED = [SamplingParams(max_tokens=16, block_length=4, temperature=0, ignore_eos=True),
+         SamplingParams(max_tokens=12, block_length=6, diffusion_steps=4, temperature=0, ignore_eos=True),
+         SamplingParams(max_tokens=16, block_length=8, threshold=0.05, temperature=0, ignore_eos=True),
+         SamplingParams(max_tokens=8, block_length=4, remasking="random", temperature=0, seed=3, ignore_eos=True),
+         SamplingParams(max_tokens=16, block_length=4, temperature=0.8, seed=11, ignore_eos=True)]
+GREEDY = MIXED[:3]
+
+
+def engine(tiny_dir, block_causal: bool = False, **kwargs) -> LLMEngine:
+  """The tiny LLaDA in LLMEngine; `block_causal` makes the engine treat it as trained block-causal (no checkpoint of
+  that kind is at hand: the flag only changes what each position attends to, which is what is tested)."""
+  args = dict(model=str(tiny_dir), async_scheduling=False, block_size=4, num_kv_blocks=128, max_num_batched_tokens=64)
+  e = LLMEngine(EngineArgs(**{**args, **kwargs}))
+  e.model_config = dataclasses.replace(e.model_config, block_causal=block_causal)
+  return e
+
+
+def run(e: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
+  ids = [e.add_request(prompt, params) for prompt, params in requests]
+  done = {}
+  while e.has_unfinished_requests():
+    done.update({out.request_id: out.outputs[0].token_ids for out in e.step() if out.finished})
+  return [done[i] for i in ids]
+
+
+def test_recompute_mode_is_llada_reference(tiny_dir):
+  """diffusion_recompute=True computes the whole sequence every step, each position seeing all of it: the tokens
+  diffusion/sampler.py's `generate` (LLaDA's loop, dense, no cache) gives."""
+  e, (tiny, _) = engine(tiny_dir, diffusion_recompute=True), load_diffusion_model(tiny_dir)
+  requests = [(prompt, params) for prompt in PROMPTS[:2] for params in GREEDY]
+  for (prompt, params), ours in zip(requests, run(e, requests)):
+    reference = generate(tiny, prompt, DiffusionParams.from_sampling_params(params)).x[len(prompt):].tolist()
+    assert ours == reference
+
+
+def test_a_block_causal_cache_computes_what_a_recompute_does(tiny_dir):
+  """Block-causal: the prompt (in chunks) and finished blocks keep their K/V, a step computes one block; a full
+  recompute with the same attention gives the same tokens."""
+  requests = [(prompt, params) for prompt in PROMPTS for params in GREEDY]
+  cached = run(engine(tiny_dir, block_causal=True, max_num_batched_tokens=16), requests)
+  assert cached == run(engine(tiny_dir, block_causal=True, diffusion_recompute=True), requests)
+
+
+@pytest.mark.parametrize("block_causal", [False, True])
+def test_batched_chunked_and_preempted_requests_give_what_each_gives_alone(tiny_dir, block_causal):
+  requests = [(prompt, params) for prompt, params in zip(PROMPTS + PROMPTS[::-1], MIXED + MIXED[::-1])]
+  alone = [run(engine(tiny_dir, block_causal), [r])[0] for r in requests]
+  tight = engine(tiny_dir, block_causal, max_num_batched_tokens=40, num_kv_blocks=12)
+  assert run(tight, requests) == alone
+  assert tight.scheduler.num_preemptions > 0 or not block_causal    # bidirectional: each takes its blocks at once
+
+
+def test_a_block_causal_prompt_is_shared_through_the_prefix_cache(tiny_dir):
+  prompt = list(range(100, 124))
+  e = engine(tiny_dir, block_causal=True)
+  first = run(e, [(prompt, MIXED[0])])[0]
+  e.add_request(prompt, MIXED[0])
+  second = None
+  while e.has_unfinished_requests():
+    for out in e.step(): second, cached = out.outputs[0].token_ids, out.num_cached_tokens
+  assert second == first and cached == 20          # the prompt's full blocks of 4, the last token left to compute
+
+
+def test_aborting_mid_block_leaks_no_kv_block(tiny_dir):
+  e = engine(tiny_dir)
+  ids = [e.add_request(prompt, params) for prompt, params in zip(PROMPTS, MIXED)]
+  for _ in range(3): e.step()
+  assert e.block_manager.usage > 0 and any(s.denoising.block_index == 0 and s.denoising.step > 0
+                                           for s in e.scheduler.running)
+  for request_id in ids: e.abort_request(request_id)
+  assert not e.has_unfinished_requests() and e.block_manager.usage == 0
+
+
+def test_requests_a_diffusion_lm_cannot_serve_are_refused(tiny_dir):
+  e = engine(tiny_dir, max_num_batched_tokens=32)
+  for params, field in [(SamplingParams(top_p=0.5), "top_p"), (SamplingParams(logprobs=1), "logprobs"),
+                        (SamplingParams(max_tokens=64, block_length=4), "max_model_len"),
+                        (SamplingParams(max_tokens=48, block_length=4), "max_num_batched_tokens")]:
+    with pytest.raises(ValueError, match=field): e.add_request([5, 6, 7], params)
