@@ -92,6 +92,7 @@ class Request:
     outs = [_completion(i, seq, delta=kind == "delta") for i, seq in enumerate(self.seqs)]
     metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time}
     first = self.seqs[0]
+    if first.denoising is not None: metrics["model_calls"] = sum(s.denoising.calls for s in self.seqs)
     return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, outs, finished, metrics,
                          max(s.num_cached_tokens for s in self.seqs),
                          list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None)
