@@ -20,8 +20,7 @@ log = logging.getLogger("tinyvllm.engine")
 
 def request_stats(engine: Engine) -> EngineStats:
   """`engine.stats()` with requests counted instead of sequences, as vLLM's gauges count them: a request with n=4
-  runs as four sequences but is one request. DataParallelEngine's ranks count this way themselves; DiffusionEngine
-  counts sequences."""
+  runs as four sequences but is one request. DataParallelEngine's ranks count this way themselves."""
   stats = engine.stats()
   if not isinstance(engine, LLMEngine): return stats
   running = {seq.request_id for seq in engine.scheduler.running}

@@ -3,7 +3,7 @@ from __future__ import annotations
 import dataclasses
 from tinyvllm.engine_args import EngineArgs
 from tinyvllm.parallel.data_parallel import DataParallelEngine
-from tinyvllm.diffusion.engine import DiffusionEngine, wants_diffusion
+from tinyvllm.diffusion.llada import wants_diffusion
 from tinyvllm.engine.engine import LLMEngine, RequestOutput
 from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.model.generation_config import generation_defaults
@@ -13,14 +13,13 @@ from tinyvllm.sampling_params import SamplingParams
 Prompt = str | dict     # a string, or {"prompt_token_ids": [...]}
 
 
-def create_engine(args: EngineArgs) -> LLMEngine | DiffusionEngine | DataParallelEngine:
-  """A diffusion checkpoint (or model="diffusion") gets the DiffusionEngine, everything else the LLMEngine, or with
-  data_parallel_size > 1 that many of them behind a DataParallelEngine."""
+def create_engine(args: EngineArgs) -> LLMEngine | DataParallelEngine:
+  """The LLMEngine (a diffusion LM's too: engine/denoising.py), or with data_parallel_size > 1 that many of them
+  behind a DataParallelEngine."""
   if args.data_parallel_size < 1:
     raise ValueError(f"data_parallel_size must be at least 1, got {args.data_parallel_size}")
-  if wants_diffusion(args.model):
-    if args.data_parallel_size > 1: raise ValueError("data_parallel_size > 1 runs autoregressive models only")
-    return DiffusionEngine(args)
+  if wants_diffusion(args.model) and args.data_parallel_size > 1:
+    raise ValueError("data_parallel_size > 1 runs autoregressive models only")
   return DataParallelEngine(args) if args.data_parallel_size > 1 else LLMEngine(args)
 
 
@@ -36,7 +35,7 @@ def sampling_defaults(args: EngineArgs) -> dict:
 class LLM:
   def __init__(self, model: str | None = None, **engine_args):
     """`model`: None (the embedded SmolLM2), a GGUF file, a Hugging Face directory or repo id; "diffusion" (or a
-    LLaDA/Dream checkpoint) gives a masked-diffusion model driven by DiffusionEngine through the same API."""
+    LLaDA/Dream checkpoint) gives a masked-diffusion model, through the same engine and API."""
     args = EngineArgs.from_kwargs(model=model, **engine_args)
     self.defaults = sampling_defaults(args)
     self.engine = create_engine(args)

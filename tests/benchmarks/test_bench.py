@@ -295,7 +295,7 @@ def tiny_llada(tmp_path_factory) -> Path:
   """A random LLaDA checkpoint with the shipped model's layout and tokenizer, one layer of width 32."""
   from safetensors.numpy import save_file
   from tinygrad.nn.state import get_state_dict
-  from tinyvllm.diffusion.engine import DEFAULT_DIFFUSION_MODEL
+  from tinyvllm.model.loader import DEFAULT_DIFFUSION_MODEL
   from tinyvllm.diffusion.llada import DiffusionConfig, MaskedDiffusionLM, to_llada_layout
   path = tmp_path_factory.mktemp("tiny-llada")
   config = json.loads((DEFAULT_DIFFUSION_MODEL / "config.json").read_text()) | \

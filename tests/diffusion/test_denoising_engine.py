@@ -7,7 +7,7 @@ from tinyvllm.diffusion.sampler import DiffusionParams, generate
 from tinyvllm.engine.engine import LLMEngine
 from tinyvllm.engine_args import EngineArgs
 from tinyvllm.sampling_params import SamplingParams
-from test_diffusion import tiny_dir    # noqa: F401  (a fixture: the tiny checkpoint, the shipped tokenizer)
+from tiny_llada import write_tiny_llada    # tests/diffusion: a tiny random LLaDA checkpoint
 
 PROMPTS = [[5, 9, 13, 200, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52], [1000], [7, 7, 7, 8, 9, 10, 11, 12]]
 MIXED = [SamplingParams(max_tokens=16, block_length=4, temperature=0, ignore_eos=True),
@@ -16,6 +16,10 @@ MIXED = [SamplingParams(max_tokens=16, block_length=4, temperature=0, ignore_eos
          SamplingParams(max_tokens=8, block_length=4, remasking="random", temperature=0, seed=3, ignore_eos=True),
          SamplingParams(max_tokens=16, block_length=4, temperature=0.8, seed=11, ignore_eos=True)]
 GREEDY = MIXED[:3]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory): return write_tiny_llada(tmp_path_factory.mktemp("tiny-llada"))
 
 
 def engine(tiny_dir, block_causal: bool = False, **kwargs) -> LLMEngine:
@@ -43,6 +47,16 @@ def test_recompute_mode_is_llada_reference(tiny_dir):
   for (prompt, params), ours in zip(requests, run(e, requests)):
     reference = generate(tiny, prompt, DiffusionParams.from_sampling_params(params)).x[len(prompt):].tolist()
     assert ours == reference
+
+
+def test_the_cached_mode_is_fast_dllms_prefix_cache(tiny_dir):
+  """Cached (the default): a block's first step computes everything and keeps the prefix's K/V, its other steps
+  compute the block and the masks after it: what `generate(use_cache=True)` (Fast-dLLM's loop, dense) gives."""
+  e, (tiny, _) = engine(tiny_dir), load_diffusion_model(tiny_dir)
+  requests = [(prompt, params) for prompt in PROMPTS[:2] for params in GREEDY]
+  for (prompt, params), ours in zip(requests, run(e, requests)):
+    dp = DiffusionParams.from_sampling_params(params)
+    assert ours == generate(tiny, prompt, dp, use_cache=True).x[len(prompt):].tolist()
 
 
 def test_a_block_causal_cache_computes_what_a_recompute_does(tiny_dir):

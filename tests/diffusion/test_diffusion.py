@@ -1,6 +1,5 @@
 """Diffusion LMs: LLaDA's checkpoint layout, the sampler against straightforward reference loops, the batched engine,
 Fast-dLLM's threshold decoding and prefix cache, and the shipped trained model."""
-import json
 import re
 import shutil
 import numpy as np
@@ -9,44 +8,17 @@ from tinygrad import Tensor, dtypes
 from tinyvllm.benchmarks.diffusion import log_likelihood
 from tinyvllm.engine_args import EngineArgs
 from tinyvllm.diffusion.sampler import Denoiser, DiffusionParams, denoise_step, generate
-from tinyvllm.diffusion.engine import DEFAULT_DIFFUSION_MODEL, DiffusionEngine, wants_diffusion
+from tinyvllm.engine.engine import LLMEngine
 from tinyvllm.engine.protocol import Engine
-from tinyvllm.diffusion.llada import MaskedDiffusionLM, is_diffusion_checkpoint, load_diffusion_model
+from tinyvllm.diffusion.llada import MaskedDiffusionLM, is_diffusion_checkpoint, load_diffusion_model, wants_diffusion
+from tinyvllm.model.loader import DEFAULT_DIFFUSION_MODEL
 from tinyvllm.sampling_params import SamplingParams
 
-VOCAB, MASK = 4096, 3                      # the shipped tokenizer's size and its <|mdm_mask|> id
-TINY = dict(architectures=["LLaDAModelLM"], model_type="llada", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-            mlp_hidden_size=48, vocab_size=VOCAB, embedding_size=VOCAB, max_sequence_length=64, rope_theta=10000.0,
-            rms_norm_eps=1e-5, weight_tying=False, include_bias=False, mask_token_id=MASK, eos_token_id=2)
-
-
-def llada_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random weights named exactly as in GSAI-ML/LLaDA-8B-Instruct's model.safetensors."""
-  rng = np.random.default_rng(seed)
-  d, f, hd = cfg["d_model"], cfg["mlp_hidden_size"], cfg["d_model"] // cfg["n_heads"]
-  kv = cfg["n_kv_heads"] * hd
-  w = {"model.transformer.wte.weight": rng.normal(0, 1, (VOCAB, d)),
-       "model.transformer.ln_f.weight": 1 + 0.1 * rng.normal(size=d),
-       "model.transformer.ff_out.weight": rng.normal(0, 0.5, (VOCAB, d))}
-  for i in range(cfg["n_layers"]):
-    shapes = {"attn_norm.weight": (d,), "ff_norm.weight": (d,), "q_proj.weight": (d, d), "k_proj.weight": (kv, d),
-              "v_proj.weight": (kv, d), "attn_out.weight": (d, d), "ff_proj.weight": (f, d), "up_proj.weight": (f, d),
-              "ff_out.weight": (d, f)}
-    for name, shape in shapes.items():
-      w[f"model.transformer.blocks.{i}.{name}"] = 1 + 0.1 * rng.normal(size=shape) if "norm" in name else \
-        rng.normal(0, 1 / np.sqrt(shape[-1]), shape)
-  return {k: v.astype(np.float32) for k, v in w.items()}
+from tiny_llada import MASK, TINY, VOCAB, llada_tensors, write_tiny_llada    # tests/diffusion: the tiny checkpoint
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  """A tiny random LLaDA checkpoint in the Hugging Face layout, with the shipped model's tokenizer."""
-  from safetensors.numpy import save_file
-  path = tmp_path_factory.mktemp("tiny-llada")
-  (path / "config.json").write_text(json.dumps(TINY))
-  save_file(llada_tensors(TINY), str(path / "model.safetensors"))
-  for name in ("tokenizer.model", "tokenizer_config.json"): shutil.copy(DEFAULT_DIFFUSION_MODEL / name, path / name)
-  return path
+def tiny_dir(tmp_path_factory): return write_tiny_llada(tmp_path_factory.mktemp("tiny-llada"))
 
 
 @pytest.fixture(scope="module")
@@ -199,14 +171,15 @@ def test_prefix_cache_matches_reference_loop(tiny):
 
 
 def test_engine_batches_requests_and_streams_blocks(tiny_dir, tiny):
-  engine = DiffusionEngine(EngineArgs(model=str(tiny_dir), enable_prefix_caching=False))
+  """Through LLMEngine (engine/denoising.py), recomputing every step: LLaDA's tokens, a block streamed at a time."""
+  engine = LLMEngine(EngineArgs(model=str(tiny_dir), diffusion_recompute=True, async_scheduling=False))
   params = []
   for seed in (0, 1):
-    sp = SamplingParams(max_tokens=16, temperature=0.5, seed=seed, ignore_eos=True)
+    sp = SamplingParams(max_tokens=16, temperature=0, seed=seed, ignore_eos=True)
     sp.block_length, sp.diffusion_steps = 8, 8          # SamplingParams' diffusion knobs
     params.append(sp)
   ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
-  assert (engine.stats().running, engine.stats().waiting) == (2, 0)       # what the server's /metrics shows
+  assert (engine.stats().running, engine.stats().waiting) == (0, 2)       # what the server's /metrics shows
   assert isinstance(engine, Engine)                     # everything else the server needs of an engine (engine/protocol.py)
   streamed: dict[str, list] = {i: [] for i in ids}
   steps = 0
@@ -224,7 +197,11 @@ def test_engine_batches_requests_and_streams_blocks(tiny_dir, tiny):
 
 @pytest.fixture(scope="module")
 def trained():
-  return DiffusionEngine(EngineArgs(model="diffusion"))
+  return LLMEngine(EngineArgs(model="diffusion"))
+
+
+@pytest.fixture(scope="module")
+def trained_model() -> MaskedDiffusionLM: return load_diffusion_model(DEFAULT_DIFFUSION_MODEL)[0]
 
 
 # the first lines of three Django test files from the validation split: the shipped model never trained on them
@@ -234,10 +211,10 @@ HELD_OUT = ["# tests/user_commands/tests.py\nimport os\nfrom argparse import Arg
 
 
 @pytest.fixture(scope="module")
-def held_out_runs(trained) -> tuple[dict[str, int], dict[str, float]]:
+def held_out_runs(trained, trained_model) -> tuple[dict[str, int], dict[str, float]]:
   """The held-out prompts decoded by LLaDA (one token per step) and by threshold decoding at 0.6: the model calls
   and the mean left-to-right log-likelihood of the output, per mode."""
-  model, tok = trained.model, trained.tokenizer
+  model, tok = trained_model, trained.tokenizer
   modes = {"llada": DiffusionParams(gen_length=32, block_length=16),
            "threshold": DiffusionParams(gen_length=32, block_length=16, threshold=0.6)}
   calls, loglik = dict.fromkeys(modes, 0), {name: [] for name in modes}

@@ -1,4 +1,4 @@
-"""The engine interface (engine/protocol.py): LLMEngine, DiffusionEngine and DataParallelEngine each have every method of
+"""The engine interface (engine/protocol.py): LLMEngine and DataParallelEngine each have every method of
 the `Engine` protocol, with the protocol's parameters. Checked on the classes, so nothing is loaded here; the
 attributes, set when an engine is built, are checked on the engines that test_server.py, test_diffusion.py and
 test_data_parallel.py build (`isinstance(engine, Engine)`)."""
@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import pytest
 from tinyvllm.parallel.data_parallel import DataParallelEngine
-from tinyvllm.diffusion.engine import DiffusionEngine
 from tinyvllm.engine.engine import LLMEngine
 from tinyvllm.engine.protocol import Engine, Request
 from tinyvllm.sampling_params import SamplingParams
@@ -39,7 +38,7 @@ def differences(cls: type) -> list[str]:
 def same_annotation(want, have) -> bool: return want is inspect.Parameter.empty or "RequestT" in want or want == have
 
 
-@pytest.mark.parametrize("cls", [LLMEngine, DiffusionEngine, DataParallelEngine])
+@pytest.mark.parametrize("cls", [LLMEngine, DataParallelEngine])
 def test_every_engine_has_the_protocols_methods(cls):
   assert differences(cls) == []
 

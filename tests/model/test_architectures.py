@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tinyvllm import LLM, SamplingParams
-from tinyvllm.diffusion.engine import DEFAULT_DIFFUSION_MODEL
+from tinyvllm.model.loader import DEFAULT_DIFFUSION_MODEL
 
 DATA = Path(__file__).parents[1] / "data" / "tiny_models"
 

@@ -28,7 +28,7 @@ from tinygrad import Tensor, dtypes
 from tinygrad.nn import Embedding, Linear, RMSNorm
 from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.model.loader import read_safetensors, weight_tensor
+from tinyvllm.model.loader import DIFFUSION_ALIASES, read_safetensors, weight_tensor
 from tinyvllm.model.llama import MLP, Attention, apply_rope, rope_frequencies
 from tinyvllm.formats.tokenizer import Tokenizer
 
@@ -68,6 +68,12 @@ class DiffusionConfig:
       qwen2 = ModelConfig.from_hf({**cfg, "architectures": ["Qwen2ForCausalLM"]})
       return cls(dataclasses.replace(qwen2, architecture=arch), cfg["mask_token_id"], 1)
     raise ValueError(f"not a diffusion LM: {arch!r}; expected one of {', '.join(DIFFUSION_ARCHITECTURES)}")
+
+
+def wants_diffusion(model: str | None) -> bool:
+  """Whether `model` names a diffusion LM: the shipped one's alias, or a LLaDA/Dream checkpoint directory."""
+  if model in DIFFUSION_ALIASES: return True
+  return model is not None and Path(model).expanduser().is_dir() and is_diffusion_checkpoint(Path(model).expanduser())
 
 
 def is_diffusion_checkpoint(path: str | Path) -> bool:

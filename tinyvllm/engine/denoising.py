@@ -19,13 +19,13 @@ What a position sees, and so what the paged pool can keep, depends on how the mo
   it is prefilled in chunks and shared through the prefix cache), and each block its prefix plus itself both ways.
   The prompt and finished blocks keep their K/V; a step computes the current block only (a finished block once
   more with its final tokens, at the next block's first step). Exact: a full recompute computes the same.
-- *bidirectional* (LLaDA, Dream, the shipped model): every position sees the whole sequence. Cached, this is
-  Fast-dLLM's prefix cache: the prompt is computed once, whole (it sees itself both ways, not what follows), the
-  finished blocks keep their K/V, and each step computes the block and the masks after it, which see everything. An
-  approximation (Fast-dLLM refreshes the prompt at every block too; this measured the difference, ROADMAP), so
-  `recompute` (EngineArgs.diffusion_recompute) runs LLaDA's reference algorithm instead: every step computes the
-  whole sequence (tests/diffusion compare it with diffusion/sampler.py's `generate`, token for token). Neither can
-  chunk the prompt or share it: its K/V depends on all of it, and in recompute mode on what follows.
+- *bidirectional* (LLaDA, Dream, the shipped model): every position sees the whole sequence, the masks of later
+  blocks included. Cached, this is Fast-dLLM's prefix cache: a block's first step computes the whole sequence and
+  keeps the K/V of the prompt and the finished blocks; its other steps compute the block and the masks after it
+  against those. An approximation of LLaDA (the prefix's K/V was computed while the block was still masked), so
+  `recompute` (EngineArgs.diffusion_recompute) runs LLaDA's algorithm itself: every step computes everything.
+  tests/diffusion check both, token for token, against diffusion/sampler.py's `generate` with and without its
+  cache. The prompt is neither chunked nor shared: its K/V depends on everything after it.
 """
 from __future__ import annotations
 import numpy as np
@@ -83,17 +83,15 @@ class Denoising:
 
   def key_limits(self, start: int, n: int) -> list[int]:
     """The last key each of positions start..start+n attends to."""
-    B, P, end = self.params.block_length, self.prompt_len, self.end
+    B, P = self.params.block_length, self.prompt_len
     if self.block_causal: return [p if p < P else P + ((p - P) // B + 1) * B - 1 for p in range(start, start + n)]
-    if self.recompute: return [end - 1] * n
-    return [P - 1 if p < P else end - 1 for p in range(start, start + n)]
+    return [self.end - 1] * n
 
   def first_uncut(self, num_computed: int) -> int:
     """Where the tokens that must be computed in one step begin (they attend to each other both ways): a step may
     end before this position, not after it, unless it computes them all."""
     B, P = self.params.block_length, self.prompt_len
-    if self.recompute or (not self.block_causal and num_computed < P): return 0
-    if not self.block_causal: return num_computed
+    if not self.block_causal: return num_computed       # everything left attends to everything left
     return P + (num_computed - P) // B * B if num_computed >= P else P
 
   @property
@@ -105,6 +103,12 @@ class Denoising:
   def tokens_per_step(self) -> int:
     """The most tokens one step must compute whole."""
     return 2 * self.params.block_length if self.block_causal and not self.recompute else self.end
+
+  def kept_after_step(self, num_known: int, finished_block: bool) -> int:
+    """How many of the sequence's first tokens keep their K/V after a step (`num_known`: prompt and output before
+    it): the block's is stale (its tokens changed), and so is everything after a bidirectional block finishes
+    (Fast-dLLM refreshes the prefix then). Dream's block logits come from the positions before: one more."""
+    return 0 if self.recompute or (finished_block and not self.block_causal) else num_known - self.shift
 
   def logits_positions(self) -> range:
     """The positions whose logits predict the block's tokens (Dream's come from the position before each)."""

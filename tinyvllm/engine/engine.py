@@ -8,7 +8,8 @@
 host schedules and packs step k+1 while the device computes step k. Read this file's plain `step` first.
 
 Everything below the engine is one idea each: `scheduler.py` (continuous batching, chunked prefill, preemption),
-`block_manager.py` (the paged KV pool), `drafts.py` (tokens a step checks after the last known one),
+`block_manager.py` (the paged KV pool), `drafts.py` (tokens a step checks after the last known one), `denoising.py`
+(a diffusion LM's block: a multi-token step whose tokens are committed a few at a time),
 `runner/model_runner.py` (a step as one flat batch), `runner/graphs.py` (its TinyJit graphs), `runner/sampler.py`,
 `model/` (the network).
 `AsyncLLMEngine` (async_engine.py) runs the same loop in a background thread for the server;
@@ -66,8 +67,8 @@ class LLMEngine:
       self.tokenizer.chat_template = chat_template.compile_checked(chat_template.load_override(args.chat_template))
     self.model_config = cfg = self.model.config
     self.diffusion = cfg.mask_token_id is not None      # a masked diffusion LM: engine/denoising.py
-    if self.diffusion and cfg.logits_shift and not args.diffusion_recompute:
-      raise ValueError("a diffusion LM whose logits are shifted (Dream) runs with diffusion_recompute=True")
+    if self.diffusion and cfg.logits_shift and cfg.block_causal:
+      raise ValueError("a block-causal diffusion LM predicts each position from itself (logits_shift=0)")
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     num_blocks = args.num_kv_blocks or args.kv_blocks(cfg, self.max_model_len, device_memory(devices[0]))
@@ -217,11 +218,11 @@ class LLMEngine:
 
   def _denoised(self, seq: Sequence, sampled: list[Sampled]) -> bool:
     """A diffusion LM's step (engine/denoising.py): commit tokens of its block; a finished block becomes output,
-    checked for stops token by token. Its block's K/V is computed again next step (recomputing: everything).
-    Returns whether output grew."""
+    checked for stops token by token. What the next step computes again: `Denoising.kept_after_step`. Returns whether
+    output grew."""
     state = seq.denoising
     block = state.update([s.token for s in sampled], [math.exp(s.logprob) for s in sampled])
-    seq.num_computed_tokens = 0 if state.recompute else seq.num_known_tokens
+    seq.num_computed_tokens = state.kept_after_step(seq.num_known_tokens, block is not None)
     for token in block or []:
       self._append(seq, Sampled(token))
       reason = self._stop_reason(seq)

@@ -1,8 +1,7 @@
 """What an engine is to the code that drives it: the `Engine` protocol, and the types that cross it.
 
-Three classes are engines: `LLMEngine` (engine.py, the one to read), `DiffusionEngine` (diffusion/engine.py, masked
-diffusion instead of one token at a time) and `DataParallelEngine` (parallel/data_parallel.py, N LLMEngines in processes of
-their own). `AsyncLLMEngine` and the server drive any of them through the members below and nothing else:
+Two classes are engines: `LLMEngine` (engine.py, the one to read; autoregressive and diffusion LMs alike) and
+`DataParallelEngine` (parallel/data_parallel.py, N LLMEngines in processes of their own). `AsyncLLMEngine` and the server drive any of them through the members below and nothing else:
 
     make_request ──► admit ──► step, step, ... ──► RequestOutputs (abort_request stops one early)
                                stats ──► /metrics          warmup: once, before the first request
@@ -10,7 +9,7 @@ their own). `AsyncLLMEngine` and the server drive any of them through the member
 A request goes in as a record that `make_request` builds (tokenized and validated, the caller's errors raised) and
 `admit` takes; each `step` returns a `RequestOutput` for every request it advanced, holding a `CompletionOutput` per
 choice (a request with n=2 has two). The record is the engine's own: LLMEngine's and DataParallelEngine's is
-`Request`, which a DataParallelEngine pickles to the rank that runs it; DiffusionEngine has one of its own.
+`Request`, which a DataParallelEngine pickles to the rank that runs it.
 """
 from __future__ import annotations
 import time

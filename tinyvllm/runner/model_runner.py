@@ -204,7 +204,8 @@ class ModelRunner:
       key_limits += range(start, start + n) if seq.denoising is None else seq.denoising.key_limits(start, n)
       first = len(tokens) - n - start                            # where position 0 would be in the flat batch
       logits_index += (first + p for p in _logits_positions(s))
-      tables += seq.block_table + [NULL_BLOCK] * (blocks - len(seq.block_table))
+      table = seq.block_table[:blocks]           # a diffusion LM keeps blocks past the step's end (denoising.py)
+      tables += table + [NULL_BLOCK] * (blocks - len(table))
     pad = T - len(tokens)                     # padding tokens: token 0 at the null block's slot, row 0's table
     fields = [tokens + [0] * pad, positions + [0] * pad, slots + [null_slot] * pad, rows + [0] * pad,
               key_limits + [0] * pad, logits_index + [0] * (R - len(logits_index))]
