@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, fields, replace
 from tinygrad import Device, dtypes
 from tinygrad.dtype import DType
+from tinyvllm.model.config import ModelConfig
 
 # Named shapes for load_format="dummy": random weights of a real model's size, no weight files needed.
 SHAPES: dict[str, dict] = {
@@ -40,7 +41,16 @@ SHAPES: dict[str, dict] = {
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                      rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=32768, rms_norm_eps=1e-5,
                      sliding_window=4096),
+  # diffusion LMs (engine/denoising.py): a [MASK] id makes the shape one
+  "llada-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=32, vocab_size=126464, rope_theta=500000.0, tie_word_embeddings=False,
+                   max_position_embeddings=4096, rms_norm_eps=1e-5, mask_token_id=126336),
+  "dream-7b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=3584, intermediate_size=18944,
+                   num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                   rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                   mask_token_id=151666, logits_shift=1),
 }
+DIFFUSION_FIELDS = ("mask_token_id", "logits_shift")      # of a shape: a diffusion LM's, not in a Llama config
 
 
 @dataclass
@@ -123,6 +133,12 @@ class EngineArgs:
     kind, _, index = Device.canonicalize(self.device).partition(":")
     device = Device.canonicalize(f"{kind}:{int(index or 0) + rank * self.tensor_parallel_size}")
     return replace(self, device=device, data_parallel_size=1, seed=self.seed + rank)
+
+  def dummy_config(self) -> ModelConfig:
+    """The network of `shape`, for load_format="dummy"."""
+    shape = SHAPES[self.shape]
+    llama = {"architectures": ["LlamaForCausalLM"], **{k: v for k, v in shape.items() if k not in DIFFUSION_FIELDS}}
+    return replace(ModelConfig.from_hf(llama), **{k: v for k, v in shape.items() if k in DIFFUSION_FIELDS})
 
   def _on_cpu(self) -> bool: return (self.device or Device.DEFAULT).split(":")[0] in ("CPU", "PYTHON")
 

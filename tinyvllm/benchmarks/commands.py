@@ -21,7 +21,7 @@ from tinyvllm.benchmarks import offline, peers, serving
 from tinyvllm.benchmarks.diffusion import bench_diffusion
 from tinyvllm.benchmarks.report import Row, machine_info, ratios
 from tinyvllm.benchmarks.workloads import Workload, chat_requests, random_requests, shared_prefix_requests, summary
-from tinyvllm.engine_args import SHAPES, EngineArgs
+from tinyvllm.engine_args import DIFFUSION_FIELDS, SHAPES, EngineArgs
 from tinyvllm.engine.engine import LLMEngine
 from tinyvllm.llm import create_engine
 from tinyvllm.formats.gguf import read_gguf_metadata
@@ -95,7 +95,8 @@ def _gguf(engine_args: EngineArgs) -> Path:
 
 def _hf_model(engine_args: EngineArgs) -> dict:
   if engine_args.load_format == "dummy":
-    return {"config": {"architectures": ["LlamaForCausalLM"], **SHAPES[engine_args.shape]}}
+    return {"config": {"architectures": ["LlamaForCausalLM"],
+                       **{k: v for k, v in SHAPES[engine_args.shape].items() if k not in DIFFUSION_FIELDS}}}
   return {"model": str(resolve(engine_args.model))}
 
 

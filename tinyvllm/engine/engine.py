@@ -24,10 +24,9 @@ import time
 from tinygrad import Device
 from tinygrad.helpers import DEV, Target
 from tinyvllm.engine.block_manager import BlockManager
-from tinyvllm.engine_args import SHAPES, EngineArgs
+from tinyvllm.engine_args import EngineArgs
 from tinyvllm.formats.detokenizer import update_text
 from tinyvllm.engine.protocol import EngineStats, Request, RequestOutput
-from tinyvllm.model.config import ModelConfig
 from tinyvllm.model.loader import load_model
 from tinyvllm.formats import chat_template
 from tinyvllm.formats.tokenizer import tokenize_prompt
@@ -55,8 +54,7 @@ class LLMEngine:
     keep_graphs_loadable()
     speed_up_capture()
     t0 = time.perf_counter()
-    dummy_cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[args.shape]}) \
-      if args.load_format == "dummy" else None
+    dummy_cfg = args.dummy_config() if args.load_format == "dummy" else None
     devices, paged = args.devices(), args.paged_attention()     # both check their arguments, before loading
     compile_cuda_to_machine_code(devices)
     self.speculative = SpeculativeConfig.parse(args.speculative_config)
