@@ -2,8 +2,7 @@
 (Tensor, TinyJit, Variable, custom kernels written as UOps).
 
     host <-> device copies    upload / download / allocated / to_device: straight through the device's allocator
-    the kernel cache          shared between threads; lowered kernels kept on disk too; CUDA kernels compiled to
-                              machine code, not PTX
+    the kernel cache          shared between threads; lowered kernels kept on disk too
     graph capture             SameBody (each decoder layer traced once); tinygrad's `function` and cost estimates
                               made linear instead of quadratic; trace_and_compile: many graphs' kernels compiled
                               in one batch before their captures
@@ -201,19 +200,6 @@ def keep_lowered_kernels_on_disk() -> None:
   """Swap tinygrad's in-memory table of lowered kernels for one backed by its disk cache (once per process)."""
   if isinstance(codegen.to_program_cache, _LoweredKernels): return
   codegen.to_program_cache = realize.to_program_cache = _LoweredKernels(codegen.to_program_cache)
-
-
-def compile_cuda_to_machine_code(devices: tuple[str, ...]) -> None:
-  """Have NVRTC emit each CUDA kernel as the GPU's machine code (a cubin) instead of PTX. tinygrad's CUDA backend
-  asks NVRTC for PTX, which the driver then compiles to machine code when the kernel is loaded (cuModuleLoadData):
-  one kernel at a time, on the thread that captures the graphs, in every process (~10 s of an H100 start's 29
-  graphs). As a cubin that step runs in tinygrad's compile pool with the rest of the kernel's compilation, and its
-  output lands in the disk cache. Other backends, and tinygrad's NV backend (cubins already), are left as they are."""
-  for device in devices:
-    renderer = Device[device].renderer
-    compiler = getattr(renderer, "compiler", None)
-    if type(compiler).__name__ == "NVRTCCompiler" and compiler.ptx:
-      renderer.compiler = type(compiler)(compiler.arch, ptx=False, cache_key=f"{device.split(':')[0].lower()}_cubin")
 
 # ---- graph capture -------------------------------------------------------------------------------------------------
 

@@ -45,24 +45,3 @@ def test_a_lowered_kernel_keeps_its_cost_estimate_simplified():
 def _reference(x: float) -> float:
   for i in range(40): x = x * 1.0001 + (i + 0.5)
   return x
-
-
-def test_cuda_kernels_compile_to_machine_code(monkeypatch):
-  """A CUDA renderer's NVRTC compiler is swapped for one that emits cubins (its own disk-cache key, so no PTX
-  compiled earlier is read back as machine code); other devices' compilers stay. NVRTC itself is not here: the
-  compiler class is tinygrad's, its constructor's NVRTC version check stubbed."""
-  from types import SimpleNamespace
-  from tinygrad.device import Compiler
-  from tinyvllm import tinygrad_internals
-
-  class NVRTCCompiler(Compiler):                      # tinygrad's constructor, less the library calls
-    def __init__(self, arch, ptx=True, cache_key="cuda"):
-      self.arch, self.ptx = arch, ptx
-      super().__init__(f"compile_{cache_key}_{arch}")
-  cuda, cpu = SimpleNamespace(compiler=NVRTCCompiler("sm_90", ptx=True)), SimpleNamespace(compiler=Compiler("cpu"))
-  devices = {"CUDA": SimpleNamespace(renderer=cuda), "CPU": SimpleNamespace(renderer=cpu)}
-  monkeypatch.setattr(tinygrad_internals, "Device", devices)
-  before = cpu.compiler
-  tinygrad_internals.compile_cuda_to_machine_code(("CUDA", "CPU"))
-  assert isinstance(cuda.compiler, NVRTCCompiler) and cuda.compiler.ptx is False and cuda.compiler.arch == "sm_90"
-  assert cuda.compiler.cachekey not in (None, "compile_cuda_sm_90") and cpu.compiler is before

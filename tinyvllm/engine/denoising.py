@@ -65,7 +65,7 @@ class Denoising:
     self.mask_id, self.block_causal, self.shift = model.mask_token_id, model.block_causal, model.logits_shift
     self.block_index, self.step, self.calls = 0, 0, 0
     self.block = [self.mask_id] * params.block_length
-    self.schedule = transfer_schedule(params.block_length, params.steps_per_block)
+    self.schedule = np.zeros(0, np.int64)      # masks each step of the block commits: set at its first step
     self.rng = np.random.default_rng(params.seed)
     # one sampler row per block position: each draws its own noise, at a stream position no other step reuses
     self.row_params = SamplingParams(temperature=params.temperature, seed=params.seed, logprobs=0, max_tokens=None)
@@ -133,7 +133,9 @@ class Denoising:
 
 class DenoisingRow:
   """What the sampler reads of the row for block position `i` of a denoising sequence: greedy or Gumbel noise at the
-  request's temperature, the chosen token's logprob (its probability is the confidence), nothing else."""
+  request's temperature, the chosen token's logprob (its probability is the confidence), nothing else. (At a
+  temperature the sampler's logprob is of logits / T, where LLaDA's loop scores the token by the raw logits: the
+  tokens drawn have the same distribution, the confidences differ.)"""
   def __init__(self, seq, i: int):
     d = seq.denoising
     self.params, self.index, self.seq_id, self.prompt_token_ids = d.row_params, seq.index, seq.seq_id, seq.prompt_token_ids

@@ -38,9 +38,8 @@ from tinyvllm.engine.scheduler import Scheduler
 from tinyvllm.engine.sequence import Sequence
 from tinyvllm.engine.drafts import Drafts
 from tinyvllm.engine.speculative import SpeculativeConfig
-from tinyvllm.tinygrad_internals import (compile_cuda_to_machine_code, device_memory, keep_graphs_loadable,
-                                         keep_lowered_kernels_on_disk, share_kernel_cache_between_threads,
-                                         speed_up_capture)
+from tinyvllm.tinygrad_internals import (device_memory, keep_graphs_loadable, keep_lowered_kernels_on_disk,
+                                         share_kernel_cache_between_threads, speed_up_capture)
 
 log = logging.getLogger("tinyvllm.engine")
 
@@ -56,7 +55,6 @@ class LLMEngine:
     t0 = time.perf_counter()
     dummy_cfg = args.dummy_config() if args.load_format == "dummy" else None
     devices, paged = args.devices(), args.paged_attention()     # both check their arguments, before loading
-    compile_cuda_to_machine_code(devices)
     self.speculative = SpeculativeConfig.parse(args.speculative_config)
     self.model, self.tokenizer = load_model(args.model, args.compute_dtype(), args.load_format, dummy_cfg,
                                             args.keep_weights_packed(), devices)
