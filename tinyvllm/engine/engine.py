@@ -79,9 +79,9 @@ class LLMEngine:
     self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                args.enable_chunked_prefill)
     stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
-    rows = args.max_num_batched_tokens if self.diffusion else args.max_num_seqs     # rows of logits a step needs
     self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
-                              self.max_model_len, rows, args.max_num_batched_tokens, args.seed, args.beam, paged)
+                              self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
+                              args.beam, paged)
     self.requests: dict[str, Request] = {}
     self.drafts = Drafts(self, self.speculative, num_blocks)     # tokens a step checks after the last known one
     self.overlap = Overlap(self) if args.async_scheduling else None

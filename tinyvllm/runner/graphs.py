@@ -11,7 +11,9 @@ runner has a *bounded, known set of graphs*, all captured by `warmup` before the
     sampler graphs   one per (R, plan) for those R and the three plans of `sampler.plans` (greedy, sampled,
                      general); plus the prompt-logprobs plan at the largest T
 
-so for a CPU's defaults (max_num_seqs 64, max_num_batched_tokens 256) 10 model graphs and 13 sampler graphs. The
+so for a CPU's defaults (max_num_seqs 64, max_num_batched_tokens 256) 10 model graphs and 13 sampler graphs. A
+diffusion LM's engine (engine/denoising.py) samples a row per position of its sequences' blocks, so its model graphs
+return R = T rows, and its sampler graphs have one plan (`sampler.SCORED`) and no prompt logprobs. The
 count stays that small because the context length, the mix of decodes and prompt chunks and the sampling parameters
 are inputs, not shapes (model_runner.py).
 
@@ -36,7 +38,7 @@ from tinyvllm.kernels.paged_attention import BlockTables, context_blocks
 from tinyvllm.kernels.tensor_core import has_mma
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
 from tinyvllm.runner.graph_store import GraphStore
-from tinyvllm.runner.sampler import SamplingPlan, bucket, plan_and_pack, plans, prompt_logprobs, sample, unpack
+from tinyvllm.runner.sampler import SCORED, SamplingPlan, bucket, plan_and_pack, plans, prompt_logprobs, sample, unpack
 from tinyvllm.tinygrad_internals import allocated, download, trace_and_compile, upload
 
 log = logging.getLogger("tinyvllm.runner")
@@ -183,6 +185,8 @@ class Graphs:
     # tokens, against 2.2 ms for 16, so a step of 5-8 tokens runs in the 16-token graph.
     self.min_tiled_tokens = 16 if len(devices) == 1 and has_mma(devices[0], kv_dtype) else 0
     self.max_adjusted = bucket(min(cfg.vocab_size, 2 * max_model_len), 16)
+    # a diffusion LM's step samples a row per block position (engine/denoising.py), with one plan
+    self.diffusion = cfg.mask_token_id is not None
     self.mask_words = mask_words(cfg.vocab_size)         # structured outputs' allowed-token bitmask, per row
     self.logits_buffers: dict[int, Tensor] = {}
     self.models: dict[ModelShape, ModelGraph] = {}
@@ -202,15 +206,17 @@ class Graphs:
     if every: return ModelShape(self.max_tokens, self.max_tokens, True)
     T = bucket(num_tokens)
     if 4 < T < self.min_tiled_tokens: T = min(self.min_tiled_tokens, self.max_tokens)
-    return ModelShape(T, min(rows_bucket(T), self.max_rows))
+    return ModelShape(T, T if self.diffusion else min(rows_bucket(T), self.max_rows))
 
   def graph_set(self) -> tuple[list[ModelShape], list[SamplerShape]]:
     """Every shape a step can take: what `warmup` captures."""
     sizes = lambda top: [1 << i for i in range(top.bit_length())]
     models = list(dict.fromkeys(self.model_shape(T) for T in sizes(self.max_tokens))) + [self.model_shape(0, every=True)]
+    plan_set = [SCORED] if self.diffusion else plans(self.max_adjusted, mask_words=self.mask_words)
     samplers = [SamplerShape(R, plan) for R in sorted({shape.R for shape in models if not shape.every})
-                for plan in plans(self.max_adjusted, mask_words=self.mask_words)]
-    samplers += [SamplerShape(1, plans(self.max_adjusted, True, self.mask_words)[-1], self.max_tokens)]
+                for plan in plan_set]
+    if not self.diffusion:
+      samplers += [SamplerShape(1, plans(self.max_adjusted, True, self.mask_words)[-1], self.max_tokens)]
     return models, samplers
 
   def model_graph(self, shape: ModelShape) -> ModelGraph:

@@ -41,7 +41,7 @@ from tinyvllm.engine.speculative import AfterDrafts
 from tinyvllm.kernels.paged_attention import new_pool
 from tinyvllm.model.llama import LlamaForCausalLM
 from tinyvllm.runner.graphs import Graphs, ModelGraph, ModelShape, SamplerGraph, SamplerShape, input_starts
-from tinyvllm.runner.sampler import SamplingPlan, penalized, plan_and_pack
+from tinyvllm.runner.sampler import SCORED, SamplingPlan, penalized, plan_and_pack
 
 
 @dataclass
@@ -169,7 +169,8 @@ class ModelRunner:
     rows: list[Sequence | AfterDrafts | None] = [row for s in group for row in _sampler_rows(s)]
     R = 1 if every else shape.R
     plan, adjusted_ids, floats = plan_and_pack(rows + [None] * (R - len(rows)), self.seed, self.stop_ids,
-                                               graphs.max_adjusted, mask_words=graphs.mask_words)
+                                               graphs.max_adjusted, SCORED if graphs.diffusion else None,
+                                               graphs.mask_words)
     sampler_shape = SamplerShape(R, plan, shape.T if every else 0)
     sampler_ints = adjusted_ids if not every else \
       np.concatenate([adjusted_ids, [group[0].num_new_tokens - 1], self._next_prompt_tokens(group[0], shape.T)])

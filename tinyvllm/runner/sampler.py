@@ -27,7 +27,8 @@ The graph that runs depends on a `SamplingPlan`, one of three (`plans`): greedy 
 allowed-token bitmask for structured outputs: engine/structured_output.py), so that a batch of plain greedy requests
 pays for none of this, and a new mix of parameters never needs a graph of its own: the runner captures one per plan
 and row count before serving (graphs.py). A row that does not use a filter, a penalty or a grammar gets
-parameters that make it a no-op.
+parameters that make it a no-op. A diffusion LM's rows have a plan of their own, `SCORED`: temperature and the
+chosen token's logprob (engine/denoising.py).
 """
 from __future__ import annotations
 from dataclasses import dataclass
@@ -127,6 +128,8 @@ def _stream(seq: Sequence, seed_base: int) -> int:
 
 
 GREEDY = SamplingPlan("greedy", (), 0, 0, False)
+SCORED = SamplingPlan("filtered", (), 0, 0, True)     # temperature and the chosen token's logprob, nothing else: the
+                                                      # plan of a diffusion LM's rows (engine/denoising.py)
 
 
 def plans(max_adjusted: int, prompt: bool = False, mask_words: int = 0) -> list[SamplingPlan]:
