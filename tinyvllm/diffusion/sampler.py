@@ -29,6 +29,9 @@ Fast-dLLM's speed-ups:
   only the block and what follows it, attending to the cached prefix. The cache is refreshed at every block.
 
 `denoise_step` runs one step for many sequences in one padded, batched forward pass; `generate` loops it for one.
+This is the readable reference, dense and outside the engine: `LLMEngine` runs the same algorithm on the paged KV pool
+with every other request (engine/denoising.py, which takes `transfer_schedule` and `select` from here), and
+tests/diffusion hold it to `generate` token for token, with and without the prefix cache.
 """
 from __future__ import annotations
 from dataclasses import dataclass
