@@ -182,14 +182,16 @@ class LLMEngine:
       seq = item.seq
       request = self.requests.get(seq.request_id)
       if request is None or seq.is_finished: continue                    # stopped or aborted while this step ran
+      if seq.denoising is not None:                                        # a diffusion LM's: output a block at a time
+        if seq in result.sampled and self._denoised(seq, result.sampled[seq]):
+          request.first_token_time = request.first_token_time or now
+          touched[request.request_id] = request
+        continue
       touched[request.request_id] = request
       if seq in result.prompt_logprobs:
         start = item.start + 1
         seq.prompt_logprobs[start:start + len(result.prompt_logprobs[seq])] = result.prompt_logprobs[seq]
       if seq not in result.sampled: continue                                # a prefill chunk, not the last one
-      if seq.denoising is not None:
-        if self._denoised(seq, result.sampled[seq]): request.first_token_time = request.first_token_time or now
-        continue
       request.first_token_time = request.first_token_time or now
       drafts, seq.draft_token_ids, accepted = seq.draft_token_ids, [], 0
       for i, sampled in enumerate(result.sampled[seq]):   # the token after the last known one, then after each draft
