@@ -13,7 +13,7 @@ runner has a *bounded, known set of graphs*, all captured by `warmup` before the
 
 so for a CPU's defaults (max_num_seqs 64, max_num_batched_tokens 256) 10 model graphs and 13 sampler graphs. A
 diffusion LM's engine (engine/denoising.py) samples a row per position of its sequences' blocks, so its model graphs
-return R = T rows, and its sampler graphs have one plan (`sampler.SCORED`) and no prompt logprobs. The
+return R = T rows, its sampler graphs have one plan (`sampler.SCORED`), and neither has a prompt-logprobs graph. The
 count stays that small because the context length, the mix of decodes and prompt chunks and the sampling parameters
 are inputs, not shapes (model_runner.py).
 
@@ -211,7 +211,8 @@ class Graphs:
   def graph_set(self) -> tuple[list[ModelShape], list[SamplerShape]]:
     """Every shape a step can take: what `warmup` captures."""
     sizes = lambda top: [1 << i for i in range(top.bit_length())]
-    models = list(dict.fromkeys(self.model_shape(T) for T in sizes(self.max_tokens))) + [self.model_shape(0, every=True)]
+    models = list(dict.fromkeys(self.model_shape(T) for T in sizes(self.max_tokens)))
+    if not self.diffusion: models.append(self.model_shape(0, every=True))     # prompt logprobs (autoregressive only)
     plan_set = [SCORED] if self.diffusion else plans(self.max_adjusted, mask_words=self.mask_words)
     samplers = [SamplerShape(R, plan) for R in sorted({shape.R for shape in models if not shape.every})
                 for plan in plan_set]
