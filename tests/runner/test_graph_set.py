@@ -5,7 +5,7 @@ from tinyvllm.runner.graphs import Graphs
 
 
 def runner(min_tiled_tokens: int, max_tokens: int = 256, max_rows: int = 64):
-  r = SimpleNamespace(min_tiled_tokens=min_tiled_tokens, max_tokens=max_tokens, max_rows=max_rows)
+  r = SimpleNamespace(min_tiled_tokens=min_tiled_tokens, max_tokens=max_tokens, max_rows=max_rows, diffusion=False)
   r.model_shape = lambda n, every=False: Graphs.model_shape(r, n, every)
   return r
 

@@ -108,7 +108,7 @@ class LLMEngine:
     room = self.max_model_len - len(token_ids)
     limit = room if params.max_tokens is None else min(room, params.max_tokens)
     seqs = [Sequence(request_id, token_ids, params, index, limit) for index in range(params.n)]
-    if self.diffusion:
+    if self.model_config.mask_token_id is not None:                       # a diffusion LM: engine/denoising.py
       seed = params.seed if params.seed is not None else self.args.seed * 1_000_003 + seqs[0].seq_id
       states = denoising.start(params, len(token_ids), self.model_config, self.args.diffusion_recompute, seed,
                                self.max_model_len, self.args.max_num_batched_tokens)
