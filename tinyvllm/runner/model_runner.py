@@ -203,8 +203,8 @@ class ModelRunner:
       slots += [bm.slot(seq, p) for p in range(start, start + n)]
       rows += [row] * n
       key_limits += range(start, start + n) if seq.denoising is None else seq.denoising.key_limits(start, n)
-      first = len(tokens) - n - start                            # where position 0 would be in the flat batch
-      logits_index += (first + p for p in _logits_positions(s))
+      first, wanted = len(tokens) - n - start, _logits_positions(s)  # first: where position 0 would be in the batch
+      logits_index += range(first + wanted.start, first + wanted.stop)
       table = seq.block_table[:blocks]           # a diffusion LM keeps blocks past the step's end (denoising.py)
       tables += table + [NULL_BLOCK] * (blocks - len(table))
     pad = T - len(tokens)                     # padding tokens: token 0 at the null block's slot, row 0's table
