@@ -17,12 +17,15 @@ Metric definitions: tinyvllm/benchmarks/metrics.py.
   python bench.py throughput --load-format dummy --shape llama-1b --num-prompts 256 --json out.json
   python bench.py serve --request-rate 4 --num-prompts 64
   python bench.py serve --random-range-ratio 0 --sampling-mix greedy      # fixed lengths, all greedy
+  python bench.py diffusion --load-format dummy --shape llada-8b --num-prompts 32 --input-len 256 --gen-length 256 \
+    --block-length 32 --diffusion-steps 64 --modes cache --compare torch      # against Fast-dLLM's loop in torch
 """
 from __future__ import annotations
 import argparse
 import os
 import sys
 from tinyvllm.benchmarks import commands
+from tinyvllm.benchmarks.diffusion import MODES
 from tinyvllm.benchmarks.report import describe_workload, table, write_json
 from tinyvllm.benchmarks.workloads import SAMPLING_MIXES
 from tinyvllm.engine_args import EngineArgs
@@ -99,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--gen-length", type=int, default=64)
   p.add_argument("--block-length", type=int, default=16)
   p.add_argument("--threshold", type=float, default=0.9, help="Fast-dLLM's confidence threshold")
+  p.add_argument("--diffusion-steps", type=int, default=None,
+                 help="forward passes per sequence in the fixed-schedule modes (default: one per token)")
+  p.add_argument("--modes", nargs="+", choices=list(MODES), default=["llada", "threshold", "threshold+cache"])
+  p.add_argument("--input-len", type=int, default=256, help="random prompts' tokens (--load-format dummy)")
   p.set_defaults(func=commands.diffusion)
   return parser
 

@@ -42,6 +42,8 @@ SHAPES: dict[str, dict] = {
                      rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=32768, rms_norm_eps=1e-5,
                      sliding_window=4096),
   # diffusion LMs (engine/denoising.py): a [MASK] id makes the shape one
+  "tiny-diffusion": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, mask_token_id=511),
   "llada-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=32,
                    num_key_value_heads=32, vocab_size=126464, rope_theta=500000.0, tie_word_embeddings=False,
                    max_position_embeddings=4096, rms_norm_eps=1e-5, mask_token_id=126336),
@@ -89,6 +91,8 @@ class EngineArgs:
   diffusion_recompute: bool = False        # a diffusion LM computes its whole sequence every step (LLaDA's reference
                                            # algorithm) instead of caching the prompt and finished blocks
                                            # (engine/denoising.py)
+  diffusion_max_block_length: int = 128    # a diffusion LM's longest block: a step samples at most max_num_seqs × this
+                                           # many rows of logits (longer blocks are refused)
   generation_config: str = "auto"          # sampling defaults for unset fields: "auto" (the model's), "vllm"
                                            # (none), or a folder with generation_config.json
                                            # (model/generation_config.py)

@@ -319,3 +319,18 @@ def test_smoke_diffusion(bench, tiny_llada, tmp_path, capsys):
   assert (llada["tokens"], llada["model_calls_per_token"], llada["batched_forwards"]) == (8, 1.0, 4)
   assert llada["agreement_with_llada"] == 1.0 and llada["log_likelihood_per_token"] < 0
   for c in columns.values(): assert c["tokens"] == 8 and 0 < c["model_calls_per_token"] <= 1 and c["tokens_per_s"] > 0
+
+
+def test_smoke_diffusion_random_weights(bench, tmp_path):
+  """A --shape's random weights: random prompts, speed only; LLaDA's fixed schedule with and without the cache."""
+  result = bench.main(["diffusion", "--load-format", "dummy", "--shape", "tiny-diffusion", "--num-prompts", "2",
+                       "--input-len", "6", "--gen-length", "8", "--block-length", "4", "--diffusion-steps", "4",
+                       "--modes", "cache", "llada", "--warmup", "0", "--compare", "torch",
+                       "--json", str(tmp_path / "out.json")])
+  columns = result["columns"]
+  assert list(columns) == ["cache", "llada", "torch"] and result["engine_args"]["max_model_len"] == 14
+  for name in ("cache", "llada"):
+    c = columns[name]
+    assert (c["tokens"], c["model_calls_per_token"], c["batched_forwards"]) == (16, 0.5, 4)
+    assert c["step_ms"] > 0 and "log_likelihood_per_token" not in c
+  assert "skipped" in columns["torch"] or columns["torch"]["batched_forwards"] == 4

@@ -59,6 +59,19 @@ def test_the_cached_mode_is_fast_dllms_prefix_cache(tiny_dir):
     assert ours == generate(tiny, prompt, dp, use_cache=True).x[len(prompt):].tolist()
 
 
+def test_a_dream_checkpoint_runs_the_dense_loops_in_both_modes(tmp_path):
+  """Dream: Qwen2's tensors (q/k/v biases), and the logits at position i read from position i - 1 (it was trained
+  from an autoregressive model): recompute and cached modes give what the dense loops give."""
+  path = write_tiny_llada(tmp_path, dream=True)
+  tiny, _ = load_diffusion_model(path)
+  assert tiny.config.shift == 1
+  requests = [(prompt, params) for prompt in PROMPTS[:2] for params in GREEDY]
+  for recompute in (True, False):
+    for (prompt, params), ours in zip(requests, run(engine(path, diffusion_recompute=recompute), requests)):
+      dp = DiffusionParams.from_sampling_params(params)
+      assert ours == generate(tiny, prompt, dp, use_cache=not recompute).x[len(prompt):].tolist()
+
+
 def test_a_block_causal_cache_computes_what_a_recompute_does(tiny_dir):
   """Block-causal: the prompt (in chunks) and finished blocks keep their K/V, a step computes one block; a full
   recompute with the same attention gives the same tokens."""
@@ -73,6 +86,33 @@ def test_batched_chunked_and_preempted_requests_give_what_each_gives_alone(tiny_
   alone = [run(engine(tiny_dir, block_causal), [r])[0] for r in requests]
   tight = engine(tiny_dir, block_causal, max_num_batched_tokens=40, num_kv_blocks=12)
   assert run(tight, requests) == alone
+  assert tight.scheduler.num_preemptions > 0 or not block_causal    # bidirectional: each takes its blocks at once
+
+
+GUIDED = [SamplingParams(max_tokens=8, block_length=4, cfg_scale=1.5, temperature=0, ignore_eos=True),
+          SamplingParams(max_tokens=12, block_length=6, diffusion_steps=4, cfg_scale=0.5, temperature=0, ignore_eos=True)]
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_classifier_free_guidance_is_the_dense_guided_loop(tiny_dir, recompute):
+  """cfg_scale > 0: each guided sequence brings a twin with its prompt masked into the same steps, and the sampler
+  reads uncond + (scale + 1) · (cond - uncond) for its block (LLaDA's formula); an unguided request in the same
+  batch is untouched. Both modes against diffusion/sampler.py's dense loops."""
+  tiny, _ = load_diffusion_model(tiny_dir)
+  requests = [(PROMPTS[0], GUIDED[0]), (PROMPTS[2], MIXED[0]), (PROMPTS[1], GUIDED[1])]
+  for (prompt, params), ours in zip(requests, run(engine(tiny_dir, diffusion_recompute=recompute), requests)):
+    dp = DiffusionParams.from_sampling_params(params)
+    assert ours == generate(tiny, prompt, dp, use_cache=not recompute).x[len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("block_causal", [False, True])
+def test_guided_requests_batched_and_preempted_give_what_each_gives_alone(tiny_dir, block_causal):
+  """A twin takes a seat, budget and blocks beside its sequence, and is preempted and freed with it."""
+  requests = [(PROMPTS[0], GUIDED[0]), (PROMPTS[3], MIXED[1]), (PROMPTS[2], GUIDED[1]), (PROMPTS[1], MIXED[0]),
+              (PROMPTS[3], GUIDED[0])]
+  alone = [run(engine(tiny_dir, block_causal), [r])[0] for r in requests]
+  tight = engine(tiny_dir, block_causal, max_num_batched_tokens=48, num_kv_blocks=14, max_num_seqs=4)
+  assert run(tight, requests) == alone and tight.block_manager.usage == 0
   assert tight.scheduler.num_preemptions > 0 or not block_causal    # bidirectional: each takes its blocks at once
 
 
@@ -97,9 +137,19 @@ def test_aborting_mid_block_leaks_no_kv_block(tiny_dir):
   assert not e.has_unfinished_requests() and e.block_manager.usage == 0
 
 
+def test_logits_rows_are_bounded_by_the_longest_block_and_give_the_same_tokens(tiny_dir):
+  """A step samples a row per block position, so its logits need max_num_seqs × the longest block rows, not a row
+  per token: 64-token graphs with 8 rows, and the tokens of an engine whose rows are not bounded."""
+  requests = [(prompt, params) for prompt, params in zip(PROMPTS, [MIXED[0], MIXED[3], MIXED[4], MIXED[0]])]
+  bounded = engine(tiny_dir, max_num_seqs=2, diffusion_max_block_length=4)
+  assert {shape.R for shape in bounded.runner.graphs.graph_set()[0]} == {1, 2, 4, 8}
+  assert run(bounded, requests) == run(engine(tiny_dir, max_num_seqs=2), requests)
+
+
 def test_requests_a_diffusion_lm_cannot_serve_are_refused(tiny_dir):
-  e = engine(tiny_dir, max_num_batched_tokens=32)
+  e = engine(tiny_dir, max_num_batched_tokens=32, diffusion_max_block_length=8)
   for params, field in [(SamplingParams(top_p=0.5), "top_p"), (SamplingParams(logprobs=1), "logprobs"),
                         (SamplingParams(max_tokens=64, block_length=4), "max_model_len"),
+                        (SamplingParams(max_tokens=16, block_length=16), "block_length"),
                         (SamplingParams(max_tokens=48, block_length=4), "max_num_batched_tokens")]:
     with pytest.raises(ValueError, match=field): e.add_request([5, 6, 7], params)

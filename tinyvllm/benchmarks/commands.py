@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from tinygrad import Device
 from tinyvllm.benchmarks import offline, peers, serving
-from tinyvllm.benchmarks.diffusion import bench_diffusion
+from tinyvllm.benchmarks.diffusion import bench_diffusion, diffusion_prompts
 from tinyvllm.benchmarks.report import Row, machine_info, ratios
 from tinyvllm.benchmarks.workloads import Workload, chat_requests, random_requests, shared_prefix_requests, summary
 from tinyvllm.engine_args import DIFFUSION_FIELDS, SHAPES, EngineArgs
@@ -28,7 +28,7 @@ from tinyvllm.formats.gguf import read_gguf_metadata
 from tinyvllm.model.loader import resolve
 from tinyvllm.sampling_params import SamplingParams, StructuredOutputsParams
 
-PEERS = ("llama.cpp", "tinygrad.llm", "transformers")
+PEERS = ("llama.cpp", "tinygrad.llm", "transformers", "torch")
 TINYGRAD_LLM_TOKENS = 16     # tinygrad.llm decodes ~1.5 tok/s on a 2-core CPU: a short run is enough for its rate
 
 LATENCY_ROWS: list[Row] = [("TTFT mean (ms)", "ttft_ms.mean"), ("TTFT p99 (ms)", "ttft_ms.p99"),
@@ -111,7 +111,8 @@ def vocab_size(engine_args: EngineArgs) -> int:
 def workload_len(args: argparse.Namespace) -> int | None:
   """The longest sequence (prompt + output tokens) the subcommand's workload makes: the default max_model_len, so
   a model with a 128k context does not need a KV pool for 128k tokens to run a benchmark of 200."""
-  if args.benchmark == "diffusion": return None        # text prompts, no KV pool: the model's context bounds them
+  if args.benchmark == "diffusion":       # the shipped model's text prompts are short; random ones are input_len
+    return args.input_len + args.gen_length if args.load_format == "dummy" else None
   if args.benchmark == "prefix": return args.prefix_len + args.turns * (args.question_len + args.output_len)
   stretch = 1 + getattr(args, "random_range_ratio", 0.0)
   return getattr(args, "random_prefix_len", 0) + int(args.input_len * stretch) + int(args.output_len * stretch) + 1
@@ -247,13 +248,23 @@ def sampling(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
 
 
 DIFFUSION_ROWS: list[Row] = [("output tok/s", "tokens_per_s"), ("model calls per token", "model_calls_per_token"),
-                             ("batched forward passes", "batched_forwards"),
+                             ("batched forward passes", "batched_forwards"), ("ms per step", "step_ms"),
                              ("tokens equal to llada's", "agreement_with_llada"),
                              ("log-likelihood per token", "log_likelihood_per_token")]
 
 
 def diffusion(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
   """LLaDA (one token per step), Fast-dLLM threshold decoding, threshold + prefix cache: one column each."""
-  columns = bench_diffusion(engine_args, args.num_prompts, args.gen_length, args.block_length, args.threshold,
-                            args.warmup)
-  return _result("diffusion", args, engine_args, columns, DIFFUSION_ROWS)
+  prompts = diffusion_prompts(engine_args, args.num_prompts, args.input_len, args.seed)
+  columns = bench_diffusion(engine_args, prompts, args.gen_length, args.block_length, args.threshold, args.warmup,
+                            tuple(args.modes), args.diffusion_steps)
+  theirs = _peer_columns(args, {"torch": lambda: peers.torch_diffusion(
+    _diffusion_shape(engine_args), prompts, args.gen_length, args.block_length, args.diffusion_steps,
+    args.peer_timeout)})
+  return _result("diffusion", args, engine_args, {**columns, **theirs}, DIFFUSION_ROWS)
+
+
+def _diffusion_shape(engine_args: EngineArgs) -> dict:
+  if engine_args.load_format != "dummy":
+    raise peers.PeerUnavailable("the torch loop runs random weights of a shape: pass --load-format dummy --shape S")
+  return SHAPES[engine_args.shape]

@@ -5,16 +5,21 @@ gen_length tokens) and reports tokens/s, model calls per generated token (forwar
 with steps = gen_length makes 1.0) and quality: the model's own log-likelihood of what it wrote (left to right, see
 `log_likelihood`) and the share of tokens equal to the LLaDA baseline's. "llada" and "threshold" recompute the whole
 sequence every step (engine/denoising.py's recompute mode: LLaDA's algorithm), "threshold+cache" keeps the prompt's
-and finished blocks' K/V (Fast-dLLM's prefix cache). `--warmup` runs of the same prompts come first: they capture
-the graphs the measured run takes.
+and finished blocks' K/V (Fast-dLLM's prefix cache), "cache" is LLaDA's fixed schedule with that cache. `--warmup`
+runs of the same prompts come first: they capture the graphs the measured run takes.
+
+With random weights of a --shape (`--load-format dummy --shape llada-8b`) the prompts are random token ids and only
+speed is measured; the `torch` peer (workers/torch_diffusion.py) runs Fast-dLLM's prefix-cache loop on the same
+prompts and shape, against the "cache" mode at the same fixed number of tokens per step (`--diffusion-steps`).
 """
 from __future__ import annotations
 import dataclasses
+import gc
 import time
 import numpy as np
 from tinygrad import Tensor
 from tinyvllm.engine.engine import LLMEngine
-from tinyvllm.engine_args import EngineArgs
+from tinyvllm.engine_args import SHAPES, EngineArgs
 from tinyvllm.diffusion.llada import MaskedDiffusionLM, load_diffusion_model
 from tinyvllm.model.loader import resolve
 from tinyvllm.sampling_params import SamplingParams
@@ -24,7 +29,16 @@ PROMPTS = ["from django.db import models\n\n\nclass Book(models.Model):\n", "   
            "class Migration(migrations.Migration):\n", "from django.test import TestCase\n\n\nclass",
            "def get_version(version=None):\n",
            "    def __init__(self, *args, **kwargs):\n", "        self.assertEqual(response.status_code, "]
-MODES = {"llada": (False, False), "threshold": (True, False), "threshold+cache": (True, True)}  # threshold?, cache?
+MODES = {"llada": (False, False), "threshold": (True, False), "threshold+cache": (True, True),     # threshold?, cache?
+         "cache": (False, True)}
+
+
+def diffusion_prompts(engine_args: EngineArgs, num_prompts: int, input_len: int, seed: int) -> list[str] | list[list[int]]:
+  """The shipped model's code prompts, or (random weights of a --shape) random token ids of input_len each."""
+  if engine_args.load_format == "dummy":
+    below_mask = SHAPES[engine_args.shape]["mask_token_id"]
+    return np.random.default_rng(seed).integers(0, below_mask, (num_prompts, input_len)).tolist()
+  return (PROMPTS * (num_prompts // len(PROMPTS) + 1))[:num_prompts]
 
 
 def log_likelihood(model: MaskedDiffusionLM, prompt: list[int], gen: list[int]) -> float:
@@ -38,10 +52,10 @@ def log_likelihood(model: MaskedDiffusionLM, prompt: list[int], gen: list[int]) 
   return float(np.mean([logp[i, len(prompt) + i, gen[i]] for i in range(n)]))
 
 
-def run_mode(engine: LLMEngine, prompts: list[str], gen_length: int, block_length: int,
-             threshold: float | None) -> tuple[list, float, int]:
+def run_mode(engine: LLMEngine, prompts: list, gen_length: int, block_length: int, threshold: float | None,
+             steps: int | None = None) -> tuple[list, float, int]:
   sp = SamplingParams(max_tokens=gen_length, temperature=0, ignore_eos=True)
-  sp.block_length, sp.threshold = block_length, threshold          # SamplingParams' diffusion knobs
+  sp.block_length, sp.threshold, sp.diffusion_steps = block_length, threshold, steps   # the diffusion knobs
   ids = [engine.add_request(p, sp) for p in prompts]
   done, t0, steps = {}, time.perf_counter(), 0
   while engine.has_unfinished_requests():
@@ -51,27 +65,36 @@ def run_mode(engine: LLMEngine, prompts: list[str], gen_length: int, block_lengt
   return [done[i] for i in ids], time.perf_counter() - t0, steps
 
 
-def bench_diffusion(engine_args: EngineArgs, num_prompts: int = 8, gen_length: int = 64, block_length: int = 16,
-                    threshold: float = 0.9, warmup: int = 2) -> dict[str, dict]:
+def bench_diffusion(engine_args: EngineArgs, prompts: list, gen_length: int = 64, block_length: int = 16,
+                    threshold: float = 0.9, warmup: int = 2, modes: tuple[str, ...] = ("llada", "threshold",
+                    "threshold+cache"), steps: int | None = None) -> dict[str, dict]:
   """One column of metrics per mode, each on a fresh engine (recompute or cache is an engine argument) whose step
-  holds every prompt whole."""
-  prompts = (PROMPTS * (num_prompts // len(PROMPTS) + 1))[:num_prompts]
+  holds every prompt whole. `steps`: forward passes per sequence of the fixed-schedule modes (None: one per token).
+  Quality (log-likelihood, agreement) is measured for real weights only."""
   columns, baseline = {}, None
-  scorer = load_diffusion_model(resolve(engine_args.model or "diffusion"))[0]
-  for name, (use_threshold, cache) in MODES.items():
-    budget = max(engine_args.max_num_batched_tokens or 0, num_prompts * (32 + gen_length))   # prompts: < 32 tokens
+  dummy = engine_args.load_format == "dummy"
+  scorer = None if dummy else load_diffusion_model(resolve(engine_args.model or "diffusion"))[0]
+  prompt_len = max(len(p) for p in prompts) if dummy else 32                        # the code prompts: < 32 tokens
+  for name in modes:
+    use_threshold, cache = MODES[name]
+    budget = max(engine_args.max_num_batched_tokens or 0, len(prompts) * (prompt_len + gen_length))
     engine = LLMEngine(dataclasses.replace(engine_args, diffusion_recompute=not cache, max_num_batched_tokens=budget,
-                                           max_num_seqs=max(engine_args.max_num_seqs or 0, num_prompts)))
+                                           max_num_seqs=max(engine_args.max_num_seqs or 0, len(prompts))))
     t = threshold if use_threshold else None
-    for _ in range(warmup): run_mode(engine, prompts, gen_length, block_length, t)
-    outs, seconds, steps = run_mode(engine, prompts, gen_length, block_length, t)
+    for _ in range(warmup): run_mode(engine, prompts, gen_length, block_length, t, steps)
+    outs, seconds, forwards = run_mode(engine, prompts, gen_length, block_length, t, steps)
     tokens = [o.outputs[0].token_ids for o in outs]
     n = sum(len(t) for t in tokens)
-    baseline = baseline or tokens
-    agree = np.mean([a == b for x, y in zip(tokens, baseline) for a, b in zip(x, y)])
-    loglik = np.mean([log_likelihood(scorer, o.prompt_token_ids, t) for o, t in zip(outs, tokens)])
     columns[name] = {"tokens_per_s": n / seconds, "model_calls_per_token": sum(o.metrics["model_calls"]
-                     for o in outs) / n, "batched_forwards": steps,
-                     "agreement_with_llada": float(agree), "log_likelihood_per_token": float(loglik),
-                     "seconds": seconds, "tokens": n, "text": [o.outputs[0].text for o in outs]}
+                     for o in outs) / n, "batched_forwards": forwards, "step_ms": 1000 * seconds / forwards,
+                     "seconds": seconds, "tokens": n}
+    if scorer is not None:
+      baseline = baseline or tokens
+      columns[name] |= {
+        "agreement_with_llada": float(np.mean([a == b for x, y in zip(tokens, baseline) for a, b in zip(x, y)])),
+        "log_likelihood_per_token": float(np.mean([log_likelihood(scorer, o.prompt_token_ids, t)
+                                                   for o, t in zip(outs, tokens)])),
+        "text": [o.outputs[0].text for o in outs]}
+    del engine
+    gc.collect()                                  # the next mode's engine and the peers need its memory
   return columns

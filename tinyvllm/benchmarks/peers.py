@@ -5,6 +5,8 @@
   tinygrad.llm    tinygrad's own batch-1 runner (tinygrad 0.13.0, in its own venv; --tinygrad-llm-python or
                   $TINYGRAD_LLM_PYTHON) via workers/tinygrad_llm_generate.py, which stamps every token
   transformers    `generate` with a static cache via workers/hf_generate.py, when torch and transformers import
+  torch           (diffusion) Fast-dLLM's prefix-cache loop on a LLaDA-shaped torch network via
+                  workers/torch_diffusion.py, random weights of the benchmark's --shape
 
 Where a peer reports per-token timestamps (tinygrad.llm, transformers' batch 1) they go through the same
 `metrics.py` as tinyvllm's. llama.cpp reports rates, mapped onto the same names:
@@ -132,3 +134,20 @@ def hf_throughput(model: dict, requests: list[Request], timeout: float = 1800) -
   out = _worker(sys.executable, "hf_generate.py", spec, timeout)
   return throughput_metrics(out["num_requests"], out["prompt_tokens"], out["output_tokens"], out["duration"]) | \
     {"device": spec["device"]}
+
+
+# ---- a diffusion LM's loop in plain torch ---------------------------------------------------------------------
+def torch_diffusion(shape: dict, prompts: list[list[int]], gen_length: int, block_length: int, steps: int | None,
+                    timeout: float = 1800) -> dict:
+  """Speed of Fast-dLLM's prefix-cache loop, with the columns `bench_diffusion` reports."""
+  if importlib.util.find_spec("torch") is None: raise PeerUnavailable("torch is not installed in this python")
+  import torch
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  spec = {"config": shape, "prompts": prompts, "gen_length": gen_length, "block_length": block_length,
+          "steps": steps or gen_length, "mask_id": shape["mask_token_id"], "device": device,
+          "dtype": "float16" if device == "cuda" else "float32"}
+  out = _worker(sys.executable, "torch_diffusion.py", spec, timeout)
+  n, passes = out["output_tokens"], out["forward_passes"]
+  return {"tokens_per_s": n / out["duration"], "model_calls_per_token": passes * out["num_requests"] / n,
+          "batched_forwards": passes, "step_ms": 1000 * out["duration"] / passes, "seconds": out["duration"],
+          "tokens": n, "device": device}

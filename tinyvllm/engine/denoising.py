@@ -26,6 +26,11 @@ What a position sees, and so what the paged pool can keep, depends on how the mo
   `recompute` (EngineArgs.diffusion_recompute) runs LLaDA's algorithm itself: every step computes everything.
   tests/diffusion check both, token for token, against diffusion/sampler.py's `generate` with and without its
   cache. The prompt is neither chunked nor shared: its K/V depends on everything after it.
+
+Classifier-free guidance (`cfg_scale` > 0, LLaDA's): a guided sequence brings a *twin*, the same sequence with its
+prompt masked, which shares its Denoising and is scheduled, allocated and freed with it (engine/scheduler.py). The
+twin's rows are the partners of the sequence's rows in the sampler, which reads uncond + (cfg_scale + 1) ·
+(cond - uncond) (runner/sampler.py); the twin's own samples are dropped.
 """
 from __future__ import annotations
 import numpy as np
@@ -40,13 +45,14 @@ AUTOREGRESSIVE_ONLY = ("top_p", "top_k", "min_p", "presence_penalty", "frequency
 
 
 def start(params: SamplingParams, prompt_len: int, model: ModelConfig, recompute: bool, seed: int,
-          max_model_len: int, max_num_batched_tokens: int) -> list[Denoising]:
+          max_model_len: int, max_num_batched_tokens: int, max_block_length: int) -> list[Denoising]:
   """The diffusion state of each of a request's n choices; ValueError (for the user) where the request asks for
   what a diffusion LM does not do or its blocks cannot fit a step."""
   unsupported = [name for name in AUTOREGRESSIVE_ONLY if getattr(params, name) != getattr(SamplingParams(), name)]
   if unsupported: raise ValueError(f"diffusion models do not support {', '.join(unsupported)}")
-  if params.cfg_scale: raise ValueError("cfg_scale: classifier-free guidance is not supported by this engine")
   dp = DiffusionParams.from_sampling_params(params)
+  if dp.block_length > max_block_length:
+    raise ValueError(f"block_length={dp.block_length} exceeds this engine's diffusion_max_block_length={max_block_length}")
   if prompt_len + dp.gen_length > max_model_len:
     raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({dp.gen_length}) exceeds max_model_len={max_model_len}")
   states = [Denoising(prompt_len, DiffusionParams(**{**dp.__dict__, "seed": seed + i}), model, recompute)

@@ -81,7 +81,7 @@ class LLMEngine:
     stop_ids = self.tokenizer.stop_ids if self.tokenizer else set()
     self.runner = ModelRunner(self.model, devices, num_blocks, args.block_size, args.compute_dtype(), stop_ids,
                               self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
-                              args.beam, paged)
+                              args.beam, paged, args.diffusion_max_block_length if self.diffusion else 1)
     self.requests: dict[str, Request] = {}
     self.drafts = Drafts(self, self.speculative, num_blocks)     # tokens a step checks after the last known one
     self.overlap = Overlap(self) if args.async_scheduling else None
@@ -111,9 +111,14 @@ class LLMEngine:
     if self.model_config.mask_token_id is not None:                       # a diffusion LM: engine/denoising.py
       seed = params.seed if params.seed is not None else self.args.seed * 1_000_003 + seqs[0].seq_id
       states = denoising.start(params, len(token_ids), self.model_config, self.args.diffusion_recompute, seed,
-                               self.max_model_len, self.args.max_num_batched_tokens)
+                               self.max_model_len, self.args.max_num_batched_tokens,
+                               self.args.diffusion_max_block_length)
       for seq, state in zip(seqs, states):
         seq.denoising, seq.max_output_tokens, seq.draft_token_ids = state, state.params.gen_length, state.drafts()
+        if params.cfg_scale > 0:       # guidance: the same sequence with its prompt masked, in the same steps
+          seq.twin = Sequence(request_id, [self.model_config.mask_token_id] * len(token_ids), params, index=seq.index,
+                              max_output_tokens=seq.max_output_tokens, denoising=state, is_twin=True,
+                              draft_token_ids=state.drafts())
     if params.structured_outputs is not None:
       grammar = structured_output.check(params.structured_outputs, self.tokenizer, vocab_size)
       for seq in seqs: seq.matcher = structured_output.Matcher(self.tokenizer, vocab_size, grammar)
@@ -162,7 +167,7 @@ class LLMEngine:
   def prepare(self) -> PreparedStep | None:
     if self.wants_drafts(): self.drafts.propose(self.scheduler.running)   # tokens for the step to check
     for seq in self.scheduler.waiting if self.diffusion else ():          # a preempted one's block (preemption
-      seq.draft_token_ids = seq.denoising.drafts()                         # drops drafts)
+      for s in seq.group: s.draft_token_ids = seq.denoising.drafts()       # drops drafts)
     scheduled = self.scheduler.schedule()                                 # who runs, how many tokens each
     if not scheduled: return None
     step = self.runner.prepare(scheduled, self.block_manager)             # graph inputs
@@ -181,7 +186,7 @@ class LLMEngine:
     for item in step.scheduled:
       seq = item.seq
       request = self.requests.get(seq.request_id)
-      if request is None or seq.is_finished: continue                    # stopped or aborted while this step ran
+      if request is None or seq.is_finished or seq.is_twin: continue    # stopped or aborted while this step ran
       if seq.denoising is not None:                                        # a diffusion LM's: output a block at a time
         if seq in result.sampled and self._denoised(seq, result.sampled[seq]):
           request.first_token_time = request.first_token_time or now
@@ -220,15 +225,17 @@ class LLMEngine:
     output grew."""
     state = seq.denoising
     block = state.update([s.token for s in sampled], [math.exp(s.logprob) for s in sampled])
-    seq.num_computed_tokens = state.kept_after_step(seq.num_known_tokens, block is not None)
+    for s in seq.group: s.num_computed_tokens = state.kept_after_step(seq.num_known_tokens, block is not None)
     for token in block or []:
+      if seq.twin is not None: seq.twin.output_token_ids.append(token)
       self._append(seq, Sampled(token))
       reason = self._stop_reason(seq)
       if self.tokenizer and update_text(seq, self.tokenizer, finished=reason is not None): reason = "stop"
       if reason:
         self.scheduler.finish(seq, reason)
         return True
-    seq.draft_token_ids = state.drafts()          # its blocks stay: the next step computes the same positions
+    for s in seq.group: s.draft_token_ids = state.drafts()   # its blocks stay: the next step computes the same
+                                                               # positions
     return block is not None
 
   @staticmethod

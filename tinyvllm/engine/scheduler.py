@@ -19,7 +19,9 @@ blocks are freed and it goes back to the front of the waiting queue, to be recom
 A decoding sequence may bring draft tokens to check (speculative decoding, engine/speculative.py): they cost budget
 like prompt tokens and each needs a row of logits, so they are cut to what the step has room for: tokens in the
 budget, and rows within `max_num_seqs` (every running sequence keeps a row of its own). A diffusion LM's block
-(engine/denoising.py) is never cut: its positions attend to each other, so a step computes all of it or none.
+(engine/denoising.py) is never cut: its positions attend to each other, so a step computes all of it or none. A
+guided one brings its twin (`Sequence.group`): the two are budgeted, allocated, preempted and freed as one, and
+take two of the `max_num_seqs` seats.
 """
 from __future__ import annotations
 from collections import deque
@@ -56,7 +58,7 @@ class Scheduler:
     budget = self.max_num_batched_tokens
     scheduled: list[ScheduledSequence] = []
     preemptions_before = self.num_preemptions
-    draft_rows = 0
+    draft_rows = sum(seq.twin is not None for seq in self.running)      # seats: a twin takes one
     # decodes first; a sequence whose last token is being sampled needs nothing more
     unscheduled = sorted((s for s in self.running if not s.has_all_tokens),
                          key=lambda s: s.num_uncomputed_tokens - len(s.draft_token_ids) > 1)
@@ -67,31 +69,41 @@ class Scheduler:
         del seq.draft_token_ids[max(0, room):]
         if not self.block_manager.can_allocate(seq, seq.num_tokens): seq.draft_token_ids.clear()   # no preempting
         draft_rows += len(seq.draft_token_ids)                                                      # for guesses
-      n = self._chunk(seq, budget)
+      n = self._chunk(seq, budget // len(seq.group))
       if n == 0: continue
       if not self._make_room(seq, n, unscheduled): continue      # seq itself was preempted
-      self.block_manager.allocate(seq, seq.num_computed_tokens + n)
-      scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
-      budget -= n
+      budget -= self._allocate(seq, n, scheduled)
     # after a preemption the pool is tight: admitting newcomers would only preempt again
-    while (self.waiting and budget > 0 and len(self.running) + draft_rows < self.max_num_seqs
-           and self.num_preemptions == preemptions_before):
+    while (self.waiting and budget > 0 and self.num_preemptions == preemptions_before
+           and len(self.running) + draft_rows + len(self.waiting[0].group) <= self.max_num_seqs):
       seq = self.waiting[0]
       if self._sibling_prefilling(seq): break     # wait to share its prompt blocks instead of computing them again
-      self.block_manager.reuse_cached_prefix(seq)
-      n = self._chunk(seq, budget)
-      if n == 0 or not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+      if seq.twin is None:        # a twin computes the same positions as its sequence: no cached prefix for either
+        self.block_manager.reuse_cached_prefix(seq)
+      n = self._chunk(seq, budget // len(seq.group))
+      if n == 0 or not self._can_allocate(seq, n):
         self.block_manager.free(seq)              # give the borrowed prefix back; try again next step
         seq.num_computed_tokens = 0
         break
       self.waiting.popleft()
       self.block_manager.record_prefix_lookup(seq)
-      self.block_manager.allocate(seq, seq.num_computed_tokens + n)
       seq.status = SequenceStatus.RUNNING
       self.running.append(seq)
-      scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
-      budget -= n
+      draft_rows += len(seq.group) - 1
+      budget -= self._allocate(seq, n, scheduled)
     return scheduled
+
+  def _can_allocate(self, seq: Sequence, n: int) -> bool:
+    """Whether the pool has blocks for `n` more tokens of `seq` and of its twin."""
+    bm = self.block_manager
+    return sum(bm.blocks_needed(s, s.num_computed_tokens + n) for s in seq.group) <= bm.num_free_blocks
+
+  def _allocate(self, seq: Sequence, n: int, scheduled: list[ScheduledSequence]) -> int:
+    """Blocks for `n` more tokens of `seq` (and its twin), scheduled; the tokens this costs the budget."""
+    for s in seq.group:
+      self.block_manager.allocate(s, s.num_computed_tokens + n)
+      scheduled.append(ScheduledSequence(s, n, s.num_computed_tokens))
+    return n * len(seq.group)
 
   def _sibling_prefilling(self, seq: Sequence) -> bool:
     """True while another completion of the same request (n > 1) is still computing the shared prompt."""
@@ -105,7 +117,7 @@ class Scheduler:
   def _make_room(self, seq: Sequence, num_new_tokens: int, unscheduled: list[Sequence]) -> bool:
     """Preempt the newest not-yet-scheduled running sequences until `seq` can grow by `num_new_tokens`;
     False if none is left to preempt but `seq` itself."""
-    while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + num_new_tokens):
+    while not self._can_allocate(seq, num_new_tokens):
       victim = max(unscheduled + [seq], key=lambda s: s.arrival_time)
       self.preempt(victim)
       if victim is seq: return False
@@ -114,9 +126,10 @@ class Scheduler:
 
   def preempt(self, seq: Sequence) -> None:
     self.running.remove(seq)
-    self.block_manager.free(seq)
-    seq.num_computed_tokens = 0
-    seq.draft_token_ids.clear()
+    for s in seq.group:
+      self.block_manager.free(s)
+      s.num_computed_tokens = 0
+      s.draft_token_ids.clear()
     seq.num_preemptions += 1
     seq.status = SequenceStatus.WAITING
     self.waiting.appendleft(seq)
@@ -125,5 +138,6 @@ class Scheduler:
   def finish(self, seq: Sequence, reason: str) -> None:
     if seq in self.running: self.running.remove(seq)
     elif seq in self.waiting: self.waiting.remove(seq)
-    self.block_manager.free(seq)
-    seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+    for s in seq.group:
+      self.block_manager.free(s)
+      s.status, s.finish_reason = SequenceStatus.FINISHED, reason

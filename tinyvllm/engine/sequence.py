@@ -16,6 +16,9 @@ dropped:
 
     prompt + output          drafts          one step computes [last token | d1 d2 d3] and samples 4 rows:
     [ .......... t ]  [ d1 d2 d3 ]        t → d1? d1 → d2? d2 → d3? d3 → (bonus)
+
+A diffusion LM's sequence may bring a *twin* (classifier-free guidance): the same tokens with the prompt masked, a
+sequence of its own in the KV pool that the scheduler only ever runs in the same step as it.
 """
 from __future__ import annotations
 import enum
@@ -64,6 +67,9 @@ class Sequence:
   num_returned_chars: int = 0
   matcher: Matcher | None = None        # structured outputs: its place in the grammar (engine/structured_output.py)
   denoising: Denoising | None = None    # a diffusion LM's sequence: its current block (engine/denoising.py)
+  twin: Sequence | None = None          # classifier-free guidance: the same sequence with its prompt masked, computed
+                                        # in the same steps, whose logits push this one's (engine/denoising.py)
+  is_twin: bool = False                 # it is such a twin: scheduled, allocated and freed with its sequence
 
   @property
   def token_ids(self) -> list[int]: return self.prompt_token_ids + self.output_token_ids
@@ -92,6 +98,11 @@ class Sequence:
   def num_shareable_tokens(self) -> int:
     """Of its computed tokens, how many the prefix cache may give to other requests."""
     return self.num_tokens if self.denoising is None else self.denoising.num_shareable_tokens
+
+  @property
+  def group(self) -> list[Sequence]:
+    """It and its twin, if it has one: what a step computes together."""
+    return [self] if self.twin is None else [self, self.twin]
 
   def max_chunk(self, budget: int) -> int:
     """The most tokens a step may compute of it within `budget`, short of all of them: a diffusion LM's block must

@@ -128,7 +128,8 @@ class SamplerGraph:
     self.shape, self.graphs = shape, graphs
     device = graphs.devices[0]
     plan = shape.plan        # adjusted ids and masks per row, then for prompt logprobs the last position and targets
-    num_ints = shape.R * (plan.num_adjusted + plan.mask_words) + (0 if plan.num_prompt_logprobs is None else 1 + shape.T)
+    num_ints = shape.R * (plan.num_adjusted + plan.mask_words + plan.guided) + \
+      (0 if plan.num_prompt_logprobs is None else 1 + shape.T)
     self.ints = allocated((aligned(num_ints),), dtypes.int32, device)
     self.floats = allocated((num_floats,), dtypes.float32, device)
     self.compile_options: dict = {}          # BEAM searches the model graphs only
@@ -143,7 +144,7 @@ class SamplerGraph:
   def _sample(self) -> Tensor:
     R, plan = self.shape.R, self.shape.plan
     logits = self.graphs.logits(self.shape.T or R)
-    U = R * (plan.num_adjusted + plan.mask_words)
+    U = R * (plan.num_adjusted + plan.mask_words + plan.guided)
     params = unpack(self.ints[:max(U, 1)], self.floats, R, plan)
     if plan.num_prompt_logprobs is None: return sample(logits, params, plan).flatten().contiguous().realize()
     T, V = self.shape.T, logits.shape[1]
@@ -170,10 +171,11 @@ class SamplerGraph:
 class Graphs:
   def __init__(self, model: LlamaForCausalLM, devices: tuple[str, ...], kv_cache: list, block_size: int, kv_dtype,
                max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, seed: int, stop_ids: set[int],
-               beam: int = 0, paged: bool = True):
+               beam: int = 0, paged: bool = True, rows_per_seq: int = 1):
     """The graphs of `model` reading and writing `kv_cache`. `beam`: tinygrad's kernel search width for the
     decode-sized graphs' kernels (0: tinygrad's own setting, its BEAM variable, off by default). `paged`: tokens
-    attend straight from the pool (kernels/paged_attention.py) rather than from a dense copy of their context."""
+    attend straight from the pool (kernels/paged_attention.py) rather than from a dense copy of their context.
+    `rows_per_seq`: the most logits rows one sequence samples in a step (a diffusion LM's longest block)."""
     cfg = model.config
     self.model, self.devices, self.kv_cache, self.block_size, self.paged = model, devices, kv_cache, block_size, paged
     self.seed, self.stop_ids, self.vocab_size = seed, stop_ids, cfg.vocab_size     # warm-up's sampler inputs
@@ -187,6 +189,7 @@ class Graphs:
     self.max_adjusted = bucket(min(cfg.vocab_size, 2 * max_model_len), 16)
     # a diffusion LM's step samples a row per block position (engine/denoising.py), with one plan
     self.diffusion = cfg.mask_token_id is not None
+    self.max_block_rows = bucket(max_num_seqs * rows_per_seq)      # every token of a step may be a block position
     self.mask_words = mask_words(cfg.vocab_size)         # structured outputs' allowed-token bitmask, per row
     self.logits_buffers: dict[int, Tensor] = {}
     self.models: dict[ModelShape, ModelGraph] = {}
@@ -206,7 +209,7 @@ class Graphs:
     if every: return ModelShape(self.max_tokens, self.max_tokens, True)
     T = bucket(num_tokens)
     if 4 < T < self.min_tiled_tokens: T = min(self.min_tiled_tokens, self.max_tokens)
-    return ModelShape(T, T if self.diffusion else min(rows_bucket(T), self.max_rows))
+    return ModelShape(T, min(T, self.max_block_rows) if self.diffusion else min(rows_bucket(T), self.max_rows))
 
   def graph_set(self) -> tuple[list[ModelShape], list[SamplerShape]]:
     """Every shape a step can take: what `warmup` captures."""

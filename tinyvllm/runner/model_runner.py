@@ -30,6 +30,7 @@ Host <-> device copies go straight through the device's allocator (tinygrad_inte
 schedule a graph on every call, which costs more Python per step than a small model's whole step takes on a GPU.
 """
 from __future__ import annotations
+import itertools
 from dataclasses import dataclass, field
 import numpy as np
 from tinygrad import Tensor
@@ -97,19 +98,33 @@ def _logits_positions(s: ScheduledSequence) -> range:
   return range(end - 1 - (len(s.seq.draft_token_ids) if s.samples else 0), end)
 
 
+def _guidance(group: list[ScheduledSequence], per_seq: list[list]) -> tuple[list[int], list[float]]:
+  """Classifier-free guidance's inputs for the sampler: each row's partner (a guided sequence's row for block position
+  i reads its twin's row for position i, scheduled in the same group) and scale; other rows are their own partners."""
+  offsets = list(itertools.accumulate((len(rows) for rows in per_seq), initial=0))
+  first = {s.seq: offset for s, offset in zip(group, offsets)}
+  partner, scale = list(range(offsets[-1])), [0.0] * offsets[-1]
+  for s, rows in zip(group, per_seq):
+    if s.seq.twin is None or not s.samples: continue
+    for i in range(len(rows)):
+      partner[first[s.seq] + i], scale[first[s.seq] + i] = first[s.seq.twin] + i, s.seq.params.cfg_scale
+  return partner, scale
+
+
 class ModelRunner:
   def __init__(self, model: LlamaForCausalLM, devices: tuple[str, ...], num_blocks: int, block_size: int, kv_dtype,
                stop_ids: set[int], max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
-               seed: int = 0, beam: int = 0, paged: bool = True):
+               seed: int = 0, beam: int = 0, paged: bool = True, rows_per_seq: int = 1):
     """`devices`: the model's, more than one when tensor parallelism splits it; the KV pool is then split by KV head
-    the same way, and the host's inputs and outputs stay on the first device. `beam`, `paged`: graphs.py."""
+    the same way, and the host's inputs and outputs stay on the first device. `beam`, `paged`, `rows_per_seq`:
+    graphs.py."""
     cfg = model.config
     self.block_size, self.seed, self.stop_ids = block_size, seed, stop_ids
     self.kv_cache = [tuple(new_pool(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, devices)
                            for _ in range(2)) for _ in range(cfg.num_layers)]
     Tensor.realize(*(pool for pools in self.kv_cache for pool in pools))
     self.graphs = Graphs(model, devices, self.kv_cache, block_size, kv_dtype, max_model_len, max_num_seqs,
-                         max_num_batched_tokens, seed, stop_ids, beam, paged)
+                         max_num_batched_tokens, seed, stop_ids, beam, paged, rows_per_seq)
 
   # ---- a step --------------------------------------------------------------------------------------------------
   def prepare(self, scheduled: list[ScheduledSequence], block_manager: BlockManager) -> PreparedStep:
@@ -166,11 +181,12 @@ class ModelRunner:
     shape = graphs.model_shape(sum(s.num_new_tokens for s in group), every)
     ints, blocks, unknown = self._model_inputs(group, shape, bm)
     # a sampler row per sequence, and one more per draft it checks: the sequence as if the drafts before it held
-    rows: list[Sequence | AfterDrafts | None] = [row for s in group for row in _sampler_rows(s)]
+    per_seq = [_sampler_rows(s) for s in group]
+    rows: list[Sequence | AfterDrafts | None] = [row for seq_rows in per_seq for row in seq_rows]
     R = 1 if every else shape.R
     plan, adjusted_ids, floats = plan_and_pack(rows + [None] * (R - len(rows)), self.seed, self.stop_ids,
                                                graphs.max_adjusted, SCORED if graphs.diffusion else None,
-                                               graphs.mask_words)
+                                               graphs.mask_words, _guidance(group, per_seq) if graphs.diffusion else None)
     sampler_shape = SamplerShape(R, plan, shape.T if every else 0)
     sampler_ints = adjusted_ids if not every else \
       np.concatenate([adjusted_ids, [group[0].num_new_tokens - 1], self._next_prompt_tokens(group[0], shape.T)])

@@ -27,8 +27,8 @@ The graph that runs depends on a `SamplingPlan`, one of three (`plans`): greedy 
 allowed-token bitmask for structured outputs: engine/structured_output.py), so that a batch of plain greedy requests
 pays for none of this, and a new mix of parameters never needs a graph of its own: the runner captures one per plan
 and row count before serving (graphs.py). A row that does not use a filter, a penalty or a grammar gets
-parameters that make it a no-op. A diffusion LM's rows have a plan of their own, `SCORED`: temperature and the
-chosen token's logprob (engine/denoising.py).
+parameters that make it a no-op. A diffusion LM's rows have a plan of their own, `SCORED`: temperature, classifier-free
+guidance (a row's logits against its partner row's) and the chosen token's logprob (engine/denoising.py).
 """
 from __future__ import annotations
 from dataclasses import dataclass
@@ -60,6 +60,7 @@ class SamplingPlan:
   want_logprobs: bool   # return the chosen token's logprob (and K alternatives)
   num_prompt_logprobs: int | None = None   # P: top logprobs at every position of the chunk; None = not asked
   mask_words: int = 0   # W: int32 words of each row's allowed-token bitmask (structured outputs); 0 = no mask
+  guided: bool = False  # classifier-free guidance: a row's logits pushed away from a partner row's (a diffusion LM's)
 
   @property
   def output_width(self) -> int: return 2 + 2 * self.num_logprobs   # token, its logprob, K ids, K logprobs
@@ -128,8 +129,8 @@ def _stream(seq: Sequence, seed_base: int) -> int:
 
 
 GREEDY = SamplingPlan("greedy", (), 0, 0, False)
-SCORED = SamplingPlan("filtered", (), 0, 0, True)     # temperature and the chosen token's logprob, nothing else: the
-                                                      # plan of a diffusion LM's rows (engine/denoising.py)
+SCORED = SamplingPlan("filtered", (), 0, 0, True, guided=True)  # temperature, guidance and the chosen token's
+                                                      # logprob, nothing else: a diffusion LM's rows (engine/denoising.py)
 
 
 def plans(max_adjusted: int, prompt: bool = False, mask_words: int = 0) -> list[SamplingPlan]:
@@ -144,9 +145,12 @@ def plans(max_adjusted: int, prompt: bool = False, mask_words: int = 0) -> list[
 
 
 def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int], max_adjusted: int,
-                  plan: SamplingPlan | None = None, mask_words: int = 0) -> tuple[SamplingPlan, np.ndarray, np.ndarray]:
+                  plan: SamplingPlan | None = None, mask_words: int = 0,
+                  guidance: tuple[list[int], list[float]] | None = None) -> tuple[SamplingPlan, np.ndarray, np.ndarray]:
   """Host side: the plan for this batch (the cheapest of PLANS that serves every row, or `plan`), plus its int32
-  inputs (adjusted token ids, then the allowed-token masks) and float32 inputs."""
+  inputs (adjusted token ids, then the allowed-token masks, then a guided plan's partner rows) and float32 inputs
+  (the rows' fields, the adjustments, a guided plan's scales). `guidance`: (partner row, scale) of the first rows;
+  the others are their own partners."""
   live = [seq for seq in rows if seq is not None]
   if plan is None:
     if any(s.wants_prompt_logprobs for s in live): plan = plans(max_adjusted, True, mask_words)[0]
@@ -171,6 +175,10 @@ def plan_and_pack(rows: list[Sequence | None], seed_base: int, stop_ids: set[int
     for row, seq in enumerate(rows):
       if seq is not None and seq.matcher and not seq.num_pending_tokens: masks[row] = seq.matcher.allowed()
     ids = np.concatenate([ids.ravel(), masks.ravel()])
+  if plan.guided:
+    partner, scale = np.arange(len(rows), dtype=np.int32), np.zeros(len(rows), np.float32)
+    if guidance: partner[:len(guidance[0])], scale[:len(guidance[1])] = guidance
+    ids, floats = np.concatenate([ids.ravel(), partner]), np.concatenate([floats, scale])
   return plan, ids.ravel(), floats
 
 
@@ -182,6 +190,9 @@ def unpack(ints: Tensor, floats: Tensor, S: int, plan: SamplingPlan) -> dict[str
   if U: out.update({name: t.reshape(S, U) for name, t in zip(ADJUST_FIELDS, adjust.split(S * U))},
                    ids=ints[:S * U].reshape(S, U))
   if W: out["mask"] = ints[S * U:S * (U + W)].reshape(S, W)
+  if plan.guided:
+    out["partner"] = ints[S * (U + W):S * (U + W + 1)].reshape(S, 1)
+    out["guidance"] = adjust[len(ADJUST_FIELDS) * S * U:][:S].reshape(S, 1)
   return out
 
 
@@ -198,6 +209,22 @@ def _scatter_kernel(out: UOp, ids: UOp, values: UOp) -> UOp:
   """out[s, ids[s, u]] = values[s, u]"""
   s, u = UOp.range(ids.shape[0], 0), UOp.range(ids.shape[1], 1)
   return out[s, ids[s, u].cast(dtypes.weakint)].store(values[s, u]).end(s, u).sink(arg=KernelInfo(name="logits_scatter"))
+
+
+def _gather_rows_kernel(out: UOp, x: UOp, rows: UOp) -> UOp:
+  """out[s, v] = x[rows[s], v]"""
+  s, v = UOp.range(out.shape[0], 0), UOp.range(out.shape[1], 1)
+  return out[s, v].store(x[rows[s, 0].cast(dtypes.weakint), v]).end(s, v).sink(arg=KernelInfo(name="logits_rows"))
+
+
+def _guided(logits: Tensor, partner: Tensor, scale: Tensor) -> Tensor:
+  """Classifier-free guidance, LLaDA's formula: uncond + (scale + 1) · (cond - uncond), where uncond is the partner
+  row's logits (the same position computed with the prompt masked). A row without guidance is its own partner with
+  scale 0: its logits pass unchanged. The partner rows are copied by a kernel of its own: a gather across rows
+  would compare every row with every other."""
+  uncond = Tensor.empty(*logits.shape, dtype=logits.dtype, device=logits.device)
+  uncond = uncond.custom_kernel(logits, partner.contiguous(), fxn=_gather_rows_kernel)[0]
+  return (uncond + (scale + 1) * (logits - uncond)).contiguous()
 
 
 def _adjust(logits: Tensor, p: dict[str, Tensor]) -> Tensor:
@@ -314,6 +341,7 @@ def sample(logits: Tensor, p: dict[str, Tensor], plan: SamplingPlan) -> Tensor:
   # materialized: fused into the reductions below, the lm_head matmul would be recomputed inside them (150 ms a step)
   logits = _adjust(logits, p) if plan.num_adjusted else logits.contiguous()
   if plan.mask_words: logits = _allowed(logits, p["mask"], p["constrained"]).contiguous()
+  if plan.guided: logits = _guided(logits, p["partner"], p["guidance"])
   token = _argmax(logits)[0]
   if plan.mode != "greedy" or plan.want_logprobs:
     logprobs, probs = _softmax(_temperature_scaled(logits, p["temperature"]))
