@@ -321,6 +321,18 @@ def test_smoke_diffusion(bench, tiny_llada, tmp_path, capsys):
   for c in columns.values(): assert c["tokens"] == 8 and 0 < c["model_calls_per_token"] <= 1 and c["tokens_per_s"] > 0
 
 
+def test_the_diffusion_benchmark_runs_the_shipped_diffusion_model_by_default(bench, monkeypatch):
+  from tinyvllm.benchmarks import commands
+  models = []
+  def measured(engine_args, *args):
+    models.append(engine_args.model)
+    return {"llada": {"tokens_per_s": 1.0}}
+  monkeypatch.setattr(commands, "bench_diffusion", measured)
+  bench.main(["diffusion", "--num-prompts", "1"])
+  bench.main(["diffusion", "--num-prompts", "1", "--model", "elsewhere"])
+  assert models == ["diffusion", "elsewhere"]
+
+
 def test_smoke_diffusion_random_weights(bench, tmp_path):
   """A --shape's random weights: random prompts, speed only; LLaDA's fixed schedule with and without the cache."""
   result = bench.main(["diffusion", "--load-format", "dummy", "--shape", "tiny-diffusion", "--num-prompts", "2",
