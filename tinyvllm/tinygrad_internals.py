@@ -7,7 +7,8 @@
                               made linear instead of quadratic; trace_and_compile: many graphs' kernels compiled
                               in one batch before their captures
     data-parallel ranks       wait_without_spinning: tinygrad's device thread gets the core it waits for
-    device memory             device_memory: a GPU's free and total bytes, which size the KV pool
+    device memory             device_memory: a GPU's free and total bytes, which size the KV pool;
+                              release_device_memory: freed buffers back to the driver (for a benchmark's peer)
     captured graphs on disk   keep_graphs_loadable, dump_graph / load_graph: a later start loads what an earlier
                               one captured
 
@@ -84,6 +85,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
+import gc
 import hashlib
 import importlib
 import io
@@ -322,6 +324,14 @@ def wait_without_spinning() -> None:
 
 
 # ---- device memory -------------------------------------------------------------------------------------------------
+
+def release_device_memory(device: str) -> None:
+  """Hand the memory of dropped tensors back to the driver: tinygrad keeps freed buffers for reuse (its LRU
+  allocator), so a process started after an engine is dropped (a benchmark's peer) would find the GPU still full."""
+  gc.collect()
+  free_cache = getattr(Device[device].allocator, "free_cache", None)
+  if free_cache is not None: free_cache()
+
 
 def device_memory(device: str) -> tuple[int, int] | None:
   """(free, total) bytes of a GPU's memory, asked of its driver (tinygrad has no public call for it); None where the

@@ -11,7 +11,6 @@ warmed up on their own shapes (what `throughput` measures), so tinyvllm/offline 
 from __future__ import annotations
 import argparse
 import dataclasses
-import gc
 import json
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from tinyvllm.llm import create_engine
 from tinyvllm.formats.gguf import read_gguf_metadata
 from tinyvllm.model.loader import resolve
 from tinyvllm.sampling_params import SamplingParams, StructuredOutputsParams
+from tinyvllm.tinygrad_internals import release_device_memory
 
 PEERS = ("llama.cpp", "tinygrad.llm", "transformers", "torch")
 TINYGRAD_LLM_TOKENS = 16     # tinygrad.llm decodes ~1.5 tok/s on a 2-core CPU: a short run is enough for its rate
@@ -73,7 +73,7 @@ def _measure_tinyvllm(engine_args: EngineArgs, measure: Callable[[LLMEngine], di
   metrics["startup"] = startup
   if getattr(engine, "speculative", None): metrics["speculative"] = speculative_metrics(engine.stats())
   del engine
-  gc.collect()
+  release_device_memory(engine_args.device or Device.DEFAULT)
   return metrics
 
 

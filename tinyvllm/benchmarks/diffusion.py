@@ -14,15 +14,15 @@ prompts and shape, against the "cache" mode at the same fixed number of tokens p
 """
 from __future__ import annotations
 import dataclasses
-import gc
 import time
 import numpy as np
-from tinygrad import Tensor
+from tinygrad import Device, Tensor
 from tinyvllm.engine.engine import LLMEngine
 from tinyvllm.engine_args import SHAPES, EngineArgs
 from tinyvllm.diffusion.llada import MaskedDiffusionLM, load_diffusion_model
 from tinyvllm.model.loader import resolve
 from tinyvllm.sampling_params import SamplingParams
+from tinyvllm.tinygrad_internals import release_device_memory
 
 PROMPTS = ["from django.db import models\n\n\nclass Book(models.Model):\n", "    def test_str(self):\n",
            "from django.urls import path\n\nfrom . import views\n\nurlpatterns = [\n",
@@ -96,5 +96,5 @@ def bench_diffusion(engine_args: EngineArgs, prompts: list, gen_length: int = 64
                                                    for o, t in zip(outs, tokens)])),
         "text": [o.outputs[0].text for o in outs]}
     del engine
-    gc.collect()                                  # the next mode's engine and the peers need its memory
+    release_device_memory(engine_args.device or Device.DEFAULT)   # the next mode's engine and the peers need it
   return columns
