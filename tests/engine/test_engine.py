@@ -61,6 +61,8 @@ def test_requests_that_can_never_fit_are_rejected_clearly(engine):
   with pytest.raises(ValueError, match="max_model_len"): engine.add_request(list(range(64)), SamplingParams())
   with pytest.raises(ValueError, match="empty"): engine.add_request([], SamplingParams())
   with pytest.raises(ValueError, match="token ids"): engine.add_request([10**6], SamplingParams())
+  for field, value in [("cfg_scale", 1.5), ("block_length", 8), ("threshold", 0.9), ("remasking", "random")]:
+    with pytest.raises(ValueError, match=field): engine.add_request([1, 2], SamplingParams(**{field: value}))
   with pytest.raises(ValueError, match="cannot hold one sequence"): LLMEngine(EngineArgs(**TINY, num_kv_blocks=8))
 
 

@@ -44,6 +44,16 @@ AUTOREGRESSIVE_ONLY = ("top_p", "top_k", "min_p", "presence_penalty", "frequency
                        "logit_bias", "min_tokens", "stop", "logprobs", "prompt_logprobs", "structured_outputs")
 
 
+DIFFUSION_ONLY = ("diffusion_steps", "block_length", "remasking", "threshold", "cfg_scale")
+
+
+def refuse_diffusion_fields(params: SamplingParams) -> None:
+  """An autoregressive model's request: ValueError where it sets a field that only a diffusion LM reads."""
+  unsupported = [name for name in DIFFUSION_ONLY if getattr(params, name) != getattr(SamplingParams(), name)]
+  if unsupported: raise ValueError(f"{', '.join(unsupported)}: only diffusion models use this (an autoregressive "
+                                   "model is loaded)")
+
+
 def start(params: SamplingParams, prompt_len: int, model: ModelConfig, recompute: bool, seed: int,
           max_model_len: int, max_num_batched_tokens: int, max_block_length: int) -> list[Denoising]:
   """The diffusion state of each of a request's n choices; ValueError (for the user) where the request asks for

@@ -119,6 +119,7 @@ class LLMEngine:
           seq.twin = Sequence(request_id, [self.model_config.mask_token_id] * len(token_ids), params, index=seq.index,
                               max_output_tokens=seq.max_output_tokens, denoising=state, is_twin=True,
                               draft_token_ids=state.drafts())
+    else: denoising.refuse_diffusion_fields(params)
     if params.structured_outputs is not None:
       grammar = structured_output.check(params.structured_outputs, self.tokenizer, vocab_size)
       for seq in seqs: seq.matcher = structured_output.Matcher(self.tokenizer, vocab_size, grammar)
