@@ -58,24 +58,24 @@ class Scheduler:
     budget = self.max_num_batched_tokens
     scheduled: list[ScheduledSequence] = []
     preemptions_before = self.num_preemptions
-    draft_rows = sum(seq.twin is not None for seq in self.running)      # seats: a twin takes one
+    extra_rows = sum(seq.twin is not None for seq in self.running)   # rows past one a sequence: twins', drafts'
     # decodes first; a sequence whose last token is being sampled needs nothing more
     unscheduled = sorted((s for s in self.running if not s.has_all_tokens),
                          key=lambda s: s.num_uncomputed_tokens - len(s.draft_token_ids) > 1)
     while unscheduled and budget > 0:
       seq = unscheduled.pop(0)
       if seq.draft_token_ids and seq.denoising is None:   # what the step has room for: tokens, rows of logits
-        room = min(budget - 1, self.max_num_seqs - len(self.running) - draft_rows)
+        room = min(budget - 1, self.max_num_seqs - len(self.running) - extra_rows)
         del seq.draft_token_ids[max(0, room):]
         if not self.block_manager.can_allocate(seq, seq.num_tokens): seq.draft_token_ids.clear()   # no preempting
-        draft_rows += len(seq.draft_token_ids)                                                      # for guesses
+        extra_rows += len(seq.draft_token_ids)                                                      # for guesses
       n = self._chunk(seq, budget // len(seq.group))
       if n == 0: continue
       if not self._make_room(seq, n, unscheduled): continue      # seq itself was preempted
       budget -= self._allocate(seq, n, scheduled)
     # after a preemption the pool is tight: admitting newcomers would only preempt again
     while (self.waiting and budget > 0 and self.num_preemptions == preemptions_before
-           and len(self.running) + draft_rows + len(self.waiting[0].group) <= self.max_num_seqs):
+           and len(self.running) + extra_rows + len(self.waiting[0].group) <= self.max_num_seqs):
       seq = self.waiting[0]
       if self._sibling_prefilling(seq): break     # wait to share its prompt blocks instead of computing them again
       if seq.twin is None:        # a twin computes the same positions as its sequence: no cached prefix for either
@@ -89,7 +89,7 @@ class Scheduler:
       self.block_manager.record_prefix_lookup(seq)
       seq.status = SequenceStatus.RUNNING
       self.running.append(seq)
-      draft_rows += len(seq.group) - 1
+      extra_rows += len(seq.group) - 1
       budget -= self._allocate(seq, n, scheduled)
     return scheduled
 
