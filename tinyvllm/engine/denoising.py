@@ -47,9 +47,14 @@ AUTOREGRESSIVE_ONLY = ("top_p", "top_k", "min_p", "presence_penalty", "frequency
 DIFFUSION_ONLY = ("diffusion_steps", "block_length", "remasking", "threshold", "cfg_scale")
 
 
+def _set(params: SamplingParams, names: tuple[str, ...]) -> list[str]:
+  """Which of `names` the request sets to something other than the default."""
+  return [name for name in names if getattr(params, name) != getattr(SamplingParams(), name)]
+
+
 def refuse_diffusion_fields(params: SamplingParams) -> None:
   """An autoregressive model's request: ValueError where it sets a field that only a diffusion LM reads."""
-  unsupported = [name for name in DIFFUSION_ONLY if getattr(params, name) != getattr(SamplingParams(), name)]
+  unsupported = _set(params, DIFFUSION_ONLY)
   if unsupported: raise ValueError(f"{', '.join(unsupported)}: only diffusion models use this (an autoregressive "
                                    "model is loaded)")
 
@@ -58,7 +63,7 @@ def start(params: SamplingParams, prompt_len: int, model: ModelConfig, recompute
           max_model_len: int, max_num_batched_tokens: int, max_block_length: int) -> list[Denoising]:
   """The diffusion state of each of a request's n choices; ValueError (for the user) where the request asks for
   what a diffusion LM does not do or its blocks cannot fit a step."""
-  unsupported = [name for name in AUTOREGRESSIVE_ONLY if getattr(params, name) != getattr(SamplingParams(), name)]
+  unsupported = _set(params, AUTOREGRESSIVE_ONLY)
   if unsupported: raise ValueError(f"diffusion models do not support {', '.join(unsupported)}")
   dp = DiffusionParams.from_sampling_params(params)
   if dp.block_length > max_block_length:
