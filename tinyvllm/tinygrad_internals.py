@@ -61,6 +61,11 @@ before reading ("invalid outputs") and, for each node of the body, recomputed th
 node is in it: quadratic in the body's size (~40 % of a capture on SmolLM2). Computed once, the result is the same
 set, numbered in the same order.
 
+And a kernel's cost estimate is simplified in the compile worker, before the kernel is pickled back to the parent
+(`_with_simplified_estimates` below: the parent did it on arrival). Unsimplified, the estimate of an attention kernel
+over Gemma-3's 256-wide heads is a chain of additions too deep for pickle (a RecursionError at 10,000 levels): the
+worker died reporting it, and the parent waited for its result forever.
+
 ## Captured graphs on disk
 
 Even with every kernel in tinygrad's disk cache, capturing a graph traces, schedules and lowers it again: ~80 s for
@@ -110,6 +115,7 @@ from tinygrad.renderer import Estimates
 from tinygrad.uop.ops import Ops, UOp, graph_rewrite, ssimplify
 
 function = importlib.import_module("tinygrad.function")     # the module: `tinygrad.function` names the decorator
+_compile_tinygrad_kernel = realize._compile_kernel
 
 
 # ---- host <-> device copies ----------------------------------------------------------------------------------------
@@ -205,6 +211,13 @@ def keep_lowered_kernels_on_disk() -> None:
 
 # ---- graph capture -------------------------------------------------------------------------------------------------
 
+def _compile_kernel(task: tuple) -> tuple[int, UOp]:
+  """tinygrad's compile task (run in its worker processes), its kernel's cost estimate simplified before the kernel
+  is pickled back to the parent."""
+  i, program = _compile_tinygrad_kernel(task)
+  return i, _with_simplified_estimates(program)
+
+
 def _renumber_invalid_outputs(uret: UOp) -> UOp:
   """tinygrad.function.renumber_invalid_outputs, with `invalid_outputs` computed once instead of once per node."""
   invalid = function.invalid_outputs(uret)
@@ -228,6 +241,7 @@ def _sum_of_terms(x):
 
 def speed_up_capture() -> None:
   function.renumber_invalid_outputs = _renumber_invalid_outputs
+  realize._compile_kernel = _compile_kernel
   Estimates.simplify = lambda self: Estimates(_sum_of_terms(self.ops), _sum_of_terms(self.lds), _sum_of_terms(self.mem))
 
 
