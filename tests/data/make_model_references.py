@@ -7,12 +7,13 @@ transformers, which tinyvllm does not depend on. Run it by hand in a throwaway v
     /tmp/venv/bin/python tests/data/make_model_references.py
 
 For each architecture (Qwen3: q/k norms and a head_dim that is not hidden/heads; Mistral: a sliding window shorter
-than the prompt) it writes <name>/config.json and <name>/model.safetensors (float16 weights, seeded) and
+than the prompt; Gemma 3: sandwich norms, GeGLU, a scaled embedding, a sliding and a global layer) it writes <name>/config.json and <name>/model.safetensors (float16 weights, seeded) and
 <name>/reference.json: a 40-token prompt, the greedy continuation computed in float32 with a full forward pass per
 step (eager attention, no cache: the masks exactly as transformers builds them), each step's top-2 logit margin,
 and the prompt's last-position logits. The tests supply the tokenizer (the shipped diffusion model's).
 """
 import json
+import sys
 from pathlib import Path
 import numpy as np
 import torch
@@ -26,18 +27,26 @@ COMMON = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden
 MODELS = {"qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
                     dict(head_dim=32, tie_word_embeddings=True)),
           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
-                      dict(head_dim=16, sliding_window=16, tie_word_embeddings=False))}
+                      dict(head_dim=16, sliding_window=16, tie_word_embeddings=False)),
+          # a sliding and a global layer with their own RoPE bases, a query scale that is not 1/sqrt(head_dim)
+          "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+                     dict(head_dim=32, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                          query_pre_attn_scalar=24, rope_local_base_freq=100.0,
+                          tie_word_embeddings=True))}
 PROMPT = [(37 * i + 11) % 4000 + 5 for i in range(40)]
 STEPS = 12
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
   for name, (config_class, model_class, extra) in MODELS.items():
+    if names and name not in names: continue
     torch.manual_seed(0)
-    config = config_class(**COMMON, **extra, attn_implementation="eager")
+    config = config_class(**(COMMON | extra), attn_implementation="eager")
     model = model_class(config).eval()
     with torch.no_grad():
-      for p in model.parameters(): p.copy_(p.half().float())            # the stored float16 values, exactly
+      for pname, p in model.named_parameters():
+        if name == "gemma3" and pname.endswith("norm.weight"): p.normal_(0.0, 0.5)   # Gemma starts them at 0 (1 + w)
+        p.copy_(p.half().float())                                     # the stored float16 values, exactly
       ids, margins = list(PROMPT), []
       last_logits = model(torch.tensor([PROMPT])).logits[0, -1].numpy()
       for _ in range(STEPS):
@@ -59,4 +68,4 @@ def main() -> None:
     print(name, ids[len(PROMPT):], min(margins))
 
 
-if __name__ == "__main__": main()
+if __name__ == "__main__": main(sys.argv[1:])     # the names of MODELS to make (all by default)

@@ -1,6 +1,8 @@
 """Architectures beyond Llama's, against Hugging Face transformers: small random-weight checkpoints and the outputs
 transformers gave for them (made once by tests/data/make_model_references.py). Qwen3 normalizes each head of q and
-k before RoPE and has a head_dim that is not hidden/heads; Mistral's sliding window is shorter than the prompt."""
+k before RoPE and has a head_dim that is not hidden/heads; Mistral's sliding window is shorter than the prompt; Gemma 3
+has a sliding and a global layer (their own RoPE bases), sandwich norms with random gains, GeGLU, a scaled embedding
+and a query scale that is not 1/sqrt(head_dim), in the Hugging Face layout (norms stored as w for 1 + w)."""
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +14,7 @@ from tinyvllm.model.loader import DEFAULT_DIFFUSION_MODEL
 DATA = Path(__file__).parents[1] / "data" / "tiny_models"
 
 
-@pytest.mark.parametrize("name", ["qwen3", "mistral"])
+@pytest.mark.parametrize("name", ["qwen3", "mistral", "gemma3"])
 def test_greedy_tokens_and_logprobs_equal_transformers(name, tmp_path):
   shutil.copytree(DATA / name, tmp_path / name)
   shutil.copy(DEFAULT_DIFFUSION_MODEL / "tokenizer.model", tmp_path / name)    # a 4096-token SentencePiece model

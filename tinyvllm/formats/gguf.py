@@ -405,7 +405,7 @@ def write_gguf(path: str | Path, meta: Mapping[str, Any], tensors: Mapping[str, 
 
 # arch -> (HF class, HF model_type, whether llama.cpp permuted the q/k rows for its RoPE)
 _ARCHS = {"llama": ("LlamaForCausalLM", "llama", True), "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
-          "qwen3": ("Qwen3ForCausalLM", "qwen3", False)}
+          "qwen3": ("Qwen3ForCausalLM", "qwen3", False), "gemma3": ("Gemma3ForCausalLM", "gemma3_text", False)}
 
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
@@ -413,6 +413,10 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                 "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Gemma 3 normalizes each sub-block's output too: four norms a layer, and `ffn_norm` is the one before the MLP
+_GEMMA3_LAYER_NAMES = _LAYER_NAMES | {"ffn_norm": "pre_feedforward_layernorm",
+                                     "post_attention_norm": "post_attention_layernorm",
+                                     "post_ffw_norm": "post_feedforward_layernorm"}
 
 
 def _arch(meta: Mapping[str, Any]) -> tuple[str, tuple[str, str, bool]]:
@@ -422,13 +426,13 @@ def _arch(meta: Mapping[str, Any]) -> tuple[str, tuple[str, str, bool]]:
     return arch, _ARCHS[arch]
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    parts, layer_names = gguf_name.split("."), _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
     if gguf_name == "rope_freqs.weight":  # how llama.cpp stores Llama 3.1+ "llama3" RoPE scaling
         raise GGUFError("llama3-style RoPE scaling (tensor 'rope_freqs.weight') is not supported")
     raise GGUFError(f"don't know the Hugging Face name of GGUF tensor {gguf_name!r}")
@@ -449,7 +453,9 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def iter_hf_tensors(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor],
                     keep_packed: tuple[str, ...] = ()) -> Iterator[tuple[str, np.ndarray | GGUFTensor]]:
     """(HF name, float32 weight in HF layout) for each tensor, dequantized one at a time; matrices of a type in
-    `keep_packed` stay GGUFTensors whose raw bytes are (rows, blocks, block bytes), rows in HF order."""
+    `keep_packed` stay GGUFTensors whose raw bytes are (rows, blocks, block bytes), rows in HF order. Gemma's RMSNorm
+    gains are 1 + w: llama.cpp's converter stores 1 + w, Hugging Face w (subtracting 1 is exact in float32 here:
+    the gains are ≥ 0.5, and then 1 + (g − 1) gives g back)."""
     arch, (_, _, permuted) = _arch(meta)
     n_heads = meta[f"{arch}.attention.head_count"]
     n_kv_heads = meta.get(f"{arch}.attention.head_count_kv", n_heads)
@@ -461,7 +467,9 @@ def iter_hf_tensors(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor],
             w = unpermute_qk(w, n_heads)
         elif permuted and ".attn_k." in name:
             w = unpermute_qk(w, n_kv_heads)
-        yield hf_name(name), GGUFTensor(name, t.ggml_type, t.type_name, t.shape, w) if packed else w
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - np.float32(1)
+        yield hf_name(name, arch), GGUFTensor(name, t.ggml_type, t.type_name, t.shape, w) if packed else w
 
 
 def gguf_to_hf_state_dict(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor],
@@ -513,6 +521,12 @@ def gguf_to_hf_config(meta: Mapping[str, Any], tensors: Mapping[str, Any] | None
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
+    if arch == "gemma3":  # what llama.cpp assumes of every Gemma 3 file (llama-model.cpp): not in its metadata
+        config.update(hidden_activation="gelu_pytorch_tanh", sliding_window=get("attention.sliding_window"),
+                      sliding_window_pattern=6, rope_local_base_freq=10000.0,
+                      # 27B (62 layers) scales its queries by hidden / heads, the others by head_dim
+                      query_pre_attn_scalar=hidden // n_heads if get("block_count") == 62 else config["head_dim"])
+        del config["hidden_act"]
     # Linear/YaRN scaling is metadata; llama3-style scaling is a tensor instead (see hf_name).
     scaling = get("rope.scaling.type", "none")
     if scaling != "none":

@@ -155,12 +155,15 @@ class ByteLevelBPE:
 
 
 class SentencePiece:
-    """A SentencePiece model, plus cutting control-token literals out of the text."""
+    """A SentencePiece model, plus cutting control-token literals out of the text, and the `literal` pieces too: a GGUF
+    file's user-defined pieces with spaces (Gemma's runs of spaces), which llama.cpp and transformers match in the raw
+    text, where SentencePiece would first turn the spaces into ▁ and never match them."""
 
-    def __init__(self, processor: spm.SentencePieceProcessor):
+    def __init__(self, processor: spm.SentencePieceProcessor, literal: tuple[int, ...] = ()):
         self.sp = processor
         self.vocab_size = processor.get_piece_size()
         self.control = {processor.id_to_piece(i): i for i in range(self.vocab_size) if processor.is_control(i)}
+        self.control |= {processor.id_to_piece(i): i for i in literal}
         longest_first = sorted(self.control, key=len, reverse=True)
         self._control_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self.control else None
 
@@ -282,7 +285,9 @@ class Tokenizer:
         if kind == "gpt2":
             backend: _Backend = _gguf_byte_level(meta, tokens, types)
         elif kind == "llama":
-            backend = SentencePiece(_gguf_sentencepiece(meta, tokens, types))
+            # user-defined pieces with spaces: SentencePiece would escape the spaces first and never match them
+            spaced = tuple(i for i, t in enumerate(types) if t == USER_DEFINED and " " in tokens[i])
+            backend = SentencePiece(_gguf_sentencepiece(meta, tokens, types), spaced)
         else:
             raise ValueError(
                 f"unsupported GGUF tokenizer model {kind!r}: expected 'gpt2' (byte-level BPE) or 'llama' (SentencePiece)"

