@@ -235,14 +235,16 @@ def _matmul_kernel(out: UOp, x: UOp, qs: UOp, d: UOp, *m_and_x_sums: UOp, bits: 
   for each tile of `tile_rows` rows of x × one group of 16 features (a loop over them, the vector lanes), or, with
   `features_in_threads` (GPUs), × one feature: a group's 16 threads then read 16 adjacent bytes."""
   (B, N), R, block = out.shape, tile_rows, _block_length(bits, qs.shape[2])
-  tile, group = UOp.range(B // R, 0), UOp.range(N // GROUP, 1)
+  # groups outermost: a group's weights stay in cache while every tile of x reads them (tiles outermost streamed the
+  # whole matrix once per tile: Gemma-3's 168 MB output projection at 32 rows, 133 ms against 110)
+  group, tile = UOp.range(N // GROUP, 0), UOp.range(B // R, 1)
   thread_feature = UOp.range(GROUP, 7) if features_in_threads else None
   feature_loop = lambda axis: UOp.range(GROUP, axis) if thread_feature is None else thread_feature
   lanes = 1 if features_in_threads else GROUP
   reg = lambda r, f: r * lanes + (0 if features_in_threads else f)       # the register of row r, feature f
   end_loop = lambda u, f: u if features_in_threads else u.end(f)
   row = lambda r: tile * R + r
-  threads = (tile, group) if thread_feature is None else (tile, group, thread_feature)
+  threads = (group, tile) if thread_feature is None else (group, tile, thread_feature)
   sums = _zeroed_registers(R * lanes, 0, *threads)
   blk = UOp.range(qs.shape[1], 2, AxisType.REDUCE)
   # the block's Σ q·x for each row and feature (zeroed inside the tile's loops too: K of one block has no loop)
