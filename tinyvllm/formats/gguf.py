@@ -523,10 +523,16 @@ def gguf_to_hf_config(meta: Mapping[str, Any], tensors: Mapping[str, Any] | None
     }
     if arch == "gemma3":  # what llama.cpp assumes of every Gemma 3 file (llama-model.cpp): not in its metadata
         config.update(hidden_activation="gelu_pytorch_tanh", sliding_window=get("attention.sliding_window"),
-                      sliding_window_pattern=6, rope_local_base_freq=10000.0,
+                      sliding_window_pattern=get("attention.sliding_window_pattern", 6),   # or one flag a layer
+                      rope_local_base_freq=_f32_to_py(get("rope.freq_base_swa", 10000.0)),
+                      final_logit_softcapping=get("final_logit_softcapping"),
                       # 27B (62 layers) scales its queries by hidden / heads, the others by head_dim
                       query_pre_attn_scalar=hidden // n_heads if get("block_count") == 62 else config["head_dim"])
         del config["hidden_act"]
+        if isinstance(pattern := config.pop("sliding_window_pattern"), list):
+            config["layer_types"] = ["sliding_attention" if slides else "full_attention" for slides in pattern]
+        else:
+            config["sliding_window_pattern"] = pattern
     # Linear/YaRN scaling is metadata; llama3-style scaling is a tensor instead (see hf_name).
     scaling = get("rope.scaling.type", "none")
     if scaling != "none":
