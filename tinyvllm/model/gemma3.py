@@ -28,8 +28,7 @@ from tinyvllm.tinygrad_internals import SameBody, to_device
 
 
 class GeGLU(MLP):
-  @staticmethod
-  def activation(gate: Tensor) -> Tensor: return gate.gelu()     # tinygrad's gelu is the tanh approximation
+  activation = staticmethod(Tensor.gelu)        # tinygrad's gelu is the tanh approximation, as Gemma's
 
 
 class Gemma3DecoderLayer:

@@ -1,4 +1,5 @@
-"""A Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in tinygrad, reading its K/V from a paged pool.
+"""A Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2/3) in tinygrad, reading its K/V from a paged pool;
+Gemma 3 (gemma3.py) is this decoder with five changes.
 
     tokens ─ embed ─┬─────────────────────────────┬──────────────────────────────┬─ ... ─ norm ─ lm_head ─ logits
                     └ RMSNorm ─ attention ─ (+) ──┴─ RMSNorm ─ SwiGLU MLP ─ (+) ─┘   × num_layers
@@ -88,8 +89,7 @@ class Attention:
 
   def __call__(self, x: Tensor, norm: nn.RMSNorm, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor],
                batch: ForwardBatch) -> Tensor:
-    """x + attention(norm(x)) for the step's T tokens, x: [T, hidden]"""
-    # norm(x): RMSNorm, taken inside the projection's kernel where it can be
+    """x + attention(norm(x)) for the step's T tokens, x: [T, hidden] (norm(x): inside the projection's kernel)"""
     return self.o_proj(self.heads(norm(x), cos, sin, kv, batch), residual=x)     # x + o_proj(o)
 
   def heads(self, h: Tensor | Normed, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], batch: ForwardBatch) -> Tensor:
@@ -127,8 +127,7 @@ class MLP:
     del self.gate_proj, self.up_proj
 
   def __call__(self, x: Tensor, norm: nn.RMSNorm) -> Tensor:
-    """x + mlp(norm(x)), the SwiGLU MLP: x + down(silu(gate(h)) * up(h))"""
-    # norm(x): RMSNorm, taken inside the projection's kernel where it can be
+    """x + mlp(norm(x)), the SwiGLU MLP: x + down(silu(gate(h)) * up(h)) (norm(x): inside the projection's kernel)"""
     return self.down_proj(self.gated(norm(x)), residual=x)                  # x + down(silu(gate) * up)
 
   def gated(self, h: Tensor | Normed) -> Tensor:
@@ -138,8 +137,7 @@ class MLP:
     # for every output tile (16 of a 33 ms batch-256 step on the H100, docs/performance.md)
     return (self.activation(gate) * up).contiguous()
 
-  @staticmethod
-  def activation(gate: Tensor) -> Tensor: return gate.silu()
+  activation = staticmethod(Tensor.silu)            # GeGLU's gelu in Gemma 3 (gemma3.py)
 
   def gate_up(self, h: Tensor | Normed) -> list[Tensor]:
     """gate_proj(h), up_proj(h): one projection whose columns are [gate | up], or two."""
