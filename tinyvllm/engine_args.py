@@ -41,6 +41,10 @@ SHAPES: dict[str, dict] = {
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                      rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=32768, rms_norm_eps=1e-5,
                      sliding_window=4096),
+  "gemma-3-270m": dict(architectures=["Gemma3ForCausalLM"], hidden_size=640, intermediate_size=2048,
+                       num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                       vocab_size=262144, rope_theta=1000000.0, max_position_embeddings=32768, sliding_window=512,
+                       query_pre_attn_scalar=256),
   # diffusion LMs (engine/denoising.py): a [MASK] id makes the shape one
   "tiny-diffusion": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, mask_token_id=511),
