@@ -543,9 +543,10 @@ def test_metrics_page_has_vllm_names(live):
 
 
 # ---- shutdown -------------------------------------------------------------------------------------------------------
-def test_sigterm_drains_then_returns(engine):
+def test_sigterm_drains_then_returns(engine, monkeypatch):
   """`serve` as `python serve.py` runs it, on this (main) thread: SIGTERM while a request streams. New requests get
   503, the streaming one finishes, and serve() returns (so the process would exit 0)."""
+  slow_steps(monkeypatch, engine, 0.01)     # 200 steps outlast the drain's first moments on a busy machine too
   port = free_port()
   url, seen, terminated = f"http://127.0.0.1:{port}", {}, threading.Event()
 
