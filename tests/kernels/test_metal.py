@@ -12,7 +12,7 @@ from tinyvllm import LLM, SamplingParams
 from tinyvllm.engine_args import SHAPES
 from tinyvllm.kernels import matvec, paged_attention
 from tinyvllm.kernels.linear import linear
-from test_quantized import TYPES, check, random_blocks
+from test_quantized import SUPER_BLOCK_TYPES, TYPES, check, random_blocks
 
 METAL_THREAD_GROUP_BYTES = 32 * 1024
 # (query heads, KV heads, head dim) of the shipped models, the benchmark shapes and common checkpoints
@@ -74,6 +74,7 @@ def test_the_packed_matmul_on_metal():
   are uploaded there)."""
   with Context(DEV="PYTHON::METAL"):
     for type_name in TYPES: check(random_blocks(type_name, 40, 64), 2)
+    for type_name in SUPER_BLOCK_TYPES: check(random_blocks(type_name, 16, 256), 1)     # Q6_K: blocks of 16
 
 
 def test_a_tiny_model_decodes_the_same_tokens_on_metal(metal):
