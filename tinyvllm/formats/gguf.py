@@ -454,8 +454,8 @@ def iter_hf_tensors(meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensor],
                     keep_packed: tuple[str, ...] = ()) -> Iterator[tuple[str, np.ndarray | GGUFTensor]]:
     """(HF name, float32 weight in HF layout) for each tensor, dequantized one at a time; matrices of a type in
     `keep_packed` stay GGUFTensors whose raw bytes are (rows, blocks, block bytes), rows in HF order. Gemma's RMSNorm
-    gains are 1 + w: llama.cpp's converter stores 1 + w, Hugging Face w (subtracting 1 is exact in float32 here:
-    the gains are ≥ 0.5, and then 1 + (g − 1) gives g back)."""
+    gains are 1 + w: llama.cpp's converter stores 1 + w, Hugging Face w, as transformers' GGUF reader does (the loader
+    adds the 1 back: for Gemma-3-270M's gains, −132 to 1,657, 1 + (g − 1) gives every g back exactly)."""
     arch, (_, _, permuted) = _arch(meta)
     n_heads = meta[f"{arch}.attention.head_count"]
     n_kv_heads = meta.get(f"{arch}.attention.head_count_kv", n_heads)

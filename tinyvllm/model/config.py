@@ -65,7 +65,7 @@ def _rope(cfg: dict, layer_type: str = "full_attention") -> dict:
   """The RoPE fields: top-level (`rope_theta`, `rope_scaling`) as transformers 4 writes them, or transformers 5's
   `rope_parameters`, one dict or one per layer type (Gemma 3's local and global layers)."""
   params = cfg.get("rope_parameters") or {}
-  params = params.get(layer_type, {}) if layer_type in params or "sliding_attention" in params else params
+  if {"full_attention", "sliding_attention"} & params.keys(): params = params.get(layer_type, {})   # one per type
   legacy = {"rope_theta": cfg["rope_theta"]} if "rope_theta" in cfg else {}
   return legacy | (cfg.get("rope_scaling") or {}) | params
 
@@ -92,7 +92,7 @@ def _gemma3(cfg: dict) -> dict:
   types = cfg.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
   if cfg.get("final_logit_softcapping") or cfg.get("attn_logit_softcapping"):
     raise ValueError("Gemma 3 with logit soft-capping (final_logit_softcapping / attn_logit_softcapping) is not supported")
-  local_base = _rope(cfg, "sliding_attention").get("rope_theta") if "rope_parameters" in cfg else None
+  local_base = (cfg.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")   # transformers 5
   return dict(layer_types=tuple(types), rope_local_base_freq=local_base or cfg.get("rope_local_base_freq", 10000.0),
               query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"), tie_word_embeddings=cfg.get("tie_word_embeddings", True),
               sliding_window=cfg.get("sliding_window", 4096))
