@@ -22,12 +22,14 @@ GREEDY = MIXED[:3]
 def tiny_dir(tmp_path_factory): return write_tiny_llada(tmp_path_factory.mktemp("tiny-llada"))
 
 
-def engine(tiny_dir, block_causal: bool = False, **kwargs) -> LLMEngine:
-  """The tiny LLaDA in LLMEngine; `block_causal` makes the engine treat it as trained block-causal (no checkpoint of
-  that kind is at hand: the flag only changes what each position attends to, which is what is tested)."""
+def engine(tiny_dir, block_causal: bool = False, shift: int | None = None, **kwargs) -> LLMEngine:
+  """The tiny LLaDA in LLMEngine; `block_causal` makes the engine treat it as trained block-causal, `shift` as
+  predicting each token from the position before (the flags only change what each position attends to and which
+  position's logits are read, which is what is tested)."""
   args = dict(model=str(tiny_dir), async_scheduling=False, block_size=4, num_kv_blocks=128, max_num_batched_tokens=64)
   e = LLMEngine(EngineArgs(**{**args, **kwargs}))
-  e.model_config = dataclasses.replace(e.model_config, block_causal=block_causal)
+  shift = e.model_config.logits_shift if shift is None else shift
+  e.model_config = dataclasses.replace(e.model_config, block_causal=block_causal, logits_shift=shift)
   return e
 
 
@@ -72,19 +74,20 @@ def test_a_dream_checkpoint_runs_the_dense_loops_in_both_modes(tmp_path):
       assert ours == generate(tiny, prompt, dp, use_cache=not recompute).x[len(prompt):].tolist()
 
 
-def test_a_block_causal_cache_computes_what_a_recompute_does(tiny_dir):
-  """Block-causal: the prompt (in chunks) and finished blocks keep their K/V, a step computes one block; a full
-  recompute with the same attention gives the same tokens."""
+@pytest.mark.parametrize("shift", [0, 1])
+def test_a_block_causal_cache_computes_what_a_recompute_does(tiny_dir, shift):
+  """Block-causal: the prompt (in chunks) and finished blocks keep their K/V, a step computes one block (and, with
+  shifted logits, the position before it); a full recompute with the same attention gives the same tokens."""
   requests = [(prompt, params) for prompt in PROMPTS for params in GREEDY]
-  cached = run(engine(tiny_dir, block_causal=True, max_num_batched_tokens=16), requests)
-  assert cached == run(engine(tiny_dir, block_causal=True, diffusion_recompute=True), requests)
+  cached = run(engine(tiny_dir, block_causal=True, shift=shift, max_num_batched_tokens=17), requests)
+  assert cached == run(engine(tiny_dir, block_causal=True, shift=shift, diffusion_recompute=True), requests)
 
 
-@pytest.mark.parametrize("block_causal", [False, True])
-def test_batched_chunked_and_preempted_requests_give_what_each_gives_alone(tiny_dir, block_causal):
+@pytest.mark.parametrize("block_causal,shift", [(False, 0), (True, 0), (True, 1)])
+def test_batched_chunked_and_preempted_requests_give_what_each_gives_alone(tiny_dir, block_causal, shift):
   requests = [(prompt, params) for prompt, params in zip(PROMPTS + PROMPTS[::-1], MIXED + MIXED[::-1])]
-  alone = [run(engine(tiny_dir, block_causal), [r])[0] for r in requests]
-  tight = engine(tiny_dir, block_causal, max_num_batched_tokens=40, num_kv_blocks=12)
+  alone = [run(engine(tiny_dir, block_causal, shift), [r])[0] for r in requests]
+  tight = engine(tiny_dir, block_causal, shift, max_num_batched_tokens=40, num_kv_blocks=12)
   assert run(tight, requests) == alone
   assert tight.scheduler.num_preemptions > 0 or not block_causal    # bidirectional: each takes its blocks at once
 
@@ -116,15 +119,16 @@ def test_guided_requests_batched_and_preempted_give_what_each_gives_alone(tiny_d
   assert tight.scheduler.num_preemptions > 0 or not block_causal    # bidirectional: each takes its blocks at once
 
 
-def test_a_block_causal_prompt_is_shared_through_the_prefix_cache(tiny_dir):
-  prompt = list(range(100, 124))
-  e = engine(tiny_dir, block_causal=True)
+@pytest.mark.parametrize("shift", [0, 1])
+def test_a_block_causal_prompt_is_shared_through_the_prefix_cache(tiny_dir, shift):
+  prompt = list(range(100, 124 + shift))
+  e = engine(tiny_dir, block_causal=True, shift=shift)
   first = run(e, [(prompt, MIXED[0])])[0]
   e.add_request(prompt, MIXED[0])
   second = None
   while e.has_unfinished_requests():
     for out in e.step(): second, cached = out.outputs[0].token_ids, out.num_cached_tokens
-  assert second == first and cached == 20          # the prompt's full blocks of 4, the last token left to compute
+  assert second == first and cached == 20          # the prompt's full blocks of 4 (shifted: but its last token)
 
 
 def test_aborting_mid_block_leaks_no_kv_block(tiny_dir):

@@ -109,21 +109,24 @@ class Denoising:
     return [self.end - 1] * n
 
   def first_uncut(self, num_computed: int) -> int:
-    """Where the tokens that must be computed in one step begin (they attend to each other both ways): a step may
-    end before this position, not after it, unless it computes them all."""
-    B, P = self.params.block_length, self.prompt_len
-    if not self.block_causal: return num_computed       # everything left attends to everything left
-    return P + (num_computed - P) // B * B if num_computed >= P else P
+    """Where the tokens that must be computed in one step begin (they attend to each other both ways, or, with
+    shifted logits, the position before the block is read with it): a step may end before this position, not after
+    it, unless it computes them all. Only a block-causal model's prompt may be cut, and only before its last
+    `shift` tokens."""
+    if not self.block_causal or num_computed >= self.prompt_len - self.shift: return num_computed
+    return self.prompt_len - self.shift
 
   @property
   def num_shareable_tokens(self) -> int:
-    """Tokens whose K/V the prefix cache may hand to another request: a block-causal model's prompt."""
-    return self.prompt_len if self.block_causal and not self.recompute else 0
+    """Tokens whose K/V the prefix cache may hand to another request: a block-causal model's prompt (but the tokens
+    whose logits the first block reads, which its steps compute)."""
+    return self.prompt_len - self.shift if self.block_causal and not self.recompute else 0
 
   @property
   def tokens_per_step(self) -> int:
-    """The most tokens one step must compute whole."""
-    return 2 * self.params.block_length if self.block_causal and not self.recompute else self.end
+    """The most tokens one step must compute whole: block-causal, a finished block, the next one, and the position
+    before them where logits are shifted."""
+    return 2 * self.params.block_length + self.shift if self.block_causal and not self.recompute else self.end
 
   def kept_after_step(self, num_known: int, finished_block: bool) -> int:
     """How many of the sequence's first tokens keep their K/V after a step (`num_known`: prompt and output before

@@ -63,8 +63,6 @@ class LLMEngine:
       self.tokenizer.chat_template = chat_template.compile_checked(chat_template.load_override(args.chat_template))
     self.model_config = cfg = self.model.config
     self.diffusion = cfg.mask_token_id is not None      # a masked diffusion LM: engine/denoising.py
-    if self.diffusion and cfg.logits_shift and cfg.block_causal:
-      raise ValueError("a block-causal diffusion LM predicts each position from itself (logits_shift=0)")
     self.load_time = time.perf_counter() - t0
     self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     num_blocks = args.num_kv_blocks or args.kv_blocks(cfg, self.max_model_len, device_memory(devices[0]))
