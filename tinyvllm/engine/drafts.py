@@ -5,8 +5,8 @@ the sampled tokens agree with):
 
     a grammar that forces tokens      jump-forward: the tokens a structured output's grammar allows one way only
                                       (structured_output.py), at most JUMP_FORWARD_TOKENS a step
-    a proposer's guesses              prompt lookup or a draft model (speculative.py, draft_model.py), for sequences
-                                      without a grammar
+    a proposer's guesses              prompt lookup, a draft model or a diffusion LM's block (speculative.py,
+                                      draft_model.py, diffusion_draft.py), for sequences without a grammar
 
 Drafts are asked for only while at most `up_to` sequences run: checking them costs arithmetic, which a large batch
 has none to spare for (`disable_by_batch_size`, speculative.py). Async scheduling waits for a step whose next step
@@ -14,6 +14,7 @@ wants drafts (overlap.py): which drafts the next step checks depends on the toke
 """
 from __future__ import annotations
 from typing import TYPE_CHECKING
+from tinyvllm.engine.diffusion_draft import DiffusionProposer
 from tinyvllm.engine.draft_model import DraftModelProposer
 from tinyvllm.engine.sequence import Sequence
 from tinyvllm.engine.speculative import NgramProposer, SpeculativeConfig, draft_room
@@ -25,8 +26,9 @@ JUMP_FORWARD_TOKENS = 7          # forced tokens a step checks at most: with the
 class Drafts:
   def __init__(self, engine: LLMEngine, spec: SpeculativeConfig | None, num_blocks: int):
     args, self.max_model_len = engine.args, engine.max_model_len
+    builders = {"draft_model": DraftModelProposer.build, "apd": DiffusionProposer.build}
     self.proposer = None if not spec else NgramProposer(spec, self.max_model_len) if spec.method == "ngram" else \
-      DraftModelProposer.build(spec, args, engine.model_config, type(engine), num_blocks)
+      builders[spec.method](spec, args, engine.model_config, type(engine), num_blocks)
     self.up_to = (spec and spec.disable_by_batch_size) or (1 if args._on_cpu() else 16)
     self.jump_forward, self.jump_forward_tokens = args.jump_forward, 0
 
@@ -59,4 +61,4 @@ class Drafts:
     return self.proposer.counts if self.proposer else [0, 0, 0]
 
   def warmup(self) -> float:
-    return self.proposer.draft.warmup() if isinstance(self.proposer, DraftModelProposer) else 0.0
+    return self.proposer.draft.warmup() if isinstance(self.proposer, (DraftModelProposer, DiffusionProposer)) else 0.0

@@ -49,9 +49,10 @@ from tinyvllm.engine.structured_output import MatcherAfter
 class SpeculativeConfig:
   """vLLM's `--speculative-config` JSON: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
   "prompt_lookup_min": m, "disable_by_batch_size": b}, or {"model": PATH, "num_speculative_tokens": k} for a draft
-  model (engine/draft_model.py; with random weights, PATH names a shape: `--load-format dummy`)."""
+  model (engine/draft_model.py; with random weights, PATH names a shape: `--load-format dummy`), or {"method": "apd",
+  "model": DIFFUSION_LM, "num_speculative_tokens": k}: a diffusion LM proposes a block of k (engine/diffusion_draft.py)."""
   num_speculative_tokens: int
-  method: str = "ngram"                  # or "draft_model"
+  method: str = "ngram"                  # or "draft_model", "apd"
   prompt_lookup_max: int = 5             # vLLM's defaults: 5 and 5 if neither is given, else the one given for both
   prompt_lookup_min: int = 5
   disable_by_batch_size: int | None = None   # no drafts while more sequences run; None: sized for the device
@@ -70,10 +71,11 @@ class SpeculativeConfig:
              "model"}
     if unknown := sorted(set(value) - known): raise ValueError(f"speculative_config.{unknown[0]}: unknown field")
     value.setdefault("method", "draft_model" if value.get("model") is not None else "ngram")
-    if value["method"] not in ("ngram", "draft_model"):
-      raise ValueError(f"speculative_config.method: {value['method']!r} is not available; use \"ngram\" or "
-                       "\"draft_model\"")
-    if value["method"] == "draft_model" and not isinstance(value.get("model"), str):
+    if value["method"] not in ("ngram", "draft_model", "apd"):
+      raise ValueError(f"speculative_config.method: {value['method']!r} is not available; use \"ngram\", "
+                       "\"draft_model\" or \"apd\"")
+    if value["method"] == "apd": value.setdefault("model", "diffusion")
+    if value["method"] in ("draft_model", "apd") and not isinstance(value.get("model"), str):
       raise ValueError("speculative_config.model: a draft model's path is required")
     for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
       if name in value and value[name] is not None and (not isinstance(value[name], int) or isinstance(value[name], bool) or value[name] < 1):

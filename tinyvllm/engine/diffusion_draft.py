@@ -1,0 +1,50 @@
+"""A diffusion LM as the proposer (APD: adaptive parallel decoding, Israel et al. 2025): it fills a block of k masks
+after a sequence's known tokens in one forward pass, and the autoregressive model checks the k guesses in one step.
+
+    target known:  p p p p a b c
+    draft request: p p p p a b c [M M M M]      a block-causal diffusion LM with the target's tokenizer: one step,
+    proposals:                    d e f g       every mask committed at once (its most likely token at each)
+    target step:   c → d ✓  d → e ✓  e → x ✗     the multi-token step of speculative.py: 2 drafts kept, plus x
+
+The diffusion model runs in an `LLMEngine` of its own (engine/denoising.py's block as one step), with its prefix
+cache on: each round's request shares the blocks of the last round's tokens (a block-causal prompt keeps its K/V),
+so a round computes the few new tokens and the block. Acceptance is speculative.py's: the target's own sample at
+each position, so the output is what the target writes alone (greedy: token for token).
+"""
+from __future__ import annotations
+from dataclasses import replace
+from typing import TYPE_CHECKING
+from tinyvllm.engine.sequence import Sequence
+from tinyvllm.engine.speculative import Proposer, SpeculativeConfig
+from tinyvllm.sampling_params import SamplingParams
+if TYPE_CHECKING: from tinyvllm.engine.engine import LLMEngine
+
+
+class DiffusionProposer(Proposer):
+  def __init__(self, config: SpeculativeConfig, draft: LLMEngine):
+    super().__init__(config)
+    self.draft = draft
+
+  @staticmethod
+  def build(config: SpeculativeConfig, args, cfg, engine_class: type[LLMEngine], num_blocks: int) -> DiffusionProposer:
+    """The diffusion LM in an engine of its own on the target's devices; ValueError unless it is a diffusion LM
+    with the target's vocabulary."""
+    draft = engine_class(replace(args, model=config.model, speculative_config=None, async_scheduling=False,
+                                 enable_prefix_caching=True, num_kv_blocks=num_blocks, chat_template=None))
+    if draft.model_config.mask_token_id is None:
+      raise ValueError(f"speculative_config.model: {config.model!r} is not a diffusion LM (method \"apd\")")
+    if draft.model_config.vocab_size != cfg.vocab_size:
+      raise ValueError(f"speculative_config.model: its vocabulary ({draft.model_config.vocab_size} tokens) is not "
+                       f"the target's ({cfg.vocab_size})")
+    return DiffusionProposer(config, draft)
+
+  def propose_all(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
+    k = self.config.num_speculative_tokens
+    block = SamplingParams(max_tokens=k, block_length=k, diffusion_steps=1, temperature=0, ignore_eos=True,
+                           output_kind="final_only")
+    wanted = {seq: self.room(seq, self.draft.max_model_len) for seq in seqs}
+    ids = {seq: self.draft.add_request(seq.token_ids, block) for seq, n in wanted.items() if n > 0}
+    proposals: dict[str, list[int]] = {}
+    while self.draft.has_unfinished_requests():
+      proposals.update({out.request_id: out.outputs[0].token_ids for out in self.draft.step() if out.finished})
+    return {seq: proposals[i][:wanted[seq]] for seq, i in ids.items()}
