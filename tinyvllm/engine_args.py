@@ -48,6 +48,9 @@ SHAPES: dict[str, dict] = {
   # diffusion LMs (engine/denoising.py): a [MASK] id makes the shape one
   "tiny-diffusion": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, mask_token_id=511),
+  "tiny-block-diffusion": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, mask_token_id=511,
+                               logits_shift=1, block_causal=True),
   "llada-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=32,
                    num_key_value_heads=32, vocab_size=126464, rope_theta=500000.0, tie_word_embeddings=False,
                    max_position_embeddings=4096, rms_norm_eps=1e-5, mask_token_id=126336),
@@ -56,7 +59,7 @@ SHAPES: dict[str, dict] = {
                    rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=131072, rms_norm_eps=1e-6,
                    mask_token_id=151666, logits_shift=1),
 }
-DIFFUSION_FIELDS = ("mask_token_id", "logits_shift")      # of a shape: a diffusion LM's, not in a Llama config
+DIFFUSION_FIELDS = ("mask_token_id", "logits_shift", "block_causal")      # of a shape: a diffusion LM's, not in a Llama config
 
 
 @dataclass

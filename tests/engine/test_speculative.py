@@ -240,3 +240,42 @@ def test_smollm2_with_itself_as_draft_model_equals_lone_plain_runs(smollm2):
   for prompt, out, lone in zip(prompts, outs, alone): assert out.outputs[0].token_ids == lone, prompt[-8:]
   stats = llm.engine.stats()
   assert stats.spec_accepted_tokens > 0.8 * stats.spec_draft_tokens > 0, stats
+
+
+def apd_run(monkeypatch=None, **spec) -> tuple[dict, LLMEngine]:
+  spec = {"method": "apd", "model": "tiny-block-diffusion", "num_speculative_tokens": 4, "disable_by_batch_size": 16,
+          **spec}
+  greedy = [(prompt, params) for prompt, params in mixed_requests() if params.temperature == 0 and params.n == 1]
+  engine = LLMEngine(EngineArgs(**TINY, num_kv_blocks=48, speculative_config=spec if spec["model"] else None))
+  for i, (prompt, params) in enumerate(greedy): engine.add_request(prompt, params, request_id=str(i))
+  done = {}
+  while engine.has_unfinished_requests():
+    done.update({out.request_id: out.outputs[0].token_ids for out in engine.step() if out.finished})
+  return done, engine
+
+
+def test_a_diffusion_lm_proposes_blocks_that_the_target_checks():
+  """APD with mixture weight 0: a block diffusion LM (random weights, the target's vocabulary) proposes k tokens in
+  one step of its own engine, and the tokens are plain decoding's; the draft engine keeps no request or block."""
+  plain, _ = apd_run(model=None)
+  ours, engine = apd_run()
+  assert ours == plain and engine.stats().spec_draft_tokens > 20
+  draft = engine.drafts.proposer.draft
+  assert not draft.has_unfinished_requests()
+  assert all(draft.block_manager.ref_counts[b] <= 1 for b in range(draft.block_manager.num_usable_blocks))
+
+
+def test_apds_mixture_keeps_the_drafts_a_confident_diffusion_lm_vouches_for(monkeypatch):
+  """Mixture weight R: the target's row for a draft adds R/(1-R) · log(q/(1-q)) to the draft's logit. A draft made
+  certain (q → 1) under R = 0.9 is kept at every position; under R = 0 the same drafts are mostly rejected."""
+  from tinyvllm.engine.diffusion_draft import DiffusionProposer
+  propose = DiffusionProposer.propose_all
+  def certain(self, seqs):
+    out = propose(self, seqs)
+    self.confidence = {seq: [1.0] * len(tokens) for seq, tokens in out.items()}
+    return out
+  monkeypatch.setattr(DiffusionProposer, "propose_all", certain)
+  _, mixed = apd_run(mixture_weight=0.9)
+  _, alone = apd_run(mixture_weight=0.0)
+  assert mixed.stats().spec_accepted_tokens == mixed.stats().spec_draft_tokens > 20
+  assert alone.stats().spec_accepted_tokens < alone.stats().spec_draft_tokens / 2

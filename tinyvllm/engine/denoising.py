@@ -86,6 +86,7 @@ class Denoising:
     self.mask_id, self.block_causal, self.shift = model.mask_token_id, model.block_causal, model.logits_shift
     self.block_index, self.step, self.calls = 0, 0, 0
     self.block = [self.mask_id] * params.block_length
+    self.confidence = [0.0] * params.block_length   # each position's probability when it was committed
     self.schedule = np.zeros(0, np.int64)      # masks each step of the block commits: set at its first step
     self.rng = np.random.default_rng(params.seed)
     # one sampler row per block position: each draws its own noise, at a stream position no other step reuses
@@ -148,10 +149,11 @@ class Denoising:
     count = None if p.threshold is not None else int(self.schedule[min(self.step, len(self.schedule) - 1)])
     chosen = select(confidence, masked, count, p.threshold)
     block[chosen] = np.array(tokens)[chosen]
+    for i in np.flatnonzero(chosen): self.confidence[i] = probs[i]
     self.block, self.step, self.calls = block.tolist(), self.step + 1, self.calls + 1
     if (block == self.mask_id).any(): return None
     finished, self.block_index, self.step = self.block, self.block_index + 1, 0
-    self.block = [self.mask_id] * p.block_length
+    self.block, self.finished_confidence, self.confidence = [self.mask_id] * p.block_length, self.confidence, [0.0] * p.block_length
     return finished
 
 

@@ -8,10 +8,20 @@ after a sequence's known tokens in one forward pass, and the autoregressive mode
 
 The diffusion model runs in an `LLMEngine` of its own (engine/denoising.py's block as one step), with its prefix
 cache on: each round's request shares the blocks of the last round's tokens (a block-causal prompt keeps its K/V),
-so a round computes the few new tokens and the block. Acceptance is speculative.py's: the target's own sample at
-each position, so the output is what the target writes alone (greedy: token for token).
+so a round computes the few new tokens and the block.
+
+Acceptance is speculative.py's, at each position the target's own sample, with APD's mixture weight R: the sample
+is drawn from p_target^(1-R) · p_draft^R (a product of experts) instead of p_target, and a draft is kept while it
+equals that sample. R = 0 is plain speculative decoding: the output is what the target writes alone (greedy: token
+for token); as R grows, more of the draft's confident tokens are kept. The draft's distribution is known here at
+its chosen token only (probability q, the confidence the denoiser commits by); the rest of its mass, 1 - q, is
+counted on whichever token competes with the draft, the most any single token could have. In logits that is a bias
+of R/(1-R) · log(q / (1-q)) on the draft token where the target checks it (greedy rows: argmax(log p_t + bias)), so
+a draft is kept only where the full mixture would keep it too, and a rejected draft's replacement is the target's
+own token.
 """
 from __future__ import annotations
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 from tinyvllm.engine.sequence import Sequence
@@ -24,12 +34,14 @@ class DiffusionProposer(Proposer):
   def __init__(self, config: SpeculativeConfig, draft: LLMEngine):
     super().__init__(config)
     self.draft = draft
+    self.confidence: dict[Sequence, list[float]] = {}      # the last round's, per proposal
 
   @staticmethod
   def build(config: SpeculativeConfig, args, cfg, engine_class: type[LLMEngine], num_blocks: int) -> DiffusionProposer:
     """The diffusion LM in an engine of its own on the target's devices; ValueError unless it is a diffusion LM
     with the target's vocabulary."""
-    draft = engine_class(replace(args, model=config.model, speculative_config=None, async_scheduling=False,
+    where = {"shape": config.model} if args.load_format == "dummy" else {"model": config.model}
+    draft = engine_class(replace(args, **where, speculative_config=None, async_scheduling=False,
                                  enable_prefix_caching=True, num_kv_blocks=num_blocks, chat_template=None))
     if draft.model_config.mask_token_id is None:
       raise ValueError(f"speculative_config.model: {config.model!r} is not a diffusion LM (method \"apd\")")
@@ -44,7 +56,15 @@ class DiffusionProposer(Proposer):
                            output_kind="final_only")
     wanted = {seq: self.room(seq, self.draft.max_model_len) for seq in seqs}
     ids = {seq: self.draft.add_request(seq.token_ids, block) for seq, n in wanted.items() if n > 0}
+    states = {seq: self.draft.requests[i].seqs[0].denoising for seq, i in ids.items()}
     proposals: dict[str, list[int]] = {}
     while self.draft.has_unfinished_requests():
       proposals.update({out.request_id: out.outputs[0].token_ids for out in self.draft.step() if out.finished})
+    self.confidence = {seq: state.finished_confidence for seq, state in states.items()}
     return {seq: proposals[i][:wanted[seq]] for seq, i in ids.items()}
+
+  def bias(self, seq: Sequence) -> list[float]:
+    R = self.config.mixture_weight
+    if not R: return []
+    log_odds = lambda q: math.log(min(max(q, 1e-6), 1 - 1e-6) / (1 - min(max(q, 1e-6), 1 - 1e-6)))
+    return [max(-100.0, min(100.0, R / (1 - R) * log_odds(q))) for q in self.confidence.get(seq, [])]   # logit_bias's range

@@ -49,7 +49,9 @@ class Drafts:
               for seq in decoding if seq.matcher and self.jump_forward}
     guessable = [seq for seq in decoding if seq.matcher is None]
     if self.proposer and guessable: drafts.update(self.proposer.propose_all(guessable))
-    for seq in running: seq.draft_token_ids = drafts.get(seq, [])
+    for seq in running:
+      seq.draft_token_ids = drafts.get(seq, [])
+      seq.draft_bias = self.proposer.bias(seq) if self.proposer and seq.draft_token_ids and not seq.matcher else []
 
   def checked(self, seq: Sequence, proposed: int, accepted: int) -> None:
     """How many of a sequence's drafts its step accepted: a proposer learns from it, forced tokens are counted."""

@@ -58,6 +58,7 @@ class Sequence:
   num_pending_tokens: int = 0           # sampled by a step still running on the device, not yet in output_token_ids
   num_cached_tokens: int = 0            # of those, reused from the prefix cache at admission
   draft_token_ids: list[int] = field(default_factory=list)   # guesses the next step checks (speculative decoding)
+  draft_bias: list[float] = field(default_factory=list)      # added to each draft's logit where it is checked (APD)
   block_table: list[int] = field(default_factory=list)
   num_blocks_in_cache: int = 0          # of its blocks, how many it has put in the prefix cache
   status: SequenceStatus = SequenceStatus.WAITING

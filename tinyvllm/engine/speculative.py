@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import weakref
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from tinyvllm.engine.sequence import Sequence
 from tinyvllm.engine.structured_output import MatcherAfter
 
@@ -57,6 +57,7 @@ class SpeculativeConfig:
   prompt_lookup_min: int = 5
   disable_by_batch_size: int | None = None   # no drafts while more sequences run; None: sized for the device
   model: str | None = None               # the draft model
+  mixture_weight: float = 0.0            # APD's R: accept from p_target^(1-R) · p_draft^R (0: the target alone)
 
   @staticmethod
   def parse(value: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
@@ -68,7 +69,7 @@ class SpeculativeConfig:
     if not isinstance(value, dict): raise ValueError("speculative_config: expected a JSON object")
     value = dict(value)
     known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size",
-             "model"}
+             "model", "mixture_weight"}
     if unknown := sorted(set(value) - known): raise ValueError(f"speculative_config.{unknown[0]}: unknown field")
     value.setdefault("method", "draft_model" if value.get("model") is not None else "ngram")
     if value["method"] not in ("ngram", "draft_model", "apd"):
@@ -81,6 +82,10 @@ class SpeculativeConfig:
       if name in value and value[name] is not None and (not isinstance(value[name], int) or isinstance(value[name], bool) or value[name] < 1):
         raise ValueError(f"speculative_config.{name}: must be a positive integer")
     if "num_speculative_tokens" not in value: raise ValueError("speculative_config.num_speculative_tokens: required")
+    weight = value.get("mixture_weight", 0.0)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < 1:
+      raise ValueError("speculative_config.mixture_weight: must be a number in [0, 1)")
+    if weight and value["method"] != "apd": raise ValueError("speculative_config.mixture_weight: only method \"apd\" mixes")
     if "prompt_lookup_max" in value or "prompt_lookup_min" in value:
       value.setdefault("prompt_lookup_max", value.get("prompt_lookup_min"))
       value.setdefault("prompt_lookup_min", value["prompt_lookup_max"])
@@ -131,6 +136,10 @@ class Proposer:
     are known: async scheduling goes on)."""
     return True
 
+  def bias(self, seq: Sequence) -> list[float]:
+    """What to add to the target's logit of each of the sequence's drafts where it is checked: nothing."""
+    return []
+
   def room(self, seq: Sequence, max_model_len: int) -> int:
     """How many drafts a decoding sequence may take: at most k, and `draft_room`."""
     return min(self.config.num_speculative_tokens, draft_room(seq, max_model_len))
@@ -174,7 +183,12 @@ class AfterDrafts:
   grammar's mask follows them)."""
   def __init__(self, seq: Sequence, i: int):
     self.seq, self.i = seq, i
-    self.params, self.index, self.seq_id, self.prompt_token_ids = seq.params, seq.index, seq.seq_id, seq.prompt_token_ids
+    self.params = seq.params
+    if i < len(seq.draft_bias) and i < len(seq.draft_token_ids):     # APD: the draft's own vote for its token
+      bias = dict(seq.params.logit_bias or {})
+      bias[seq.draft_token_ids[i]] = bias.get(seq.draft_token_ids[i], 0.0) + seq.draft_bias[i]
+      self.params = replace(seq.params, logit_bias=bias)
+    self.index, self.seq_id, self.prompt_token_ids = seq.index, seq.seq_id, seq.prompt_token_ids
     self.wants_prompt_logprobs, self.num_pending_tokens = False, 0
     self.matcher = None if seq.matcher is None else MatcherAfter(seq.matcher, seq.draft_token_ids[:i])
   @property

@@ -88,7 +88,8 @@ def _sampler_rows(s: ScheduledSequence) -> list[Sequence | AfterDrafts | Denoisi
   of a diffusion LM's block."""
   if not s.samples: return [s.seq]
   if s.seq.denoising is not None: return [DenoisingRow(s.seq, i) for i in range(len(s.seq.denoising.logits_positions()))]
-  return [s.seq] + [AfterDrafts(s.seq, i) for i in range(1, len(s.seq.draft_token_ids) + 1)]
+  first = AfterDrafts(s.seq, 0) if s.seq.draft_bias and s.seq.draft_token_ids else s.seq   # APD: biased
+  return [first] + [AfterDrafts(s.seq, i) for i in range(1, len(s.seq.draft_token_ids) + 1)]
 
 
 def _logits_positions(s: ScheduledSequence) -> range:
