@@ -150,6 +150,7 @@ class Denoising:
     chosen = select(confidence, masked, count, p.threshold)
     block[chosen] = np.array(tokens)[chosen]
     for i in np.flatnonzero(chosen): self.confidence[i] = probs[i]
+    self.committed = int(chosen.sum())              # this step's tokens (metrics: tokens per forward)
     self.block, self.step, self.calls = block.tolist(), self.step + 1, self.calls + 1
     if (block == self.mask_id).any(): return None
     finished, self.block_index, self.step = self.block, self.block_index + 1, 0

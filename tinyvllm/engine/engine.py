@@ -81,6 +81,7 @@ class LLMEngine:
                               self.max_model_len, args.max_num_seqs, args.max_num_batched_tokens, args.seed,
                               args.beam, paged, args.diffusion_max_block_length if self.diffusion else 1)
     self.requests: dict[str, Request] = {}
+    self.diffusion_counts = [0, 0]      # a diffusion LM's forwards of a sequence, and the tokens they committed
     self.drafts = Drafts(self, self.speculative, num_blocks)     # tokens a step checks after the last known one
     self.overlap = Overlap(self) if args.async_scheduling else None
     self._ids = itertools.count()
@@ -139,9 +140,12 @@ class LLMEngine:
 
   def stats(self) -> EngineStats:
     counts, graphs = self.drafts.counts(), self.runner.graphs
+    # a diffusion LM's forwards: this engine's own, or its APD proposer's
+    diffusion = self.drafts.proposer.draft.diffusion_counts if self.speculative and self.speculative.method == "apd" \
+      else self.diffusion_counts
     return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage,
                        self.scheduler.num_preemptions, graphs.builds, graphs.build_seconds, graphs.loads,
-                       *counts[:3], tuple(counts[3:]), self.drafts.jump_forward_tokens)
+                       *counts[:3], tuple(counts[3:]), self.drafts.jump_forward_tokens, *diffusion)
 
   def warmup(self) -> float:
     """Capture every graph a step can need (runner/graphs.py: a bounded set), so that no request ever waits for one;
@@ -224,6 +228,8 @@ class LLMEngine:
     output grew."""
     state = seq.denoising
     block = state.update([s.token for s in sampled], [math.exp(s.logprob) for s in sampled])
+    self.diffusion_counts[0] += 1
+    self.diffusion_counts[1] += state.committed
     for s in seq.group: s.num_computed_tokens = state.kept_after_step(seq.num_known_tokens, block is not None)
     for token in block or []:
       if seq.twin is not None: seq.twin.output_token_ids.append(token)

@@ -60,6 +60,8 @@ class EngineStats:
   spec_accepted_tokens: int = 0
   spec_accepted_per_position: tuple[int, ...] = ()   # and accepted at each position (empty without speculation)
   jump_forward_tokens: int = 0                   # tokens a grammar forced, committed in a step with another
+  diffusion_forwards: int = 0                    # a diffusion LM's steps of a sequence (forward passes of its block)
+  parallel_tokens_decoded: int = 0               # and the tokens they committed: tokens per forward is the ratio
 
   @staticmethod
   def total(parts: list[EngineStats]) -> EngineStats:
@@ -70,7 +72,8 @@ class EngineStats:
                        sum(p.graph_loads for p in parts), sum(p.spec_drafts for p in parts),
                        sum(p.spec_draft_tokens for p in parts), sum(p.spec_accepted_tokens for p in parts),
                        tuple(map(sum, zip(*(p.spec_accepted_per_position for p in parts)))),
-                       sum(p.jump_forward_tokens for p in parts))
+                       sum(p.jump_forward_tokens for p in parts), sum(p.diffusion_forwards for p in parts),
+                       sum(p.parallel_tokens_decoded for p in parts))
 
 
 @dataclass

@@ -104,8 +104,12 @@ class Metrics:
                     "same code, model and shapes left (instead of captured).", stats.graph_loads)
     jumped = Counter("tinyvllm:jump_forward_tokens_total", "Tokens a grammar forced, checked in one step with the "
                      "token before them (structured outputs' jump-forward).", stats.jump_forward_tokens)
+    forwards = Counter("tinyvllm:diffusion_forwards_total", "A diffusion LM's forward passes of a sequence's block "
+                       "(its own steps, or its proposals under APD).", stats.diffusion_forwards)
+    parallel = Counter("tinyvllm:parallel_tokens_decoded_total", "Tokens a diffusion LM committed; over "
+                       "diffusion_forwards_total, its tokens per forward.", stats.parallel_tokens_decoded)
     for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits, preemptions,
-                   builds, build_seconds, loads, jumped,
+                   builds, build_seconds, loads, jumped, forwards, parallel,
                    self.ttft, self.tpot, self.e2e):
       lines += metric.render(self.labels)
     if stats.spec_accepted_per_position: lines += self._speculative(stats)
