@@ -59,11 +59,11 @@ def answers(a: argparse.Namespace) -> None:
          [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=a.max_tokens, seed=a.seed + i) for i in range(a.samples)]
   eos = llm.get_tokenizer().eos_id
   for params in runs:
-    for out in llm.chat(conversations, params):
-      answer = list(out.outputs[0].token_ids)
-      if out.outputs[0].finish_reason != "stop": continue         # cut off: its ending is unknown
+    for result in llm.chat(conversations, params):
+      answer = list(result.outputs[0].token_ids)
+      if result.outputs[0].finish_reason != "stop": continue         # cut off: its ending is unknown
       if not answer or answer[-1] != eos: answer.append(eos)
-      rows.append((list(out.prompt_token_ids), answer))
+      rows.append((list(result.prompt_token_ids), answer))
     n = sum(len(r[1]) for r in rows)
     print(f"{len(rows)} answers, {n} tokens, {n / (time.perf_counter() - t0):.0f} tok/s", flush=True)
     save_rows(rows, out / "answers.npz")                        # after each run: a long job keeps what it made
