@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--output-len", type=int, default=8, help="tokens per request; all but the first are timed steps")
   p.set_defaults(func=commands.sampling)
 
-  p = sub.add_parser("diffusion", parents=common, help="LLaDA vs Fast-dLLM decoding (--model: the shipped one)")
+  p = sub.add_parser("diffusion", parents=common, help="LLaDA vs Fast-dLLM decoding (--model: the shipped Django model)")
   p.add_argument("--num-prompts", type=int, default=8)
   p.add_argument("--gen-length", type=int, default=64)
   p.add_argument("--block-length", type=int, default=16)

@@ -27,7 +27,7 @@ Data: SmolLM2's own answers (greedy and sampled) to the varied prompts of chat_p
     python examples/adapt_diffusion.py export --checkpoint /tmp/d/adapter.pt --out tinyvllm/diffusion/smollm2-diffusion
 
 Why PyTorch for training: see examples/train_diffusion.py (tinygrad's training kernels ran 30-80x slower on the
-lent H100). The trained network is checked against tinyvllm's by `check`: same file, same logits.
+lent H100). tests/diffusion/test_chat_diffusion.py holds the shipped delta to what it was trained to do.
 """
 from __future__ import annotations
 import argparse
@@ -47,7 +47,6 @@ EPS = 0.05                           # smallest masking ratio of a block
 
 # ---- data: SmolLM2's answers ----------------------------------------------------------------------------------------
 def answers(a: argparse.Namespace) -> None:
-  import tinyvllm
   from tinyvllm import LLM, SamplingParams
   from chat_prompts import training_prompts
   prompts = training_prompts(a.num_prompts, seed=a.seed)
@@ -193,7 +192,6 @@ def build_batch(rows, block: int, rng: np.random.Generator, eos: int):
 class Trainer:
   def __init__(self, a: argparse.Namespace):
     import torch
-    import tinyvllm
     from tinyvllm.model.loader import read_checkpoint, resolve
     self.torch, self.a = torch, a
     self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -295,17 +295,17 @@ def tiny_llada(tmp_path_factory) -> Path:
   """A random LLaDA checkpoint with the shipped model's layout and tokenizer, one layer of width 32."""
   from safetensors.numpy import save_file
   from tinygrad.nn.state import get_state_dict
-  from tinyvllm.model.loader import DEFAULT_DIFFUSION_MODEL
+  from tinyvllm.model.loader import DJANGO_DIFFUSION_MODEL
   from tinyvllm.diffusion.llada import DiffusionConfig, MaskedDiffusionLM, to_llada_layout
   path = tmp_path_factory.mktemp("tiny-llada")
-  config = json.loads((DEFAULT_DIFFUSION_MODEL / "config.json").read_text()) | \
+  config = json.loads((DJANGO_DIFFUSION_MODEL / "config.json").read_text()) | \
     dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden_size=64)
   model, rng = MaskedDiffusionLM(DiffusionConfig.from_hf(config)), np.random.default_rng(0)
   weights = {k: rng.normal(0, 0.5, v.shape).astype(np.float32) for k, v in get_state_dict(model).items()
              if not k.startswith("rope_")}
   save_file(to_llada_layout(weights, model.config.model), str(path / "model.safetensors"))
   (path / "config.json").write_text(json.dumps(config))
-  for name in ("tokenizer.model", "tokenizer_config.json"): shutil.copy(DEFAULT_DIFFUSION_MODEL / name, path / name)
+  for name in ("tokenizer.model", "tokenizer_config.json"): shutil.copy(DJANGO_DIFFUSION_MODEL / name, path / name)
   return path
 
 
@@ -330,7 +330,7 @@ def test_the_diffusion_benchmark_runs_the_shipped_diffusion_model_by_default(ben
   monkeypatch.setattr(commands, "bench_diffusion", measured)
   bench.main(["diffusion", "--num-prompts", "1"])
   bench.main(["diffusion", "--num-prompts", "1", "--model", "elsewhere"])
-  assert models == ["diffusion", "elsewhere"]
+  assert models == ["llada", "elsewhere"]
 
 
 def test_smoke_diffusion_random_weights(bench, tmp_path):

@@ -11,7 +11,7 @@ from tinyvllm.diffusion.sampler import Denoiser, DiffusionParams, denoise_step, 
 from tinyvllm.engine.engine import LLMEngine
 from tinyvllm.engine.protocol import Engine
 from tinyvllm.diffusion.llada import MaskedDiffusionLM, is_diffusion_checkpoint, load_diffusion_model, wants_diffusion
-from tinyvllm.model.loader import DEFAULT_DIFFUSION_MODEL
+from tinyvllm.model.loader import DJANGO_DIFFUSION_MODEL
 from tinyvllm.sampling_params import SamplingParams
 
 from tiny_llada import MASK, TINY, VOCAB, llada_tensors, write_tiny_llada    # tests/diffusion: the tiny checkpoint
@@ -197,11 +197,11 @@ def test_engine_batches_requests_and_streams_blocks(tiny_dir, tiny):
 
 @pytest.fixture(scope="module")
 def trained():
-  return LLMEngine(EngineArgs(model="diffusion"))
+  return LLMEngine(EngineArgs(model="llada"))
 
 
 @pytest.fixture(scope="module")
-def trained_model() -> MaskedDiffusionLM: return load_diffusion_model(DEFAULT_DIFFUSION_MODEL)[0]
+def trained_model() -> MaskedDiffusionLM: return load_diffusion_model(DJANGO_DIFFUSION_MODEL)[0]
 
 
 # the first lines of three Django test files from the validation split: the shipped model never trained on them

@@ -4,7 +4,7 @@ import json
 import shutil
 from pathlib import Path
 import numpy as np
-from tinyvllm.model.loader import DEFAULT_DIFFUSION_MODEL
+from tinyvllm.model.loader import DJANGO_DIFFUSION_MODEL
 
 VOCAB, MASK = 4096, 3                      # the shipped tokenizer's size and its <|mdm_mask|> id
 TINY = dict(architectures=["LLaDAModelLM"], model_type="llada", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -61,5 +61,5 @@ def write_tiny_llada(path: Path, dream: bool = False) -> Path:
   cfg = TINY_DREAM if dream else TINY
   (path / "config.json").write_text(json.dumps(cfg))
   save_file((dream_tensors if dream else llada_tensors)(cfg), str(path / "model.safetensors"))
-  for name in ("tokenizer.model", "tokenizer_config.json"): shutil.copy(DEFAULT_DIFFUSION_MODEL / name, path / name)
+  for name in ("tokenizer.model", "tokenizer_config.json"): shutil.copy(DJANGO_DIFFUSION_MODEL / name, path / name)
   return path

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tinyvllm import LLM, SamplingParams
-from tinyvllm.model.loader import DEFAULT_DIFFUSION_MODEL
+from tinyvllm.model.loader import DJANGO_DIFFUSION_MODEL
 
 DATA = Path(__file__).parents[1] / "data" / "tiny_models"
 
@@ -17,7 +17,7 @@ DATA = Path(__file__).parents[1] / "data" / "tiny_models"
 @pytest.mark.parametrize("name", ["qwen3", "mistral", "gemma3"])
 def test_greedy_tokens_and_logprobs_equal_transformers(name, tmp_path):
   shutil.copytree(DATA / name, tmp_path / name)
-  shutil.copy(DEFAULT_DIFFUSION_MODEL / "tokenizer.model", tmp_path / name)    # a 4096-token SentencePiece model
+  shutil.copy(DJANGO_DIFFUSION_MODEL / "tokenizer.model", tmp_path / name)    # a 4096-token SentencePiece model
   (tmp_path / name / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
   ref = json.loads((DATA / name / "reference.json").read_text())
   llm = LLM(model=str(tmp_path / name), dtype="float32", max_model_len=128)

