@@ -1,4 +1,4 @@
-"""Benchmarks with vLLM's definitions: `python bench.py {latency,throughput,serve,prefix,sampling,diffusion} [options]`.
+"""Benchmarks with vLLM's definitions: `python bench.py {latency,throughput,serve,prefix,sampling,diffusion,chat-decoding}`.
 
   latency     batch 1: time to first token, time per output token, decode tokens/s
   throughput  N requests submitted at once: requests/s, output tokens/s, total tokens/s
@@ -7,6 +7,8 @@
   prefix      shared system prompt and multi-turn chat, prefix cache on vs off
   sampling    decode step time with greedy requests vs every sampling knob on, at several batch sizes
   diffusion   a diffusion LM: LLaDA decoding vs Fast-dLLM threshold decoding, with and without its prefix cache
+  chat-decoding  SmolLM2, the diffusion LM adapted from it (threshold decoding) and APD (it proposes, SmolLM2
+              checks) on 50 chat prompts at batch 1: tok/s, tokens per forward, SmolLM2's log-likelihood of the answers
 
 Every engine argument is an option (--load-format dummy --shape llama-1b: random weights, no files); --max-model-len
 defaults to the longest sequence the workload makes. `--compare` adds peers measured right after tinyvllm on the same
@@ -107,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--modes", nargs="+", choices=list(MODES), default=["llada", "threshold", "threshold+cache"])
   p.add_argument("--input-len", type=int, default=256, help="random prompts' tokens (--load-format dummy)")
   p.set_defaults(func=commands.diffusion)
+
+  p = sub.add_parser("chat-decoding", parents=common, help="SmolLM2 vs its diffusion LM (threshold decoding, APD) on "
+                     "50 chat prompts, batch 1: speed and SmolLM2's log-likelihood of the answers")
+  p.add_argument("--num-prompts", type=int, default=50)
+  p.add_argument("--max-tokens", type=int, default=96)
+  p.add_argument("--block-length", type=int, default=4, help="the diffusion LM's block")
+  p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5])
+  p.add_argument("--apd-tokens", type=int, default=4, help="APD: the diffusion LM's block of proposals")
+  p.add_argument("--mixture-weights", type=float, nargs="+", default=[0.0, 0.5], help="APD's R values")
+  p.set_defaults(func=commands.chat_decoding)
   return parser
 
 

@@ -96,3 +96,16 @@ def test_the_shipped_diffusion_lms_cached_blocks_compute_what_a_recompute_does(c
   recompute = LLM("diffusion", max_model_len=256, diffusion_recompute=True)
   ours = chat.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids
   assert ours == recompute.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids
+
+
+def test_a_packed_adapter_keeps_its_merged_matrices_as_q8_0(tiny_adapter):
+  """For the packed kernels the merged matrices are packed again as Q8_0: each weight within half a step (d/2) of
+  the float merge, plus what storing d in fp16 moves the largest q (127 · d · 2^-11)."""
+  _, merged, _ = read_checkpoint(tiny_adapter)
+  _, packed, _ = read_checkpoint(tiny_adapter, packed=True)
+  for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"):
+    assert packed[name].type_name == "Q8_0"
+    step = np.abs(merged[name]).reshape(-1, 32).max(axis=1) / 127
+    error = np.abs(packed[name].dequantize() - merged[name]).reshape(-1, 32).max(axis=1)
+    assert np.all(error <= step * (0.5 + 127 * 2.0 ** -11) + 1e-7)
+  np.testing.assert_array_equal(packed["model.norm.weight"], merged["model.norm.weight"])

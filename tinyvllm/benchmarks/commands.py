@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from tinygrad import Device
 from tinyvllm.benchmarks import offline, peers, serving
+from tinyvllm.benchmarks.chat_decoding import bench_chat_decoding
 from tinyvllm.benchmarks.diffusion import bench_diffusion, diffusion_prompts
 from tinyvllm.benchmarks.report import Row, machine_info, ratios
 from tinyvllm.benchmarks.workloads import Workload, chat_requests, random_requests, shared_prefix_requests, summary
@@ -113,6 +114,7 @@ def workload_len(args: argparse.Namespace) -> int | None:
   a model with a 128k context does not need a KV pool for 128k tokens to run a benchmark of 200."""
   if args.benchmark == "diffusion":       # the shipped model's text prompts are short; random ones are input_len
     return args.input_len + args.gen_length if args.load_format == "dummy" else None
+  if args.benchmark == "chat-decoding": return None      # each decoder's engine is sized by the prompts
   if args.benchmark == "prefix": return args.prefix_len + args.turns * (args.question_len + args.output_len)
   stretch = 1 + getattr(args, "random_range_ratio", 0.0)
   return getattr(args, "random_prefix_len", 0) + int(args.input_len * stretch) + int(args.output_len * stretch) + 1
@@ -269,3 +271,19 @@ def _diffusion_shape(engine_args: EngineArgs) -> dict:
   if engine_args.load_format != "dummy":
     raise peers.PeerUnavailable("the torch loop runs random weights of a shape: pass --load-format dummy --shape S")
   return SHAPES[engine_args.shape]
+
+
+CHAT_DECODING_ROWS: list[Row] = [("output tok/s (batch 1)", "tokens_per_s"), ("speed vs ar", "speed_vs_ar"),
+                                 ("SmolLM2 log-likelihood per token", "smollm2_log_likelihood_per_token"),
+                                 ("quality drop vs ar (nats)", "quality_drop_vs_ar"),
+                                 ("SmolLM2 tokens per forward", "ar_tokens_per_forward"),
+                                 ("diffusion LM tokens per forward", "diffusion_tokens_per_forward"),
+                                 ("APD mean accepted length", "mean_accepted_length")]
+
+
+def chat_decoding(args: argparse.Namespace, engine_args: EngineArgs) -> dict:
+  """SmolLM2, its diffusion LM alone (one token a step, thresholds) and APD on the chat prompts (chat_decoding.py)."""
+  columns, samples = bench_chat_decoding(args.num_prompts, args.max_tokens, args.block_length, args.thresholds,
+                                         args.apd_tokens, args.mixture_weights)
+  result = _result("chat-decoding", args, engine_args, columns, CHAT_DECODING_ROWS)
+  return result | {"answers": samples}

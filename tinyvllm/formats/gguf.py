@@ -101,6 +101,17 @@ def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:  # d, 32 x int8
     return _affine(blocks[:, 2:].view(np.int8), _f16(blocks, 0))
 
 
+def quantize_q8_0(name: str, w: np.ndarray) -> GGUFTensor:
+    """A float matrix as a Q8_0 tensor (llama.cpp's quantize_row_q8_0: per block of 32, d = max|x| / 127 stored as
+    fp16, q = round(x / d)): how a merged adapter (model/loader.py) keeps its matrices packed."""
+    x = np.ascontiguousarray(w, np.float32).reshape(-1, 32)
+    d = np.abs(x).max(axis=1, keepdims=True) / 127
+    q = np.round(x / np.where(d == 0, 1, d)).astype(np.int8)
+    raw = np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
+    return GGUFTensor(name, 8, "Q8_0", tuple(w.shape), raw.reshape(w.shape[0], -1, 34))   # rows of blocks, as
+                                                                                        # gguf_to_hf_state_dict packs
+
+
 def _dequant_q4_0(blocks: np.ndarray) -> np.ndarray:  # d, 16 bytes of nibbles
     return _affine(_nibbles(blocks[:, 2:]).astype(np.int8) - 8, _f16(blocks, 0))
 

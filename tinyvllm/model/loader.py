@@ -23,7 +23,7 @@ from tinygrad import Tensor, dtypes
 from tinygrad.dtype import _to_np_dtype
 from tinygrad.nn.state import get_state_dict
 from tinyvllm.model.config import ModelConfig
-from tinyvllm.formats.gguf import GGUFTensor, gguf_to_hf_config, gguf_to_hf_state_dict, read_gguf
+from tinyvllm.formats.gguf import GGUFTensor, gguf_to_hf_config, gguf_to_hf_state_dict, quantize_q8_0, read_gguf
 from tinyvllm.model.llama import Embedding, LlamaForCausalLM
 from tinyvllm.model.gemma3 import Gemma3ForCausalLM, as_gains
 from tinyvllm.kernels.linear import PackedLinear
@@ -112,17 +112,18 @@ def _read_checkpoint(path: Path, packed: bool) -> tuple[ModelConfig, dict[str, n
     weights = gguf_to_hf_state_dict(meta, tensors, PACKED_TYPES if packed else ())
     return ModelConfig.from_hf(gguf_to_hf_config(meta, tensors)), weights, Tokenizer.from_gguf_metadata(meta)
   if not (path / "config.json").exists(): raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model")
-  if "base_model" in json.loads((path / "config.json").read_text()): return read_adapted_checkpoint(path)
+  if "base_model" in json.loads((path / "config.json").read_text()): return read_adapted_checkpoint(path, packed)
   from tinyvllm.diffusion import llada        # here: llada.py reads its checkpoints with this module's functions
   if llada.is_diffusion_checkpoint(path): return (*llada.read_diffusion_checkpoint(path), Tokenizer.from_hf_dir(path))
   cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
   return cfg, read_safetensors(path), Tokenizer.from_hf_dir(path)
 
 
-def read_adapted_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+def read_adapted_checkpoint(path: Path, packed: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray | GGUFTensor], Tokenizer]:
   """A LoRA delta over a base model that `resolve` finds (config.json's `base_model`): each adapted matrix becomes
   W + (lora_alpha / lora_rank) · B @ A, the adapter's whole tensors (RMSNorm gains) replace the base's, a diffusion
   LM's [MASK] embedding its row of the (tied) embedding; the base's config takes the adapter's diffusion fields.
+  `packed`: the merged matrices as Q8_0 for the packed kernels.
   Shipped this way, the block diffusion model (examples/adapt_diffusion.py) is ~20 MB over the base users have."""
   spec = json.loads((path / "config.json").read_text())
   cfg, weights, tokenizer = _read_checkpoint(resolve(spec["base_model"]), packed=False)
@@ -133,6 +134,8 @@ def read_adapted_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, np.ndarr
     table = weights["model.embed_tokens.weight"] = np.array(weights["model.embed_tokens.weight"], np.float32)
     table[spec["mask_token_id"]] = delta.pop("mask_embedding")
   weights.update(delta)
+  if packed:       # the merged matrices packed again, as Q8_0 (the base's 4 bits would round the delta away)
+    weights = {n: quantize_q8_0(n, w) if w.ndim == 2 and w.shape[1] % 32 == 0 else w for n, w in weights.items()}
   fields = {k: spec[k] for k in ("mask_token_id", "block_causal", "logits_shift") if k in spec}
   return dataclasses.replace(cfg, **fields), weights, tokenizer
 
