@@ -19,9 +19,10 @@ request gives the same tokens with speculation on or off.
 The guesser here is *prompt lookup* (n-gram): find the latest earlier place where the sequence's last n tokens
 occurred (n from `prompt_lookup_max` down to `prompt_lookup_min`) and propose the k tokens that followed. It costs
 one byte search per sequence and needs no model; it pays where outputs copy their context (code edits, quoting,
-lists repeated with a change) and proposes nothing elsewhere. The other guesser is a draft model, a smaller model
-with the same tokenizer run greedily by an engine of its own (draft_model.py). Both answer `propose_all(seqs)`
-and hear back `checked(seq, proposed, accepted)`.
+lists repeated with a change) and proposes nothing elsewhere. The others are a draft model, a smaller model with
+the same tokenizer run greedily by an engine of its own (draft_model.py), and a diffusion LM that proposes a whole
+block in one forward pass (APD, diffusion_draft.py). All answer `propose_all(seqs)` and hear back
+`checked(seq, proposed, accepted)`.
 
 The engine asks for drafts before scheduling (drafts.py); the scheduler counts them in the step's token budget and
 block allocation, and trims them to fit (scheduler.py); the runner returns one sampled row per position
