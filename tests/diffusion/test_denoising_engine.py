@@ -157,3 +157,11 @@ def test_requests_a_diffusion_lm_cannot_serve_are_refused(tiny_dir):
                         (SamplingParams(max_tokens=16, block_length=16), "block_length"),
                         (SamplingParams(max_tokens=48, block_length=4), "max_num_batched_tokens")]:
     with pytest.raises(ValueError, match=field): e.add_request([5, 6, 7], params)
+
+
+def test_max_tokens_that_is_not_whole_blocks_is_a_cap(tiny_dir):
+  """An OpenAI client's max_tokens need not be a multiple of the block: the canvas is rounded up to whole blocks and
+  the output stops at max_tokens, the first tokens those of the whole-block request."""
+  whole = run(engine(tiny_dir), [(PROMPTS[0], SamplingParams(max_tokens=16, block_length=8, temperature=0, ignore_eos=True))])[0]
+  cut = run(engine(tiny_dir), [(PROMPTS[0], SamplingParams(max_tokens=13, block_length=8, temperature=0, ignore_eos=True))])[0]
+  assert cut == whole[:13]

@@ -76,9 +76,12 @@ class DiffusionParams:
 
   @classmethod
   def from_sampling_params(cls, sp) -> DiffusionParams:
-    """SamplingParams -> DiffusionParams: gen_length is max_tokens; the knobs are SamplingParams' diffusion fields."""
+    """SamplingParams -> DiffusionParams: gen_length is max_tokens in whole blocks (rounded up: the engine stops the
+    output at max_tokens, as an OpenAI client expects of any max_tokens); the knobs are SamplingParams' diffusion
+    fields."""
     gen_length = sp.max_tokens or cls.gen_length
     block_length = sp.block_length or min(cls.block_length, gen_length)
+    gen_length = -(-gen_length // block_length) * block_length
     return cls(gen_length=gen_length, steps=sp.diffusion_steps, block_length=block_length, temperature=sp.temperature,
                remasking=sp.remasking, threshold=sp.threshold, cfg_scale=sp.cfg_scale, seed=sp.seed)
 
