@@ -265,6 +265,12 @@ def test_a_diffusion_lm_proposes_blocks_that_the_target_checks():
   assert all(draft.block_manager.ref_counts[b] <= 1 for b in range(draft.block_manager.num_usable_blocks))
 
 
+def test_an_apd_block_the_draft_engine_cannot_step_fails_the_start():
+  with pytest.raises(ValueError, match="num_speculative_tokens.*diffusion_max_block_length"):
+    LLMEngine(EngineArgs(**TINY, num_kv_blocks=48, diffusion_max_block_length=8, speculative_config={
+      "method": "apd", "model": "tiny-block-diffusion", "num_speculative_tokens": 9}))
+
+
 def test_apds_mixture_keeps_the_drafts_a_confident_diffusion_lm_vouches_for(monkeypatch):
   """Mixture weight R: the target's row for a draft adds R/(1-R) · log(q/(1-q)) to the draft's logit. A draft made
   certain (q → 1) under R = 0.9 is kept at every position; under R = 0 the same drafts are mostly rejected."""

@@ -87,6 +87,8 @@ class Denoising:
     self.block_index, self.step, self.calls = 0, 0, 0
     self.block = [self.mask_id] * params.block_length
     self.confidence = [0.0] * params.block_length   # each position's probability when it was committed
+    self.finished_confidence: list[float] = []      # the last finished block's (an APD proposal's: diffusion_draft.py)
+    self.committed = 0                              # the last step's commits (metrics: tokens per forward)
     self.schedule = np.zeros(0, np.int64)      # masks each step of the block commits: set at its first step
     self.rng = np.random.default_rng(params.seed)
     # one sampler row per block position: each draws its own noise, at a stream position no other step reuses
@@ -150,11 +152,12 @@ class Denoising:
     chosen = select(confidence, masked, count, p.threshold)
     block[chosen] = np.array(tokens)[chosen]
     for i in np.flatnonzero(chosen): self.confidence[i] = probs[i]
-    self.committed = int(chosen.sum())              # this step's tokens (metrics: tokens per forward)
+    self.committed = int(chosen.sum())
     self.block, self.step, self.calls = block.tolist(), self.step + 1, self.calls + 1
     if (block == self.mask_id).any(): return None
     finished, self.block_index, self.step = self.block, self.block_index + 1, 0
-    self.block, self.finished_confidence, self.confidence = [self.mask_id] * p.block_length, self.confidence, [0.0] * p.block_length
+    self.finished_confidence, self.confidence = self.confidence, [0.0] * p.block_length
+    self.block = [self.mask_id] * p.block_length
     return finished
 
 

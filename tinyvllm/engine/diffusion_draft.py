@@ -48,14 +48,22 @@ class DiffusionProposer(Proposer):
     if draft.model_config.vocab_size != cfg.vocab_size:
       raise ValueError(f"speculative_config.model: its vocabulary ({draft.model_config.vocab_size} tokens) is not "
                        f"the target's ({cfg.vocab_size})")
+    try: draft.make_request([0], DiffusionProposer.block(config))      # a block the draft's engine cannot step
+    except ValueError as e: raise ValueError(f"speculative_config.num_speculative_tokens: {e}") from None
     return DiffusionProposer(config, draft)
 
+  @staticmethod
+  def block(config: SpeculativeConfig) -> SamplingParams:
+    """A round's request: one block of k masks, every one committed in its one step, greedily."""
+    k = config.num_speculative_tokens
+    return SamplingParams(max_tokens=k, block_length=k, diffusion_steps=1, temperature=0, ignore_eos=True,
+                          output_kind="final_only")
+
   def propose_all(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
-    k = self.config.num_speculative_tokens
-    block = SamplingParams(max_tokens=k, block_length=k, diffusion_steps=1, temperature=0, ignore_eos=True,
-                           output_kind="final_only")
+    k, block = self.config.num_speculative_tokens, self.block(self.config)
     wanted = {seq: self.room(seq, self.draft.max_model_len) for seq in seqs}
-    ids = {seq: self.draft.add_request(seq.token_ids, block) for seq, n in wanted.items() if n > 0}
+    ids = {seq: self.draft.add_request(seq.token_ids, block) for seq, n in wanted.items()      # the whole block fits
+           if n > 0 and seq.num_known_tokens + k <= self.draft.max_model_len}
     states = {seq: self.draft.requests[i].seqs[0].denoising for seq, i in ids.items()}
     proposals: dict[str, list[int]] = {}
     while self.draft.has_unfinished_requests():
@@ -66,5 +74,5 @@ class DiffusionProposer(Proposer):
   def bias(self, seq: Sequence) -> list[float]:
     R = self.config.mixture_weight
     if not R: return []
-    log_odds = lambda q: math.log(min(max(q, 1e-6), 1 - 1e-6) / (1 - min(max(q, 1e-6), 1 - 1e-6)))
-    return [max(-100.0, min(100.0, R / (1 - R) * log_odds(q))) for q in self.confidence.get(seq, [])]   # logit_bias's range
+    clipped = [min(max(q, 1e-6), 1 - 1e-6) for q in self.confidence.get(seq, [])]
+    return [max(-100.0, min(100.0, R / (1 - R) * math.log(q / (1 - q)))) for q in clipped]   # logit_bias's range

@@ -113,7 +113,8 @@ class LLMEngine:
                                self.max_model_len, self.args.max_num_batched_tokens,
                                self.args.diffusion_max_block_length)
       for seq, state in zip(seqs, states):
-        seq.denoising, seq.max_output_tokens, seq.draft_token_ids = state, min(state.params.gen_length, limit), state.drafts()
+        seq.denoising, seq.draft_token_ids = state, state.drafts()
+        seq.max_output_tokens = min(state.params.gen_length, limit)        # whole blocks, cut at max_tokens
         if params.cfg_scale > 0:       # guidance: the same sequence with its prompt masked, in the same steps
           seq.twin = Sequence(request_id, [self.model_config.mask_token_id] * len(token_ids), params, index=seq.index,
                               max_output_tokens=seq.max_output_tokens, denoising=state, is_twin=True,
