@@ -1,4 +1,4 @@
-"""Benchmarks with vLLM's definitions: `python bench.py {latency,throughput,serve,prefix,sampling,diffusion,chat-decoding}`.
+"""Benchmarks with vLLM's definitions: `python bench.py BENCHMARK [options]`, BENCHMARK one of:
 
   latency     batch 1: time to first token, time per output token, decode tokens/s
   throughput  N requests submitted at once: requests/s, output tokens/s, total tokens/s
@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--output-len", type=int, default=8, help="tokens per request; all but the first are timed steps")
   p.set_defaults(func=commands.sampling)
 
-  p = sub.add_parser("diffusion", parents=common, help="LLaDA vs Fast-dLLM decoding (--model: the shipped Django model)")
+  p = sub.add_parser("diffusion", parents=common,
+                     help="LLaDA vs Fast-dLLM decoding (--model: the shipped Django model)")
   p.add_argument("--num-prompts", type=int, default=8)
   p.add_argument("--gen-length", type=int, default=64)
   p.add_argument("--block-length", type=int, default=16)

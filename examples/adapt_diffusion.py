@@ -59,7 +59,8 @@ def answers(a: argparse.Namespace) -> None:
   rows, t0 = [], time.perf_counter()
   out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
   runs = [SamplingParams(temperature=0.0, max_tokens=a.max_tokens)] + \
-         [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=a.max_tokens, seed=a.seed + i) for i in range(a.samples)]
+         [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=a.max_tokens, seed=a.seed + i)
+          for i in range(a.samples)]
   eos = llm.get_tokenizer().eos_id
   for params in runs:
     for result in llm.chat(conversations, params):
@@ -91,7 +92,8 @@ def build_network(cfg, weights: dict[str, np.ndarray], rank: int, alpha: float):
   from torch import nn
   import torch.nn.functional as F
   d, heads, kv_heads, hd, eps = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-  frozen = lambda name: nn.Parameter(torch.from_numpy(np.ascontiguousarray(weights[name], np.float32)), requires_grad=False)
+  frozen = lambda name: nn.Parameter(torch.from_numpy(np.ascontiguousarray(weights[name], np.float32)),
+                                     requires_grad=False)
 
   class LoRALinear(nn.Module):
     def __init__(self, name: str):
@@ -100,7 +102,8 @@ def build_network(cfg, weights: dict[str, np.ndarray], rank: int, alpha: float):
       out_f, in_f = self.weight.shape
       self.lora_A = nn.Parameter(torch.randn(rank, in_f) / math.sqrt(in_f))
       self.lora_B = nn.Parameter(torch.zeros(out_f, rank))
-    def forward(self, x): return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * (alpha / rank)
+    def forward(self, x):
+      return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * (alpha / rank)
 
   def norm(name: str) -> nn.RMSNorm:
     n = nn.RMSNorm(d, eps=eps)
@@ -115,9 +118,10 @@ def build_network(cfg, weights: dict[str, np.ndarray], rank: int, alpha: float):
     def __init__(self, i: int):
       super().__init__()
       p = f"model.layers.{i}."
-      self.input_layernorm, self.post_attention_layernorm = norm(p + "input_layernorm.weight"), norm(p + "post_attention_layernorm.weight")
+      self.input_layernorm = norm(p + "input_layernorm.weight")
+      self.post_attention_layernorm = norm(p + "post_attention_layernorm.weight")
       for proj in PROJECTIONS:
-        setattr(self, proj, LoRALinear(p + ("self_attn." if proj.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp.") + proj + ".weight"))
+        setattr(self, proj, LoRALinear(p + ("self_attn." if proj in PROJECTIONS[:4] else "mlp.") + proj + ".weight"))
     def forward(self, x, cos, sin, allowed):
       B, T, _ = x.shape
       h = self.input_layernorm(x)
@@ -253,7 +257,8 @@ def train(a: argparse.Namespace) -> None:
   val = [build_batch([val_rows[i] for i in g], 16, np.random.default_rng(7), t.eos)
          for g in batches_by_length(val_rows, a.batch_tokens, np.random.default_rng(7))]
   out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-  print(f"{len(train_rows)} rows ({sum(len(r[1]) for r in train_rows)} answer tokens); val loss {t.evaluate(val):.4f}", flush=True)
+  answer_tokens = sum(len(r[1]) for r in train_rows)
+  print(f"{len(train_rows)} rows ({answer_tokens} answer tokens); val loss {t.evaluate(val):.4f}", flush=True)
   t0, step, best = time.perf_counter(), 0, float("inf")
   while (elapsed := time.perf_counter() - t0) < a.time_budget:
     groups = batches_by_length(train_rows, a.batch_tokens, rng)
@@ -272,8 +277,9 @@ def train(a: argparse.Namespace) -> None:
   v = t.evaluate(val)
   print(f"final step {step} val {v:.4f} (best {min(best, v):.4f})", flush=True)
   if v < best: t.torch.save(t.trained_state(), out / "adapter.pt")
-  (out / "train_metrics.json").write_text(json.dumps({"steps": step, "val_masked_nll": min(best, v), "rows": len(train_rows),
-                                                     "rank": a.rank, "alpha": a.alpha, "seconds": a.time_budget}))
+  (out / "train_metrics.json").write_text(json.dumps({"steps": step, "val_masked_nll": min(best, v),
+                                                     "rows": len(train_rows), "rank": a.rank, "alpha": a.alpha,
+                                                     "seconds": a.time_budget}))
 
 
 # ---- export: the delta tinyvllm loads -------------------------------------------------------------------------------
@@ -288,7 +294,8 @@ def export(a: argparse.Namespace) -> None:
     if k == "norm.weight": tensors["model.norm.weight"] = v.astype(np.float32); continue
     layer, rest = k.split(".", 2)[1:]                    # layers.N.<module>...
     module = rest.split(".")[0]
-    prefix = f"model.layers.{layer}." + ("" if "norm" in module else ("self_attn." if module in PROJECTIONS[:4] else "mlp."))
+    kind = "" if "norm" in module else "self_attn." if module in PROJECTIONS[:4] else "mlp."
+    prefix = f"model.layers.{layer}.{kind}"
     name = prefix + rest
     if v.ndim == 2:                                        # int8 rows, a scale each (read_safetensors dequantizes)
       scale = np.maximum(np.abs(v).max(axis=1, keepdims=True), 1e-12) / 127
