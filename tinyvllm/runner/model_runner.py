@@ -39,7 +39,7 @@ from tinyvllm.engine.denoising import DenoisingRow
 from tinyvllm.engine.scheduler import ScheduledSequence
 from tinyvllm.engine.sequence import Sequence
 from tinyvllm.engine.speculative import AfterDrafts
-from tinyvllm.kernels.paged_attention import new_pool
+from tinyvllm.kernels.paged_attention import new_pool, query_tiles
 from tinyvllm.model.llama import LlamaForCausalLM
 from tinyvllm.runner.graphs import Graphs, ModelGraph, ModelShape, SamplerGraph, SamplerShape, input_starts
 from tinyvllm.runner.sampler import SCORED, SamplingPlan, penalized, plan_and_pack
@@ -61,6 +61,7 @@ class _Group:
   sampler: SamplerGraph
   ints: np.ndarray                 # the model's int inputs, packed (tables last, only the columns in use)
   blocks: int                      # the step's context length in blocks: `context_blocks`' value
+  tiles: tuple[int, int]           # the query tiles of several tokens and the lone tokens in use (`query_tiles`)
   sampler_ints: np.ndarray
   floats: np.ndarray
   unknown_tokens: list[tuple[int, Sequence]]    # (index in ints, sequence): the token the step before is sampling
@@ -155,7 +156,7 @@ class ModelRunner:
       for index, seq in group.unknown_masks:
         mask = seq.matcher.allowed_after([before.sampled[seq][-1].token])
         group.sampler_ints[index:index + len(mask)] = mask
-      group.model.launch(group.ints, group.blocks)
+      group.model.launch(group.ints, group.blocks, group.tiles)
       group.sampler.launch(group.sampler_ints, group.floats)
       if i < len(step.groups) - 1: group.output = group.sampler.read()
     return step
@@ -180,7 +181,7 @@ class ModelRunner:
     every = group[0].seq.wants_prompt_logprobs
     graphs = self.graphs
     shape = graphs.model_shape(sum(s.num_new_tokens for s in group), every)
-    ints, blocks, unknown = self._model_inputs(group, shape, bm)
+    ints, blocks, tiles, unknown = self._model_inputs(group, shape, bm)
     # a sampler row per sequence, and one more per draft it checks: the sequence as if the drafts before it held
     per_seq = [_sampler_rows(s) for s in group]
     rows: list[Sequence | AfterDrafts | None] = [row for seq_rows in per_seq for row in seq_rows]
@@ -197,13 +198,14 @@ class ModelRunner:
     masks_at = R * plan.num_adjusted
     unknown_masks = [(masks_at + row * plan.mask_words, seq) for row, seq in enumerate(rows)
                      if isinstance(seq, Sequence) and seq.matcher and seq.num_pending_tokens]
-    return _Group(group, graphs.model_graph(shape), sampler, ints, blocks, sampler_ints.astype(np.int32), floats, unknown,
+    return _Group(group, graphs.model_graph(shape), sampler, ints, blocks, tiles, sampler_ints.astype(np.int32), floats, unknown,
                   unknown_masks)
 
   def _model_inputs(self, group: list[ScheduledSequence], shape: ModelShape, bm: BlockManager) \
-      -> tuple[np.ndarray, int, list[tuple[int, Sequence]]]:
-    """tokens, positions, slots, rows, key limits [T] | logits index [R] | block tables [R, blocks], packed as the graph's
-    buffer lays them out; the tables' width `blocks`; where the decode rows' still unknown tokens go. Built as
+      -> tuple[np.ndarray, int, tuple[int, int], list[tuple[int, Sequence]]]:
+    """tokens, positions, slots, rows, key limits [T] | logits index [R] | query tiles [T // 2 + T] | block tables
+    [R, blocks], packed as the graph's buffer lays them out; the tables' width `blocks`; the query tiles in use; where
+    the decode rows' still unknown tokens go. Built as
     Python lists and turned into an array once: a numpy assignment per row and field costs ~1 ms a step at
     batch 256."""
     T, R, bs = shape.T, shape.R, self.block_size
@@ -225,12 +227,13 @@ class ModelRunner:
       table = seq.block_table[:blocks]           # a diffusion LM keeps blocks past the step's end (denoising.py)
       tables += table + [NULL_BLOCK] * (blocks - len(table))
     pad = T - len(tokens)                     # padding tokens: token 0 at the null block's slot, row 0's table
+    firsts, multi, lone = query_tiles(rows, T)     # the padding tokens are in no tile (paged_attention)
     fields = [tokens + [0] * pad, positions + [0] * pad, slots + [null_slot] * pad, rows + [0] * pad,
-              key_limits + [0] * pad, logits_index + [0] * (R - len(logits_index))]
+              key_limits + [0] * pad, logits_index + [0] * (R - len(logits_index)), firsts]
     starts = input_starts(shape)
     out = np.zeros(starts[-1], np.int32)
     for start, values in zip(starts, fields): out[start:start + len(values)] = values
-    return np.concatenate([out, np.array(tables, np.int32)]), blocks, unknown
+    return np.concatenate([out, np.array(tables, np.int32)]), blocks, (multi, lone), unknown
 
   @staticmethod
   def _sampled(row: list[float], plan: SamplingPlan) -> Sampled:
