@@ -145,6 +145,8 @@ def _gather_kernel(k_out: UOp, v_out: UOp, k_blocks: UOp, v_blocks: UOp, tables:
 
 LOG2E = 1.4426950408889634   # scores are kept in log2 units, so the softmax's exponentials are exp2
 TILE_TOKENS = 8              # query tokens of one sequence a CPU thread takes at most
+LANES = 8                    # partial sums per dot product of a lone token's kernel
+KEYS_PER_STEP = 4            # keys per step of its loop: their dot products run side by side
 
 
 def _visible(key: UOp, limit: UOp, window: int | None) -> UOp:
@@ -157,6 +159,51 @@ def _tree_sum(terms: list[UOp]) -> UOp:
   """Pairwise sum: independent adds a CPU can overlap, where a running sum would wait on each one in turn."""
   while len(terms) > 1: terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1:]
   return terms[0]
+
+
+def _lone_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp,
+                 limits: UOp, blocks: UOp, tokens: UOp, count: UOp, max_blocks: int, q_col: int,
+                 lone: UOp | int, first_at: int = 0, window: int | None = None) -> UOp:
+  """out[s, head h] = softmax(rope(q[s, h]) · K_s) · V_s for each token s = tokens[first_at + r] that is alone in
+  its sequence this step (a decoding one), over its context read from the pool through its block table: one thread
+  per (token, head) streams the context once, keeping a running max m, the sum l of exp(score − m) and the
+  weighted sum of values, all rescaled when m grows (the online softmax). Each step of the loop takes a few keys at
+  once, so their dot products overlap and the rescaling is paid once per step; a dot product is LANES partial sums.
+  `lone`: how many of `tokens` are in use, a variable bound per step (`count` holds its value)."""
+  (S, width), (num_blocks, block_size, KVH, D), NB = out.shape, k_blocks.shape, context_blocks(max_blocks, kernel=True)
+  H, half, n = width // D, D // 2, min(KEYS_PER_STEP, block_size)
+  r, h = UOp.range(lone, 0), UOp.range(H, 1)
+  s = _bounded(tokens[first_at + r.minimum(count[0].cast(dtypes.weakint) - 1)], S)   # (r < count: reads count)
+  x = [q[s, q_col + h * D + j].cast(dtypes.float) for j in range(D)]
+  c, sn = [cos[s, j] for j in range(half)], [sin[s, j] for j in range(half)]
+  scale = D ** -0.5 * LOG2E
+  rq = [(x[j] * c[j] - x[j + half] * sn[j]) * scale for j in range(half)] + \
+       [(x[j + half] * c[j] + x[j] * sn[j]) * scale for j in range(half)]
+  M, L = D, D + 1                                  # the state: D value sums, then m and l
+  state = UOp.placeholder((D + 2,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(r, h)
+  state = state.after(UOp.group(*[state[i].store(-1e30 if i == M else 0.0) for i in range(D + 2)]))
+  step = UOp.range(NB * (block_size // n), 2, AxisType.REDUCE)
+  keys = [step * n + i for i in range(n)]
+  kvh, pos, table = h // (H // KVH), limits[s].cast(dtypes.weakint), _table_start(rows, s, blocks)
+  where = [(_bounded(tables[table + t // block_size], num_blocks), t % block_size) for t in keys]
+  # each dot product as LANES partial sums stored in registers: as one expression tinygrad renders it as a single
+  # chain of D dependent adds
+  part = UOp.placeholder((n, LANES), dtypes.float, slot=1, addrspace=AddrSpace.REG).after(step)
+  part = part.after(UOp.group(*[part[i, l].store(_tree_sum([rq[j] * k_blocks[blk, b, kvh, j].cast(dtypes.float)
+                                                            for j in range(l, D, LANES)]))
+                                for i, (blk, b) in enumerate(where) for l in range(LANES)]))
+  scores = [_visible(t, pos, window).where(_tree_sum([part[i, l] for l in range(LANES)]), -1e30)
+            for i, t in enumerate(keys)]
+  cur = state.after(step)
+  m = functools.reduce(UOp.maximum, scores, cur[M])
+  rescale, p = (cur[M] - m).exp2(), [(score - m).exp2() for score in scores]
+  values = [_tree_sum([p[i] * v_blocks[blk, b, kvh, j].cast(dtypes.float) for i, (blk, b) in enumerate(where)])
+            for j in range(D)]
+  state = state.after(UOp.group(*[state[j].store(cur[j] * rescale + values[j]) for j in range(D)], state[M].store(m),
+                                state[L].store(cur[L] * rescale + _tree_sum(p))).end(step))
+  inv = state[L].reciprocal()
+  return UOp.group(*[out[s, h * D + d].store((state[d] * inv).cast(out.dtype)) for d in range(D)]) \
+    .end(r, h).sink(arg=KernelInfo(name="paged_attention", opts_to_apply=()))
 
 
 def _registers(size: int, slot: int, *ranges: UOp, value: float | None = None) -> UOp:
@@ -499,20 +546,21 @@ def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Te
     return out.custom_kernel(q, cos, sin, *cache, *inputs, fxn=kernel)[0]
   k_blocks, v_blocks = (pool.reshape(num_slots // bs, bs, kv_heads, head_dim) for pool in cache)
   kernel = functools.partial(_tile_kernel, max_blocks=tables.max_blocks, q_col=q_col, window=window)
+  alone = functools.partial(_lone_kernel, max_blocks=tables.max_blocks, q_col=q_col, window=window)
   tiles = tables.tiles
   if tiles is None:                  # each token alone
     firsts = Tensor(list(range(T)), dtype=dtypes.int32, device=q.device)
     count = Tensor.full((1,), T, dtype=dtypes.int32, device=q.device).contiguous()
     return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, firsts, count,
-                             fxn=functools.partial(kernel, tokens=1, tiles=T))[0]
-  # a padding token is in no tile: its output is zeros, so that the K and V the next layer writes for it (into the
+                             fxn=functools.partial(alone, lone=T))[0]
+  # a padding token (a step of T > 1 tokens may have some) is in no tile: its output is zeros, so that the K and V the next layer writes for it (into the
   # null block, read by masked keys, whose weight 0 times a NaN would still be NaN) are finite
-  out = allocate_split(Tensor.zeros, (T, heads * head_dim), 1, q.device, q.dtype).contiguous()
   if T > 1:                          # the tiles of several tokens, then the lone tokens
+    out = allocate_split(Tensor.zeros, (T, heads * head_dim), 1, q.device, q.dtype).contiguous()
     out = out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, tiles.firsts, tiles.multi,
                             fxn=functools.partial(kernel, tokens=tiles.tokens, tiles=tile_count("multi", T // 2, True)))[0]
   return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, tiles.firsts, tiles.lone,
-                           fxn=functools.partial(kernel, tokens=1, tiles=tile_count("lone", T, True), first_at=T // 2))[0]
+                           fxn=functools.partial(alone, lone=tile_count("lone", T, True), first_at=T // 2))[0]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_limits: Tensor, window: int | None = None) -> Tensor:
