@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools, math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import AddrSpace
 from tinygrad.uop.ops import AxisType, Ops, UOp, KernelInfo
@@ -437,12 +438,11 @@ def query_tiles(rows: list[int], T: int) -> tuple[list[int], int, int]:
       tiles  [0 1 2 3] [4 5 6 7] [8 9] [11 12]       multi: 4 tiles
       lone   10, 13                                  lone: 2 tokens"""
   n, half = tile_tokens(T), T // 2
-  multi, lone, t = [], [], 0
-  while t < len(rows):
-    run = next((e for e in range(t + 1, len(rows)) if rows[e] != rows[t]), len(rows)) - t
-    for start in range(t, t + run, n):
-      (multi if min(n, t + run - start) > 1 else lone).append(start)
-    t += run
+  changes = np.flatnonzero(np.diff(rows)) + 1 if len(rows) > 1 else np.zeros(0, np.int64)
+  starts = [0, *changes.tolist()]
+  multi, lone = [], []
+  for start, end in zip(starts, starts[1:] + [len(rows)]):      # each sequence's run of tokens
+    for first in range(start, end, n): (multi if min(n, end - first) > 1 else lone).append(first)
   return multi + [0] * (half - len(multi)) + lone + [0] * (T - len(lone)), len(multi), len(lone)
 
 
