@@ -25,9 +25,18 @@ that *slot mapping* on the host for the tokens it feeds in a step. A layer makes
   written first, so each of its tokens sees the ones before it through the same table and the causal mask is just
   "keys up to my position". A block of a diffusion LM, which attends to itself both ways, is the same mask with
   another bound, "keys up to the block's end": each token brings its *key limit*. Which kernel depends on the device:
-  - a CPU: one kernel streams the context once with an *online softmax*. It keeps the running maximum score m, the
+  - a CPU: a kernel streams the context once with an *online softmax*. It keeps the running maximum score m, the
     sum of exp(score − m) and the exp-weighted sum of values, and rescales both when m grows, so the scores never
-    need to be stored. One thread per (token, head) is plenty for a CPU's few cores.
+    need to be stored. The host groups the step's tokens (`query_tiles`): a sequence's run of several tokens (a
+    prompt chunk, a step checking drafts, a diffusion block) is cut into *tiles* of up to 8, and one thread per
+    (tile, KV head) reads each key and value once for all of its tokens and query heads, its loops' innermost axes
+    contiguous so that the C compiler makes them vector instructions; a decoding token, alone in its sequence, gets
+    a thread per (token, head). A 256-token prompt chunk over a 512-token context: 6.9 ms a SmolLM2 layer against
+    43 ms with a thread per token and head.
+
+        step's tokens   A A A A A A A A A A | B | C C | D        (sequences A-D)
+        tiles           [A A A A] [A A A A] [A A] [C C]          thread per (tile, KV head): 8 lanes × G heads
+        lone                                 B          D        thread per (token, head)
   - a GPU: a thread per (token, head) is far too few, so one *thread block* of 4 warps takes each (token, KV
     head) and reads that head's context once for all the query heads that share it. Each warp walks its own
     32-token chunks of the context with the same online softmax, and at the end the block merges its 4 warps'

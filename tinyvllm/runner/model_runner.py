@@ -16,7 +16,8 @@ What would otherwise multiply the graphs is kept out of their shapes:
   loop over the blocks in use and one graph serves every context length up to max_model_len;
 - the mix of decodes and prompt chunks: every token of a step is one row of the same flat batch (each attends to
   its own sequence's context through `rows`, the table row of each token), so one graph runs the whole step and
-  the weights are read once for all of it;
+  the weights are read once for all of it; on a CPU the attention groups each sequence's run of tokens into tiles
+  whose count is a variable too (`paged_attention.query_tiles`);
 - the sampling parameters: per-row values travel as inputs, and only three plans exist (sampler.py).
 Rows and tokens are padded up to their bucket (padding tokens write to the null block; padding rows sample
 greedily and are dropped).
