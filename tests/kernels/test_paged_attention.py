@@ -11,8 +11,7 @@ import pytest
 from tinygrad import Context, Device, Tensor
 from tinygrad import dtypes
 from tinyvllm.model.llama import apply_rope
-from tinyvllm.kernels.paged_attention import BlockTables, NewKV, QueryTiles, attention, context_blocks, paged_attention, \
-  query_tiles, tile_count, tile_tokens, write_and_gather
+from tinyvllm.kernels.paged_attention import BlockTables, NewKV, attention, context_blocks, paged_attention, write_and_gather
 
 ON_GPU = Device[Device.DEFAULT].renderer.has_local
 
@@ -26,14 +25,12 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 EMULATED = {"gpu_kernel_emulated": "sm_80", "gpu_kernel_metal_emulated": "METAL"}    # tinygrad's CUDA and Metal
 
 
-@pytest.fixture(params=["cpu_kernel", "cpu_kernel_tiles", *EMULATED, "reference"] + (["gpu_kernel"] if ON_GPU else []))
+@pytest.fixture(params=["cpu_kernel", *EMULATED, "reference"] + (["gpu_kernel"] if ON_GPU else []))
 def kernel(request):
-  """(device, which way: the thread-block kernel True, the CPU's False (each token alone) or "tiles" (a sequence's
-  tokens in tiles, as the engine runs it), the dense reference None)"""
+  """(device, which way: the thread-block kernel True, the CPU's False, the dense reference None)"""
   if request.param in EMULATED:
     with Context(DEV=f"{Device.DEFAULT};PYTHON::{EMULATED[request.param]}"): yield "PYTHON", True
-  else: yield Device.DEFAULT, {"gpu_kernel": True, "cpu_kernel": False, "cpu_kernel_tiles": "tiles",
-                               "reference": None}[request.param]
+  else: yield Device.DEFAULT, {"gpu_kernel": True, "cpu_kernel": False, "reference": None}[request.param]
 
 
 @pytest.mark.parametrize("H,KVH,D,block_size,lengths,queries,padding,both_ways,window", [
@@ -65,13 +62,7 @@ def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, q
   flat = np.zeros(R * max_blocks, np.int32)
   flat[:R * blocks] = tables.reshape(-1)
   bound = Tensor.full((1,), context_blocks(max_blocks).bind(blocks), dtype=dtypes.int32, device=device)
-  tiles = None
-  if thread_blocks == "tiles":      # padding tokens in no tile: the engine's way (their output is zeros)
-    firsts, multi, lone = query_tiles(rows[:T - padding].tolist(), T)
-    bind = lambda kind, most, n: Tensor.full((1,), tile_count(kind, most).bind(n), dtype=dtypes.int32, device=device)
-    tiles, thread_blocks = QueryTiles(on(np.array(firsts, np.int32)), bind("multi", T // 2, multi),
-                                      bind("lone", T, lone), tile_tokens(T)), False
-  bt = BlockTables(on(flat), on(rows), bound, block_size, max_blocks, tiles)
+  bt = BlockTables(on(flat), on(rows), bound, block_size, max_blocks)
   cos, sin, pools = on(np.cos(angles)), on(np.sin(angles)), (on(k_pool), on(v_pool))
   if thread_blocks is None:       # the reference: write nothing (the null slot), gather, tinygrad's attention
     none = Tensor.zeros(1, KVH * D, device=device).contiguous()
@@ -90,15 +81,6 @@ def test_paged_attention_matches_numpy(kernel, H, KVH, D, block_size, lengths, q
     expected = np.einsum("hc,chd->hd", probs / probs.sum(-1, keepdims=True), v).reshape(-1)
     np.testing.assert_allclose(out[t], expected, rtol=1e-4, atol=1e-5)
   assert np.isfinite(out[T - padding:]).all()
-
-
-def test_query_tiles_group_each_sequences_tokens():
-  """A run of one sequence's tokens is cut into tiles of `tile_tokens` (4 in a 16-token step); a tile that would
-  hold one token goes to the lone tokens; every token is in exactly one place; the layout is [T // 2 + T]."""
-  rows = [0] * 10 + [1] + [2, 2] + [3]
-  firsts, multi, lone = query_tiles(rows, 16)
-  assert len(firsts) == 8 + 16 and (multi, lone) == (4, 2)
-  assert firsts[:multi] == [0, 4, 8, 11] and firsts[8:8 + lone] == [10, 13]
 
 
 @pytest.mark.parametrize("kernels", ["fast", "reference"])

@@ -25,18 +25,9 @@ that *slot mapping* on the host for the tokens it feeds in a step. A layer makes
   written first, so each of its tokens sees the ones before it through the same table and the causal mask is just
   "keys up to my position". A block of a diffusion LM, which attends to itself both ways, is the same mask with
   another bound, "keys up to the block's end": each token brings its *key limit*. Which kernel depends on the device:
-  - a CPU: a kernel streams the context once with an *online softmax*. It keeps the running maximum score m, the
+  - a CPU: one kernel streams the context once with an *online softmax*. It keeps the running maximum score m, the
     sum of exp(score − m) and the exp-weighted sum of values, and rescales both when m grows, so the scores never
-    need to be stored. The host groups the step's tokens (`query_tiles`): a sequence's run of several tokens (a
-    prompt chunk, a step checking drafts, a diffusion block) is cut into *tiles* of up to 8, and one thread per
-    (tile, KV head) reads each key and value once for all of its tokens and query heads, its loops' innermost axes
-    contiguous so that the C compiler makes them vector instructions; a decoding token, alone in its sequence, gets
-    a thread per (token, head). A 256-token prompt chunk over a 512-token context: 6.9 ms a SmolLM2 layer against
-    43 ms with a thread per token and head.
-
-        step's tokens   A A A A A A A A A A | B | C C | D        (sequences A-D)
-        tiles           [A A A A] [A A A A] [A A] [C C]          thread per (tile, KV head): 8 lanes × G heads
-        lone                                 B          D        thread per (token, head)
+    need to be stored. One thread per (token, head) is plenty for a CPU's few cores.
   - a GPU: a thread per (token, head) is far too few, so one *thread block* of 4 warps takes each (token, KV
     head) and reads that head's context once for all the query heads that share it. Each warp walks its own
     32-token chunks of the context with the same online softmax, and at the end the block merges its 4 warps'
@@ -56,7 +47,6 @@ from __future__ import annotations
 import functools, math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import AddrSpace
 from tinygrad.uop.ops import AxisType, Ops, UOp, KernelInfo
@@ -153,10 +143,9 @@ def _gather_kernel(k_out: UOp, v_out: UOp, k_blocks: UOp, v_blocks: UOp, tables:
     .end(t, n, b, h, j).sink(arg=KernelInfo(name="kv_gather"))
 
 
+LANES = 8   # partial sums per dot product
+TOKENS_PER_STEP = 4   # context tokens per step of the decode kernel's loop: their dot products run side by side
 LOG2E = 1.4426950408889634   # scores are kept in log2 units, so the softmax's exponentials are exp2
-TILE_TOKENS = 8              # query tokens of one sequence a CPU thread takes at most
-LANES = 8                    # partial sums per dot product of a lone token's kernel
-KEYS_PER_STEP = 4            # keys per step of its loop: their dot products run side by side
 
 
 def _visible(key: UOp, limit: UOp, window: int | None) -> UOp:
@@ -171,31 +160,27 @@ def _tree_sum(terms: list[UOp]) -> UOp:
   return terms[0]
 
 
-def _lone_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp,
-                 limits: UOp, blocks: UOp, tokens: UOp, count: UOp, max_blocks: int, q_col: int,
-                 lone: UOp | int, first_at: int = 0, window: int | None = None) -> UOp:
-  """out[s, head h] = softmax(rope(q[s, h]) · K_s) · V_s for each token s = tokens[first_at + r] that is alone in
-  its sequence this step (a decoding one), over its context read from the pool through its block table: one thread
-  per (token, head) streams the context once, keeping a running max m, the sum l of exp(score − m) and the
-  weighted sum of values, all rescaled when m grows (the online softmax). Each step of the loop takes a few keys at
-  once, so their dot products overlap and the rescaling is paid once per step; a dot product is LANES partial sums.
-  `lone`: how many of `tokens` are in use, a variable bound per step (`count` holds its value)."""
-  (S, width), (num_blocks, block_size, KVH, D), NB = out.shape, k_blocks.shape, context_blocks(max_blocks, kernel=True)
-  H, half, n = width // D, D // 2, min(KEYS_PER_STEP, block_size)
-  r, h = UOp.range(lone, 0), UOp.range(H, 1)
-  s = _bounded(tokens[first_at + r.minimum(count[0].cast(dtypes.weakint) - 1)], S)   # (r < count: reads count)
+def _decode_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp,
+                   limits: UOp, blocks: UOp, max_blocks: int, q_col: int, window: int | None = None) -> UOp:
+  """out[s, head h] = softmax(rope(q[s, h]) · K_s) · V_s over the context of sequence s, read from the pool through
+  its block table: one thread per (sequence, head) streams the context once, keeping a running max m, the sum l of
+  exp(score − m) and the weighted sum of values, all rescaled when m grows (the "online softmax"). Each step of the
+  loop takes a few tokens at once, so their dot products overlap and the rescaling is paid once per step."""
+  S, (num_blocks, block_size, KVH, D), NB = out.shape[0], k_blocks.shape, context_blocks(max_blocks, kernel=True)
+  H, half, n = out.shape[1] // D, D // 2, min(TOKENS_PER_STEP, block_size)
+  s, h = UOp.range(S, 0), UOp.range(H, 1)
   x = [q[s, q_col + h * D + j].cast(dtypes.float) for j in range(D)]
   c, sn = [cos[s, j] for j in range(half)], [sin[s, j] for j in range(half)]
   scale = D ** -0.5 * LOG2E
   rq = [(x[j] * c[j] - x[j + half] * sn[j]) * scale for j in range(half)] + \
        [(x[j + half] * c[j] + x[j] * sn[j]) * scale for j in range(half)]
   M, L = D, D + 1                                  # the state: D value sums, then m and l
-  state = UOp.placeholder((D + 2,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(r, h)
+  state = UOp.placeholder((D + 2,), dtypes.float, slot=0, addrspace=AddrSpace.REG).after(s, h)
   state = state.after(UOp.group(*[state[i].store(-1e30 if i == M else 0.0) for i in range(D + 2)]))
   step = UOp.range(NB * (block_size // n), 2, AxisType.REDUCE)
-  keys = [step * n + i for i in range(n)]
+  tokens = [step * n + i for i in range(n)]
   kvh, pos, table = h // (H // KVH), limits[s].cast(dtypes.weakint), _table_start(rows, s, blocks)
-  where = [(_bounded(tables[table + t // block_size], num_blocks), t % block_size) for t in keys]
+  where = [(_bounded(tables[table + t // block_size], num_blocks), t % block_size) for t in tokens]
   # each dot product as LANES partial sums stored in registers: as one expression tinygrad renders it as a single
   # chain of D dependent adds
   part = UOp.placeholder((n, LANES), dtypes.float, slot=1, addrspace=AddrSpace.REG).after(step)
@@ -203,7 +188,7 @@ def _lone_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: 
                                                             for j in range(l, D, LANES)]))
                                 for i, (blk, b) in enumerate(where) for l in range(LANES)]))
   scores = [_visible(t, pos, window).where(_tree_sum([part[i, l] for l in range(LANES)]), -1e30)
-            for i, t in enumerate(keys)]
+            for i, t in enumerate(tokens)]
   cur = state.after(step)
   m = functools.reduce(UOp.maximum, scores, cur[M])
   rescale, p = (cur[M] - m).exp2(), [(score - m).exp2() for score in scores]
@@ -212,95 +197,8 @@ def _lone_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: 
   state = state.after(UOp.group(*[state[j].store(cur[j] * rescale + values[j]) for j in range(D)], state[M].store(m),
                                 state[L].store(cur[L] * rescale + _tree_sum(p))).end(step))
   inv = state[L].reciprocal()
-  return UOp.group(*[out[s, h * D + d].store((state[d] * inv).cast(out.dtype)) for d in range(D)]) \
-    .end(r, h).sink(arg=KernelInfo(name="paged_attention", opts_to_apply=()))
-
-
-def _registers(size: int, slot: int, *ranges: UOp, value: float | None = None) -> UOp:
-  """`size` float32 registers (a small array on a CPU) of the thread `ranges` name, set to `value` by a loop."""
-  regs = UOp.placeholder((size,), dtypes.float, slot=slot, addrspace=AddrSpace.REG).after(*ranges)
-  if value is None: return regs
-  i = UOp.range(size, 10 + slot)
-  return regs.after(regs[i].store(value).end(i))
-
-
-def _tile_kernel(out: UOp, q: UOp, cos: UOp, sin: UOp, k_blocks: UOp, v_blocks: UOp, tables: UOp, rows: UOp,
-                 limits: UOp, blocks: UOp, firsts: UOp, count: UOp, max_blocks: int, q_col: int, tokens: int,
-                 tiles: UOp | int, first_at: int = 0, window: int | None = None) -> UOp:
-  """The CPU's attention: a thread per (tile, KV head), a tile being up to `tokens` consecutive query tokens of one
-  sequence from `firsts[j]` on, and the G query heads of the KV head for each: Q = tokens·G queries, its *lanes*.
-  The thread streams the sequence's context once, a pool block at a time, for all of its lanes:
-
-      scores S[c, lane] = Σ_d K[c, d] · q[lane, d]      c: the block's 16 keys; lanes innermost, in registers
-      m' = max(m, max_c S)   p = 2^(S − m')   l = l·2^(m − m') + Σ_c p   acc = acc·2^(m − m') + Σ_c p·V[c]
-
-  (the online softmax: the running max m, the sum l of exponentials and the weighted values acc, rescaled when m
-  grows, so no score is stored past its block). Every loop's innermost axis is contiguous in memory (lanes, or a
-  value row's dimensions), which is what a C compiler turns into vector instructions. Sharing each key and value
-  among the lanes is what makes a prompt chunk or a step checking drafts cheap: a token of a tile costs a fraction
-  of what it costs alone. A tile's lanes past its sequence's last token repeat its first and store nothing.
-  `firsts[first_at:]`: each tile's first token; `tiles`: how many are in use, a variable bound per step (`count`
-  holds its value), so the tiles a step does not use are not run."""
-  (T, width), (num_blocks, bs, KVH, D), NB = out.shape, k_blocks.shape, context_blocks(max_blocks, kernel=True)
-  H, half, n = width // D, D // 2, tokens
-  G = H // KVH
-  Q = n * G                                                # lane i·G + g: token i of the tile, query head g
-  j, kvh = UOp.range(tiles, 0), UOp.range(KVH, 1)
-  # (j < count always: the clamp reads count, as every input of a kernel must be read)
-  first = _bounded(firsts[first_at + j.minimum(count[0].cast(dtypes.weakint) - 1)], T)
-  row = rows[first]
-  member = [None] + [((first + i) < T) & rows[(first + i).minimum(T - 1)].eq(row) for i in range(1, n)]
-  token = [first] + [member[i].where(first + i, first) for i in range(1, n)]
-  scale = D ** -0.5 * LOG2E
-
-  # the lanes' queries, rotated and scaled, transposed: qt[d·Q + lane]
-  qt, p = _registers(D * Q, 0, j, kvh), UOp.range(half, 20)
-  rotated = []
-  for i in range(n):
-    c, s = cos[token[i], p].cast(dtypes.float), sin[token[i], p].cast(dtypes.float)
-    for g in range(G):
-      at, lane = q_col + (kvh * G + g) * D + p, i * G + g
-      x1, x2 = q[token[i], at].cast(dtypes.float), q[token[i], at + half].cast(dtypes.float)
-      rotated += [qt[p * Q + lane].store((x1 * c - x2 * s) * scale), qt[(p + half) * Q + lane].store((x2 * c + x1 * s) * scale)]
-  qt = qt.after(UOp.group(*rotated).end(p))
-  acc = _registers(Q * D, 1, j, kvh, value=0.0)
-  m = _registers(Q, 2, j, kvh, value=-1e30)
-  l = _registers(Q, 3, j, kvh, value=0.0)
-
-  blk = UOp.range(NB, 2, AxisType.REDUCE)
-  pool_block = _bounded(tables[_table_start(rows, first, blocks) + blk], num_blocks)
-  # the block's scores, lanes innermost: each key element is read once for all of them
-  scores = _registers(bs * Q, 4, blk, value=0.0)
-  c, d, lane = UOp.range(bs, 21), UOp.range(D, 22, AxisType.REDUCE), UOp.range(Q, 23)
-  prev = scores.after(d)
-  key = k_blocks[pool_block, c, kvh, d].cast(dtypes.float)
-  scores = scores.after(scores[c * Q + lane].store(prev[c * Q + lane] + key * qt[d * Q + lane]).end(lane).end(d).end(c))
-  # per lane: its token's limit masks the block's keys; the new max, the exponentials, the rescaling
-  lane = UOp.range(Q, 24)
-  limit = limits[token[0]].cast(dtypes.weakint)
-  for i in range(1, n): limit = (lane >= i * G).where(limits[token[i]].cast(dtypes.weakint), limit)
-  masked = [_visible(blk * bs + c, limit, window).where(scores[c * Q + lane], -1e30) for c in range(bs)]
-  cur_m, cur_l = m.after(blk), l.after(blk)
-  new_m = functools.reduce(UOp.maximum, masked, cur_m[lane])
-  rescale, weights = (cur_m[lane] - new_m).exp2(), [(x - new_m).exp2() for x in masked]
-  probs = _registers(bs * Q + Q, 5, blk)                  # the exponentials, then each lane's rescaling
-  probs = probs.after(UOp.group(*[probs[c * Q + lane].store(w) for c, w in enumerate(weights)],
-                                probs[bs * Q + lane].store(rescale), m[lane].store(new_m),
-                                l[lane].store(cur_l[lane] * rescale + _tree_sum(weights))).end(lane))
-  # the weighted values, a value row's dimensions innermost
-  lane, d = UOp.range(Q, 25), UOp.range(D, 26)
-  prev = acc.after(blk)
-  values = _tree_sum([probs[c * Q + lane] * v_blocks[pool_block, c, kvh, d].cast(dtypes.float) for c in range(bs)])
-  acc = acc.after(acc[lane * D + d].store(prev[lane * D + d] * probs[bs * Q + lane] + values).end(d).end(lane).end(blk))
-  l = l.after(acc)
-
-  # out[token, head, d] = acc / l, for the tile's own tokens (`out` is flat: a gated store needs one index)
-  d, stores, flat = UOp.range(D, 27), [], out.reshape((T * width,))
-  for i in range(n):
-    for g in range(G):
-      at, lane = (first + i).minimum(T - 1) * width + (kvh * G + g) * D + d, i * G + g
-      stores.append(flat.index(at if i == 0 else at.valid(member[i])).store((acc[lane * D + d] / l[lane]).cast(out.dtype)))
-  return UOp.group(*stores).end(d).end(j, kvh).sink(arg=KernelInfo(name=f"paged_attention_tiles{n}", opts_to_apply=()))
+  return UOp.group(*[out[s, h * D + j].store((state[j] * inv).cast(out.dtype)) for j in range(D)]) \
+    .end(s, h).sink(arg=KernelInfo(name="paged_attention", opts_to_apply=()))
 
 
 WARP = 32                  # threads of a warp (a SIMD group on Metal): a chunk of the context is one token a lane
@@ -413,46 +311,6 @@ class BlockTables:
   blocks_var: Tensor     # [1] int32: Tensor.full((1,), context_blocks(max_blocks).bind(blocks))
   block_size: int
   max_blocks: int
-  tiles: QueryTiles | None = None     # how the CPU's kernel groups the tokens (None: each token alone)
-
-
-@dataclass
-class QueryTiles:
-  """The step's tokens grouped for the CPU's kernel (`query_tiles` makes them on the host): `firsts` [T // 2 + T]
-  holds the first token of each tile of 2 to `tokens` consecutive tokens of one sequence (up to T // 2 of them),
-  then, from T // 2 on, each token that is alone (a decoding sequence's, or what is left of a run). The [1] tensors
-  `multi` and `lone` carry how many of each are in use, variables bound per step (`tile_count`)."""
-  firsts: Tensor
-  multi: Tensor
-  lone: Tensor
-  tokens: int
-
-
-def tile_tokens(T: int) -> int:
-  """Tokens a tile of a T-token step takes: 4 in small steps (a sequence checking 3 drafts), 8 in big ones."""
-  return 4 if T <= 16 else TILE_TOKENS
-
-
-def tile_count(name: str, most: int, kernel: bool = False) -> UOp:
-  """The variable a step binds to how many tiles of a kind it uses ("multi" or "lone"; inside a kernel, as an index)."""
-  var = UOp.variable(f"{name}_tiles", 0, most, dtype=dtypes.int32, param=kernel)
-  return var.cast(dtypes.weakint) if kernel else var
-
-
-def query_tiles(rows: list[int], T: int) -> tuple[list[int], int, int]:
-  """Group a step's tokens for the CPU's kernel: `rows[t]` the sequence of token t (a sequence's tokens are
-  consecutive). Returns (firsts, as `QueryTiles` lays them out [T // 2 + T], tiles in use, lone tokens in use):
-
-      rows   0 0 0 0 0 0 0 0 0 0 | 1 | 2 2 | 3      (tokens = 4)
-      tiles  [0 1 2 3] [4 5 6 7] [8 9] [11 12]       multi: 4 tiles
-      lone   10, 13                                  lone: 2 tokens"""
-  n, half = tile_tokens(T), T // 2
-  changes = np.flatnonzero(np.diff(rows)) + 1 if len(rows) > 1 else np.zeros(0, np.int64)
-  starts = [0, *changes.tolist()]
-  multi, lone = [], []
-  for start, end in zip(starts, starts[1:] + [len(rows)]):      # each sequence's run of tokens
-    for first in range(start, end, n): (multi if min(n, end - first) > 1 else lone).append(first)
-  return multi + [0] * (half - len(multi)) + lone + [0] * (T - len(lone)), len(multi), len(lone)
 
 
 def context_blocks(max_blocks: int, kernel: bool = False) -> UOp:
@@ -544,8 +402,8 @@ def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Te
   attends to itself causally (or both ways) through the same table. With a sliding `window`, keys before the last
   `window` up to the limit are masked too.
   `thread_blocks`: the GPU kernel, a thread block per (token, KV head) (None: on devices that run threads in
-  blocks, which is what a GPU is to tinygrad, for head dims its lanes divide); else the CPU's, a thread per tile
-  of a sequence's tokens and KV head (`tables.tiles`)."""
+  blocks, which is what a GPU is to tinygrad, for head dims its lanes divide); else the CPU's, a thread per
+  (token, head)."""
   (num_slots, kv_heads, head_dim), T, bs = cache[0].shape, q.shape[0], tables.block_size
   if thread_blocks is None: thread_blocks = has_thread_blocks(q.device) and head_dim % WARP == 0
   out = allocate_split(Tensor.invalids, (T, heads * head_dim), 1, q.device, q.dtype)
@@ -554,22 +412,8 @@ def paged_attention(q: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Te
     kernel = functools.partial(_block_kernel, block_size=bs, max_blocks=tables.max_blocks, q_col=q_col, window=window)
     return out.custom_kernel(q, cos, sin, *cache, *inputs, fxn=kernel)[0]
   k_blocks, v_blocks = (pool.reshape(num_slots // bs, bs, kv_heads, head_dim) for pool in cache)
-  kernel = functools.partial(_tile_kernel, max_blocks=tables.max_blocks, q_col=q_col, window=window)
-  alone = functools.partial(_lone_kernel, max_blocks=tables.max_blocks, q_col=q_col, window=window)
-  tiles = tables.tiles
-  if tiles is None:                  # each token alone
-    firsts = Tensor(list(range(T)), dtype=dtypes.int32, device=q.device)
-    count = Tensor.full((1,), T, dtype=dtypes.int32, device=q.device).contiguous()
-    return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, firsts, count,
-                             fxn=functools.partial(alone, lone=T))[0]
-  # a padding token (a step of T > 1 tokens may have some) is in no tile: its output is zeros, so that the K and V the next layer writes for it (into the
-  # null block, read by masked keys, whose weight 0 times a NaN would still be NaN) are finite
-  if T > 1:                          # the tiles of several tokens, then the lone tokens
-    out = allocate_split(Tensor.zeros, (T, heads * head_dim), 1, q.device, q.dtype).contiguous()
-    out = out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, tiles.firsts, tiles.multi,
-                            fxn=functools.partial(kernel, tokens=tiles.tokens, tiles=tile_count("multi", T // 2, True)))[0]
-  return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, tiles.firsts, tiles.lone,
-                           fxn=functools.partial(alone, lone=tile_count("lone", T, True), first_at=T // 2))[0]
+  kernel = functools.partial(_decode_kernel, max_blocks=tables.max_blocks, q_col=q_col, window=window)
+  return out.custom_kernel(q, cos, sin, k_blocks, v_blocks, *inputs, fxn=kernel)[0]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_limits: Tensor, window: int | None = None) -> Tensor:

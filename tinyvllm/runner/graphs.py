@@ -32,10 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Context, Tensor, TinyJit, dtypes
 from tinygrad.device import Buffer, MultiBuffer
-from tinygrad.uop.ops import UOp
 from tinyvllm.engine.block_manager import NULL_BLOCK
 from tinyvllm.engine.structured_output import mask_words
-from tinyvllm.kernels.paged_attention import BlockTables, QueryTiles, context_blocks, tile_count, tile_tokens
+from tinyvllm.kernels.paged_attention import BlockTables, context_blocks
 from tinyvllm.kernels.tensor_core import has_mma
 from tinyvllm.model.llama import ForwardBatch, LlamaForCausalLM
 from tinyvllm.runner.graph_store import GraphStore
@@ -72,22 +71,21 @@ def rows_bucket(n: int) -> int:
 
 def input_starts(shape: ModelShape) -> list[int]:
   """Where a model graph's int inputs start in its buffer: tokens, positions, slots, rows, key limits, logits index,
-  query tiles, tables."""
-  sizes = (shape.T,) * 5 + (shape.R, shape.T // 2 + shape.T)
-  return list(itertools.accumulate((aligned(n) for n in sizes), initial=0))
+  tables."""
+  return list(itertools.accumulate((aligned(n) for n in (shape.T,) * 5 + (shape.R,)), initial=0))
 
 
 class ModelGraph:
   """One captured forward pass for one ModelShape, reading its inputs from one persistent int buffer:
-  tokens, positions, slots, rows, key limits [T] | logits index [R] | query tiles [T // 2 + T] | block tables
-  [R * max_blocks], each 64-byte aligned."""
+  tokens, positions, slots, rows, key limits [T] | logits index [R] | block tables [R * max_blocks], each 64-byte
+  aligned."""
   def __init__(self, graphs: Graphs, shape: ModelShape):
     self.shape, self.graphs = shape, graphs
     T, R = shape.T, shape.R
     self.starts = input_starts(shape)
     self.table_start = self.starts[-1]
     buf = allocated((self.table_start + R * graphs.max_blocks,), dtypes.int32, graphs.devices)
-    self.inputs = [buf[start:start + n] for start, n in zip(self.starts, (T, T, T, T, T, R, T // 2 + T))]
+    self.inputs = [buf[start:start + n] for start, n in zip(self.starts, (T, T, T, T, T, R))]
     self.tables = buf[self.table_start:]
     self.buffer = buf.uop.buffer
     # BEAM searches the graphs of decode-sized steps only: they replay every step, while the long prompt-chunk
@@ -101,32 +99,25 @@ class ModelGraph:
 
   def own_buffers(self) -> dict[str, Buffer | MultiBuffer]: return {"inputs": self.buffer}
 
-  def _forward(self, blocks: UOp, multi: UOp, lone: UOp) -> Tensor:
-    tokens, positions, slots, rows, key_limits, logits_index, firsts = self.inputs
+  def _forward(self, blocks: Tensor) -> Tensor:
+    tokens, positions, slots, rows, key_limits, logits_index = self.inputs
     graphs, devices = self.graphs, self.graphs.devices
-    def variable(bound: UOp) -> Tensor:          # a bound variable as a [1] tensor on every device
-      t = Tensor.full((1,), bound, dtype=dtypes.int32, device=devices[0])
-      return t.shard(devices) if len(devices) > 1 else t
-    tiles = QueryTiles(firsts, variable(multi), variable(lone), tile_tokens(self.shape.T))
-    tables = BlockTables(self.tables, rows, variable(blocks), graphs.block_size, graphs.max_blocks, tiles)
+    blocks_var = Tensor.full((1,), blocks, dtype=dtypes.int32, device=devices[0])
+    if len(devices) > 1: blocks_var = blocks_var.shard(devices)
+    tables = BlockTables(self.tables, rows, blocks_var, graphs.block_size, graphs.max_blocks)
     batch = ForwardBatch(tokens, positions, slots, tables, logits_index, graphs.paged, key_limits)
     logits = graphs.model(batch, graphs.kv_cache, every_position=self.shape.every)
     # into the buffer the sampler graphs of this row count read, on the first device (from every device, under
     # tensor parallelism)
     return graphs.logits(self.shape.R).assign(logits.to(devices[0])).realize()
 
-  def _variables(self, blocks: int, multi: int, lone: int) -> tuple[UOp, UOp, UOp]:
-    T = self.shape.T
-    return (context_blocks(self.graphs.max_blocks).bind(blocks), tile_count("multi", T // 2).bind(multi),
-            tile_count("lone", T).bind(lone))
+  def trace(self) -> Tensor: return self._forward(context_blocks(self.graphs.max_blocks).bind(1))
 
-  def trace(self) -> Tensor: return self._forward(*self._variables(1, 0, 0))
-
-  def launch(self, ints: np.ndarray, blocks: int, tiles: tuple[int, int] = (0, 0)) -> None:
+  def launch(self, ints: np.ndarray, blocks: int) -> None:
     """Fill the inputs (the tables' columns in use only) and queue the graph, which writes its logits into
-    `Graphs.logits(R)`. `tiles`: how many query tiles of several tokens and lone tokens the step has."""
+    `Graphs.logits(R)`."""
     upload(self.buffer, ints)
-    with Context(**self.compile_options): self.jit(*self._variables(blocks, *tiles))
+    with Context(**self.compile_options): self.jit(context_blocks(self.graphs.max_blocks).bind(blocks))
 
 
 class SamplerGraph:

@@ -16,8 +16,7 @@ What would otherwise multiply the graphs is kept out of their shapes:
   loop over the blocks in use and one graph serves every context length up to max_model_len;
 - the mix of decodes and prompt chunks: every token of a step is one row of the same flat batch (each attends to
   its own sequence's context through `rows`, the table row of each token), so one graph runs the whole step and
-  the weights are read once for all of it; on a CPU the attention groups each sequence's run of tokens into tiles
-  whose count is a variable too (`paged_attention.query_tiles`);
+  the weights are read once for all of it;
 - the sampling parameters: per-row values travel as inputs, and only three plans exist (sampler.py).
 Rows and tokens are padded up to their bucket (padding tokens write to the null block; padding rows sample
 greedily and are dropped).
@@ -40,7 +39,7 @@ from tinyvllm.engine.denoising import DenoisingRow
 from tinyvllm.engine.scheduler import ScheduledSequence
 from tinyvllm.engine.sequence import Sequence
 from tinyvllm.engine.speculative import AfterDrafts
-from tinyvllm.kernels.paged_attention import new_pool, query_tiles
+from tinyvllm.kernels.paged_attention import new_pool
 from tinyvllm.model.llama import LlamaForCausalLM
 from tinyvllm.runner.graphs import Graphs, ModelGraph, ModelShape, SamplerGraph, SamplerShape, input_starts
 from tinyvllm.runner.sampler import SCORED, SamplingPlan, penalized, plan_and_pack
@@ -62,7 +61,6 @@ class _Group:
   sampler: SamplerGraph
   ints: np.ndarray                 # the model's int inputs, packed (tables last, only the columns in use)
   blocks: int                      # the step's context length in blocks: `context_blocks`' value
-  tiles: tuple[int, int]           # the query tiles of several tokens and the lone tokens in use (`query_tiles`)
   sampler_ints: np.ndarray
   floats: np.ndarray
   unknown_tokens: list[tuple[int, Sequence]]    # (index in ints, sequence): the token the step before is sampling
@@ -157,7 +155,7 @@ class ModelRunner:
       for index, seq in group.unknown_masks:
         mask = seq.matcher.allowed_after([before.sampled[seq][-1].token])
         group.sampler_ints[index:index + len(mask)] = mask
-      group.model.launch(group.ints, group.blocks, group.tiles)
+      group.model.launch(group.ints, group.blocks)
       group.sampler.launch(group.sampler_ints, group.floats)
       if i < len(step.groups) - 1: group.output = group.sampler.read()
     return step
@@ -182,7 +180,7 @@ class ModelRunner:
     every = group[0].seq.wants_prompt_logprobs
     graphs = self.graphs
     shape = graphs.model_shape(sum(s.num_new_tokens for s in group), every)
-    ints, blocks, tiles, unknown = self._model_inputs(group, shape, bm)
+    ints, blocks, unknown = self._model_inputs(group, shape, bm)
     # a sampler row per sequence, and one more per draft it checks: the sequence as if the drafts before it held
     per_seq = [_sampler_rows(s) for s in group]
     rows: list[Sequence | AfterDrafts | None] = [row for seq_rows in per_seq for row in seq_rows]
@@ -199,14 +197,13 @@ class ModelRunner:
     masks_at = R * plan.num_adjusted
     unknown_masks = [(masks_at + row * plan.mask_words, seq) for row, seq in enumerate(rows)
                      if isinstance(seq, Sequence) and seq.matcher and seq.num_pending_tokens]
-    return _Group(group, graphs.model_graph(shape), sampler, ints, blocks, tiles, sampler_ints.astype(np.int32), floats, unknown,
+    return _Group(group, graphs.model_graph(shape), sampler, ints, blocks, sampler_ints.astype(np.int32), floats, unknown,
                   unknown_masks)
 
   def _model_inputs(self, group: list[ScheduledSequence], shape: ModelShape, bm: BlockManager) \
-      -> tuple[np.ndarray, int, tuple[int, int], list[tuple[int, Sequence]]]:
-    """tokens, positions, slots, rows, key limits [T] | logits index [R] | query tiles [T // 2 + T] | block tables
-    [R, blocks], packed as the graph's buffer lays them out; the tables' width `blocks`; the query tiles in use; where
-    the decode rows' still unknown tokens go. Built as
+      -> tuple[np.ndarray, int, list[tuple[int, Sequence]]]:
+    """tokens, positions, slots, rows, key limits [T] | logits index [R] | block tables [R, blocks], packed as the graph's
+    buffer lays them out; the tables' width `blocks`; where the decode rows' still unknown tokens go. Built as
     Python lists and turned into an array once: a numpy assignment per row and field costs ~1 ms a step at
     batch 256."""
     T, R, bs = shape.T, shape.R, self.block_size
@@ -228,13 +225,12 @@ class ModelRunner:
       table = seq.block_table[:blocks]           # a diffusion LM keeps blocks past the step's end (denoising.py)
       tables += table + [NULL_BLOCK] * (blocks - len(table))
     pad = T - len(tokens)                     # padding tokens: token 0 at the null block's slot, row 0's table
-    firsts, multi, lone = query_tiles(rows, T)     # the padding tokens are in no tile (paged_attention)
     fields = [tokens + [0] * pad, positions + [0] * pad, slots + [null_slot] * pad, rows + [0] * pad,
-              key_limits + [0] * pad, logits_index + [0] * (R - len(logits_index)), firsts]
+              key_limits + [0] * pad, logits_index + [0] * (R - len(logits_index))]
     starts = input_starts(shape)
     out = np.zeros(starts[-1], np.int32)
     for start, values in zip(starts, fields): out[start:start + len(values)] = values
-    return np.concatenate([out, np.array(tables, np.int32)]), blocks, (multi, lone), unknown
+    return np.concatenate([out, np.array(tables, np.int32)]), blocks, unknown
 
   @staticmethod
   def _sampled(row: list[float], plan: SamplingPlan) -> Sampled:
