@@ -30,9 +30,10 @@ def measure(S: int, shape: str, async_scheduling: bool, tokens: int) -> tuple[fl
   walls = []
   for seed in range(2):          # the first pass captures every graph
     rng = np.random.default_rng(seed)
-    for _ in range(S): engine.add_request(rng.integers(1, engine.model_config.vocab_size, 128).tolist(),
-                                          SamplingParams(temperature=0, max_tokens=128, ignore_eos=True, output_kind="delta"))
-    while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in [*engine.scheduler.running, *engine.scheduler.waiting]):
+    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True, output_kind="delta")
+    for _ in range(S): engine.add_request(rng.integers(1, engine.model_config.vocab_size, 128).tolist(), params)
+    scheduler = engine.scheduler
+    while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in [*scheduler.running, *scheduler.waiting]):
       engine.step()              # the prefill, in chunks of `tokens`
     events.clear()
     walls.clear()
